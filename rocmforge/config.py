@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
 
 from rocmforge.errors import ModelFileError, UnsupportedError
 
@@ -170,3 +175,18 @@ class ModelConfig:
             if tuple(ref.shape) != shape:
                 raise ModelFileError(
                     f"{gguf.path.name}: tensor {name} has shape {tuple(ref.shape)} but the config implies {shape}")
+            if not can_dequantize(ref.ggml_type):
+                raise UnsupportedError(
+                    f"{gguf.path.name}: tensor {name} uses quantization type {ref.ggml_type.name}, "
+                    "which gguf cannot dequantize")
+
+
+@lru_cache(maxsize=None)
+def can_dequantize(ggml_type: GGMLQuantizationType) -> bool:
+    """Whether ``gguf.quants.dequantize`` handles this type (asked of gguf itself with one zero block)."""
+    block, nbytes = GGML_QUANT_SIZES[ggml_type]
+    try:
+        dequantize(np.zeros((1, nbytes), dtype=np.uint8), ggml_type)
+    except (NotImplementedError, ValueError, KeyError):
+        return False
+    return True

@@ -51,6 +51,22 @@ class FastGGUFReader(GGUFReader):
         values = self._get(start, self.gguf_scalar_to_np[gtype], n)
         return 12 + int(values.nbytes), [item_type, count, values], [2], [GGUFValueType.ARRAY, gtype]
 
+    def _build_tensors(self, start_offs: int, fields: list[ReaderField]) -> None:
+        # gguf would fail on the first short tensor with a bare reshape error; name the tensor instead.
+        for field in fields:
+            _, name, _, dims, raw_type, offset = field.parts
+            tensor = bytes(name).decode("utf-8", errors="replace")
+            try:
+                ggml_type = GGMLQuantizationType(int(raw_type[0]))
+            except ValueError:
+                raise UnsupportedError(f"tensor {tensor}: unknown quantization type id {int(raw_type[0])}") from None
+            block, block_bytes = GGML_QUANT_SIZES[ggml_type]
+            end = start_offs + int(offset[0]) + int(np.prod(dims)) * block_bytes // block
+            if end > len(self.data):
+                raise ModelFileError(f"truncated file: tensor {tensor} needs bytes up to {end:,} "
+                                     f"but the file has {len(self.data):,}")
+        super()._build_tensors(start_offs, fields)
+
 
 def _decode_strings(blob: np.ndarray, count: int) -> list[str]:
     raw, out, pos = blob.tobytes(), [], 0
@@ -123,22 +139,19 @@ class GGUFFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelFileError(f"{self.path}: no such file")
-        size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise ModelFileError(f"{self.path}: not a GGUF file (bad magic)")
         try:
             reader = FastGGUFReader(self.path)
+        except (ModelFileError, UnsupportedError) as exc:
+            raise type(exc)(f"{self.path}: {exc}") from None
         except (ValueError, IndexError, KeyError, OverflowError) as exc:
             raise ModelFileError(f"{self.path}: corrupt or truncated GGUF header: {exc}") from None
         self.reader = reader
         self.metadata: dict[str, Any] = LazyMetadata(reader.fields)
         self.tensors: dict[str, TensorRef] = {}
         for t in reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise ModelFileError(
-                    f"{self.path}: truncated file: tensor {t.name} needs bytes up to {t.data_offset + t.n_bytes:,} "
-                    f"but the file has {size:,}")
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             self.tensors[t.name] = TensorRef(t.name, t.tensor_type, shape, t.data, int(t.n_bytes))
 
