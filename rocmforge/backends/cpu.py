@@ -1,0 +1,106 @@
+"""The numpy backend: each op is the reference twin in ``rocmforge.ops``; weights are dequantized to float32
+once at load time so every matmul is one BLAS call.
+
+Why float32 weights: numpy has no fast path for int8/f16 matrix products, and dequantizing blocks on the fly
+in numpy costs more per token than reading f32 weights (see BENCHMARKS.md, "CPU generation", for speed and RSS).
+An embedding table that is not also the output projection stays quantized and memory-mapped; only the rows a
+batch looks up are dequantized.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rocmforge.gguf_file import TensorRef
+from rocmforge.kv_cache import Batch, KVCache, Segment
+from rocmforge.ops.add import add
+from rocmforge.ops.attention import attention, attention_mix, attention_scores
+from rocmforge.ops.embedding import embedding, quantized_embedding
+from rocmforge.ops.geglu import geglu
+from rocmforge.ops.matmul import dequantize_weight, matmul
+from rocmforge.ops.rms_norm import rms_norm
+from rocmforge.ops.rope import rope
+from rocmforge.ops.softcap import softcap
+from rocmforge.ops.softmax import softmax
+from rocmforge.ops.swiglu import swiglu
+
+
+class CpuBackend:
+    """numpy float32 implementation of ``rocmforge.backends.base.Backend``."""
+
+    name = "cpu"
+
+    def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float32)
+
+    def from_host(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float32)
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def load_weight(self, tensor: TensorRef) -> np.ndarray:
+        return dequantize_weight(tensor.raw, tensor.ggml_type).reshape(tensor.shape)
+
+    def load_vector(self, tensor: TensorRef) -> np.ndarray:
+        return dequantize_weight(tensor.raw, tensor.ggml_type).reshape(tensor.shape)
+
+    def load_embedding(self, tensor: TensorRef, tied: bool) -> np.ndarray | TensorRef:
+        return self.load_weight(tensor) if tied else tensor
+
+    def embedding(self, table: np.ndarray | TensorRef, tokens: np.ndarray) -> np.ndarray:
+        if isinstance(table, TensorRef):
+            return quantized_embedding(table.raw, table.ggml_type, tokens)
+        return embedding(table, tokens)
+
+    def matmul(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        return matmul(x, weight)
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return add(a, b)
+
+    def scale(self, x: np.ndarray, factor: float) -> np.ndarray:
+        return x * np.float32(factor)
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        return rms_norm(x, weight, eps)
+
+    def rope(self, x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
+             freq_factors: np.ndarray | None = None, freq_scale: float = 1.0) -> np.ndarray:
+        return rope(x, positions * freq_scale, theta, neox, n_rot, freq_factors)
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return swiglu(gate, up)
+
+    def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return geglu(gate, up)
+
+    def softcap(self, x: np.ndarray, cap: float) -> np.ndarray:
+        return softcap(x, cap)
+
+    def take_rows(self, x: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
+        return x[rows]
+
+    def concat_rows(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts, axis=0)
+
+    def kv_write(self, cache: KVCache, layer: int, batch: Batch, k: np.ndarray, v: np.ndarray) -> None:
+        cache.k[layer][batch.slots] = k
+        cache.v[layer][batch.slots] = v
+
+    def attention(self, q: np.ndarray, cache: KVCache, layer: int, batch: Batch, scale: float,
+                  window: int | None, softcap: float | None) -> np.ndarray:
+        z = np.empty(q.shape[:2] + (cache.v[layer].shape[-1],), dtype=np.float32)
+        for seg in batch.segments:
+            z[seg.rows] = attention(q[seg.rows], cache.k[layer][seg.key_slots], cache.v[layer][seg.key_slots],
+                                    seg.positions, scale, window, softcap)
+        return z
+
+    def attention_scores(self, q: np.ndarray, cache: KVCache, layer: int, segment: Segment, scale: float,
+                         window: int | None, softcap: float | None) -> np.ndarray:
+        return attention_scores(q, cache.k[layer][segment.key_slots], segment.positions, scale, window, softcap)
+
+    def softmax(self, x: np.ndarray) -> np.ndarray:
+        return softmax(x)
+
+    def attention_mix(self, pattern: np.ndarray, cache: KVCache, layer: int, segment: Segment) -> np.ndarray:
+        return attention_mix(pattern, cache.v[layer][segment.key_slots])

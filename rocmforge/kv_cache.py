@@ -1,0 +1,154 @@
+"""KV cache as a pool of fixed-size blocks plus one block table per sequence (paged attention).
+
+Every layer has a key pool and a value pool of ``n_blocks * block_size`` slots (``[slot, kv_head, d_head]``),
+allocated once through the backend (``ops.zeros``; on numpy untouched pages cost no memory). A sequence owns a
+list of blocks; position ``p`` of the sequence lives in slot ``table[p // block_size] * block_size + p % block_size``.
+Several sequences share the pool, so the server can batch them and free a finished one's blocks at once.
+
+``KVCache.prepare`` turns "these new tokens for these sequences" into a ``Batch``: it reserves slots, checks the
+context limit (raising ``ContextOverflowError`` with the numbers), and records where each token's keys go and
+which slots each sequence reads.
+
+>>> cache = KVCache(n_layers=1, n_kv_heads=1, head_dim=4, head_dim_v=4, n_ctx=32, block_size=16)
+>>> seq = cache.new_sequence()
+>>> batch = cache.prepare([(seq, [5, 6, 7])])
+>>> batch.positions.tolist(), cache.length(seq)
+([0, 1, 2], 3)
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+import numpy as np
+
+from rocmforge.errors import ContextOverflowError
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The tokens of one sequence inside a batch."""
+
+    seq_id: int
+    rows: slice               # rows of this sequence in the batch's flat token list
+    positions: np.ndarray     # [t] positions of its new tokens
+    key_slots: np.ndarray     # [L] pool slots of its keys/values for positions 0..L-1 (after this batch)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A flat list of new tokens that may belong to several sequences (each sequence's tokens contiguous)."""
+
+    tokens: np.ndarray        # [n] token ids
+    positions: np.ndarray     # [n] position of each token in its sequence
+    slots: np.ndarray         # [n] pool slot where each token's key and value are written
+    segments: tuple[Segment, ...]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def last_rows(self) -> np.ndarray:
+        """Row of each sequence's last token: the rows whose logits generation needs."""
+        return np.array([seg.rows.stop - 1 for seg in self.segments], dtype=np.int64)
+
+
+@dataclass
+class _SequenceState:
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0
+
+
+class KVCache:
+    """Block pool shared by sequences; ``k[layer]`` / ``v[layer]`` are ``[n_slots, kv_head, d_head]`` arrays."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, head_dim_v: int, n_ctx: int,
+                 n_blocks: int | None = None, block_size: int = 16, ops: Any = None):
+        self.n_ctx, self.block_size = n_ctx, block_size
+        self.n_blocks = n_blocks if n_blocks is not None else -(-n_ctx // block_size)
+        n_slots = self.n_blocks * block_size
+        zeros = ops.zeros if ops is not None else (lambda shape: np.zeros(shape, np.float32))
+        self.k = [zeros((n_slots, n_kv_heads, head_dim)) for _ in range(n_layers)]
+        self.v = [zeros((n_slots, n_kv_heads, head_dim_v)) for _ in range(n_layers)]
+        self._free = list(range(self.n_blocks - 1, -1, -1))  # pop() hands out low blocks first
+        self._seqs: dict[int, _SequenceState] = {}
+        self._ids = count()
+
+    # --- sequences -------------------------------------------------------------------------------------------
+    def new_sequence(self) -> int:
+        """Start an empty sequence and return its id."""
+        seq_id = next(self._ids)
+        self._seqs[seq_id] = _SequenceState()
+        return seq_id
+
+    def free(self, seq_id: int) -> None:
+        """Give a sequence's blocks back to the pool and forget it."""
+        state = self._seqs.pop(seq_id)
+        self._free.extend(reversed(state.blocks))
+
+    def length(self, seq_id: int) -> int:
+        """Number of positions cached for a sequence."""
+        return self._seqs[seq_id].length
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Forget positions ``length..`` of a sequence (their blocks go back to the pool)."""
+        state = self._seqs[seq_id]
+        keep = -(-length // self.block_size)
+        self._free.extend(reversed(state.blocks[keep:]))
+        del state.blocks[keep:]
+        state.length = min(state.length, length)
+
+    @property
+    def n_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def sequences(self) -> list[int]:
+        return list(self._seqs)
+
+    # --- batches ---------------------------------------------------------------------------------------------
+    def slots_of(self, seq_id: int, stop: int, start: int = 0) -> np.ndarray:
+        """Pool slots of positions ``start..stop-1`` of a sequence."""
+        positions = np.arange(start, stop)
+        blocks = np.asarray(self._seqs[seq_id].blocks, dtype=np.int64)
+        return blocks[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def prepare(self, new_tokens: Sequence[tuple[int, Sequence[int]]]) -> Batch:
+        """Reserve cache slots for new tokens of one or more sequences and describe them as a ``Batch``.
+
+        Raises ``ContextOverflowError`` (reserving nothing) if a sequence would exceed ``n_ctx`` or the pool is full.
+        """
+        needed_blocks = 0
+        for seq_id, tokens in new_tokens:
+            state = self._seqs[seq_id]
+            new_length = state.length + len(tokens)
+            if new_length > self.n_ctx:
+                raise ContextOverflowError(
+                    f"sequence needs {new_length} positions ({state.length} cached + {len(tokens)} new) "
+                    f"but the context window is {self.n_ctx}")
+            needed_blocks += -(-new_length // self.block_size) - len(state.blocks)
+        if needed_blocks > len(self._free):
+            raise ContextOverflowError(
+                f"KV cache pool is full: {needed_blocks} more blocks of {self.block_size} positions needed, "
+                f"{len(self._free)} free of {self.n_blocks}")
+
+        tokens_out, positions_out, slots_out, segments = [], [], [], []
+        row = 0
+        for seq_id, tokens in new_tokens:
+            state = self._seqs[seq_id]
+            start, stop = state.length, state.length + len(tokens)
+            while len(state.blocks) * self.block_size < stop:
+                state.blocks.append(self._free.pop())
+            state.length = stop
+            positions = np.arange(start, stop, dtype=np.int64)
+            key_slots = self.slots_of(seq_id, stop)
+            segments.append(Segment(seq_id, slice(row, row + len(tokens)), positions, key_slots))
+            tokens_out.append(np.asarray(tokens, dtype=np.int64))
+            positions_out.append(positions)
+            slots_out.append(key_slots[start:stop])
+            row += len(tokens)
+        return Batch(np.concatenate(tokens_out), np.concatenate(positions_out), np.concatenate(slots_out),
+                     tuple(segments))

@@ -1,0 +1,15 @@
+"""RMSNorm (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + eps) * weight, over the last axis."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """Normalize the last axis of ``x`` (``[..., d]``) by its root mean square and scale by ``weight`` (``[d]``).
+
+    >>> import numpy as np
+    >>> rms_norm(np.array([[3.0, 4.0]], np.float32), np.ones(2, np.float32), 0.0).round(4)
+    array([[0.8485, 1.1314]], dtype=float32)
+    """
+    mean_square = np.mean(np.square(x), axis=-1, keepdims=True)
+    return (x * (1.0 / np.sqrt(mean_square + eps)) * weight).astype(np.float32, copy=False)
