@@ -15,7 +15,7 @@ def geglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """``gelu_tanh(gate) * up`` elementwise; both ``[n, d_ff]``.
 
     >>> import numpy as np
-    >>> geglu(np.array([0.0, 1.0], np.float32), np.array([5.0, 2.0], np.float32)).round(4).tolist()
+    >>> geglu(np.array([0.0, 1.0], np.float32), np.array([5.0, 2.0], np.float32)).astype(float).round(4).tolist()
     [0.0, 1.6824]
     """
     return (gelu_tanh(gate) * up).astype(np.float32, copy=False)

@@ -8,7 +8,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
     """exp(x - max) / sum over the last axis of ``x`` (``[..., n]``).
 
     >>> import numpy as np
-    >>> softmax(np.array([0.0, np.log(3.0)], np.float32)).round(4).tolist()
+    >>> softmax(np.array([0.0, np.log(3.0)], np.float32)).astype(float).round(4).tolist()
     [0.25, 0.75]
     """
     row_max = np.max(x, axis=-1, keepdims=True)
