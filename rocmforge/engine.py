@@ -1,0 +1,231 @@
+"""Generation one step at a time: prefill, decode steps, and single layers in between.
+
+A ``Generation`` is one sequence in the model's KV cache. Tokens are sampled lazily: ``step()`` first runs the
+forward of any token that is not in the cache yet (the prompt, or the token sampled last), then samples the next
+token from the logits. ``step_layer()`` runs that same pending forward one layer at a time, so a notebook can look
+at ``gen.state`` (the residual stream, the layer about to run) between layers. ``step_all`` advances several
+generations with ONE batched forward: what the server's continuous batching calls each tick.
+
+>>> from rocmforge import load
+>>> model = load("smollm2-135m")  # doctest: +SKIP
+>>> gen = model.start("The capital of France is", temperature=0)  # doctest: +SKIP
+>>> gen.prefill().shape  # doctest: +SKIP
+(49152,)
+>>> gen.step_layer(); gen.state.layer  # doctest: +SKIP
+1
+>>> model.detokenize([gen.step()])  # doctest: +SKIP
+' Paris'
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rocmforge.errors import ContextOverflowError
+from rocmforge.kv_cache import Batch
+from rocmforge.sampler import Sampler, SamplingParams, StopMatcher
+
+if TYPE_CHECKING:
+    from rocmforge.model import Model
+
+
+@dataclass(frozen=True)
+class GenerationState:
+    """A snapshot of a generation between steps (or between layers)."""
+
+    position: int                 # next position that will be written to the KV cache
+    tokens: tuple[int, ...]       # prompt followed by the generated tokens
+    n_prompt: int
+    kv_length: int                # positions cached so far (counts the in-flight forward's tokens)
+    layer: int | None             # next layer step_layer() runs; None when no forward is in flight
+    resid: np.ndarray | None      # residual stream [pos, d_model] of the in-flight forward (host copy)
+    logits: np.ndarray | None     # logits [vocab] of the last position run through the whole model
+    finish_reason: str | None     # "stop" | "length" | None while running
+
+
+@dataclass
+class _InFlight:
+    batch: Batch
+    layer: int
+    resid: Any
+
+
+class Generation:
+    """One sequence being generated; create with ``Model.start``. Call ``close()`` (or finish it) to free its cache."""
+
+    def __init__(self, model: "Model", prompt_ids: Sequence[int], params: SamplingParams,
+                 max_new_tokens: int, stop: Sequence[str] = ()):
+        if len(prompt_ids) == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(prompt_ids) > model.n_ctx:
+            raise ContextOverflowError(
+                f"prompt has {len(prompt_ids)} tokens but the context window is {model.n_ctx}")
+        self.model, self.params, self.max_new_tokens = model, params, max_new_tokens
+        self.sampler = Sampler(params)
+        self.tokens: list[int] = [int(t) for t in prompt_ids]
+        self.n_prompt = len(self.tokens)
+        self.seq_id = model.kv.new_sequence()
+        self.logits: np.ndarray | None = None
+        self.finish_reason: str | None = None
+        self._fed = 0
+        self._inflight: _InFlight | None = None
+        self._stop = StopMatcher(stop)
+        self._emitted_text = ""
+        self._closed = False
+
+    # --- state -----------------------------------------------------------------------------------------------
+    @property
+    def n_generated(self) -> int:
+        return len(self.tokens) - self.n_prompt
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def state(self) -> GenerationState:
+        inflight = self._inflight
+        return GenerationState(
+            position=self._fed, tokens=tuple(self.tokens), n_prompt=self.n_prompt,
+            kv_length=self.model.kv.length(self.seq_id) if not self._closed else 0,
+            layer=inflight.layer if inflight else None,
+            resid=self.model.ops.to_host(inflight.resid) if inflight else None,
+            logits=self.logits, finish_reason=self.finish_reason)
+
+    # --- running ---------------------------------------------------------------------------------------------
+    def prefill(self) -> np.ndarray:
+        """Run the prompt (as one matrix per layer) and return the logits of its last position ``[vocab]``."""
+        if self._fed == 0:
+            self._complete_forward()
+        return self.logits
+
+    def step(self) -> int | None:
+        """Run the pending forward, sample the next token, and return it (None once the generation finished)."""
+        return step_all([self])[0]
+
+    def step_layer(self) -> int | None:
+        """Run the next layer of the pending forward only; returns the index of the layer just run.
+
+        With no forward in flight, it first samples the next token (as ``step`` would) and starts its forward;
+        if that token ends the generation, nothing runs and it returns None. After the last layer it also
+        computes the logits (``state.logits``).
+        """
+        arch, ctx = self.model.arch, self.model.ctx
+        if self._inflight is None:
+            if self._fed == len(self.tokens):
+                self._sample_next()
+            if self.finished:
+                return None
+            batch = self._prepare()
+            self._inflight = _InFlight(batch, 0, arch.embed(ctx, batch.tokens))
+        inflight = self._inflight
+        inflight.resid = arch.block(ctx, inflight.layer, inflight.resid, inflight.batch)
+        inflight.layer += 1
+        if inflight.layer == self.model.cfg.n_layers:
+            self._finish_inflight()
+        return inflight.layer - 1
+
+    def text_pieces(self) -> Iterator[str]:
+        """Step until finished, yielding decoded text (stop strings removed, never half a UTF-8 character)."""
+        try:
+            while not self.finished:
+                token = self.step()
+                if token is None:
+                    break
+                piece = self._new_text()
+                if piece:
+                    text, stopped = self._stop.feed(piece)
+                    if text:
+                        yield text
+                    if stopped:
+                        self.finish_reason = "stop"
+            rest = self._stop.flush() if self._stop.matched is None else ""
+            if rest:
+                yield rest
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Free this sequence's KV cache blocks (the generation cannot continue afterwards)."""
+        if not self._closed:
+            self.model.kv.free(self.seq_id)
+            self._closed = True
+            if self.finish_reason is None:
+                self.finish_reason = "stop"
+
+    # --- internals -------------------------------------------------------------------------------------------
+    def _generated_ids(self) -> list[int]:
+        eot = self.model.tokenizer.eot_ids
+        return [t for t in self.tokens[self.n_prompt:] if t not in eot]
+
+    def _new_text(self) -> str:
+        # Decode everything generated so far and emit the new suffix; hold back a trailing U+FFFD, which is an
+        # incomplete UTF-8 sequence that the next token completes.
+        text = self.model.tokenizer.decode(self._generated_ids())
+        if text.endswith("\ufffd") and not self.finished:
+            return ""
+        piece, self._emitted_text = text[len(self._emitted_text):], text
+        return piece
+
+    def _prepare(self) -> Batch:
+        return self.model.kv.prepare([(self.seq_id, self.tokens[self._fed:])])
+
+    def _complete_forward(self) -> None:
+        if self._inflight is None:
+            step_all_forward([self])
+            return
+        while self._inflight is not None:
+            self.step_layer()
+
+    def _finish_inflight(self) -> None:
+        inflight, arch, ctx = self._inflight, self.model.arch, self.model.ctx
+        last = inflight.batch.last_rows
+        self.logits = self.model.ops.to_host(arch.unembed(ctx, ctx.ops.take_rows(inflight.resid, last)))[0]
+        self._fed = len(self.tokens)
+        self._inflight = None
+
+    def _needs_forward(self) -> bool:
+        return not self.finished and (self._inflight is not None or self._fed < len(self.tokens))
+
+    def _sample_next(self) -> int | None:
+        """Sample from the current logits, record the token, and decide whether the generation is over."""
+        if self.finished:
+            return None
+        token = self.sampler.sample(self.logits, self.tokens)
+        self.tokens.append(token)
+        if token in self.model.tokenizer.eot_ids:
+            self.finish_reason = "stop"
+        elif self.n_generated >= self.max_new_tokens:
+            self.finish_reason = "length"
+        elif len(self.tokens) > self.model.n_ctx:
+            self.finish_reason = "length"  # the token was sampled but the cache has no room to run it
+        return token
+
+
+def step_all_forward(generations: Sequence[Generation]) -> None:
+    """Run the pending forward of every generation that has one, batched into one forward call."""
+    pending = [g for g in generations if g._needs_forward()]
+    for g in pending:
+        while g._inflight is not None:  # a forward someone started layer by layer: finish it on its own
+            g.step_layer()
+    pending = [g for g in pending if g._fed < len(g.tokens)]
+    if not pending:
+        return
+    model = pending[0].model
+    batch = model.kv.prepare([(g.seq_id, g.tokens[g._fed:]) for g in pending])
+    logits = model.ops.to_host(model.arch.forward(model.ctx, batch, rows=batch.last_rows))
+    for g, row in zip(pending, logits):
+        g.logits, g._fed = row, len(g.tokens)
+
+
+def step_all(generations: Sequence[Generation]) -> list[int | None]:
+    """One decode tick for several generations: one batched forward, then each samples its next token.
+
+    Prompts that were never prefilled go into the same batch (as their own segments). Returns each generation's
+    new token, or None for those already finished.
+    """
+    step_all_forward(generations)
+    return [g._sample_next() for g in generations]
