@@ -126,9 +126,7 @@ class Sampler:
     def sample(self, logits: np.ndarray, history: Sequence[int]) -> int:
         """Draw the next token id from ``distribution(logits, history)`` (argmax when greedy)."""
         ids, probs = self._candidates(logits, history)
-        if len(ids) == 1:  # greedy, or only one survivor: no draw, the generator does not advance
-            return int(ids[0])
-        return int(ids[self._draw_index(probs)])
+        return self._pick(ids, probs)
 
     def sample_from(self, probs: np.ndarray) -> int:
         """Draw from a distribution already computed by ``distribution``.
@@ -137,15 +135,16 @@ class Sampler:
         probabilities and still get the token the sampler would pick.
         """
         ids = np.flatnonzero(probs > 0)
-        if len(ids) == 1:
-            return int(ids[0])
-        return int(ids[self._draw_index(probs[ids])])
+        return self._pick(ids, probs[ids])
 
-    def _draw_index(self, probs: np.ndarray) -> int:
-        # Inverse CDF over survivors in token-id order: one uniform number per token.
+    def _pick(self, ids: np.ndarray, probs: np.ndarray) -> int:
+        if self.params.temperature == 0:
+            return int(ids[np.argmax(probs)])  # greedy uses no random numbers
+        # Exactly one uniform number per token, inverse CDF over survivors in token-id order:
+        # the generator's stream never depends on how many tokens survived.
         cdf = np.cumsum(probs)
         index = np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")
-        return int(min(index, len(cdf) - 1))
+        return int(ids[min(index, len(cdf) - 1)])
 
     def _candidates(self, logits: np.ndarray, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Surviving token ids (ascending) and their final probabilities."""
@@ -234,6 +233,8 @@ def top_alternatives(probs: np.ndarray, n: int = 5) -> list[tuple[int, float]]:
     [(2, 0.6), (3, 0.3)]
     """
     nonzero = np.flatnonzero(probs > 0)
+    if n <= 0:
+        return []
     if len(nonzero) > n:
         values = probs[nonzero]
         nth = np.partition(values, len(values) - n)[len(values) - n]

@@ -267,11 +267,14 @@ def test_same_seed_same_tokens_and_batching_does_not_matter():
     assert run(Sampler(dataclasses.replace(params, seed=unseeded.seed))) == run(unseeded)
 
 
-def test_sample_from_the_shown_distribution_picks_what_sample_picks():
-    params = SamplingParams(temperature=0.9, seed=11)
+@pytest.mark.parametrize("temperature", [0.0, 0.9, 0.001])
+def test_sample_from_the_shown_distribution_picks_what_sample_picks(temperature):
+    # At 0.001 the spread-out steps leave one token with nonzero probability among several
+    # survivors, and the flat steps need real draws: the two random streams must stay in step.
+    params = SamplingParams(temperature=temperature, seed=11)
     shown, direct = Sampler(params), Sampler(params)
-    for step in range(30):
-        logits = random_logits(1000, seed=300 + step)
+    for step in range(40):
+        logits = random_logits(1000, seed=300 + step, scale=3.0 if step % 2 else 3e-4)
         assert shown.sample_from(shown.distribution(logits, [])) == direct.sample(logits, [])
 
 
@@ -298,6 +301,7 @@ def test_empirical_frequencies_match_the_distribution():
 def test_top_alternatives():
     probs = np.array([0.05, 0.3, 0.0, 0.3, 0.2, 0.15])
     assert top_alternatives(probs, n=3) == [(1, 0.3), (3, 0.3), (4, 0.2)]
+    assert top_alternatives(probs, n=0) == []
     assert top_alternatives(probs, n=10) == [(1, 0.3), (3, 0.3), (4, 0.2), (5, 0.15), (0, 0.05)]
     big = Sampler(SamplingParams(**OFF)).distribution(random_logits(262144, seed=12), [])
     want = sorted(range(len(big)), key=lambda i: -big[i])[:5]
