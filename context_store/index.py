@@ -145,7 +145,7 @@ class VectorIndex:
             hnsw = hnswlib.Index(space="cosine", dim=self.dim)
             hnsw.load_index(str(data_path), max_elements=saved["capacity"])
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            log.info("no usable saved HNSW index (%s); rebuilding from SQLite", exc)
+            log.debug("no usable saved HNSW index (%s); rebuilding from SQLite", exc)
             return False
         hnsw.set_ef(self._ef)  # load_index resets ef to 10
         self.hnsw = hnsw

@@ -83,7 +83,11 @@ class Document:
 
 
 class ContextStore:
-    """A persistent, searchable store of text chunks. ``embed`` maps texts to vectors [n, dim]."""
+    """A persistent, searchable store of text chunks. ``embed`` maps texts to vectors [n, dim].
+
+    ``reembed=True`` re-embeds every stored chunk with ``embed`` on open (the way to switch embedders);
+    otherwise opening a store built by another embedder raises ``ContextStoreError``.
+    """
 
     def __init__(self, path: str | os.PathLike, embed: Embed, dim: int | None = None, *,
                  chunk_size: int = 200, chunk_overlap: int = 40, token_spans: TokenSpans | None = None,
@@ -98,26 +102,25 @@ class ContextStore:
         self._thread_lock = threading.Lock()
         self._file_lock = FileLock(str(self.path) + ".lock", thread_local=False)
         self.db = StoreDB(self.path)
-        needs_reembed = self._check_embedder(reembed)
+        self._check_embedder(reembed)
         self.index = VectorIndex(self.db, self.dim, M=M, ef_construction=ef_construction, ef=ef)
-        if needs_reembed:
+        if reembed:
             self.reindex(reembed=True)
         else:
             self.index.open()
 
-    def _check_embedder(self, reembed: bool) -> bool:
+    def _check_embedder(self, reembed: bool) -> None:
         with self._writing(), self.db.transaction() as tx:
             meta = self.db.meta()
             if "dim" not in meta:
                 self.db.set_meta(tx, dim=self.dim, embedder=self.embedder_name)
-                return False
+                return
             if int(meta["dim"]) != self.dim and not reembed:
                 raise ContextStoreError(f"{self.path} holds {meta['dim']}-dim vectors ({meta['embedder']}); "
                                         f"this embedder gives {self.dim} (reindex with --reembed to switch)")
             if meta["embedder"] != self.embedder_name and not reembed:
                 raise ContextStoreError(f"{self.path} was embedded with {meta['embedder']}, not "
                                         f"{self.embedder_name} (reindex with --reembed to switch)")
-            return meta["embedder"] != self.embedder_name or int(meta["dim"]) != self.dim
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
@@ -135,22 +138,42 @@ class ContextStore:
     def add_text(self, text: str, source: str = "<text>", metadata: dict[str, Any] | None = None,
                  collection: str = "default") -> AddResult:
         """Chunk, embed and store one document; identical content already in the collection is skipped."""
-        content_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        existing = self.db.document_by_hash(self.db.db, collection, content_hash)
-        if existing is not None:
-            return AddResult(existing, 0, skipped=True)
-        chunks = chunk_text(text, self.chunk_size, self.chunk_overlap, self.token_spans)
-        if not chunks:
-            raise ContextStoreError(f"{source}: nothing to index (empty or whitespace only)")
-        vectors = self._embed([c.text for c in chunks])  # slow part, outside the write lock
+        return self.add_texts([text], [source], [metadata or {}], collection)[0]
+
+    def add_texts(self, texts: list[str], sources: list[str] | None = None,
+                  metadatas: list[dict[str, Any]] | None = None, collection: str = "default") -> list[AddResult]:
+        """Add several documents with one embedder call and one transaction (all of them or none)."""
+        sources = sources or ["<text>"] * len(texts)
+        metadatas = metadatas or [{} for _ in texts]
+        hashes = [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
+        results: dict[int, AddResult] = {}
+        pending: dict[str, int] = {}  # content hash -> position of the first new text with it
+        for i, content_hash in enumerate(hashes):
+            existing = self.db.document_by_hash(self.db.db, collection, content_hash)
+            if existing is not None or content_hash in pending:
+                continue
+            pending[content_hash] = i
+        chunked = {i: chunk_text(texts[i], self.chunk_size, self.chunk_overlap, self.token_spans)
+                   for i in pending.values()}
+        for i, chunks in chunked.items():
+            if not chunks:
+                raise ContextStoreError(f"{sources[i]}: nothing to index (empty or whitespace only)")
+        flat = [c.text for i in chunked for c in chunked[i]]
+        vectors = self._embed(flat) if flat else np.zeros((0, self.dim), np.float32)  # slow: outside the lock
         with self._writing(), self.db.transaction() as tx:
-            existing = self.db.document_by_hash(tx, collection, content_hash)
-            if existing is not None:  # another writer added it while we embedded
-                return AddResult(existing, 0, skipped=True)
-            doc_id = self.db.insert_document(tx, collection, source, text, content_hash,
-                                             metadata or {}, chunks, vectors)
+            offset = 0
+            for i, chunks in chunked.items():
+                mine, offset = vectors[offset:offset + len(chunks)], offset + len(chunks)
+                if self.db.document_by_hash(tx, collection, hashes[i]) is not None:
+                    continue  # another writer added it while we embedded
+                doc_id = self.db.insert_document(tx, collection, sources[i], texts[i], hashes[i],
+                                                 metadatas[i], chunks, mine)
+                results[i] = AddResult(doc_id, len(chunks), skipped=False)
+            for i, content_hash in enumerate(hashes):  # duplicates, of stored or of earlier texts here
+                if i not in results:
+                    results[i] = AddResult(self.db.document_by_hash(tx, collection, content_hash), 0, skipped=True)
         self.index.sync()
-        return AddResult(doc_id, len(chunks), skipped=False)
+        return [results[i] for i in range(len(texts))]
 
     def add_document(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
                      collection: str = "default") -> AddResult:

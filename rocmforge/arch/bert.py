@@ -27,6 +27,7 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from rocmforge.errors import ModelFileError
+from rocmforge.ops.softmax import softmax
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,6 @@ def erf(x: np.ndarray) -> np.ndarray:
 def gelu(x: np.ndarray) -> np.ndarray:
     """The exact (erf) GELU that BERT uses, not the tanh approximation."""
     return 0.5 * x * (1.0 + erf(x * np.float32(1.0 / np.sqrt(2.0))))
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 class BertEncoder:

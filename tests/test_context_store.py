@@ -1,0 +1,234 @@
+"""ContextStore behaviour: dedupe, deletes that really delete, BM25, fusion, filters, HNSW recall, repair."""
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from context_store import ContextStore, ContextStoreError
+from context_store.chunk import chunk_text
+from context_store.search import cosine_top_k, reciprocal_rank_fusion
+from rocmforge.embedder import HashedNgramEmbedder
+
+ANIMALS = {
+    "cats.txt": "Cats purr when they are content and sleep most of the afternoon in the sun.",
+    "dogs.txt": "Dogs bark at the mail carrier and love long walks in the park.",
+    "owls.txt": "Owls hunt at night; their soft feathers make their flight almost silent.",
+    "bees.txt": "Bees dance to tell the hive where the flowers with nectar are.",
+}
+
+
+class LookupEmbed:
+    """texts like 'v17' -> a fixed random unit vector, so vector search has a known exact answer."""
+
+    name = "lookup"
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = vectors
+        self.dim = vectors.shape[1]
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return self.vectors[[int(t[1:]) for t in texts]]
+
+
+@pytest.fixture()
+def store(tmp_path: Path):
+    with ContextStore(tmp_path / "ctx.db", embed=HashedNgramEmbedder(), chunk_size=12, chunk_overlap=3) as s:
+        for source, text in ANIMALS.items():
+            s.add_text(text, source=source, metadata={"kind": "animal", "legs": 4 if source in ("cats.txt", "dogs.txt") else 2})
+        yield s
+
+
+def test_chunks_have_size_overlap_and_true_offsets() -> None:
+    text = " ".join(f"w{i}" for i in range(25))
+    chunks = chunk_text(text, size=10, overlap=4)
+    assert [c.n_tokens for c in chunks] == [10, 10, 10, 7]
+    for c in chunks:
+        assert text[c.start:c.end] == c.text
+    assert chunks[1].text.split()[:4] == chunks[0].text.split()[-4:]  # the overlap
+    assert chunks[-1].text.endswith("w24")
+    with pytest.raises(ValueError):
+        chunk_text(text, size=5, overlap=5)
+
+
+def test_identical_content_is_skipped_by_hash(store: ContextStore) -> None:
+    before = store.stats()
+    again = store.add_text(ANIMALS["cats.txt"], source="elsewhere.txt")
+    assert again.skipped and again.n_chunks == 0
+    assert store.get(again.document_id).source == "cats.txt"
+    after = store.stats()
+    assert (after["documents"], after["chunks"]) == (before["documents"], before["chunks"])
+    # another collection is another namespace
+    assert not store.add_text(ANIMALS["cats.txt"], collection="pets").skipped
+    batch = store.add_texts(["new one", "new one", ANIMALS["dogs.txt"]])
+    assert [r.skipped for r in batch] == [False, True, True]
+    assert batch[0].document_id == batch[1].document_id
+
+
+def test_keyword_search_ranks_by_bm25(store: ContextStore) -> None:
+    hits = store.search("nectar flowers", k=3, mode="keyword")
+    assert hits[0].source == "bees.txt"
+    assert "nectar" in hits[0].text
+    assert hits[0].scores["keyword"] == hits[0].score > 0
+    # compare with SQLite's own bm25 for the same query
+    conn = sqlite3.connect(store.path)
+    (expected,) = conn.execute("SELECT -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? "
+                               "ORDER BY bm25(chunks_fts) LIMIT 1", ['"nectar" OR "flowers"']).fetchone()
+    conn.close()
+    assert hits[0].score == pytest.approx(expected)
+    assert store.search("zebra", mode="keyword") == []
+
+
+def test_vector_hits_carry_text_source_offsets_and_cosine(store: ContextStore) -> None:
+    hits = store.search("owls hunt at night", k=2, mode="vector")
+    top = hits[0]
+    assert top.source == "owls.txt"
+    doc = store.get(top.document_id)
+    assert doc.content[top.start:top.end] == top.text
+    embed = HashedNgramEmbedder()
+    q, v = embed(["owls hunt at night", top.text])
+    assert top.score == pytest.approx(float(q @ v), abs=1e-5)
+    assert hits[0].score >= hits[1].score
+
+
+def test_hybrid_is_reciprocal_rank_fusion_of_both_lists(store: ContextStore) -> None:
+    query = "silent flight of owls at night"
+    pool = 20
+    vector = [h.chunk_id for h in store.search(query, k=pool, mode="vector")]
+    keyword = [h.chunk_id for h in store.search(query, k=pool, mode="keyword")]
+    hybrid = store.search(query, k=5, mode="hybrid")
+    expected = reciprocal_rank_fusion([vector, keyword])[:5]
+    assert [h.chunk_id for h in hybrid] == [i for i, _ in expected]
+    for hit, (_, score) in zip(hybrid, expected):
+        assert hit.score == pytest.approx(score)
+        rank_v = vector.index(hit.chunk_id) + 1 if hit.chunk_id in vector else None
+        rank_k = keyword.index(hit.chunk_id) + 1 if hit.chunk_id in keyword else None
+        assert score == pytest.approx(sum(1 / (60 + r) for r in (rank_v, rank_k) if r))
+
+
+def test_rrf_by_hand() -> None:
+    fused = reciprocal_rank_fusion([[10, 20, 30], [30, 40]])
+    scores = dict(fused)
+    assert scores[30] == pytest.approx(1 / 63 + 1 / 61)
+    assert scores[10] == pytest.approx(1 / 61)
+    assert [i for i, _ in fused] == [30, 10, 20, 40]  # 20 and 40 tie at 1/62: smaller id first
+
+
+def test_metadata_collection_and_source_filters(store: ContextStore) -> None:
+    store.add_text("Spiders have eight legs and spin silk webs.", source="spiders.md", collection="bugs",
+                   metadata={"kind": "animal", "legs": 8})
+    for mode in ("vector", "keyword", "hybrid"):
+        two_legged = store.search("animals", k=10, mode=mode, filters={"legs": 2})
+        assert {h.source for h in two_legged} <= {"owls.txt", "bees.txt"}
+    hits = store.search("legs", k=10, mode="hybrid", filters={"collection": "bugs"})
+    assert {h.source for h in hits} == {"spiders.md"} and hits[0].collection == "bugs"
+    assert {h.source for h in store.search("the", k=10, mode="vector", filters={"source": "*s.txt", "legs": [4]})} \
+        == {"cats.txt", "dogs.txt"}
+
+
+def test_delete_really_deletes_and_vacuum_shrinks(tmp_path: Path) -> None:
+    path = tmp_path / "ctx.db"
+    with ContextStore(path, embed=HashedNgramEmbedder(), chunk_size=50, chunk_overlap=10) as s:
+        rng = np.random.default_rng(0)
+        words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa"]
+        ids = [s.add_text(" ".join(rng.choice(words, 400)) + f" marker{i}", source=f"d{i}").document_id
+               for i in range(30)]
+        victim = ids[7]
+        victim_chunks = [c["id"] for c in s.chunks(victim)]
+        assert s.search("marker7", k=3, mode="keyword")[0].document_id == victim
+        assert s.delete(victim) and not s.delete(victim)
+        assert s.get(victim) is None
+        assert s.search("marker7", k=5, mode="keyword") == []
+        assert all(h.document_id != victim for h in s.search("marker7 alpha", k=200, mode="vector"))
+        assert not (set(victim_chunks) & s.index.live)
+        for i in ids[:20]:
+            s.delete(i)
+        sizes = s.vacuum()
+        assert sizes["bytes_after"] < sizes["bytes_before"] * 0.6
+        assert len(s.index.deleted) == 0 and len(s.index) == len(s)
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH 'marker7'").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM deleted_chunks").fetchone()[0] == 0
+    conn.close()
+
+
+def test_hnsw_recall_against_brute_force(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    n, dim, k = 3000, 32, 10
+    vectors = rng.standard_normal((n + 50, dim)).astype(np.float32)
+    embed = LookupEmbed(vectors)
+    with ContextStore(tmp_path / "ctx.db", embed=embed, ef=100) as s:
+        s.add_texts([f"v{i}" for i in range(n)], sources=[f"s{i}" for i in range(n)])
+        ids = list(range(1, n + 1))  # chunk ids are 1..n in insertion order
+        recalls = []
+        for q in range(n, n + 50):
+            exact = {i for i, _ in cosine_top_k(vectors[q], ids, vectors[:n], k)}
+            found = {h.chunk_id for h in s.search(f"v{q}", k=k, mode="vector")}
+            recalls.append(len(exact & found) / k)
+            np.testing.assert_allclose([h.score for h in s.search(f"v{q}", k=1, mode="vector")],
+                                       [max(cosine_top_k(vectors[q], ids, vectors[:n], 1)[0][1], 0)], atol=1e-5)
+    assert np.mean(recalls) >= 0.95
+
+
+def test_index_files_deleted_or_corrupted_are_rebuilt(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "ctx.db"
+    with ContextStore(path, embed=HashedNgramEmbedder()) as s:
+        for source, text in ANIMALS.items():
+            s.add_text(text, source=source)
+        expected = [h.chunk_id for h in s.search("cats purr", k=4, mode="vector")]
+    meta = json.loads(Path(str(path) + ".hnsw.json").read_text())
+    data = path.parent / meta["file"]
+    data.write_bytes(b"\x00garbage" * 100)  # corrupt it
+    with ContextStore(path, embed=HashedNgramEmbedder()) as s:
+        assert "damaged" in caplog.text
+        assert [h.chunk_id for h in s.search("cats purr", k=4, mode="vector")] == expected
+        assert len(s.index) == len(s) == 4
+    for p in path.parent.glob("ctx.db.hnsw*"):
+        p.unlink()  # delete them
+    with ContextStore(path, embed=HashedNgramEmbedder()) as s:
+        assert [h.chunk_id for h in s.search("cats purr", k=4, mode="vector")] == expected
+    assert Path(str(path) + ".hnsw.json").exists()
+
+
+def test_stale_saved_index_catches_up_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "ctx.db"
+    with ContextStore(path, embed=HashedNgramEmbedder()) as s:
+        s.add_text(ANIMALS["cats.txt"], source="cats.txt")
+        s.save()
+        saved = json.loads(Path(str(path) + ".hnsw.json").read_text())
+        s.add_text(ANIMALS["dogs.txt"], source="dogs.txt")
+        doomed = s.add_text(ANIMALS["owls.txt"], source="owls.txt").document_id
+        s.delete(doomed)
+        # simulate a crash: put the old saved state back, as if close() never ran
+        s.index.dirty = False
+    Path(str(path) + ".hnsw.json").write_text(json.dumps(saved))
+    with ContextStore(path, embed=HashedNgramEmbedder()) as s:
+        assert s.index.last_add_seq == max(c["id"] for d in s.list() for c in s.chunks(d.id))
+        assert {h.source for h in s.search("dogs bark", k=5, mode="vector")} == {"cats.txt", "dogs.txt"}
+
+
+def test_wrong_embedder_is_refused_and_reembed_switches(tmp_path: Path) -> None:
+    path = tmp_path / "ctx.db"
+    with ContextStore(path, embed=HashedNgramEmbedder()) as s:
+        s.add_text(ANIMALS["bees.txt"], source="bees.txt")
+    other = HashedNgramEmbedder(dim=128)
+    with pytest.raises(ContextStoreError, match="384-dim"):
+        ContextStore(path, embed=other)
+    with ContextStore(path, embed=other, reembed=True) as s:
+        hit = s.search("bees dance", k=1, mode="vector")[0]
+        assert s.stats()["embedder"] == "hashed-ngram-128"
+        assert hit.score == pytest.approx(float(np.dot(*other(["bees dance", hit.text]))), abs=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors(store: ContextStore) -> None:
+    with pytest.raises(ContextStoreError, match="nothing to index"):
+        store.add_text("   ")
+    with pytest.raises(ContextStoreError, match="unknown search mode"):
+        store.search("x", mode="semantic")
+    with pytest.raises(ContextStoreError, match="cannot read"):
+        store.add_document("/no/such/file.txt")
+    assert math.isclose(len(store.search("cats", k=2)), 2)
