@@ -14,6 +14,7 @@ from rocmforge.errors import RocmforgeError
 SUBCOMMANDS = {
     "models": "rocmforge.cli.models:models",
     "inspect": "rocmforge.cli.models:inspect",
+    "context": "rocmforge.cli.context:context",
 }
 
 
