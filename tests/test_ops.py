@@ -1,0 +1,158 @@
+"""Each numpy op against a float64 reference written independently (loops, complex numbers, plain formulas)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize, quantize
+
+from rocmforge.gguf_file import GGUFFile
+from rocmforge.ops.attention import attention, attention_mix, attention_scores
+from rocmforge.ops.embedding import embedding, quantized_embedding
+from rocmforge.ops.geglu import geglu
+from rocmforge.ops.matmul import matmul, quantized_matmul
+from rocmforge.ops.rms_norm import rms_norm
+from rocmforge.ops.rope import rope
+from rocmforge.ops.softcap import softcap
+from rocmforge.ops.softmax import softmax
+from rocmforge.ops.swiglu import swiglu
+
+RTOL = 1e-5  # float32 ops on O(1) values: a few ulps of accumulated rounding
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def test_rms_norm_matches_float64(rng):
+    x = rng.standard_normal((5, 3, 48)).astype(np.float32) * 3
+    w = rng.standard_normal(48).astype(np.float32)
+    x64 = x.astype(np.float64)
+    expected = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    got = rms_norm(x, w, 1e-6)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=1e-6)
+
+
+def _rope_reference(x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
+                    factors: np.ndarray | None) -> np.ndarray:
+    """Rotate each pair as a complex number by position * theta^(-2i/n_rot) / factor_i (float64)."""
+    out = x.astype(np.float64).copy()
+    half = n_rot // 2
+    for t, pos in enumerate(positions):
+        for i in range(half):
+            freq = theta ** (-2.0 * i / n_rot) / (factors[i] if factors is not None else 1.0)
+            a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
+            z = (x[t, :, a] + 1j * x[t, :, b].astype(np.float64)) * np.exp(1j * pos * freq)
+            out[t, :, a], out[t, :, b] = z.real, z.imag
+    return out
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("n_rot", [16, 8])
+def test_rope_matches_complex_rotation(rng, neox, n_rot):
+    x = rng.standard_normal((6, 3, 16)).astype(np.float32)
+    positions = np.array([0, 1, 2, 17, 300, 4095])
+    factors = np.linspace(1.0, 8.0, n_rot // 2).astype(np.float32)
+    for f in (None, factors):
+        got = rope(x, positions, 10000.0, neox, n_rot, f)
+        np.testing.assert_allclose(got, _rope_reference(x, positions, 10000.0, neox, n_rot, f), atol=2e-5)
+    assert np.array_equal(rope(x, positions, 10000.0, neox, n_rot)[..., n_rot:], x[..., n_rot:])
+
+
+def test_softmax_matches_float64_and_handles_masked_rows(rng):
+    x = (rng.standard_normal((4, 9)) * 20).astype(np.float32)
+    x[1, :4] = -np.inf
+    x64 = x.astype(np.float64)
+    e = np.exp(x64 - x64.max(-1, keepdims=True))
+    np.testing.assert_allclose(softmax(x), e / e.sum(-1, keepdims=True), rtol=RTOL, atol=1e-7)
+    assert np.all(softmax(np.full((1, 3), -np.inf, np.float32)) == 0)
+
+
+def _attention_reference(q, k, v, q_positions, scale, window, cap):
+    """Per head, per query: explicit loop over visible keys, float64."""
+    t, n_heads, _ = q.shape
+    group = n_heads // k.shape[1]
+    z = np.zeros((t, n_heads, v.shape[-1]))
+    for h in range(n_heads):
+        for i, p in enumerate(q_positions):
+            visible = [j for j in range(k.shape[0]) if j <= p and (window is None or p - j < window)]
+            s = np.array([scale * np.dot(q[i, h].astype(np.float64), k[j, h // group]) for j in visible])
+            if cap is not None:
+                s = cap * np.tanh(s / cap)
+            w = np.exp(s - s.max())
+            w /= w.sum()
+            z[i, h] = sum(wj * v[j, h // group].astype(np.float64) for wj, j in zip(w, visible))
+    return z
+
+
+@pytest.mark.parametrize("window,cap", [(None, None), (3, None), (None, 5.0)])
+def test_attention_gqa_causal_window_matches_loops(rng, window, cap):
+    n_keys, t, n_heads, n_kv, d = 11, 4, 6, 2, 8
+    q = rng.standard_normal((t, n_heads, d)).astype(np.float32)
+    k = rng.standard_normal((n_keys, n_kv, d)).astype(np.float32)
+    v = rng.standard_normal((n_keys, n_kv, d)).astype(np.float32)
+    q_positions = np.arange(n_keys - t, n_keys)  # the last t positions of the sequence (a prefill chunk)
+    expected = _attention_reference(q, k, v, q_positions, 0.35, window, cap)
+    np.testing.assert_allclose(attention(q, k, v, q_positions, 0.35, window, cap), expected, rtol=1e-4, atol=1e-5)
+    scores = attention_scores(q, k, q_positions, 0.35, window, cap)
+    assert scores.shape == (n_heads, t, n_keys)
+    assert np.isneginf(scores[:, 0, -1]).all()  # causal: the first query cannot see the last key
+    pattern = softmax(scores)
+    np.testing.assert_allclose(pattern.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(attention_mix(pattern, v), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_swiglu_and_geglu_match_float64(rng):
+    g = (rng.standard_normal(300) * 4).astype(np.float32)
+    u = rng.standard_normal(300).astype(np.float32)
+    g64, u64 = g.astype(np.float64), u.astype(np.float64)
+    np.testing.assert_allclose(swiglu(g, u), g64 / (1 + np.exp(-g64)) * u64, rtol=RTOL, atol=1e-6)
+    gelu = 0.5 * g64 * (1 + np.tanh(math.sqrt(2 / math.pi) * (g64 + 0.044715 * g64 ** 3)))
+    np.testing.assert_allclose(geglu(g, u), gelu * u64, rtol=RTOL, atol=1e-6)
+
+
+def test_softcap_matches_float64(rng):
+    x = (rng.standard_normal(100) * 50).astype(np.float32)
+    np.testing.assert_allclose(softcap(x, 30.0), 30.0 * np.tanh(x.astype(np.float64) / 30.0), rtol=RTOL, atol=1e-5)
+
+
+@pytest.mark.parametrize("ggml_type", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32])
+def test_quantized_matmul_matches_dequantized_float64(rng, ggml_type):
+    w = rng.standard_normal((24, 96)).astype(np.float32)
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    raw = quantize(w, ggml_type)
+    expected = x.astype(np.float64) @ dequantize(raw, ggml_type).astype(np.float64).T
+    got = quantized_matmul(x, raw, ggml_type)
+    assert got.shape == (3, 24) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    if ggml_type in (T.Q4_0, T.Q8_0):  # and the quantization is what it claims: close to the f32 product
+        error = np.abs(got - x @ w.T).max() / np.abs(x @ w.T).max()
+        assert error < (0.2 if ggml_type == T.Q4_0 else 0.02)
+
+
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K])
+def test_kquant_matmul_on_real_gemma_tensors(gemma3_path, rng, ggml_type):
+    gguf = GGUFFile(gemma3_path)
+    ref = next(r for r in gguf.tensors.values() if r.ggml_type == ggml_type and len(r.shape) == 2)
+    raw = np.asarray(ref.raw)[:32]  # 32 output rows of the real tensor
+    x = rng.standard_normal((2, ref.shape[1])).astype(np.float32)
+    expected = x.astype(np.float64) @ dequantize(raw, ggml_type).astype(np.float64).T
+    np.testing.assert_allclose(quantized_matmul(x, raw, ggml_type), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_is_x_times_weight_transposed(rng):
+    x = rng.standard_normal((4, 10)).astype(np.float32)
+    w = rng.standard_normal((7, 10)).astype(np.float32)
+    np.testing.assert_allclose(matmul(x, w), x.astype(np.float64) @ w.astype(np.float64).T, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_rows_quantized_and_dense(rng):
+    table = rng.standard_normal((50, 64)).astype(np.float32)
+    tokens = np.array([3, 0, 49, 3])
+    assert np.array_equal(embedding(table, tokens), table[tokens])
+    raw = quantize(table, T.Q8_0)
+    np.testing.assert_array_equal(quantized_embedding(raw, T.Q8_0, tokens), dequantize(raw, T.Q8_0)[tokens])
