@@ -1,0 +1,189 @@
+"""The context store under threads, several processes, and kill -9 (hashed n-gram embedder: fast, deterministic)."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+from context_store import ContextStore
+from rocmforge.embedder import HashedNgramEmbedder
+
+WORDS = "river stone cloud ember maple quartz harbor lantern meadow cobalt willow falcon".split()
+
+
+def _text(tag: str, n_words: int = 30) -> str:
+    rng = random.Random(tag)
+    return f"{tag} " + " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def _chunk_ids(path: Path) -> set[int]:
+    conn = sqlite3.connect(path)
+    ids = {r[0] for r in conn.execute("SELECT id FROM chunks")}
+    conn.close()
+    return ids
+
+
+def _assert_findable(store: ContextStore, doc_id: int, text: str) -> None:
+    doc = store.get(doc_id)
+    assert doc is not None and doc.content == text
+    first = store.chunks(doc_id)[0]  # it holds the document's unique tag
+    hits = store.search(first["text"], k=3, mode="vector")
+    assert hits and hits[0].chunk_id == first["id"] and hits[0].score > 0.999
+
+
+def test_eight_threads_add_search_delete(tmp_path: Path) -> None:
+    store = ContextStore(tmp_path / "ctx.db", embed=HashedNgramEmbedder(), chunk_size=16, chunk_overlap=4)
+    kept: dict[int, str] = {}
+    deleted: set[int] = set()
+    errors: list[BaseException] = []
+    record = threading.Lock()
+    stop = time.monotonic() + 4.0
+
+    def worker(n: int) -> None:
+        rng = random.Random(n)
+        mine: list[int] = []
+        i = 0
+        try:
+            while time.monotonic() < stop:
+                action = rng.random()
+                if action < 0.45:
+                    text = _text(f"thread{n}-doc{i}")
+                    i += 1
+                    doc_id = store.add_text(text, source=f"t{n}").document_id
+                    with record:
+                        kept[doc_id] = text
+                    mine.append(doc_id)
+                elif action < 0.6 and mine:
+                    doc_id = mine.pop(rng.randrange(len(mine)))
+                    assert store.delete(doc_id)
+                    with record:
+                        kept.pop(doc_id)
+                        deleted.add(doc_id)
+                else:
+                    mode = rng.choice(["vector", "keyword", "hybrid"])
+                    for hit in store.search(rng.choice(WORDS) + " " + rng.choice(WORDS), k=5, mode=mode):
+                        assert hit.text and hit.source.startswith("t")
+        except BaseException as exc:  # noqa: BLE001 - every error counts as a failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(kept) > 40 and deleted  # the run really mixed adds and deletes
+    for doc_id, text in kept.items():
+        _assert_findable(store, doc_id, text)
+    for doc_id in deleted:
+        assert store.get(doc_id) is None
+    assert store.index.live == _chunk_ids(store.path)
+    store.close()
+    with ContextStore(store.path, embed=HashedNgramEmbedder(), chunk_size=16, chunk_overlap=4) as again:
+        assert again.index.live == _chunk_ids(store.path)
+
+
+def _process_writer(path: str, name: str, n_docs: int, done: "multiprocessing.Barrier", results) -> None:
+    store = ContextStore(path, embed=HashedNgramEmbedder())
+    written = {}
+    for i in range(n_docs):
+        text = _text(f"{name}-doc{i}")
+        written[store.add_text(text, source=name).document_id] = text
+        store.search(_text(f"probe{i}", 3), k=3)  # read while the other process writes
+    done.wait(timeout=60)  # both have written everything; no reopen from here on
+    found = 0
+    for source in ("procA", "procB"):
+        for i in range(n_docs):
+            text = _text(f"{source}-doc{i}")
+            hits = store.search(text, k=1, mode="vector")
+            found += bool(hits) and hits[0].text == text and hits[0].source == source
+    results.put((name, found, len(store.index)))
+    store.close()
+
+
+def test_two_processes_write_and_read_one_store(tmp_path: Path) -> None:
+    path = tmp_path / "ctx.db"
+    reader = ContextStore(path, embed=HashedNgramEmbedder())  # opened before anything is written
+    ctx = multiprocessing.get_context("spawn")
+    done, results = ctx.Barrier(2), ctx.Queue()
+    n_docs = 25
+    procs = [ctx.Process(target=_process_writer, args=(str(path), name, n_docs, done, results))
+             for name in ("procA", "procB")]
+    for p in procs:
+        p.start()
+    outcome = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert sorted(outcome) == [("procA", 2 * n_docs, 2 * n_docs), ("procB", 2 * n_docs, 2 * n_docs)]
+    # the parent's store saw both processes' commits without reopening
+    for source in ("procA", "procB"):
+        text = _text(f"{source}-doc{n_docs - 1}")
+        assert reader.search(text, k=1, mode="vector")[0].text == text
+    assert reader.index.live == _chunk_ids(path) and len(reader.index) == 2 * n_docs
+    reader.close()
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    from context_store import ContextStore, db
+    from rocmforge.embedder import HashedNgramEmbedder
+
+    path, n_before_hang = sys.argv[1], int(sys.argv[2])
+    store = ContextStore(path, embed=HashedNgramEmbedder(), chunk_size=8, chunk_overlap=2)
+    real_bump = db.StoreDB.bump
+    count = 0
+
+    def bump(self, tx, key="generation"):
+        # called inside the document's transaction, after its rows went in but before COMMIT
+        real_bump(self, tx, key)
+        if count == n_before_hang:
+            print("in-transaction", flush=True)
+            time.sleep(60)
+
+    db.StoreDB.bump = bump
+    for i in range(1000):
+        text = f"doc{i} " + " ".join(f"w{i}x{j}" for j in range(40))
+        result = store.add_text(text, source=f"s{i}")
+        print(f"ack {result.document_id} {i}", flush=True)  # acknowledged: add_text returned
+        count += 1
+        if i == 5:
+            store.save()  # a saved index that later commits make stale
+""")
+
+
+def test_kill_9_mid_ingest_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    path = tmp_path / "ctx.db"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    child = subprocess.Popen([sys.executable, str(script), str(path), "12"], stdout=subprocess.PIPE, text=True)
+    acknowledged: dict[int, int] = {}
+    for line in child.stdout:
+        if line.startswith("ack"):
+            _, doc_id, i = line.split()
+            acknowledged[int(doc_id)] = int(i)
+        elif line.startswith("in-transaction"):
+            break
+    os.kill(child.pid, signal.SIGKILL)  # mid-transaction: document 12's rows are written, not committed
+    child.wait()
+    assert child.returncode == -signal.SIGKILL and len(acknowledged) == 12
+
+    with ContextStore(path, embed=HashedNgramEmbedder(), chunk_size=8, chunk_overlap=2) as store:
+        docs = store.list()
+        assert sorted(d.id for d in docs) == sorted(acknowledged)  # all acknowledged, nothing half-written
+        for doc_id, i in acknowledged.items():
+            text = f"doc{i} " + " ".join(f"w{i}x{j}" for j in range(40))
+            _assert_findable(store, doc_id, text)
+            chunks = store.chunks(doc_id)
+            assert [c["ordinal"] for c in chunks] == list(range(len(chunks))) and len(chunks) == 7
+        assert store.search("doc12", mode="keyword") == []
+        assert store.index.live == _chunk_ids(path)
+        assert store.search("w3x7", k=1, mode="keyword")[0].source == "s3"
