@@ -20,6 +20,11 @@ from rocmforge import registry
 DEFAULT_GLOBS = ("*.md", "*.txt", "*.rst")
 
 
+def bundled_docs_dir() -> Path:
+    """A few short markdown notes about rocmforge itself, shipped for demos (``add --bundled-docs``)."""
+    return Path(__file__).resolve().parents[1] / "data" / "docs"
+
+
 def default_db() -> Path:
     return registry.home() / "context.db"
 
@@ -94,16 +99,20 @@ def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--overlap", type=click.IntRange(min=0), default=40, show_default=True, help="Tokens shared by neighbours.")
 @click.option("--collection", default="default", show_default=True)
 @click.option("-m", "--meta", "meta", multiple=True, help="key=value metadata for every added document.")
+@click.option("--bundled-docs", is_flag=True, help="Also add the short notes about rocmforge that ship with it.")
 @click.pass_context
 def add(ctx: click.Context, paths: tuple[str, ...], texts: tuple[str, ...], globs: tuple[str, ...],
-        chunk_size: int, overlap: int, collection: str, meta: tuple[str, ...]) -> None:
+        chunk_size: int, overlap: int, collection: str, meta: tuple[str, ...], bundled_docs: bool) -> None:
     """Add files, folders (recursively, by --glob), -c TEXT, or - (stdin)."""
+    if bundled_docs:
+        paths = (*paths, str(bundled_docs_dir()))
     if overlap >= chunk_size:
         raise click.ClickException(f"--overlap ({overlap}) must be smaller than --chunk-size ({chunk_size})")
     metadata = _parse_meta(meta)
     items: list[tuple[str, str | Path]] = [("text", t) for t in texts]
     if "-" in paths:
-        items.append(("stdin", click.get_text_stream("stdin").read()))
+        with click.open_file("-") as stdin:
+            items.append(("stdin", stdin.read()))
     items += [("file", p) for p in _expand(tuple(p for p in paths if p != "-"), globs)]
     if not items:
         raise click.ClickException("nothing to add: give files, folders, -c TEXT or -")
