@@ -105,6 +105,10 @@ class Sampler:
         self.rng = np.random.default_rng(self.seed)
         self._bias_ids = np.fromiter(params.logit_bias.keys(), dtype=np.int64, count=len(params.logit_bias))
         self._bias_values = np.fromiter(params.logit_bias.values(), dtype=np.float64, count=len(params.logit_bias))
+        # Reused float64 buffers: fresh vocab-sized temporaries each token cost more than the
+        # arithmetic (the allocator maps and unmaps them).
+        self._logits = np.empty(0)
+        self._scratch = np.empty(0)
 
     def distribution(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         """The float64 probabilities over the vocabulary that ``sample`` draws from.
@@ -149,7 +153,10 @@ class Sampler:
     def _candidates(self, logits: np.ndarray, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Surviving token ids (ascending) and their final probabilities."""
         p = self.params
-        x = np.array(logits, dtype=np.float64)  # a copy: the caller's logits stay untouched
+        if len(self._logits) != len(logits):
+            self._logits, self._scratch = np.empty(len(logits)), np.empty(len(logits))
+        x = self._logits
+        np.copyto(x, logits)  # the caller's logits stay untouched
         self._add_bias(x)
         self._penalize(x, history)
         if p.temperature == 0:
@@ -157,7 +164,7 @@ class Sampler:
             _check_alive(x[best])
             return np.array([best]), np.array([1.0])
 
-        ids = _top_k(x, p.top_k)
+        ids = _top_k(x, p.top_k, self._scratch)
         z = x[ids]
         if p.top_p < 1.0:
             keep = _top_p_mask(z, p.top_p)
@@ -192,9 +199,13 @@ def _check_alive(best_logit: float) -> None:
         raise ValueError("every token is banned (all logits are -inf after logit_bias)")
 
 
-def _top_k(x: np.ndarray, k: int) -> np.ndarray:
+def _top_k(x: np.ndarray, k: int, scratch: np.ndarray) -> np.ndarray:
     """Ids of the k largest finite logits, plus any tied with the k-th (ascending ids)."""
-    kth = np.partition(x, len(x) - k)[len(x) - k] if 0 < k < len(x) else -np.inf  # O(vocab), no sort
+    kth = -np.inf
+    if 0 < k < len(x):
+        np.copyto(scratch, x)
+        scratch.partition(len(x) - k)  # O(vocab), no sort
+        kth = scratch[len(x) - k]
     ids = np.flatnonzero(x >= kth) if kth > -np.inf else np.flatnonzero(x > -np.inf)
     if len(ids) == 0:
         _check_alive(-math.inf)
@@ -221,8 +232,10 @@ def _top_p_mask(z: np.ndarray, top_p: float) -> np.ndarray:
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max())
-    return e / e.sum()
+    e = z - z.max()
+    np.exp(e, out=e)  # in place: one vocab-sized temporary instead of three
+    e /= e.sum()
+    return e
 
 
 def top_alternatives(probs: np.ndarray, n: int = 5) -> list[tuple[int, float]]:
