@@ -89,7 +89,9 @@ class SamplingParams:
 
 
 class Sampler:
-    """Picks tokens for one sequence; holds its own seeded random generator.
+    """Picks tokens for one sequence; holds its own seeded random generator and buffers.
+
+    Use one Sampler per sequence (and per thread): that is what makes seeds reproducible.
 
     >>> import numpy as np
     >>> logits = np.array([1.0, 3.0, 2.0], dtype=np.float32)

@@ -80,7 +80,9 @@ def random_logits(vocab: int, seed: int, scale: float = 3.0) -> np.ndarray:
 
 
 def assert_matches_reference(logits, history, params):
+    before = logits.copy()
     got = Sampler(params).distribution(logits, history)
+    np.testing.assert_array_equal(logits, before)  # the caller's logits are never modified
     want = np.array(reference_distribution(logits, history, params))
     assert got.dtype == np.float64 and got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
@@ -303,7 +305,10 @@ def test_top_alternatives():
     assert top_alternatives(probs, n=3) == [(1, 0.3), (3, 0.3), (4, 0.2)]
     assert top_alternatives(probs, n=0) == []
     assert top_alternatives(probs, n=10) == [(1, 0.3), (3, 0.3), (4, 0.2), (5, 0.15), (0, 0.05)]
-    big = Sampler(SamplingParams(**OFF)).distribution(random_logits(262144, seed=12), [])
+    sampler = Sampler(SamplingParams(**OFF))
+    small = sampler.distribution(random_logits(10, seed=12), [])  # one sampler, two vocab sizes
+    big = sampler.distribution(random_logits(262144, seed=12), [])
+    assert top_alternatives(small, n=1)[0][0] == int(np.argmax(random_logits(10, seed=12)))
     want = sorted(range(len(big)), key=lambda i: -big[i])[:5]
     assert [t for t, _ in top_alternatives(big)] == want
 
