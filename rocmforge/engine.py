@@ -73,7 +73,6 @@ class Generation:
         self._fed = 0
         self._inflight: _InFlight | None = None
         self._stop = StopMatcher(stop)
-        self._emitted_text = ""
         self._closed = False
 
     # --- state -----------------------------------------------------------------------------------------------
@@ -129,22 +128,26 @@ class Generation:
         return inflight.layer - 1
 
     def text_pieces(self) -> Iterator[str]:
-        """Step until finished, yielding decoded text (stop strings removed, never half a UTF-8 character)."""
+        """Step until finished, yielding decoded text (stop strings removed, never half a UTF-8 character).
+
+        End-of-generation tokens are not decoded. The sequence's cache is freed when the iterator ends.
+        """
+        decoder = self.model.tokenizer.incremental_decoder()
+        eot = self.model.tokenizer.eot_ids
         try:
             while not self.finished:
                 token = self.step()
-                if token is None:
+                if token is None or token in eot:
                     break
-                piece = self._new_text()
-                if piece:
-                    text, stopped = self._stop.feed(piece)
-                    if text:
-                        yield text
-                    if stopped:
-                        self.finish_reason = "stop"
-            rest = self._stop.flush() if self._stop.matched is None else ""
-            if rest:
-                yield rest
+                text, stopped = self._stop.feed(decoder.feed(token))
+                if text:
+                    yield text
+                if stopped:
+                    self.finish_reason = "stop"
+            if self._stop.matched is None:
+                rest = self._stop.feed(decoder.flush())[0] + self._stop.flush()
+                if rest:
+                    yield rest
         finally:
             self.close()
 
@@ -157,19 +160,6 @@ class Generation:
                 self.finish_reason = "stop"
 
     # --- internals -------------------------------------------------------------------------------------------
-    def _generated_ids(self) -> list[int]:
-        eot = self.model.tokenizer.eot_ids
-        return [t for t in self.tokens[self.n_prompt:] if t not in eot]
-
-    def _new_text(self) -> str:
-        # Decode everything generated so far and emit the new suffix; hold back a trailing U+FFFD, which is an
-        # incomplete UTF-8 sequence that the next token completes.
-        text = self.model.tokenizer.decode(self._generated_ids())
-        if text.endswith("\ufffd") and not self.finished:
-            return ""
-        piece, self._emitted_text = text[len(self._emitted_text):], text
-        return piece
-
     def _prepare(self) -> Batch:
         return self.model.kv.prepare([(self.seq_id, self.tokens[self._fed:])])
 

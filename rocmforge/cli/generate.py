@@ -1,0 +1,88 @@
+"""``rocmforge generate "prompt"`` streams a continuation; ``rocmforge chat`` is an interactive chat."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from rocmforge.registry import DEFAULT_MODEL
+
+
+def _sampling_options(fn: Any) -> Any:
+    options = [
+        click.option("-m", "--model", "model_name", default=DEFAULT_MODEL, show_default=True,
+                     help="Registry name or path to a .gguf file."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or hip."),
+        click.option("-n", "--max-tokens", "max_tokens", default=128, show_default=True, help="Tokens to generate."),
+        click.option("--temp", "temperature", default=0.8, show_default=True, help="Temperature (0: greedy)."),
+        click.option("--top-k", default=40, show_default=True, help="Keep the k most likely tokens (0: off)."),
+        click.option("--top-p", default=0.95, show_default=True, help="Nucleus sampling mass (1: off)."),
+        click.option("--min-p", default=0.05, show_default=True, help="Drop tokens below min_p * p_max (0: off)."),
+        click.option("--repeat-penalty", default=1.0, show_default=True, help="Penalty on recent tokens (1: off)."),
+        click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
+        click.option("--context", "context_db", type=click.Path(dir_okay=False), default=None,
+                     help="Answer from this context store (SQLite file)."),
+        click.option("-k", "n_hits", default=3, show_default=True, help="Context chunks to retrieve."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _sampling(opts: dict) -> dict:
+    keys = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
+    return {k: opts[k] for k in keys}
+
+
+@click.command()
+@click.argument("prompt")
+@_sampling_options
+def generate(prompt: str, model_name: str, device: str, max_tokens: int, context_db: str | None, n_hits: int,
+             **opts: Any) -> None:
+    """Continue PROMPT with the model and stream the text to stdout."""
+    from rocmforge.model import load
+
+    model = load(model_name, device=device)
+    if context_db is not None:
+        result = model.create_completion(prompt, max_tokens=max_tokens, context=context_db, k=n_hits,
+                                         **_sampling(opts))
+        click.echo(result["choices"][0]["text"])
+        for citation in result.get("citations", []):
+            click.echo(f"[{citation['chunk_id']}] {citation['source']}", err=True)
+        return
+    for piece in model.stream(prompt, max_new_tokens=max_tokens, **_sampling(opts)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@click.command()
+@click.option("--system", default=None, help="A system message to start the conversation with.")
+@_sampling_options
+def chat(system: str | None, model_name: str, device: str, max_tokens: int, context_db: str | None, n_hits: int,
+         **opts: Any) -> None:
+    """Chat with the model in the terminal, using its own chat template (empty line or Ctrl-D ends)."""
+    from rocmforge.model import load
+
+    model = load(model_name, device=device)
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    click.echo(f"{model.name} on {model.device}. Empty line or Ctrl-D to quit.", err=True)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        reply = []
+        extra = {"context": context_db, "k": n_hits} if context_db else {}
+        for chunk in model.create_chat_completion(messages, max_tokens=max_tokens, stream=True, **extra,
+                                                  **_sampling(opts)):
+            piece = chunk["choices"][0]["delta"].get("content", "")
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})

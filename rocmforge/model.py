@@ -1,0 +1,183 @@
+"""``Model``: a GGUF model ready to run, with an API that feels like llama-cpp-python's ``Llama``.
+
+>>> import rocmforge
+>>> model = rocmforge.load("smollm2-135m")  # doctest: +SKIP
+>>> model.generate("The capital of France is", max_new_tokens=4, temperature=0)  # doctest: +SKIP
+' Paris. It is'
+>>> out = model.create_chat_completion([{"role": "user", "content": "Hi!"}], max_tokens=8, seed=1)  # doctest: +SKIP
+>>> out["choices"][0]["message"]["role"], out["usage"]["prompt_tokens"] > 0  # doctest: +SKIP
+('assistant', True)
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from rocmforge.arch import gemma3, llama
+from rocmforge.arch.context import ForwardContext
+from rocmforge.backends.cpu import CpuBackend
+from rocmforge.chat import chat_template_for, render_chat
+from rocmforge.engine import Generation
+from rocmforge.errors import DeviceError
+from rocmforge.gguf_file import GGUFFile
+from rocmforge.hooks import Hooks
+from rocmforge.kv_cache import KVCache
+from rocmforge.registry import DEFAULT_MODEL, resolve
+from rocmforge.sampler import SamplingParams
+from rocmforge.tokenizer import Tokenizer
+from rocmforge.weights import Weights
+
+ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": llama, "qwen3": llama, "gemma3": gemma3}
+DEFAULT_N_CTX = 4096  # the KV cache is allocated lazily, but a smaller default keeps the worst case modest
+
+
+def _backend(device: str) -> Any:
+    device = os.environ.get("ROCMFORGE_DEVICE", device) if device == "auto" else device
+    if device in ("auto", "cpu"):
+        return CpuBackend()
+    raise DeviceError(f"device {device!r} is not available in this build (use 'cpu' or 'auto')")
+
+
+class Model:
+    """A loaded model: tokenizer, weights on a backend, a paged KV cache, hooks, and generation methods."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", n_ctx: int | None = None,
+                 n_parallel: int = 1):
+        self.path = Path(path)
+        self.gguf = GGUFFile(self.path)
+        self.cfg = self.gguf.config
+        self.name = self.path.stem
+        self.arch = ARCHITECTURES[self.cfg.architecture]
+        self.ops = _backend(device)
+        self.device = self.ops.name
+        self.tokenizer = Tokenizer.from_gguf(self.gguf)
+        self.n_ctx = min(n_ctx or DEFAULT_N_CTX, self.cfg.context_length)
+        self.weights = Weights.load(self.gguf, self.ops)
+        block_size = 16
+        self.kv = KVCache(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, self.cfg.head_dim_v,
+                          self.n_ctx, n_blocks=-(-self.n_ctx // block_size) * n_parallel, block_size=block_size,
+                          ops=self.ops)
+        self.hooks = Hooks(self.ops)
+        self.ctx = ForwardContext(self.cfg, self.weights, self.ops, self.kv, self.hooks)
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, architecture={self.cfg.architecture!r}, device={self.device!r}, n_ctx={self.n_ctx})"
+
+    # --- tokens ----------------------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        """Text -> token ids (a BOS is added when the model file asks for one, unless ``add_bos`` says otherwise)."""
+        return self.tokenizer.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    # --- forward ---------------------------------------------------------------------------------------------
+    def forward(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits ``[len(ids), vocab]`` (float32) of every position of ``ids``, run as one fresh sequence."""
+        seq = self.kv.new_sequence()
+        try:
+            batch = self.kv.prepare([(seq, list(ids))])
+            return self.ops.to_host(self.arch.forward(self.ctx, batch))
+        finally:
+            self.kv.free(seq)
+
+    # --- generation ------------------------------------------------------------------------------------------
+    def start(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: Sequence[str] = (),
+              **sampling: Any) -> Generation:
+        """A ``Generation`` for ``prompt`` (text or token ids) that you drive with prefill/step/step_layer."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        return Generation(self, ids, SamplingParams(**sampling), max_new_tokens, stop)
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: Sequence[str] = (),
+               **sampling: Any) -> Iterator[str]:
+        """Yield the generated text piece by piece (sampling options as in ``SamplingParams``)."""
+        return self.start(prompt, max_new_tokens, stop, **sampling).text_pieces()
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: Sequence[str] = (),
+                 **sampling: Any) -> str:
+        """The generated continuation of ``prompt`` as one string."""
+        return "".join(self.stream(prompt, max_new_tokens, stop, **sampling))
+
+    # --- OpenAI-shaped results -------------------------------------------------------------------------------
+    def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 16, stream: bool = False,
+                          stop: str | Sequence[str] | None = None, **sampling: Any) -> dict | Iterator[dict]:
+        """Like ``Llama.create_completion``: a ``text_completion`` dict, or an iterator of chunks with ``stream``."""
+        gen = self._start_request(prompt, max_tokens, stop, sampling)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.name}
+        if stream:
+            return self._completion_chunks(gen, head)
+        text = "".join(gen.text_pieces())
+        return {**head, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                     "finish_reason": gen.finish_reason}], "usage": _usage(gen)}
+
+    def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, stream: bool = False,
+                               stop: str | Sequence[str] | None = None, **sampling: Any) -> dict | Iterator[dict]:
+        """Like ``Llama.create_chat_completion``: the messages rendered with the model's chat template."""
+        prompt = self.apply_chat_template(messages)
+        gen = self._start_request(self.tokenize(prompt, add_bos=False), max_tokens, stop, sampling)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.name}
+        if stream:
+            return self._chat_chunks(gen, head)
+        text = "".join(gen.text_pieces())
+        return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "logprobs": None, "finish_reason": gen.finish_reason}], "usage": _usage(gen)}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages`` under the model's chat template (with its BOS text, if any)."""
+        tok = self.tokenizer
+        template = chat_template_for(tok.chat_template, self.cfg.architecture)
+        bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
+        eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
+        return render_chat(template, messages, add_generation_prompt=add_generation_prompt, bos_token=bos,
+                           eos_token=eos)
+
+    def _start_request(self, prompt: str | Sequence[int], max_tokens: int | None,
+                       stop: str | Sequence[str] | None, sampling: dict) -> Generation:
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if max_tokens is None or max_tokens <= 0:  # llama-cpp-python: fill the rest of the context
+            max_tokens = self.n_ctx - len(ids)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        return Generation(self, ids, SamplingParams(**sampling), max_tokens, stops)
+
+    def _completion_chunks(self, gen: Generation, head: dict) -> Iterator[dict]:
+        for piece in gen.text_pieces():
+            yield {**head, "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}]}
+        yield {**head, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": gen.finish_reason}],
+               "usage": _usage(gen)}
+
+    def _chat_chunks(self, gen: Generation, head: dict) -> Iterator[dict]:
+        head = {**head, "object": "chat.completion.chunk"}
+        yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+        for piece in gen.text_pieces():
+            yield {**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+        yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": gen.finish_reason}],
+               "usage": _usage(gen)}
+
+
+def _usage(gen: Generation) -> dict[str, int]:
+    return {"prompt_tokens": gen.n_prompt, "completion_tokens": gen.n_generated,
+            "total_tokens": gen.n_prompt + gen.n_generated}
+
+
+def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", n_ctx: int | None = None,
+         n_parallel: int = 1) -> Model:
+    """Load a registry model by name (fetched once into the cache) or a local ``.gguf`` file.
+
+    ``device``: "auto" (the GPU when one is usable, else numpy) or "cpu". ``n_ctx``: context window per
+    sequence (default: the model's, capped at 4096). ``n_parallel``: how many full-length sequences the KV pool holds.
+
+    >>> import rocmforge
+    >>> model = rocmforge.load("smollm2-135m", device="cpu")  # doctest: +SKIP
+    >>> model.cfg.n_layers  # doctest: +SKIP
+    30
+    """
+    return Model(resolve(name_or_path), device=device, n_ctx=n_ctx, n_parallel=n_parallel)
