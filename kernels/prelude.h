@@ -1,0 +1,68 @@
+// prelude.h: the few names that differ between HIP (hiprtc) and CUDA (NVRTC).
+// Every kernel source is compiled with this text in front of it and with
+// -DRF_WARP=<warp size read from the device>: 64 on CDNA / RDNA wave64, 32 on NVIDIA.
+// Reductions below are written for either width.
+#ifndef RF_WARP
+#error "RF_WARP (the device's warp/wavefront size) must be defined by the compiler options"
+#endif
+
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define RF_NEG_INF (__int_as_float(0xff800000))
+
+#define RF_MAX_WARPS 32  // 1024 threads / 32 lanes: enough scratch for any block size
+
+#if defined(__HIP__) || defined(__HIPCC_RTC__)
+__device__ __forceinline__ float shfl_xor(float v, int mask) { return __shfl_xor(v, mask, RF_WARP); }
+__device__ __forceinline__ int shfl_xor_int(int v, int mask) { return __shfl_xor(v, mask, RF_WARP); }
+__device__ __forceinline__ float f16_to_f32(u16 h) { return (float)__builtin_bit_cast(_Float16, h); }
+__device__ __forceinline__ float shfl(float v, int src) { return __shfl(v, src, RF_WARP); }
+#else
+__device__ __forceinline__ float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask, RF_WARP); }
+__device__ __forceinline__ int shfl_xor_int(int v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask, RF_WARP); }
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ float shfl(float v, int src) { return __shfl_sync(0xffffffffu, v, src, RF_WARP); }
+#endif
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int m = RF_WARP / 2; m > 0; m >>= 1) v += shfl_xor(v, m);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int m = RF_WARP / 2; m > 0; m >>= 1) v = fmaxf(v, shfl_xor(v, m));
+    return v;
+}
+
+// Sum over the whole block; every thread gets the result. `scratch` holds RF_MAX_WARPS floats.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
+    const int n_warps = (blockDim.x + RF_WARP - 1) / RF_WARP;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous reduction
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
+    const int n_warps = (blockDim.x + RF_WARP - 1) / RF_WARP;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? scratch[lane] : RF_NEG_INF;
+    return warp_max(v);
+}

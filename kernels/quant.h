@@ -1,0 +1,118 @@
+// quant.h: GGML block formats, decoded 8 consecutive values at a time.
+// Type ids are GGML's (gguf.GGMLQuantizationType). `row` points at the first byte of a
+// weight row; `k` is the index of the first of the 8 values (a multiple of 8), so the 8
+// values never straddle a block (32 values) or a K-quant sub-block (16 or 32 values).
+#define GGML_F32 0
+#define GGML_F16 1
+#define GGML_Q4_0 2
+#define GGML_Q4_1 3
+#define GGML_Q5_0 6
+#define GGML_Q5_1 7
+#define GGML_Q8_0 8
+#define GGML_Q4_K 12
+#define GGML_Q5_K 13
+#define GGML_Q6_K 14
+#define GGML_BF16 30
+
+__device__ __forceinline__ u16 ld16(const u8* p) { return (u16)(p[0] | (p[1] << 8)); }
+__device__ __forceinline__ u32 ld32(const u8* p) { return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24); }
+
+// 6-bit scale and min of sub-block j (0..7) packed in the 12 scale bytes of Q4_K / Q5_K.
+__device__ __forceinline__ void k_scale_min(int j, const u8* s, float* sc, float* mn) {
+    if (j < 4) {
+        *sc = (float)(s[j] & 63);
+        *mn = (float)(s[j + 4] & 63);
+    } else {
+        *sc = (float)((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4));
+        *mn = (float)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+    }
+}
+
+template <int T>
+__device__ __forceinline__ void dequant8(const u8* row, int k, float* v) {
+    if (T == GGML_F32) {
+        const float* r = (const float*)row + k;
+        for (int i = 0; i < 8; i++) v[i] = r[i];
+    } else if (T == GGML_F16) {
+        const u16* r = (const u16*)row + k;
+        for (int i = 0; i < 8; i++) v[i] = f16_to_f32(r[i]);
+    } else if (T == GGML_BF16) {
+        const u16* r = (const u16*)row + k;
+        for (int i = 0; i < 8; i++) v[i] = bf16_to_f32(r[i]);
+    } else if (T == GGML_Q4_0) {  // d, qs[16]: value = (nibble - 8) * d
+        const u8* b = row + (k / 32) * 18;
+        const int i0 = k % 32, shift = i0 >= 16 ? 4 : 0;
+        const float d = f16_to_f32(ld16(b));
+        const u8* qs = b + 2 + (i0 % 16);
+        for (int i = 0; i < 8; i++) v[i] = (float)(((qs[i] >> shift) & 0xF) - 8) * d;
+    } else if (T == GGML_Q4_1) {  // d, m, qs[16]: value = nibble * d + m
+        const u8* b = row + (k / 32) * 20;
+        const int i0 = k % 32, shift = i0 >= 16 ? 4 : 0;
+        const float d = f16_to_f32(ld16(b)), m = f16_to_f32(ld16(b + 2));
+        const u8* qs = b + 4 + (i0 % 16);
+        for (int i = 0; i < 8; i++) v[i] = (float)((qs[i] >> shift) & 0xF) * d + m;
+    } else if (T == GGML_Q5_0) {  // d, qh[4], qs[16]: value = (nibble | bit<<4) - 16) * d
+        const u8* b = row + (k / 32) * 22;
+        const int i0 = k % 32, shift = i0 >= 16 ? 4 : 0;
+        const float d = f16_to_f32(ld16(b));
+        const u32 qh = ld32(b + 2);
+        const u8* qs = b + 6 + (i0 % 16);
+        for (int i = 0; i < 8; i++) {
+            const int q = ((qs[i] >> shift) & 0xF) | (((qh >> (i0 + i)) & 1) << 4);
+            v[i] = (float)(q - 16) * d;
+        }
+    } else if (T == GGML_Q5_1) {  // d, m, qh[4], qs[16]: value = (nibble | bit<<4) * d + m
+        const u8* b = row + (k / 32) * 24;
+        const int i0 = k % 32, shift = i0 >= 16 ? 4 : 0;
+        const float d = f16_to_f32(ld16(b)), m = f16_to_f32(ld16(b + 2));
+        const u32 qh = ld32(b + 4);
+        const u8* qs = b + 8 + (i0 % 16);
+        for (int i = 0; i < 8; i++) {
+            const int q = ((qs[i] >> shift) & 0xF) | (((qh >> (i0 + i)) & 1) << 4);
+            v[i] = (float)q * d + m;
+        }
+    } else if (T == GGML_Q8_0) {  // d, qs[32] int8
+        const u8* b = row + (k / 32) * 34;
+        const float d = f16_to_f32(ld16(b));
+        const i8* qs = (const i8*)(b + 2 + k % 32);
+        for (int i = 0; i < 8; i++) v[i] = (float)qs[i] * d;
+    } else if (T == GGML_Q4_K) {  // d, dmin, scales[12], qs[128]; 8 sub-blocks of 32
+        const u8* b = row + (k / 256) * 144;
+        const int e = k % 256, j = e / 64, hi = (e % 64) >= 32, l = e % 32;
+        float sc, mn;
+        k_scale_min(2 * j + hi, b + 4, &sc, &mn);
+        const float d = f16_to_f32(ld16(b)) * sc, m = f16_to_f32(ld16(b + 2)) * mn;
+        const u8* qs = b + 16 + 32 * j + l;
+        const int shift = hi ? 4 : 0;
+        for (int i = 0; i < 8; i++) v[i] = d * (float)((qs[i] >> shift) & 0xF) - m;
+    } else if (T == GGML_Q5_K) {  // d, dmin, scales[12], qh[32], qs[128]
+        const u8* b = row + (k / 256) * 176;
+        const int e = k % 256, j = e / 64, hi = (e % 64) >= 32, l = e % 32;
+        float sc, mn;
+        k_scale_min(2 * j + hi, b + 4, &sc, &mn);
+        const float d = f16_to_f32(ld16(b)) * sc, m = f16_to_f32(ld16(b + 2)) * mn;
+        const u8* qh = b + 16 + l;
+        const u8* qs = b + 48 + 32 * j + l;
+        const int shift = hi ? 4 : 0, bit = 2 * j + hi;
+        for (int i = 0; i < 8; i++) {
+            const int q = ((qs[i] >> shift) & 0xF) | (((qh[i] >> bit) & 1) << 4);
+            v[i] = d * (float)q - m;
+        }
+    } else if (T == GGML_Q6_K) {  // ql[128], qh[64], scales[16] int8, d
+        const u8* b = row + (k / 256) * 210;
+        const int e = k % 256, h = e / 128, r = e % 128, quarter = r / 32, l = r % 32;
+        const u8* ql = b + 64 * h + l + 32 * (quarter & 1);
+        const u8* qh = b + 128 + 32 * h + l;
+        const float d = f16_to_f32(ld16(b + 208)) * (float)((const i8*)(b + 192))[8 * h + l / 16 + 2 * quarter];
+        const int shift = quarter >= 2 ? 4 : 0;
+        for (int i = 0; i < 8; i++) {
+            const int q = ((ql[i] >> shift) & 0xF) | (((qh[i] >> (2 * quarter)) & 3) << 4);
+            v[i] = d * (float)(q - 32);
+        }
+    }
+}
+
+// One extern "C" kernel per type, so the host looks kernels up by plain names like matvec_q4_k.
+#define RF_FOR_EACH_TYPE(X) \
+    X(f32, GGML_F32) X(f16, GGML_F16) X(bf16, GGML_BF16) X(q4_0, GGML_Q4_0) X(q4_1, GGML_Q4_1) \
+    X(q5_0, GGML_Q5_0) X(q5_1, GGML_Q5_1) X(q8_0, GGML_Q8_0) X(q4_k, GGML_Q4_K) X(q5_k, GGML_Q5_K) X(q6_k, GGML_Q6_K)

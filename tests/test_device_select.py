@@ -1,0 +1,62 @@
+"""Device selection on a machine without a GPU (CI): auto falls back to numpy with one log line; forcing a GPU
+that is not there is a DeviceError naming what is missing."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from rocmforge.backends import cuda, hip
+from rocmforge.backends.select import choose_device, select_backend
+from rocmforge.errors import DeviceError
+
+no_gpu = pytest.mark.skipif(hip.available()[0] or cuda.available()[0], reason="a GPU is present on this machine")
+
+
+@no_gpu
+def test_auto_falls_back_to_cpu_and_logs_why(caplog, monkeypatch):
+    monkeypatch.delenv("ROCMFORGE_DEVICE", raising=False)
+    with caplog.at_level(logging.INFO, logger="rocmforge.device"):
+        backend = select_backend("auto")
+    assert backend.name == "cpu"
+    lines = [r.getMessage() for r in caplog.records if r.name == "rocmforge.device"]
+    assert len(lines) == 1
+    assert lines[0].startswith("rocmforge device: cpu (auto: no GPU")
+    assert "hip:" in lines[0] and "cuda:" in lines[0]
+
+
+@no_gpu
+def test_forcing_hip_names_the_missing_piece():
+    with pytest.raises(DeviceError) as err:
+        select_backend("hip")
+    message = str(err.value)
+    assert message.startswith("device='hip' requested but ")
+    assert "hip-python is not installed" in message or "libamdhip64.so" in message or "no device" in message
+
+
+@no_gpu
+def test_forcing_cuda_names_the_missing_piece():
+    with pytest.raises(DeviceError) as err:
+        select_backend("cuda")
+    message = str(err.value)
+    assert message.startswith("device='cuda' requested but ")
+    assert "cuda-python is not installed" in message or "libcuda.so.1" in message or "no device" in message
+
+
+@no_gpu
+def test_environment_variable_forces_the_device(monkeypatch):
+    monkeypatch.setenv("ROCMFORGE_DEVICE", "cuda")
+    with pytest.raises(DeviceError, match="device='cuda' requested"):
+        choose_device(None)
+    monkeypatch.setenv("ROCMFORGE_DEVICE", "cpu")
+    assert choose_device(None)[0] == "cpu"
+
+
+def test_unknown_device_is_rejected():
+    with pytest.raises(DeviceError, match="unknown device 'tpu'"):
+        choose_device("tpu")
+
+
+def test_cpu_is_always_available():
+    assert choose_device("cpu") == ("cpu", "device=cpu requested")
+    assert select_backend("cpu").name == "cpu"
