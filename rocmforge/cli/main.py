@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "models": "rocmforge.cli.models:models",
     "inspect": "rocmforge.cli.models:inspect",
     "context": "rocmforge.cli.context:context",
+    "generate": "rocmforge.cli.generate:generate",
+    "chat": "rocmforge.cli.generate:chat",
 }
 
 
