@@ -96,22 +96,49 @@ class Model:
         return Generation(self, ids, SamplingParams(**sampling), max_new_tokens, stop)
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: Sequence[str] = (),
-               **sampling: Any) -> Iterator[str]:
-        """Yield the generated text piece by piece (sampling options as in ``SamplingParams``)."""
+               context: Any = None, k: int = 3, **sampling: Any) -> Iterator[str]:
+        """Yield the generated text piece by piece (sampling options as in ``SamplingParams``).
+
+        ``context``: a context store (or the path of one); the prompt then becomes the question answered from
+        its ``k`` best passages (``create_completion`` also returns which passages were cited).
+        """
+        if context is not None:
+            prompt, _ = self.context_prompt(prompt, context, k)
         return self.start(prompt, max_new_tokens, stop, **sampling).text_pieces()
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: Sequence[str] = (),
-                 **sampling: Any) -> str:
-        """The generated continuation of ``prompt`` as one string."""
-        return "".join(self.stream(prompt, max_new_tokens, stop, **sampling))
+                 context: Any = None, k: int = 3, **sampling: Any) -> str:
+        """The generated continuation of ``prompt`` as one string (``context``/``k`` as in ``stream``)."""
+        return "".join(self.stream(prompt, max_new_tokens, stop, context, k, **sampling))
+
+    def context_prompt(self, question: str, context: Any, k: int = 3) -> tuple[str, list[dict]]:
+        """(prompt answering ``question`` from the store's ``k`` best passages, citations of those passages)."""
+        from context_store.prompt import build_context_prompt
+
+        if isinstance(context, (str, os.PathLike)):
+            from context_store.store import ContextStore
+            from rocmforge.embedder import default_embedder
+
+            with ContextStore(context, embed=default_embedder()) as store:
+                hits = store.search(question, k=k)
+        else:
+            hits = context.search(question, k=k)
+        return build_context_prompt(question, hits)
 
     # --- OpenAI-shaped results -------------------------------------------------------------------------------
     def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 16, stream: bool = False,
-                          stop: str | Sequence[str] | None = None, **sampling: Any) -> dict | Iterator[dict]:
-        """Like ``Llama.create_completion``: a ``text_completion`` dict, or an iterator of chunks with ``stream``."""
-        gen = self._start_request(prompt, max_tokens, stop, sampling)
+                          stop: str | Sequence[str] | None = None, context: Any = None, k: int = 3,
+                          **sampling: Any) -> dict | Iterator[dict]:
+        """Like ``Llama.create_completion``: a ``text_completion`` dict, or an iterator of chunks with ``stream``.
+
+        With ``context`` (a store or its path) the prompt is answered from the store and the result carries
+        ``citations`` (chunk ids and sources of the passages in the prompt).
+        """
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name}
+        if context is not None:
+            prompt, head["citations"] = self.context_prompt(prompt, context, k)
+        gen = self._start_request(prompt, max_tokens, stop, sampling)
         if stream:
             return self._completion_chunks(gen, head)
         text = "".join(gen.text_pieces())
@@ -119,12 +146,20 @@ class Model:
                                      "finish_reason": gen.finish_reason}], "usage": _usage(gen)}
 
     def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, stream: bool = False,
-                               stop: str | Sequence[str] | None = None, **sampling: Any) -> dict | Iterator[dict]:
-        """Like ``Llama.create_chat_completion``: the messages rendered with the model's chat template."""
-        prompt = self.apply_chat_template(messages)
-        gen = self._start_request(self.tokenize(prompt, add_bos=False), max_tokens, stop, sampling)
+                               stop: str | Sequence[str] | None = None, context: Any = None, k: int = 3,
+                               **sampling: Any) -> dict | Iterator[dict]:
+        """Like ``Llama.create_chat_completion``: the messages rendered with the model's chat template.
+
+        With ``context`` the last user message is answered from the store; the result carries ``citations``.
+        """
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.name}
+        if context is not None:
+            last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+            content, head["citations"] = self.context_prompt(messages[last]["content"], context, k)
+            messages = [*messages[:last], {**messages[last], "content": content}, *messages[last + 1:]]
+        prompt = self.apply_chat_template(messages)
+        gen = self._start_request(self.tokenize(prompt, add_bos=False), max_tokens, stop, sampling)
         if stream:
             return self._chat_chunks(gen, head)
         text = "".join(gen.text_pieces())
