@@ -1,0 +1,126 @@
+"""Context store speed: ingest with MiniLM embeddings, and HNSW search latency + recall at 10k/100k vectors.
+
+    .venv/bin/python -m benchmarks.context_store              # 10k and 100k (-m: the file name shadows the package)
+    .venv/bin/python -m benchmarks.context_store --sizes 10000 --queries 100
+
+Ingest: the bundled docs, each copy made unique, chunked at 128 MiniLM word pieces, embedded with
+rocmforge's numpy all-MiniLM-L6-v2 and written through ``ContextStore.add_texts`` (SQLite + HNSW);
+reported as chunks/s end to end and for the embedder alone.
+
+Search: random unit vectors of dim 384 go in through the store (an embed that looks vectors up by
+name, so no model time is counted). Latency is ``store.search(mode="vector")`` end to end (index +
+SQLite rows) and the bare ``knn_query``; recall@10 is against exact numpy brute force. Random
+vectors in 384 dims are a hard case for HNSW (no cluster structure), so recall here is a floor.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from context_store import ContextStore
+from rocmforge.cli.context import bundled_docs_dir
+from rocmforge.embedder import MiniLMEmbedder
+
+
+class LookupEmbed:
+    """'v123' -> row 123 of a fixed matrix: vector search without embedding cost."""
+
+    name = "lookup"
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors, self.dim = vectors, vectors.shape[1]
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return self.vectors[[int(t[1:]) for t in texts]]
+
+
+def blas_info() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+        infos = [f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}, {i.get('num_threads')} threads)"
+                 for i in threadpool_info() if i.get("user_api") == "blas"]
+        return "; ".join(infos) or "unknown"
+    except ImportError:
+        return "threadpoolctl not installed"
+
+
+def bench_ingest(folder: Path, copies: int) -> dict[str, float]:
+    embed = MiniLMEmbedder()
+    docs = sorted(bundled_docs_dir().glob("*.md"))
+    texts = [f"Copy {c}.\n" + p.read_text() for c in range(copies) for p in docs]
+    with ContextStore(folder / "ingest.db", embed=embed, chunk_size=128, chunk_overlap=16) as store:
+        start = time.perf_counter()
+        results = store.add_texts(texts, sources=[f"doc{i}" for i in range(len(texts))])
+        elapsed = time.perf_counter() - start
+        chunk_texts = [c["text"] for r in results for c in store.chunks(r.document_id)]
+    n_chunks = len(chunk_texts)
+    start = time.perf_counter()
+    embed(chunk_texts)
+    embed_only = time.perf_counter() - start
+    return {"documents": len(texts), "chunks": n_chunks, "seconds": elapsed, "chunks_per_s": n_chunks / elapsed,
+            "embed_only_chunks_per_s": n_chunks / embed_only}
+
+
+def bench_search(folder: Path, n: int, n_queries: int, efs: list[int], k: int = 10) -> list[dict[str, float]]:
+    rng = np.random.default_rng(n)
+    vectors = rng.standard_normal((n + n_queries, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    embed = LookupEmbed(vectors)
+    rows = []
+    with ContextStore(folder / f"search{n}.db", embed=embed) as store:
+        start = time.perf_counter()
+        for lo in range(0, n, 5000):
+            hi = min(n, lo + 5000)
+            store.add_texts([f"v{i}" for i in range(lo, hi)], sources=[f"s{i}" for i in range(lo, hi)])
+        build = time.perf_counter() - start
+        base, queries = vectors[:n], vectors[n:]
+        exact = np.argsort(-(queries @ base.T), axis=1)[:, :k] + 1  # chunk ids are row + 1
+        for ef in efs:
+            store.index.ef = ef
+            end_to_end, bare, recalls = [], [], []
+            for qi in range(n_queries):
+                t0 = time.perf_counter()
+                hits = store.search(f"v{n + qi}", k=k, mode="vector")
+                t1 = time.perf_counter()
+                store.index.query(queries[qi], k)
+                t2 = time.perf_counter()
+                end_to_end.append(t1 - t0)
+                bare.append(t2 - t1)
+                recalls.append(len({h.chunk_id for h in hits} & set(exact[qi].tolist())) / k)
+            ms = lambda xs, q: 1000 * float(np.percentile(xs, q))  # noqa: E731
+            rows.append({"n": n, "ef": ef, "build_s": build, "insert_per_s": n / build,
+                         "p50_ms": ms(end_to_end, 50), "p99_ms": ms(end_to_end, 99),
+                         "knn_p50_ms": ms(bare, 50), "knn_p99_ms": ms(bare, 99), "recall@10": float(np.mean(recalls))})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--ef", type=int, nargs="+", default=[64, 200])
+    parser.add_argument("--copies", type=int, default=8, help="copies of the bundled docs to ingest")
+    args = parser.parse_args()
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; BLAS: {blas_info()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ing = bench_ingest(Path(tmp), args.copies)
+        print(f"ingest (MiniLM, 128-token chunks): {ing['documents']} docs, {ing['chunks']} chunks in "
+              f"{ing['seconds']:.1f} s = {ing['chunks_per_s']:.1f} chunks/s (embedder alone "
+              f"{ing['embed_only_chunks_per_s']:.1f} chunks/s)")
+        print("| vectors | ef | build s | inserts/s | search p50 ms | p99 ms | knn p50 ms | knn p99 ms | recall@10 |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for n in args.sizes:
+            for r in bench_search(Path(tmp), n, args.queries, args.ef):
+                print(f"| {r['n']:,} | {r['ef']} | {r['build_s']:.1f} | {r['insert_per_s']:.0f} | {r['p50_ms']:.2f} | "
+                      f"{r['p99_ms']:.2f} | {r['knn_p50_ms']:.2f} | {r['knn_p99_ms']:.2f} | {r['recall@10']:.3f} |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
