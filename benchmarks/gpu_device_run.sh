@@ -1,0 +1,36 @@
+#!/bin/bash
+# The one script a lent GPU machine runs (CI has no GPU). Stages, chosen by $1:
+#   kernels      install carried wheels, print the device, run every kernel test against its numpy twin
+#   model        join the model parts, run the full-model test (GPU vs numpy logits, greedy tokens) and the benchmark
+# SmolLM2 (98 MB) is bigger than what one call may carry (64 MiB), so it travels in two halves
+# (.device/model_a/part.a, .device/model_b/part.b) on two back-to-back calls; every stage keeps the parts it
+# was given on the machine, which stays warm for ~30 s between calls.
+# Logs go to $OUT (the device tool brings them back).
+set -o pipefail
+stage=${1:-kernels}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .device/wheels ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .device/wheels/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD
+export ROCMFORGE_HOME=/root/rfhome
+model_dir=$ROCMFORGE_HOME/models/smollm2-135m
+mkdir -p "$model_dir"
+cp .device/model_*/part.* "$model_dir/" 2>/dev/null && ls -la "$model_dir"
+
+case $stage in
+kernels)
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee "$OUT/device.txt"
+  python3 -V | tee -a "$OUT/device.txt"
+  python3 -c "import cuda.bindings, numpy, gguf; print('cuda-bindings', cuda.bindings.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/device.txt"
+  python3 -m pytest tests/test_gpu_kernels.py tests/test_device_select.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/kernels.log" | tail -40
+  ;;
+model)
+  cat "$model_dir"/part.* > "$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf" && rm "$model_dir"/part.*
+  sha256sum "$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf" | tee "$OUT/model.sha256"
+  python3 -m pytest tests/test_gpu_model.py -q -p no:cacheprovider -rs -s 2>&1 | tee "$OUT/model.log" | tail -15
+  python3 benchmarks/gpu_decode.py smollm2-135m --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  ;;
+esac

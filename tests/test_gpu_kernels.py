@@ -1,0 +1,219 @@
+"""Every GPU kernel against its numpy twin (``rocmforge.ops``) on fresh random inputs of several shapes.
+
+Tolerances are relative (‖gpu − ref‖ / ‖ref‖) and stated per test; they are float32 expectations: sums of up
+to a few thousand float32 products land near 1e-6, so 2e-5 leaves room without hiding a wrong index (which
+gives errors of order 1). Quantized matmuls are compared with gguf's own dequantization in float64.
+Skipped, with the reason, on machines without a GPU (CI); run on the device by benchmarks/gpu_device_run.sh.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.quants import dequantize, quantize
+
+from rocmforge.gguf_file import TensorRef
+from rocmforge.kv_cache import KVCache
+from rocmforge.ops.add import add
+from rocmforge.ops.attention import attention
+from rocmforge.ops.geglu import geglu
+from rocmforge.ops.rms_norm import rms_norm
+from rocmforge.ops.rope import rope
+from rocmforge.ops.softcap import softcap
+from rocmforge.ops.softmax import softmax
+from rocmforge.ops.swiglu import swiglu
+
+pytestmark = pytest.mark.gpu
+rng = np.random.default_rng()
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    from rocmforge.backends import cuda, hip
+    from rocmforge.backends.gpu import GpuBackend
+    for module, runtime in ((hip, "HipRuntime"), (cuda, "CudaRuntime")):
+        ok, why = module.available()
+        if ok:
+            return GpuBackend(getattr(module, runtime)())
+    pytest.skip(f"no GPU: {hip.available()[1]}; {cuda.available()[1]}")
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    assert np.all(np.isfinite(got)), "non-finite values in the GPU result"
+    return float(np.linalg.norm(got.astype(np.float64) - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def f32(*shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def random_weight(ggml_type: Q, rows: int, cols: int) -> TensorRef:
+    """A random tensor in ``ggml_type``: quantized from floats where gguf can, random blocks for K-quants."""
+    if ggml_type in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        block, size = GGML_QUANT_SIZES[ggml_type]
+        raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+        scales = rng.uniform(0.001, 0.02, (rows, cols // block, 2)).astype(np.float16).view(np.uint8)
+        if ggml_type == Q.Q6_K:
+            raw[..., 208:210] = scales[..., :2]  # d is last; the int8 scales may be anything
+        else:
+            raw[..., 0:4] = scales  # d, dmin first
+        raw = raw.reshape(rows, -1)
+    else:
+        raw = quantize(f32(rows, cols), ggml_type)
+    return TensorRef(f"w_{ggml_type.name}", ggml_type, (rows, cols), raw, raw.nbytes)
+
+
+MATMUL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+@pytest.mark.parametrize("ggml_type", MATMUL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m,n,k", [(1, 576, 512), (1, 1000, 1536), (3, 200, 256), (77, 130, 768), (130, 64, 2048)])
+def test_matmul_matches_dequantized_float64(gpu, ggml_type, m, n, k):
+    tensor = random_weight(ggml_type, n, k)
+    w = dequantize(tensor.raw, ggml_type).reshape(n, k).astype(np.float64)
+    x = f32(m, k)
+    got = gpu.to_host(gpu.matmul(gpu.from_host(x), gpu.load_weight(tensor)))
+    assert rel_err(got, x.astype(np.float64) @ w.T) < 2e-5
+
+
+@pytest.mark.parametrize("ggml_type", MATMUL_TYPES, ids=lambda t: t.name)
+def test_embedding_lookup_decodes_rows(gpu, ggml_type):
+    tensor = random_weight(ggml_type, 300, 512)
+    tokens = rng.integers(0, 300, 17)
+    got = gpu.to_host(gpu.embedding(gpu.load_embedding(tensor, tied=False), tokens))
+    ref = dequantize(tensor.raw, ggml_type).reshape(300, 512)[tokens]
+    assert rel_err(got, ref) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (7, 2048), (5, 3, 64), (2, 8, 256)])
+def test_rms_norm(gpu, shape):
+    x, w = f32(*shape), f32(shape[-1])
+    got = gpu.to_host(gpu.rms_norm(gpu.from_host(x), gpu.from_host(w), 1e-5))
+    assert rel_err(got, rms_norm(x, w, 1e-5)) < 2e-6
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("n,heads,d,n_rot,theta", [(1, 9, 64, 64, 10000.0), (37, 4, 256, 256, 1e6), (5, 2, 128, 64, 500000.0)])
+def test_rope(gpu, neox, n, heads, d, n_rot, theta):
+    x = f32(n, heads, d)
+    positions = np.sort(rng.integers(0, 5000, n))
+    factors = rng.uniform(1.0, 8.0, n_rot // 2).astype(np.float32)
+    for freq in (None, factors):
+        got = gpu.to_host(gpu.rope(gpu.from_host(x), positions, theta, neox, n_rot,
+                                   gpu.from_host(freq) if freq is not None else None, 1.0))
+        assert rel_err(got, rope(x, positions, theta, neox, n_rot, freq)) < 1e-5
+
+
+def _filled_cache(gpu, n_kv: int, d: int, chunks: list[int]):
+    """A GPU cache and its host twin holding one sequence written chunk by chunk; yields each chunk's batch."""
+    cache = KVCache(1, n_kv, d, d, n_ctx=sum(chunks) + 16, block_size=16, ops=gpu)
+    seq = cache.new_sequence()
+    keys, values = [], []
+    for size in chunks:
+        batch = cache.prepare([(seq, list(rng.integers(0, 100, size)))])
+        k, v = f32(size, n_kv, d), f32(size, n_kv, d)
+        gpu.kv_write(cache, 0, batch, gpu.from_host(k), gpu.from_host(v))
+        keys.append(k)
+        values.append(v)
+        yield cache, batch, np.concatenate(keys), np.concatenate(values)
+
+
+@pytest.mark.parametrize("heads,n_kv,d", [(9, 3, 64), (4, 1, 256), (8, 8, 128)])
+@pytest.mark.parametrize("chunks,window,cap", [([300], None, None), ([70, 1, 1, 45, 1], None, None),
+                                               ([200, 1], 16, None), ([33, 1], None, 30.0), ([1000, 1], None, None)])
+def test_attention_prefill_and_decode(gpu, heads, n_kv, d, chunks, window, cap):
+    """Prefill chunks (flash attention) and single tokens (split-K decode) over a paged cache."""
+    for cache, batch, keys, values in _filled_cache(gpu, n_kv, d, chunks):
+        q = f32(batch.n_tokens, heads, d)
+        scale = d ** -0.5
+        got = gpu.to_host(gpu.attention(gpu.from_host(q), cache, 0, batch, scale, window, cap))
+        ref = attention(q, keys, values, batch.positions, scale, window, cap)
+        assert rel_err(got, ref) < 1e-5, f"{batch.n_tokens} queries at {batch.positions[0]}"
+
+
+@pytest.mark.parametrize("shape", [(1, 49152), (9, 37), (4, 3, 300)])
+def test_softmax(gpu, shape):
+    x = f32(*shape) * 4
+    assert rel_err(gpu.to_host(gpu.softmax(gpu.from_host(x))), softmax(x)) < 2e-6
+
+
+@pytest.mark.parametrize("n", [1, 1536, 100_003])
+def test_elementwise_ops(gpu, n):
+    a, b = f32(3, n), f32(3, n)
+    da, db = gpu.from_host(a), gpu.from_host(b)
+    assert rel_err(gpu.to_host(gpu.swiglu(da, db)), swiglu(a, b)) < 1e-6
+    assert rel_err(gpu.to_host(gpu.geglu(da, db)), geglu(a, b)) < 1e-6
+    assert rel_err(gpu.to_host(gpu.add(da, db)), add(a, b)) < 1e-7
+    bias = f32(n)
+    assert rel_err(gpu.to_host(gpu.add(da, gpu.from_host(bias))), add(a, bias)) < 1e-7
+    assert rel_err(gpu.to_host(gpu.scale(da, 3.5)), a * np.float32(3.5)) < 1e-7
+    assert rel_err(gpu.to_host(gpu.softcap(gpu.from_host(a * 40), 30.0)), softcap(a * 40, 30.0)) < 1e-6
+
+
+def test_take_and_concat_rows(gpu):
+    x = f32(10, 3, 4)
+    dx = gpu.from_host(x)
+    rows = np.array([7, 2, 2, 9])
+    assert np.array_equal(gpu.to_host(gpu.take_rows(dx, rows)), x[rows])
+    assert np.array_equal(gpu.to_host(gpu.take_rows(dx, slice(3, 6))), x[3:6])
+    parts = [gpu.take_rows(dx, slice(0, 2)), gpu.take_rows(dx, rows)]
+    assert np.array_equal(gpu.to_host(gpu.concat_rows(parts)), np.concatenate([x[0:2], x[rows]]))
+
+
+@pytest.mark.parametrize("shape", [(1, 49152), (3, 1000), (2, 7)])
+def test_argmax_first_of_ties(gpu, shape):
+    x = f32(*shape)
+    x[:, shape[1] // 2] = x[:, -1] = x.max() + 1  # a tie: the first index must win, as in numpy
+    assert np.array_equal(gpu.to_host(gpu.argmax(gpu.from_host(x))), np.argmax(x, axis=-1))
+
+
+def sample_reference(logits: np.ndarray, top_k: int, top_p: float, temperature: float, u: float) -> int:
+    order = np.lexsort((np.arange(len(logits)), -logits))[: min(top_k or 256, 256)]
+    p = np.exp((logits[order].astype(np.float64) - logits[order[0]]) / temperature)
+    p /= p.sum()
+    keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
+    kept = p[:keep] / p[:keep].sum()
+    return int(order[min(int(np.searchsorted(np.cumsum(kept), u, side="right")), keep - 1)])
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(40, 0.9, 0.8), (1, 1.0, 1.0), (0, 0.5, 1.2), (256, 1.0, 0.7)])
+def test_sampling_on_device_matches_reference(gpu, top_k, top_p, temperature):
+    logits = f32(49152) * 3
+    dl = gpu.from_host(logits)
+    for u in rng.uniform(0, 1, 10):
+        assert gpu.sample(dl, top_k, top_p, temperature, float(u)) == sample_reference(logits, top_k, top_p, temperature, u)
+
+
+def test_warp_size_read_from_device(gpu):
+    assert gpu.rt.warp_size in (32, 64)
+    # the compiled kernels see the same number
+    assert f"-DRF_WARP={gpu.rt.warp_size}" in gpu.rt.compile_options()
+
+
+def test_decode_graph_replays_with_new_positions_and_slots(gpu):
+    """A captured step (rope -> kv_write -> decode attention) replayed at later positions equals numpy."""
+    heads, n_kv, d = 4, 2, 64
+    cache = KVCache(1, n_kv, d, d, n_ctx=96, block_size=16, ops=gpu)
+    seq = cache.new_sequence()
+    first = cache.prepare([(seq, list(range(20)))])
+    keys, values = f32(20, n_kv, d), f32(20, n_kv, d)
+    gpu.kv_write(cache, 0, first, gpu.from_host(keys), gpu.from_host(values))
+    dq, dk, dv = gpu.from_host(f32(1, heads, d)), gpu.from_host(f32(1, n_kv, d)), gpu.from_host(f32(1, n_kv, d))
+    for _ in range(5):
+        batch = cache.prepare([(seq, [7])])
+        q, k, v = f32(1, heads, d), f32(1, n_kv, d), f32(1, n_kv, d)
+        for dev, host in ((dq, q), (dk, k), (dv, v)):
+            gpu.rt.copy_to_device(dev.address, host)
+
+        def step(batch=batch):
+            gpu.kv_write(cache, 0, batch, gpu.rope(dk, batch.positions, 10000.0, False, d), dv)
+            return gpu.attention(gpu.rope(dq, batch.positions, 10000.0, False, d), cache, 0, batch, 0.125, None, None)
+
+        got = gpu.to_host(gpu.graph_step(batch, step))
+        keys = np.concatenate([keys, rope(k, batch.positions, 10000.0, False)])
+        values = np.concatenate([values, v])
+        ref = attention(rope(q, batch.positions, 10000.0, False), keys, values, batch.positions, 0.125)
+        assert rel_err(got, ref) < 1e-5, f"position {batch.positions[0]}"
+    assert len(gpu._graphs) == 1  # captured once, replayed after
