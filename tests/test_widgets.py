@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from rocmforge.model import load
+import rocmforge
 from rocmforge.engine import step_all_forward
 from rocmforge.sampler import Sampler, SamplingParams, top_alternatives
 from rocmforge.widgets import GenerationPanel
@@ -26,7 +26,7 @@ SETTINGS = dict(temperature=0.9, top_k=30, top_p=0.9, min_p=0.02, repeat_penalty
 
 @pytest.fixture(scope="module")
 def model(smollm2_path):
-    return load(smollm2_path, device="cpu")
+    return rocmforge.load(smollm2_path, device="cpu")
 
 
 def _panel(model, store=None, prompt=PROMPT, max_new_tokens=12, mode="completion", **overrides):
@@ -152,7 +152,15 @@ def test_context_passages_are_the_stores_search_and_go_into_the_prompt(model, st
         assert f"[{i}] ({hit.source}) {' '.join(hit.text.split())}" in result.prompt
         assert f"{hit.source} · score {hit.score:.4f}" in panel.passages.value
     assert result.prompt_ids == model.tokenize(result.prompt)
+    assert result.text == model.generate(PROMPT, max_new_tokens=4, context=store, k=2, **SETTINGS)
     assert result.cited == cited_passages(result.text, 2)
+
+    panel.mode.value = "chat"
+    result = panel.generate(wait=True)
+    out = model.create_chat_completion([{"role": "user", "content": PROMPT}], max_tokens=4, context=store, k=2,
+                                       **SETTINGS)
+    assert result.text == out["choices"][0]["message"]["content"]
+    assert [c["chunk_id"] for c in out["citations"]] == [h.chunk_id for h in result.passages]
 
     panel.use_context.value = False
     assert panel.generate(wait=True).passages == []

@@ -99,8 +99,13 @@ class GenerationPanel:
         return w.VBox([title, self.prompt, self.mode, sampling, *context,
                        w.HBox([self.generate_button, self.stop_button, self.status]), tabs], layout=_WIDE)
 
+    def __repr__(self) -> str:
+        return f"GenerationPanel({getattr(self.model, 'name', 'model')!r}, store={self.store is not None})"
+
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
+        # The widget view, with a short text form (the box's own repr lists every child widget).
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        return {**bundle, "text/plain": repr(self)} if isinstance(bundle, dict) else bundle
 
     # --- driving it ------------------------------------------------------------------------------------------
     def sampling_params(self) -> SamplingParams:

@@ -1,7 +1,8 @@
 """The prompt the panel sends: plain completion or the model's chat template, with retrieved passages or not.
 
-Passages go in through ``context_store.prompt.build_context_prompt`` (numbered ``[1]``, ``[2]``, ... with the
-model asked to cite them that way); ``cited_passages`` reads those markers back out of the answer.
+The same text ``Model.generate(..., context=store)`` and ``create_chat_completion`` build: passages go in
+through ``context_store.prompt.build_context_prompt`` (numbered ``[1]``, ``[2]``, ... with the model asked to
+cite them that way); ``cited_passages`` reads those markers back out of the answer.
 
 >>> cited_passages("They purr [1], and sleep [3].", n_passages=2)
 [0]
@@ -13,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from context_store.prompt import build_context_prompt
-from rocmforge.chat import render_chat
 
 _CITATION = re.compile(r"\[(\d+)\]")
 
@@ -24,9 +24,7 @@ def prompt_text(model: Any, prompt: str, chat: bool, passages: Sequence[Any] = (
         prompt, _ = build_context_prompt(prompt, passages)
     if not chat:
         return prompt
-    tok = model.tokenizer
-    return render_chat(tok.chat_template, [{"role": "user", "content": prompt}], add_generation_prompt=True,
-                       bos_token=tok.bos_text, eos_token=tok.eos_text)
+    return model.apply_chat_template([{"role": "user", "content": prompt}])
 
 
 def prompt_ids(model: Any, text: str, chat: bool) -> list[int]:
