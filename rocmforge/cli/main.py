@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "context": "rocmforge.cli.context:context",
     "generate": "rocmforge.cli.generate:generate",
     "chat": "rocmforge.cli.generate:chat",
+    "serve": "rocmforge.cli.serve:serve",
 }
 
 

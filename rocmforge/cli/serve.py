@@ -1,0 +1,62 @@
+"""``rocmforge serve``: the OpenAI-compatible server (continuous batching, embeddings, context store).
+
+    rocmforge serve -m smollm2-135m --context notes.db --port 8080 --api-key secret --max-batch 16
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from rocmforge.registry import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+
+@click.command()
+@click.option("-m", "--model", "model_name", default=DEFAULT_MODEL, show_default=True,
+              help="Registry name or path to a .gguf file.")
+@click.option("--context", "context_db", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Context store (SQLite file, created if missing) for /v1/context and \"context\" requests.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="ROCMFORGE_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every route but /health (env: ROCMFORGE_API_KEY).")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 256),
+              help="Sequences decoded together in one batched forward.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0),
+              help="Requests that may wait for a batch slot; beyond that the server answers 429.")
+@click.option("--n-ctx", default=2048, show_default=True, type=click.IntRange(16),
+              help="Context window per sequence (capped at the model's).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or hip.")
+@click.option("--no-embeddings", is_flag=True, help="Do not load the MiniLM embedder (no /v1/embeddings).")
+def serve(model_name: str, context_db: Path | None, host: str, port: int, api_key: str | None, max_batch: int,
+          max_queue: int, n_ctx: int, device: str, no_embeddings: bool) -> None:
+    """Serve MODEL over HTTP with /v1/completions, /v1/chat/completions, /v1/embeddings and /v1/context."""
+    import uvicorn
+
+    from rocmforge.model import load
+    from rocmforge.server.app import LockedEmbedder, create_app
+    from rocmforge.server.batch_invariant import use_batch_invariant_matmul
+
+    model = load(model_name, device=device, n_ctx=n_ctx, n_parallel=max_batch)
+    use_batch_invariant_matmul(model)
+    embedder = store = None
+    if not no_embeddings or context_db is not None:
+        from rocmforge.embedder import default_embedder
+
+        embedder = LockedEmbedder(default_embedder())
+    if context_db is not None:
+        from context_store import ContextStore
+
+        store = ContextStore(context_db, embed=embedder)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        log.warning("listening on %s without --api-key: anyone who can reach it can use it", host)
+    app = create_app(model, max_batch=max_batch, max_queue=max_queue, api_key=api_key, embedder=embedder,
+                     store=store)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        if store is not None:
+            store.close()

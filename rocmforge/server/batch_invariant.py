@@ -1,0 +1,52 @@
+"""A numpy backend whose matmul gives each row the same bits whatever else is in the batch.
+
+Why the server needs it: OpenBLAS picks its kernel and its thread split from the number of rows. Measured
+here (OpenBLAS 0.3.31, Haswell kernels, 2 threads): 1 row, 2-6 rows, 7-16 rows and 17-32 rows each round
+differently, and above 16 rows a row's result also depends on where it sits. So a sequence decoded in a batch
+of 16 gets logits that differ in the last bits from the same sequence decoded alone, and greedy decoding can
+pick another token at a near tie. Multiplying in fixed tiles of ``TILE`` rows (the last tile zero-padded)
+makes every row's result independent of the batch. Attention already runs one sequence at a time, and the
+scheduler cuts prompts at fixed chunk boundaries, so with this backend a whole forward is batch-invariant:
+"same seed, same text, alone or batched" holds bit for bit.
+
+The price: a lone decoding sequence pays for a 16-row product (on 2 cores that costs about what reading the
+weights for one row does; see BENCHMARKS.md, "Server").
+
+>>> import numpy as np
+>>> backend = BatchInvariantCpuBackend()
+>>> w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+>>> x = np.random.default_rng(1).standard_normal((20, 32)).astype(np.float32)
+>>> alone = backend.matmul(x[3:4], w)
+>>> bool(np.array_equal(backend.matmul(x, w)[3], alone[0]))
+True
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rocmforge.backends.cpu import CpuBackend
+
+TILE = 16
+
+
+class BatchInvariantCpuBackend(CpuBackend):
+    """``CpuBackend`` with a row-tiled matmul (see the module docstring)."""
+
+    def matmul(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        out = np.empty((n, weight.shape[0]), dtype=np.float32)
+        tile = np.zeros((TILE, x.shape[1]), dtype=np.float32)
+        for start in range(0, n, TILE):
+            rows = min(TILE, n - start)
+            tile[:rows] = x[start:start + rows]
+            tile[rows:] = 0.0
+            out[start:start + rows] = (tile @ weight.T)[:rows]
+        return out
+
+
+def use_batch_invariant_matmul(model: object) -> bool:
+    """Swap a CPU model's backend for ``BatchInvariantCpuBackend`` (same weights and cache); False if not on CPU."""
+    if type(model.ops) is not CpuBackend:  # type: ignore[attr-defined]
+        return False
+    model.ops = model.ctx.ops = BatchInvariantCpuBackend()  # type: ignore[attr-defined]
+    return True

@@ -1,0 +1,297 @@
+"""Continuous batching: one thread owns the model and advances every running sequence with one forward per tick.
+
+A tick is a token boundary. Each tick the scheduler
+1. drops cancelled requests (a client went away) and gives their KV blocks back;
+2. admits waiting requests while fewer than ``max_batch`` run;
+3. builds ONE batch: the last sampled token of every decoding sequence, plus the next prompt chunk of
+   prefilling sequences (at most ``prefill_budget`` prompt tokens per tick), so a long prompt delays the
+   running streams by one chunk, not by its whole length;
+4. runs the architecture's ``forward`` once over it: every layer multiplies ``[n_tokens, d]`` matrices over
+   the shared paged KV pool (attention reads each sequence's own blocks);
+5. samples each sequence's next token with its own ``Sampler`` (its own seeded generator), streams the new
+   text, and finishes (and frees the blocks of) those that hit an end token, a stop string or their limit.
+
+Prompts are cut at fixed multiples of ``chunk_size`` whatever else is running, so a sequence's forward sees the
+same shapes alone or batched; with ``batch_invariant.BatchInvariantCpuBackend`` the text is then identical.
+
+Events reach the request's owner through ``request.emit`` (called on the scheduler thread): ``TextPiece``
+zero or more times, then exactly one ``Finished`` or ``Failed``.
+
+>>> from rocmforge import load
+>>> from rocmforge.sampler import SamplingParams
+>>> model = load("smollm2-135m", device="cpu", n_ctx=256, n_parallel=4)  # doctest: +SKIP
+>>> scheduler = Scheduler(model, max_batch=4); scheduler.start()  # doctest: +SKIP
+>>> events = []
+>>> request = GenerationRequest(model.tokenize("The capital of France is"), SamplingParams(temperature=0),
+...                             max_tokens=2, emit=events.append)  # doctest: +SKIP
+>>> scheduler.submit(request); request.done.wait(60); scheduler.stop()  # doctest: +SKIP
+>>> "".join(e.text for e in events if isinstance(e, TextPiece))  # doctest: +SKIP
+' Paris.'
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rocmforge.sampler import Sampler, SamplingParams, StopMatcher
+from rocmforge.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+# --- what flows in and out ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TextPiece:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str               # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str              # the engine raised; the request is over, the server is not
+
+
+Event = TextPiece | Finished | Failed
+
+
+@dataclass
+class GenerationRequest:
+    """One completion to run. ``emit`` is called from the scheduler thread; it must not block."""
+
+    prompt_ids: Sequence[int]
+    params: SamplingParams
+    max_tokens: int
+    emit: Callable[[Event], None]
+    stop: Sequence[str] = ()
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class QueueFull(Exception):
+    """Every batch slot and queue place is taken; ``retry_after`` is a hint in seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is busy: all batch slots and queue places are taken; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+# --- one running sequence ----------------------------------------------------------------------------------
+class _Sequence:
+    def __init__(self, request: GenerationRequest, model: Any):
+        self.request = request
+        self.seq_id = model.kv.new_sequence()
+        self.tokens: list[int] = [int(t) for t in request.prompt_ids]
+        self.n_prompt = len(self.tokens)
+        self.fed = 0                       # tokens already written to the KV cache
+        self.sampler = Sampler(request.params)
+        self.stops = StopMatcher(request.stop)
+        self.decoder = model.tokenizer.incremental_decoder()
+        self.finish_reason: str | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < self.n_prompt
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.tokens) - self.n_prompt
+
+    def next_input(self, chunk_size: int) -> list[int]:
+        """The tokens this sequence feeds in the next forward: a prompt chunk, or its last sampled token."""
+        if self.prefilling:
+            chunk_end = min((self.fed // chunk_size + 1) * chunk_size, self.n_prompt)
+            return self.tokens[self.fed:chunk_end]
+        return self.tokens[self.fed:]
+
+
+class Scheduler:
+    """Runs ``GenerationRequest``s on ``model`` with continuous batching (see the module docstring).
+
+    ``max_batch``: sequences in flight at once (the model's KV pool must hold that many full contexts:
+    load it with ``n_parallel=max_batch``). ``max_queue``: requests allowed to wait beyond those;
+    ``submit`` raises ``QueueFull`` past it.
+    """
+
+    def __init__(self, model: Any, max_batch: int = 8, max_queue: int = 64, chunk_size: int = 64,
+                 prefill_budget: int = 64, metrics: Metrics | None = None):
+        if max_batch < 1 or max_queue < 0 or chunk_size < 1 or prefill_budget < 1:
+            raise ValueError("max_batch, chunk_size and prefill_budget must be >= 1 and max_queue >= 0")
+        self.model = model
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.chunk_size, self.prefill_budget = chunk_size, prefill_budget
+        self.metrics = metrics or Metrics()
+        self._waiting: deque[GenerationRequest] = deque()
+        self._running: list[_Sequence] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.ticks = 0
+
+    # --- called from other threads -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="rocmforge-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current tick; requests still waiting or running get ``Failed``."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request; it joins the running batch at the next token boundary with a free slot."""
+        with self._wake:
+            if self._stopping:
+                raise QueueFull(retry_after=5)
+            if len(self._waiting) + len(self._running) >= self.max_batch + self.max_queue:
+                raise QueueFull(retry_after=1 + len(self._waiting) // self.max_batch)
+            self._waiting.append(request)
+            self._wake.notify()
+
+    def cancel(self, request: GenerationRequest) -> None:
+        """Drop a request (waiting or running); its KV blocks are freed at the next token boundary."""
+        with self._wake:
+            request.cancelled = True
+            self._wake.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def n_running(self) -> int:
+        return len(self._running)
+
+    # --- the scheduler thread ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._waiting or self._running):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                self._drop_cancelled()
+                self._admit()
+            if self._running:
+                self._tick()
+        for seq in list(self._running):
+            self._fail(seq, "the server is shutting down")
+        while self._waiting:
+            request = self._waiting.popleft()
+            request.emit(Failed("the server is shutting down"))
+            request.done.set()
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(request)
+            request.done.set()
+        for seq in [s for s in self._running if s.request.cancelled]:
+            self._release(seq)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_batch:
+            request = self._waiting.popleft()
+            if len(request.prompt_ids) == 0 or len(request.prompt_ids) >= self.model.n_ctx:
+                request.emit(Failed(f"prompt has {len(request.prompt_ids)} tokens; it needs 1 to "
+                                    f"{self.model.n_ctx - 1} for a context of {self.model.n_ctx}"))
+                request.done.set()
+                continue
+            self._running.append(_Sequence(request, self.model))
+
+    def _plan(self) -> tuple[list[_Sequence], list[list[int]]]:
+        """Which sequences feed which tokens this tick: every decoding one, prompt chunks within the budget."""
+        members, inputs, prefill_tokens = [], [], 0
+        for seq in self._running:
+            tokens = seq.next_input(self.chunk_size)
+            if seq.prefilling:
+                if prefill_tokens and prefill_tokens + len(tokens) > self.prefill_budget:
+                    continue  # waits a tick; running streams go first
+                prefill_tokens += len(tokens)
+            members.append(seq)
+            inputs.append(tokens)
+        return members, inputs
+
+    def _tick(self) -> None:
+        members, inputs = self._plan()
+        model = self.model
+        try:
+            batch = model.kv.prepare([(seq.seq_id, tokens) for seq, tokens in zip(members, inputs)])
+            for seq, tokens in zip(members, inputs):
+                seq.fed += len(tokens)
+            wants_logits = [i for i, seq in enumerate(members) if not seq.prefilling]
+            rows = batch.last_rows[wants_logits]
+            logits = model.ops.to_host(model.arch.forward(model.ctx, batch, rows=rows)) if len(rows) else []
+        except Exception as exc:  # an engine failure ends this batch's requests, never the server
+            log.exception("forward pass failed")
+            self.metrics.count_engine_error()
+            for seq in members:
+                self._fail(seq, f"the engine failed: {type(exc).__name__}: {exc}")
+            return
+        self.ticks += 1
+        self.metrics.observe_batch(len(members))
+        for i, row in zip(wants_logits, logits):
+            self._advance(members[i], row)
+
+    def _advance(self, seq: _Sequence, logits: np.ndarray) -> None:
+        """Sample one token for ``seq``, stream its text, and finish the sequence if it is done."""
+        request = seq.request
+        try:
+            token = seq.sampler.sample(logits, seq.tokens)
+        except ValueError as exc:  # e.g. logit_bias banned every token
+            self._fail(seq, str(exc))
+            return
+        seq.tokens.append(token)
+        if seq.n_generated == 1:
+            self.metrics.observe_ttft(time.perf_counter() - request.arrived)
+        if token in self.model.tokenizer.eot_ids:
+            seq.finish_reason = "stop"
+        else:
+            text, stopped = seq.stops.feed(seq.decoder.feed(token))
+            if text:
+                request.emit(TextPiece(text))
+            if stopped:
+                seq.finish_reason = "stop"
+        if seq.finish_reason is None and (seq.n_generated >= request.max_tokens
+                                          or len(seq.tokens) >= self.model.n_ctx):
+            seq.finish_reason = "length"  # at n_ctx the sampled token has no cache slot to run in
+        if seq.finish_reason is not None:
+            self._finish(seq)
+
+    def _finish(self, seq: _Sequence) -> None:
+        if seq.stops.matched is None:
+            rest = seq.stops.feed(seq.decoder.flush())[0] + seq.stops.flush()
+            if rest:
+                seq.request.emit(TextPiece(rest))
+        self.metrics.add_tokens(seq.n_prompt, seq.n_generated)
+        seq.request.emit(Finished(seq.finish_reason or "stop", seq.n_prompt, seq.n_generated))
+        self._release(seq)
+
+    def _fail(self, seq: _Sequence, message: str) -> None:
+        seq.request.emit(Failed(message))
+        self._release(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        with self._wake:
+            self._running.remove(seq)
+        self.model.kv.free(seq.seq_id)
+        seq.request.done.set()
