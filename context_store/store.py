@@ -176,14 +176,14 @@ class ContextStore:
         return [results[i] for i in range(len(texts))]
 
     def add_document(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
-                     collection: str = "default") -> AddResult:
-        """Add a UTF-8 text file; its resolved path becomes the source."""
+                     collection: str = "default", source: str | None = None) -> AddResult:
+        """Add a UTF-8 text file; the source is its resolved path unless ``source`` names it."""
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ContextStoreError(f"cannot read {path}: {exc}") from exc
-        return self.add_text(text, source=str(path.resolve()), metadata=metadata, collection=collection)
+        return self.add_text(text, source=source or str(path.resolve()), metadata=metadata, collection=collection)
 
     def delete(self, document_id: int) -> bool:
         """Delete a document, its chunks and their vectors; False when there was no such document."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
 from pathlib import Path
 
@@ -232,3 +233,20 @@ def test_bad_inputs_raise_clear_errors(store: ContextStore) -> None:
     with pytest.raises(ContextStoreError, match="cannot read"):
         store.add_document("/no/such/file.txt")
     assert math.isclose(len(store.search("cats", k=2)), 2)
+
+
+def test_word_piece_chunks_start_and_end_on_word_boundaries() -> None:
+    text = "Unbelievably, tokenizers fragment uncommon words: photosynthesis, antidisestablishmentarianism."
+    pieces = []
+    for m in re.finditer(r"\w+|[^\w\s]", text):  # split every word in two, like ##pieces
+        a, b = m.span()
+        mid = a + max(1, (b - a) // 2) if b - a > 1 else b
+        pieces += [(a, mid), (mid, b)] if mid < b else [(a, b)]
+    chunks = chunk_text(text, size=5, overlap=2, token_spans=lambda t: pieces)
+    assert len(chunks) > 3
+    for c in chunks:
+        assert c.n_tokens <= 5 and text[c.start:c.end] == c.text
+        assert c.start == 0 or not text[c.start - 1].isalnum()  # never starts inside a word
+        assert c.end == len(text) or not text[c.end].isalnum()  # never ends inside one
+    words = set(re.findall(r"\w+", text))
+    assert words == {w for c in chunks for w in re.findall(r"\w+", c.text)}  # nothing lost
