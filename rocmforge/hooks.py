@@ -17,8 +17,10 @@ False
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, Union
@@ -323,4 +325,113 @@ class ActivationCache(Mapping[str, np.ndarray]):
         resid = self.accumulated_resid()
         if pos is not None:
             resid = resid[:, pos]
-        return self._unembed(resid)
+        # one layer at a time: the same matrix shapes as the forward's own unembedding, so the same bits
+        return np.stack([self._unembed(component) for component in resid])
+
+
+NamesFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
+
+
+def _as_filter(names_filter: NamesFilter) -> Callable[[str], bool]:
+    if names_filter is None:
+        return lambda name: True
+    if isinstance(names_filter, str):
+        return lambda name: name == names_filter
+    if callable(names_filter):
+        return names_filter
+    wanted = frozenset(names_filter)
+    return lambda name: name in wanted
+
+
+class HookedModel:
+    """The hook API of ``rocmforge.model.Model`` (mixed into it), as TransformerLens' ``HookedTransformer`` has it.
+
+    Expects ``hook_registry`` (the ``Hooks`` the forward context calls), ``cfg``, ``arch``, ``ctx``, ``kv``,
+    ``ops`` and ``forward(ids)``. Hooks fire in every forward: ``forward``, ``run_with_*`` and generation
+    (``prefill``, ``step``, ``step_layer``).
+
+    >>> import rocmforge  # doctest: +SKIP
+    >>> model = rocmforge.load("smollm2-135m")  # doctest: +SKIP
+    >>> logits, cache = model.run_with_cache(model.tokenize("Hello world"))  # doctest: +SKIP
+    >>> cache["pattern", 0].shape  # [head, query_pos, key_pos]  # doctest: +SKIP
+    (9, 3, 3)
+    >>> with model.hooks([("blocks.0.hook_attn_out", lambda act, hook: act * 0)]):  # doctest: +SKIP
+    ...     ablated = model.forward(model.tokenize("Hello world"))
+    """
+
+    hook_registry: Hooks
+
+    def hook_names(self) -> list[str]:
+        """Every hook point in forward order; ``rocmforge.hooks.hook_shape(name)`` gives its shape."""
+        return hook_names(self.cfg.n_layers)
+
+    def add_hook(self, name_or_filter: NameOrFilter, fn: HookFn) -> HookHandle:
+        """Register a hook that stays until ``handle.remove()`` or ``reset_hooks()``."""
+        return self.hook_registry.add(name_or_filter, fn)
+
+    def reset_hooks(self) -> None:
+        """Remove every hook, temporary or not."""
+        self.hook_registry.reset()
+
+    def hooks(self, fwd_hooks: Iterable[tuple[NameOrFilter, HookFn]]) -> "contextlib.AbstractContextManager[Hooks]":
+        """``with model.hooks([(name_or_filter, fn), ...]):`` hooks removed on leaving, even on an exception."""
+        return self.hook_registry.temporary(fwd_hooks)
+
+    def run_with_hooks(self, ids: Sequence[int], fwd_hooks: Iterable[tuple[NameOrFilter, HookFn]] = ()) -> np.ndarray:
+        """Logits ``[pos, d_vocab]`` of ``ids`` with ``fwd_hooks`` in place for this one run."""
+        with self.hooks(fwd_hooks):
+            return self.forward(ids)
+
+    def run_with_cache(self, ids: Sequence[int], names_filter: NamesFilter = None,
+                       stop_at_layer: int | None = None) -> tuple[np.ndarray, ActivationCache]:
+        """Run ``ids`` and keep every activation whose name passes ``names_filter`` (a name, names or callable).
+
+        Returns ``(logits [pos, d_vocab], cache)``; with ``stop_at_layer=n`` only blocks ``0..n-1`` run
+        (negative counts from the end) and the first item is the residual stream ``[pos, d_model]`` after them.
+        """
+        store: dict[str, np.ndarray] = {}
+        with self.hooks([(_as_filter(names_filter), caching_hook(store))]):
+            if stop_at_layer is None:
+                out = self.forward(ids)
+            else:
+                out = self._run_blocks(ids, stop_at_layer % self.cfg.n_layers if stop_at_layer < 0 else stop_at_layer)
+        return out, ActivationCache(store, self.cfg.n_layers, self.unembed_quietly)
+
+    def forward_many(self, prompts: Sequence[Sequence[int]], start_at_layer: int = 0,
+                     resid: np.ndarray | None = None) -> list[np.ndarray]:
+        """Logits ``[pos, d_vocab]`` of several prompts run as ONE batched forward (one sequence each).
+
+        Hooks see the batch as one flat ``[sum of pos, ...]`` array, prompt after prompt, except the
+        attention scores and pattern, which fire once per prompt. With ``start_at_layer=n`` the blocks
+        before ``n`` are skipped and ``resid`` (``[sum of pos, d_model]``, the input of block ``n``) is used
+        instead: each layer's attention reads only its own layer's keys and values, so nothing is lost.
+        """
+        seqs = [self.kv.new_sequence() for _ in prompts]
+        try:
+            batch = self.kv.prepare([(seq, list(ids)) for seq, ids in zip(seqs, prompts)])
+            x = self.arch.embed(self.ctx, batch.tokens) if start_at_layer == 0 else self.ops.from_host(resid)
+            for layer in range(start_at_layer, self.cfg.n_layers):
+                x = self.arch.block(self.ctx, layer, x, batch)
+            logits = self.ops.to_host(self.arch.unembed(self.ctx, x))
+            return [logits[seg.rows] for seg in batch.segments]
+        finally:
+            for seq in seqs:
+                self.kv.free(seq)
+
+    def _run_blocks(self, ids: Sequence[int], n_blocks: int) -> np.ndarray:
+        seq = self.kv.new_sequence()
+        try:
+            batch = self.kv.prepare([(seq, list(ids))])
+            resid = self.arch.embed(self.ctx, batch.tokens)
+            for layer in range(min(n_blocks, self.cfg.n_layers)):
+                resid = self.arch.block(self.ctx, layer, resid, batch)
+            return np.array(self.ops.to_host(resid), copy=True)
+        finally:
+            self.kv.free(seq)
+
+    def unembed_quietly(self, resid: np.ndarray) -> np.ndarray:
+        """Residual stream ``[..., d_model]`` -> logits ``[..., d_vocab]`` through the final norm, firing no hooks."""
+        resid = np.asarray(resid, np.float32)
+        ctx = dataclasses.replace(self.ctx, hooks=Hooks())
+        logits = self.ops.to_host(self.arch.unembed(ctx, self.ops.from_host(resid.reshape(-1, resid.shape[-1]))))
+        return logits.reshape(resid.shape[:-1] + (logits.shape[-1],))

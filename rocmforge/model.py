@@ -27,7 +27,7 @@ from rocmforge.chat import chat_template_for, render_chat
 from rocmforge.engine import Generation
 from rocmforge.errors import DeviceError
 from rocmforge.gguf_file import GGUFFile
-from rocmforge.hooks import Hooks
+from rocmforge.hooks import HookedModel, Hooks, hook_names
 from rocmforge.kv_cache import KVCache
 from rocmforge.registry import DEFAULT_MODEL, resolve
 from rocmforge.sampler import SamplingParams
@@ -45,7 +45,7 @@ def _backend(device: str) -> Any:
     raise DeviceError(f"device {device!r} is not available in this build (use 'cpu' or 'auto')")
 
 
-class Model:
+class Model(HookedModel):
     """A loaded model: tokenizer, weights on a backend, a paged KV cache, hooks, and generation methods."""
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", n_ctx: int | None = None,
@@ -64,8 +64,8 @@ class Model:
         self.kv = KVCache(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, self.cfg.head_dim_v,
                           self.n_ctx, n_blocks=-(-self.n_ctx // block_size) * n_parallel, block_size=block_size,
                           ops=self.ops)
-        self.hooks = Hooks(self.ops)
-        self.ctx = ForwardContext(self.cfg, self.weights, self.ops, self.kv, self.hooks)
+        self.hook_registry = Hooks(self.ops, valid_names=hook_names(self.cfg.n_layers))
+        self.ctx = ForwardContext(self.cfg, self.weights, self.ops, self.kv, self.hook_registry)
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, architecture={self.cfg.architecture!r}, device={self.device!r}, n_ctx={self.n_ctx})"
