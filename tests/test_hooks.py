@@ -251,3 +251,197 @@ def test_cached_activations_are_copies_not_views_of_buffers_updated_in_place() -
     hooks("hook_embed", buf)
     buf += 1
     assert store["hook_embed"].tolist() == [0.0, 0.0]
+
+
+# --- on SmolLM2 ---------------------------------------------------------------------------------------
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_path):
+    import rocmforge
+    return rocmforge.load(smollm2_path, device="cpu", n_ctx=256)
+
+
+@pytest.fixture(scope="module")
+def run(model):
+    """(ids, logits, full cache) of PROMPT, computed once."""
+    ids = model.tokenize(PROMPT)
+    logits, cache = model.run_with_cache(ids)
+    return ids, logits, cache
+
+
+def test_model_lists_every_hook_point_and_caches_each(model, run):
+    _, _, cache = run
+    assert model.hook_names() == hook_names(model.cfg.n_layers)
+    assert set(cache) == set(model.hook_names())
+    assert not model.hook_registry.active  # run_with_cache left nothing behind
+
+
+def test_activation_shapes_match_the_documented_ones(model, run):
+    ids, _, cache = run
+    cfg, t = model.cfg, len(ids)
+    sizes = {"pos": t, "key_pos": t, "d_model": cfg.d_model, "head": cfg.n_heads, "kv_head": cfg.n_kv_heads,
+             "d_head": cfg.head_dim, "d_head_v": cfg.head_dim_v, "d_mlp": cfg.d_ff, "d_vocab": cfg.vocab_size}
+    for name in model.hook_names():
+        documented = tuple(sizes[axis] for axis in hook_shape(name).strip("[]").split(", "))
+        assert cache[name].shape == documented, name
+
+
+def test_residual_stream_is_one_stream(model, run):
+    _, _, cache = run
+    assert np.array_equal(cache["embed"], cache["resid_pre", 0])
+    for i in range(model.cfg.n_layers):
+        if i + 1 < model.cfg.n_layers:
+            assert np.array_equal(cache["resid_post", i], cache["resid_pre", i + 1])
+        assert np.array_equal(cache["resid_mid", i], cache["resid_pre", i] + cache["attn_out", i])
+        assert np.array_equal(cache["resid_post", i], cache["resid_mid", i] + cache["mlp_out", i])
+
+
+def test_attention_patterns_are_causal_distributions(model, run):
+    ids, _, cache = run
+    upper = np.triu(np.ones((len(ids), len(ids)), bool), k=1)
+    for i in range(model.cfg.n_layers):
+        pattern = cache["pattern", i]
+        np.testing.assert_allclose(pattern.sum(-1), 1.0, rtol=0, atol=1e-5)
+        assert np.all(pattern[:, upper] == 0) and np.all(pattern >= 0)
+        assert np.all(np.isneginf(cache["attn_scores", i][:, upper]))
+
+
+def test_identity_hooks_on_every_point_leave_logits_bit_identical(model, run):
+    ids, logits, _ = run
+    fired: list[str] = []
+    hooked = model.run_with_hooks(ids, fwd_hooks=[(lambda name: True, lambda act, hook: fired.append(hook.name)),
+                                                  (lambda name: True, lambda act, hook: act)])
+    assert np.array_equal(hooked, logits)
+    assert fired == model.hook_names()
+
+
+def test_zero_ablating_layer_0_attention_changes_the_logits(model, run):
+    ids, logits, _ = run
+    with model.hooks([("blocks.0.hook_attn_out", lambda act, hook: np.zeros_like(act))]):
+        ablated, cache = model.run_with_cache(ids, names_filter=lambda n: n.startswith("blocks.0.hook_resid"))
+    assert np.array_equal(cache["resid_mid", 0], cache["resid_pre", 0])
+    assert np.abs(ablated - logits).max() > 0.1
+    assert np.array_equal(model.forward(ids), logits)  # and it is gone again
+
+
+def test_logit_lens_of_the_last_layer_is_the_models_logits(model, run):
+    ids, logits, cache = run
+    lens = cache.logit_lens()
+    assert lens.shape == (model.cfg.n_layers + 1, len(ids), model.cfg.vocab_size)
+    assert np.array_equal(lens[-1], logits)
+    assert not np.allclose(lens[0], logits)  # the embedding alone predicts something else
+
+
+def test_hooks_are_removed_when_a_hook_raises(model, run):
+    ids, logits, _ = run
+
+    def fail(act: np.ndarray, hook: HookPoint) -> None:
+        raise ArithmeticError(f"failed at {hook.name}")
+
+    with pytest.raises(ArithmeticError, match="blocks.5.hook_mlp_out"):
+        with model.hooks([("blocks.5.hook_mlp_out", fail), ("hook_embed", lambda act, hook: act * 0)]):
+            model.forward(ids)
+    assert len(model.hook_registry) == 0 and not model.hook_registry.active
+    assert np.array_equal(model.forward(ids), logits)
+
+
+def test_permanent_hooks_stay_until_removed_or_reset(model, run):
+    ids, logits, _ = run
+    handle = model.add_hook("blocks.3.hook_resid_post", lambda act, hook: act * 0)
+    with model.hooks([("hook_embed", lambda act, hook: None)]):
+        pass
+    assert np.array_equal(model.run_with_hooks(ids), model.forward(ids))
+    assert not np.allclose(model.forward(ids), logits)
+    handle.remove()
+    model.add_hook(lambda name: name.endswith("hook_z"), lambda act, hook: act * 0)
+    model.reset_hooks()
+    assert np.array_equal(model.forward(ids), logits)
+    with pytest.raises(KeyError, match="no hook point named"):
+        model.add_hook("blocks.30.hook_resid_pre", lambda act, hook: act)  # SmolLM2 has layers 0..29
+
+
+def test_stop_at_layer_returns_the_residual_and_runs_no_further(model, run):
+    ids, _, full = run
+    resid, cache = model.run_with_cache(ids, stop_at_layer=3)
+    assert np.array_equal(resid, full["resid_post", 2])
+    assert "blocks.2.hook_resid_post" in cache and not any(name.startswith("blocks.3.") for name in cache)
+    assert "hook_logits" not in cache
+
+
+def test_hooks_fire_during_generation_with_decode_shapes(model):
+    ids = model.tokenize(PROMPT)
+    seen: list[tuple[str, tuple]] = []
+    names = ("blocks.0.hook_resid_pre", "blocks.4.attn.hook_pattern")
+    gen = model.start(ids, max_new_tokens=3, temperature=0)
+    with model.hooks([(name, lambda act, hook: seen.append((hook.name, act.shape))) for name in names]):
+        gen.prefill()
+        gen.step()
+        gen.step()
+    gen.close()
+    t, d, h = len(ids), model.cfg.d_model, model.cfg.n_heads
+    assert seen == [(names[0], (t, d)), (names[1], (h, t, t)),               # prefill: the whole prompt
+                    (names[0], (1, d)), (names[1], (h, 1, t + 1))]           # first decode: one query, t+1 keys
+
+
+def test_decode_pattern_row_equals_the_full_forwards_last_row(model):
+    gen = model.start(PROMPT, max_new_tokens=2, temperature=0)
+    gen.prefill()
+    step_patterns: dict[str, np.ndarray] = {}
+    with model.hooks([("blocks.7.attn.hook_pattern", caching_hook(step_patterns))]):
+        gen.step()  # samples token 1 and ...
+        gen.step()  # ... runs its forward: one query over the cached keys
+    tokens = list(gen.state.tokens[:-1])
+    gen.close()
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.7.attn.hook_pattern")
+    np.testing.assert_allclose(step_patterns["blocks.7.attn.hook_pattern"][:, 0], cache["pattern", 7][:, -1],
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_step_layer_by_layer_equals_a_full_step_and_state_shows_the_residual(model):
+    runs = {}
+    for mode in ("step", "layers"):
+        gen = model.start(PROMPT, max_new_tokens=2, temperature=0)
+        gen.prefill()
+        store: dict[str, np.ndarray] = {}
+        with model.hooks([(lambda n: n.endswith("hook_resid_post"), caching_hook(store))]):
+            if mode == "step":
+                gen.step()
+                gen.step()
+            else:
+                gen.step()
+                states = []
+                while True:
+                    layer = gen.step_layer()
+                    states.append(gen.state)
+                    if layer == model.cfg.n_layers - 1:
+                        break
+                gen.step()  # samples from the logits the last layer produced
+        runs[mode] = (gen.state.tokens, gen.state.kv_length, dict(store))
+        gen.close()
+    assert runs["step"][0] == runs["layers"][0] and runs["step"][1] == runs["layers"][1]
+    for name, act in runs["step"][2].items():
+        assert np.array_equal(act, runs["layers"][2][name]), name
+    n_prompt = len(model.tokenize(PROMPT))
+    for i, state in enumerate(states[:-1]):
+        assert state.layer == i + 1 and state.position == n_prompt and len(state.tokens) == n_prompt + 1
+        assert state.kv_length == n_prompt + 1
+        assert np.array_equal(state.resid, runs["layers"][2][f"blocks.{i}.hook_resid_post"])
+    assert states[-1].layer is None and states[-1].logits is not None
+
+
+@pytest.mark.slow
+def test_gemma3_sliding_layers_attend_within_the_window(gemma3_path):
+    import rocmforge
+    model = rocmforge.load(gemma3_path, device="cpu", n_ctx=1024)
+    window = model.cfg.sliding_window
+    assert model.cfg.is_sliding(0) and not model.cfg.is_sliding(5)
+    ids = [int(t) for t in np.random.default_rng(0).integers(1000, 20000, size=window + 8)]
+    _, cache = model.run_with_cache(ids, names_filter="blocks.0.attn.hook_pattern", stop_at_layer=1)
+    pattern = cache["pattern", 0]
+    q, k = np.arange(len(ids))[:, None], np.arange(len(ids))[None]
+    np.testing.assert_allclose(pattern.sum(-1), 1.0, atol=1e-5)
+    assert np.all(pattern[:, (k > q) | (q - k >= window)] == 0)  # future and beyond-window keys get nothing
+    assert np.all(pattern[:, -1, len(ids) - window:] > 0)      # the last query sees its whole window
