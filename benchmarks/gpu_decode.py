@@ -72,13 +72,12 @@ def decode_seconds(ctx, arch, n_tokens: int, device_argmax: bool) -> tuple[float
     return elapsed, tokens
 
 
-def profile_decode(ctx, arch) -> list[tuple[str, str, float]]:
-    """Per-kernel device times of one eager decode step at position 64, labelled by layer."""
-    from rocmforge.arch import llama  # noqa: F401  (the forward's pieces are called one by one)
+def profile_forward(ctx, arch, n_tokens: int) -> list[tuple[str, str, float]]:
+    """Per-kernel device times of one eager forward of ``n_tokens`` (after 64 cached ones), labelled by layer."""
     ops = ctx.ops
     seq = ctx.kv.new_sequence()
     ctx.kv.prepare([(seq, list(range(64)))])
-    batch = ctx.kv.prepare([(seq, [1])])
+    batch = ctx.kv.prepare([(seq, list(range(1, n_tokens + 1)))])
 
     def run():
         ops.profile_label = "embed"
@@ -87,7 +86,7 @@ def profile_decode(ctx, arch) -> list[tuple[str, str, float]]:
             ops.profile_label = f"layer {layer}"
             resid = arch.block(ctx, layer, resid, batch)
         ops.profile_label = "unembed"
-        return arch.unembed(ctx, resid)
+        return arch.unembed(ctx, ops.take_rows(resid, batch.last_rows))
 
     rows = ops.profile(run)
     ctx.kv.free(seq)
@@ -111,27 +110,40 @@ def main() -> None:
     tg_argmax = [128 / decode_seconds(ctx, arch, 128, True)[0] for _ in range(3)]
     decode_seconds(ctx, arch, 8, False)
     tg_logits = [128 / decode_seconds(ctx, arch, 128, False)[0] for _ in range(3)]
-    profile = profile_decode(ctx, arch) if hasattr(ops, "profile") else []
-    by_kernel: dict[str, list[float]] = defaultdict(list)
-    for _, kernel, ms in profile:
-        by_kernel[kernel].append(ms)
+    replay_ms = ops.replay_ms() if hasattr(ops, "replay_ms") else None
+    profile = profile_forward(ctx, arch, 1) if hasattr(ops, "profile") else []
+    prefill_profile = profile_forward(ctx, arch, 512) if hasattr(ops, "profile") else []
+    by_kernel, prefill_by_kernel = kernel_totals(profile), kernel_totals(prefill_profile)
     result = {
         "model": path.name, "device": device, "date": time.strftime("%Y-%m-%d"),
         "pp512_tok_s": statistics.median(pp), "pp512_runs": pp,
         "tg128_tok_s_device_argmax": statistics.median(tg_argmax), "tg128_runs_device_argmax": tg_argmax,
         "tg128_tok_s_logits_to_host": statistics.median(tg_logits), "tg128_runs_logits_to_host": tg_logits,
+        "graph_replay_ms_per_token": replay_ms,
         "eager_decode_step_kernel_ms": sum(ms for *_, ms in profile),
         "eager_decode_step_launches": len(profile),
-        "kernels": {k: {"count": len(v), "total_ms": sum(v)} for k, v in by_kernel.items()},
+        "decode_kernels": {k: {"count": len(v), "total_ms": sum(v)} for k, v in by_kernel.items()},
+        "prefill512_kernels": {k: {"count": len(v), "total_ms": sum(v)} for k, v in prefill_by_kernel.items()},
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(f"{path.name} on {device}")
     print(f"pp512: {result['pp512_tok_s']:,.0f} tok/s   tg128: {result['tg128_tok_s_device_argmax']:,.0f} tok/s "
           f"(device argmax), {result['tg128_tok_s_logits_to_host']:,.0f} tok/s (logits to host)")
+    if replay_ms is not None:
+        print(f"decode graph replay alone: {replay_ms * 1e3:.0f} us per token ({1e3 / replay_ms:,.0f} tok/s)")
     print(f"one eager decode step: {len(profile)} kernels, {result['eager_decode_step_kernel_ms']:.3f} ms of kernel time")
-    for kernel, v in sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:12]:
-        print(f"  {kernel:28s} {len(v):4d} launches {sum(v) * 1e3:9.1f} us")
+    for title, table in (("decode step", by_kernel), ("512-token prefill", prefill_by_kernel)):
+        print(f"{title}, by kernel (event-timed, eager):")
+        for kernel, v in sorted(table.items(), key=lambda kv: -sum(kv[1]))[:10]:
+            print(f"  {kernel:28s} {len(v):4d} launches {sum(v) * 1e3:9.1f} us")
+
+
+def kernel_totals(profile: list[tuple[str, str, float]]) -> dict[str, list[float]]:
+    totals: dict[str, list[float]] = defaultdict(list)
+    for _, kernel, ms in profile:
+        totals[kernel].append(ms)
+    return totals
 
 
 if __name__ == "__main__":

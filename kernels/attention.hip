@@ -7,9 +7,9 @@
 // attn_prefill: flash attention. A block holds one query per warp and walks the keys in tiles
 //   of `bkv` (<= 32) kept in shared memory, with an online softmax, so any sequence length
 //   fits. grid = (ceil(T / warps), H); dynamic shared memory = see attn_prefill_smem in Python.
-// attn_decode_partial + attn_decode_combine: split-K flash-decode for one query per head.
-//   Each of `n_splits` blocks per head reduces one slice of the visible keys to (max, sum,
-//   unnormalised output); the combine kernel merges the slices. The number of keys comes from
+// attn_decode: split-K flash-decode for one query per head. Each of `n_splits` blocks per head
+//   reduces one slice of the visible keys to (max, sum, unnormalised output); the last block of a
+//   head to finish (a ticket counter per head) merges the slices. The number of keys comes from
 //   positions[0] on the device, so a captured graph replays correctly as the cache grows.
 
 #define RF_MAX_D 256
@@ -77,11 +77,11 @@ extern "C" __global__ void attn_prefill(const float* Q, const float* Kc, const f
     }
 }
 
-// grid = (n_splits, H), block = a few warps. Writes part_o [H, n_splits, D] and part_ml [H, n_splits, 2].
-extern "C" __global__ void attn_decode_partial(const float* q, const float* Kc, const float* Vc,
-                                               const int* positions, const int* key_slots, int H, int Hkv,
-                                               int D, float scale, float softcap, int window, float* part_o,
-                                               float* part_ml) {
+// grid = (n_splits, H), block = a few warps (at most 16). Scratch: part_o [H, n_splits, D],
+// part_ml [H, n_splits, 2]; tickets [H] must be zero before the first launch (the kernel resets them).
+extern "C" __global__ void attn_decode(const float* q, const float* Kc, const float* Vc, const int* positions,
+                                       const int* key_slots, int H, int Hkv, int D, float scale, float softcap,
+                                       int window, float* part_o, float* part_ml, int* tickets, float* out) {
     __shared__ float w_m[RF_MAX_WARPS], w_l[RF_MAX_WARPS];
     __shared__ float w_o[RF_MAX_WARPS / 2][RF_MAX_D];  // at most 16 warps per block
     const int n_warps = blockDim.x / RF_WARP, warp = threadIdx.x / RF_WARP, lane = threadIdx.x % RF_WARP;
@@ -141,22 +141,28 @@ extern "C" __global__ void attn_decode_partial(const float* q, const float* Kc, 
         part_ml[part * 2] = mb;
         part_ml[part * 2 + 1] = lb;
     }
-}
 
-// grid = H, block >= D threads.
-extern "C" __global__ void attn_decode_combine(const float* part_o, const float* part_ml, float* out,
-                                               int n_splits, int D) {
-    const int h = blockIdx.x, d = threadIdx.x;
-    if (d >= D) return;
-    const float* ml = part_ml + (long)h * n_splits * 2;
+    // the last block of this head to get here merges all slices
+    __shared__ int is_last;
+    __threadfence();  // this block's slice is visible to every block before its ticket is taken
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(&tickets[h], 1) == n_splits - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    const volatile float* ml = part_ml + (long)h * n_splits * 2;  // volatile: read what other blocks wrote
+    const volatile float* po = part_o + (long)h * n_splits * D;
     float mx = RF_NEG_INF;
     for (int s = 0; s < n_splits; s++) mx = fmaxf(mx, ml[2 * s]);
-    float num = 0.0f, den = 0.0f;
-    for (int s = 0; s < n_splits; s++) {
-        if (ml[2 * s] == RF_NEG_INF) continue;  // an empty slice
-        const float w = expf(ml[2 * s] - mx);
-        num += w * part_o[((long)h * n_splits + s) * D + d];
-        den += w * ml[2 * s + 1];
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float num = 0.0f, den = 0.0f;
+        for (int s = 0; s < n_splits; s++) {
+            if (ml[2 * s] == RF_NEG_INF) continue;  // an empty slice
+            const float w = expf(ml[2 * s] - mx);
+            num += w * po[s * D + d];
+            den += w * ml[2 * s + 1];
+        }
+        out[(long)h * D + d] = num / den;
     }
-    out[(long)h * D + d] = num / den;
+    if (threadIdx.x == 0) tickets[h] = 0;  // ready for the next launch
 }

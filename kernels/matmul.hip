@@ -1,32 +1,88 @@
 // matmul.hip: fused dequantize-and-multiply, y = x · Wᵀ, with W stored row by row in a GGML
-// format (one row per output feature). Two shapes:
+// format (one row per output feature).
 //   matvec_<type>: one token (decode). One warp per output row; the lanes walk the row 8
-//                  values at a time and meet in a warp reduction.
+//                  values at a time and meet in a warp reduction. Up to three matrices with the same
+//                  input go in one launch; an RMSNorm in front and a residual add behind can be fused.
+//   matvec_glu_<type>: gate and up rows of the MLP together, with SiLU/GELU applied.
 //   matmul_<type>: many tokens (prefill). 64x64 output tiles, 32-deep K slices; the weight
-//                  slice is decoded once into shared memory and used by all 64 tokens.
-// Both take an optional `add` (same shape as y, may alias y) so a residual add costs nothing.
+//                  slice is decoded once into shared memory and used by all 64 tokens. A residual
+//                  add can be fused behind it: sum = Y + add.
 #include "quant.h"
 
+// x_k as the matvec sees it: the raw input, or rms_norm(x) * norm_w when a norm is fused in front.
+__device__ __forceinline__ float4 load_x4(const float* x, const float* norm_w, float scale, int k) {
+    float4 v = *(const float4*)(x + k);
+    if (norm_w) {
+        const float4 w = *(const float4*)(norm_w + k);
+        v.x *= scale * w.x; v.y *= scale * w.y; v.z *= scale * w.z; v.w *= scale * w.w;
+    }
+    return v;
+}
+
 template <int T>
-__device__ __forceinline__ float row_dot(const u8* row, const float* x, int K, int lane) {
+__device__ __forceinline__ float row_dot(const u8* row, const float* x, const float* norm_w, float scale, int K, int lane) {
     float acc = 0.0f;
     for (int k = lane * 8; k < K; k += RF_WARP * 8) {
         float w[8];
         dequant8<T>(row, k, w);
-        const float4 x0 = *(const float4*)(x + k), x1 = *(const float4*)(x + k + 4);
+        const float4 x0 = load_x4(x, norm_w, scale, k), x1 = load_x4(x, norm_w, scale, k + 4);
         acc += w[0] * x0.x + w[1] * x0.y + w[2] * x0.z + w[3] * x0.w
              + w[4] * x1.x + w[5] * x1.y + w[6] * x1.z + w[7] * x1.w;
     }
     return warp_sum(acc);
 }
 
+// The RMSNorm scale 1/sqrt(mean(x²) + eps) of the input row, computed by every warp on its own (x is
+// short: one token), and the normalized row written once by block 0 for whoever reads it later.
+__device__ __forceinline__ float fused_norm(const float* x, const float* norm_w, float eps, float* x_out, int K) {
+    if (!norm_w) return 1.0f;
+    float ss = 0.0f;
+    for (int k = threadIdx.x % RF_WARP; k < K; k += RF_WARP) ss += x[k] * x[k];
+    const float scale = rsqrtf(warp_sum(ss) / (float)K + eps);
+    if (blockIdx.x == 0 && x_out)
+        for (int k = threadIdx.x; k < K; k += blockDim.x) x_out[k] = x[k] * scale * norm_w[k];
+    return scale;
+}
+
+// Decode: up to three matrices that share one input (q, k, v) in one launch, one warp per output row,
+// rows numbered across the matrices. An optional RMSNorm is fused in front (norm_w non-null), and for a
+// single matrix an optional residual add behind it: sum = y + add.
 template <int T>
-__device__ void matvec(const u8* W, long row_bytes, const float* x, float* y, int N, int K, const float* add) {
+__device__ void matvec(const float* x, int K, const float* norm_w, float eps, float* x_out,
+                       const u8* W0, long rb0, float* y0, int N0, const u8* W1, long rb1, float* y1, int N1,
+                       const u8* W2, long rb2, float* y2, int N2, const float* add, float* sum) {
+    const float scale = fused_norm(x, norm_w, eps, x_out, K);
+    const int lane = threadIdx.x % RF_WARP;
+    int n = blockIdx.x * (blockDim.x / RF_WARP) + threadIdx.x / RF_WARP;
+    const u8* W = W0; long rb = rb0; float* y = y0;
+    if (n >= N0) {
+        n -= N0; W = W1; rb = rb1; y = y1;
+        if (n >= N1) { n -= N1; W = W2; rb = rb2; y = y2; if (n >= N2) return; }
+    }
+    const float dot = row_dot<T>(W + n * rb, x, norm_w, scale, K, lane);
+    if (lane == 0) {
+        y[n] = dot;
+        if (sum) sum[n] = dot + add[n];
+    }
+}
+
+// Decode MLP gate in one pass: g = Wg·x, u = Wu·x, y = act(g) * u; act 0 = SiLU, 1 = GELU (tanh form).
+template <int T>
+__device__ void matvec_glu(const float* x, int K, const float* norm_w, float eps, float* x_out, const u8* Wg,
+                           const u8* Wu, long rb, float* g, float* u, float* y, int N, int act) {
+    const float scale = fused_norm(x, norm_w, eps, x_out, K);
     const int lane = threadIdx.x % RF_WARP;
     const int n = blockIdx.x * (blockDim.x / RF_WARP) + threadIdx.x / RF_WARP;
     if (n >= N) return;
-    const float dot = row_dot<T>(W + n * row_bytes, x, K, lane);
-    if (lane == 0) y[n] = dot + (add ? add[n] : 0.0f);
+    const float gn = row_dot<T>(Wg + n * rb, x, norm_w, scale, K, lane);
+    const float un = row_dot<T>(Wu + n * rb, x, norm_w, scale, K, lane);
+    if (lane == 0) {
+        const float a = act == 0 ? gn / (1.0f + expf(-gn))
+                                 : 0.5f * gn * (1.0f + tanhf(0.7978845608028654f * (gn + 0.044715f * gn * gn * gn)));
+        g[n] = gn;
+        u[n] = un;
+        y[n] = a * un;
+    }
 }
 
 #define TILE_M 64
@@ -35,7 +91,8 @@ __device__ void matvec(const u8* W, long row_bytes, const float* x, float* y, in
 
 // 256 threads; each computes a 4x4 patch of the 64x64 tile. Needs K % 32 == 0.
 template <int T>
-__device__ void matmul(const u8* W, long row_bytes, const float* X, float* Y, int M, int N, int K, const float* add) {
+__device__ void matmul(const u8* W, long row_bytes, const float* X, float* Y, int M, int N, int K, const float* add,
+                       float* sum) {
     __shared__ float xs[TILE_K][TILE_M + 4];  // transposed: xs[k][m]
     __shared__ float ws[TILE_K][TILE_N + 4];  // transposed: ws[k][n]
     const int tid = threadIdx.x;
@@ -78,18 +135,27 @@ __device__ void matmul(const u8* W, long row_bytes, const float* X, float* Y, in
             const int n = n0 + tn + j;
             if (n >= N) continue;
             const long o = (long)m * N + n;
-            Y[o] = acc[i][j] + (add ? add[o] : 0.0f);
+            Y[o] = acc[i][j];
+            if (sum) sum[o] = acc[i][j] + add[o];
         }
     }
 }
 
-#define RF_MATMUL_KERNELS(name, T)                                                                         \
-    extern "C" __global__ void matvec_##name(const u8* W, long row_bytes, const float* x, float* y, int N,  \
-                                             int K, const float* add) {                                    \
-        matvec<T>(W, row_bytes, x, y, N, K, add);                                                          \
-    }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(256) matmul_##name(const u8* W, long row_bytes,           \
-                                             const float* X, float* Y, int M, int N, int K, const float* add) { \
-        matmul<T>(W, row_bytes, X, Y, M, N, K, add);                                                       \
+#define RF_MATMUL_KERNELS(name, T)                                                                           \
+    extern "C" __global__ void matvec_##name(const float* x, int K, const float* norm_w, float eps, float* x_out, \
+                                             const u8* W0, long rb0, float* y0, int N0, const u8* W1, long rb1,   \
+                                             float* y1, int N1, const u8* W2, long rb2, float* y2, int N2,         \
+                                             const float* add, float* sum) {                                      \
+        matvec<T>(x, K, norm_w, eps, x_out, W0, rb0, y0, N0, W1, rb1, y1, N1, W2, rb2, y2, N2, add, sum);        \
+    }                                                                                                            \
+    extern "C" __global__ void matvec_glu_##name(const float* x, int K, const float* norm_w, float eps,           \
+                                                 float* x_out, const u8* Wg, const u8* Wu, long rb, float* g,     \
+                                                 float* u, float* y, int N, int act) {                            \
+        matvec_glu<T>(x, K, norm_w, eps, x_out, Wg, Wu, rb, g, u, y, N, act);                                    \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) matmul_##name(const u8* W, long row_bytes, const float* X, \
+                                                                    float* Y, int M, int N, int K, const float* add, \
+                                                                    float* sum) {                                \
+        matmul<T>(W, row_bytes, X, Y, M, N, K, add, sum);                                                        \
     }
 RF_FOR_EACH_TYPE(RF_MATMUL_KERNELS)

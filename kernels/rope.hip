@@ -1,24 +1,27 @@
-// rope.hip: rotary position embedding of x [tokens, heads, head_dim] into y (same shape).
-// Pairs are (2i, 2i+1) in the normal (GPT-J) form and (i, i + n_rot/2) in the NeoX form; only the
-// first n_rot values of a head rotate, the rest are copied. The angle of pair i at position p is
-// p * freq_scale * theta^(-2i/n_rot) / freq_factors[i] (freq_factors may be null: llama3 scaling).
+// rope.hip: rotary position embedding of up to two tensors (queries and keys, one launch), each
+// [tokens, heads, head_dim], written out of place. Pairs are (2i, 2i+1) in the normal (GPT-J) form
+// and (i, i + n_rot/2) in the NeoX form; only the first n_rot values of a head rotate, the rest are
+// copied. The angle of pair i at position p is p * inv_freq[i]; inv_freq (float64, from the host)
+// already holds theta^(-2i/n_rot), the frequency factors and the linear scale. The product is
+// reduced to [-pi, pi] in float64 so float32 sin/cos stay exact to rounding at any position.
 // Positions come from device memory so a captured decode graph replays at any position.
-// grid = (tokens, heads), any block size.
-extern "C" __global__ void rope(const float* x, float* y, const int* positions, int heads, int head_dim,
-                                int n_rot, float theta, int neox, const float* freq_factors, float freq_scale) {
-    const long base = ((long)blockIdx.x * heads + blockIdx.y) * head_dim;
-    const float* xh = x + base;
-    float* yh = y + base;
+// grid = (tokens, heads_a + heads_b), any block size.
+extern "C" __global__ void rope(const float* xa, float* ya, int heads_a, const float* xb, float* yb, int heads_b,
+                                const int* positions, int head_dim, int n_rot, int neox, const double* inv_freq) {
+    const int t = blockIdx.x, h = blockIdx.y;
+    const long base = h < heads_a ? ((long)t * heads_a + h) * head_dim : ((long)t * heads_b + h - heads_a) * head_dim;
+    const float* x = (h < heads_a ? xa : xb) + base;
+    float* y = (h < heads_a ? ya : yb) + base;
     const int half = n_rot / 2;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        // double keeps the angle exact to float rounding at positions in the tens of thousands
-        double angle = (double)positions[blockIdx.x] * freq_scale * pow((double)theta, -2.0 * i / n_rot);
-        if (freq_factors) angle /= (double)freq_factors[i];
-        const float c = (float)cos(angle), s = (float)sin(angle);
+        const double angle = (double)positions[t] * inv_freq[i];
+        const float r = (float)(angle - 6.283185307179586 * rint(angle * 0.15915494309189535));
+        float s, c;
+        sincosf(r, &s, &c);
         const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
-        const float x0 = xh[i0], x1 = xh[i1];
-        yh[i0] = x0 * c - x1 * s;
-        yh[i1] = x0 * s + x1 * c;
+        const float x0 = x[i0], x1 = x[i1];
+        y[i0] = x0 * c - x1 * s;
+        y[i1] = x0 * s + x1 * c;
     }
-    for (int d = n_rot + threadIdx.x; d < head_dim; d += blockDim.x) yh[d] = xh[d];
+    for (int d = n_rot + threadIdx.x; d < head_dim; d += blockDim.x) y[d] = x[d];
 }

@@ -217,3 +217,42 @@ def test_decode_graph_replays_with_new_positions_and_slots(gpu):
         ref = attention(rope(q, batch.positions, 10000.0, False), keys, values, batch.positions, 0.125)
         assert rel_err(got, ref) < 1e-5, f"position {batch.positions[0]}"
     assert len(gpu._graphs) == 1  # captured once, replayed after
+
+
+@pytest.mark.parametrize("ggml_type", [Q.Q4_1, Q.Q4_K, Q.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("act", ["swiglu", "geglu"])
+def test_decode_fusions_equal_op_by_op(gpu, ggml_type, act):
+    """One decode layer's op sequence: norm folded into q/k/v (one launch), gate/up/act in one launch,
+    residual adds folded into their matvecs; every intermediate is still written and equals numpy."""
+    d, ff = 512, 1536
+    x, res, norm_w = f32(1, d), f32(1, d), f32(d)
+    wq, wk, wv, wg, wu = (random_weight(ggml_type, n, d) for n in (d, 256, 256, ff, ff))
+    wd = random_weight(ggml_type, d, ff)
+    dense = {t.name: dequantize(t.raw, ggml_type).reshape(t.shape).astype(np.float64) for t in (wq, wk, wv, wg, wu, wd)}
+    dev = {t.name: gpu.load_weight(t) for t in (wq, wk, wv, wg, wu, wd)}
+    outs = {}
+
+    def layer():
+        n = gpu.rms_norm(gpu.from_host(x), gpu.from_host(norm_w), 1e-5)
+        q, k, v = (gpu.matmul(n, dev[w.name]) for w in (wq, wk, wv))
+        attn_sum = gpu.add(gpu.from_host(res), gpu.matmul(q, dev[wq.name]))
+        n2 = gpu.rms_norm(attn_sum, gpu.from_host(norm_w), 1e-5)
+        g, u = gpu.matmul(n2, dev[wg.name]), gpu.matmul(n2, dev[wu.name])
+        a = getattr(gpu, act)(g, u)
+        y = gpu.matmul(a, dev[wd.name])
+        outs.update(n=n, q=q, k=k, v=v, attn_sum=attn_sum, n2=n2, g=g, u=u, a=a, y=y, out=gpu.add(attn_sum, y))
+
+    kernels = [kernel for _, kernel, _ in gpu.profile(layer)]
+    suffix = ggml_type.name.lower()
+    assert kernels == [f"matvec_{suffix}", f"matvec_{suffix}", f"matvec_glu_{suffix}", f"matvec_{suffix}"]
+    host = {name: gpu.to_host(a) for name, a in outs.items()}
+    ref_n = rms_norm(x, norm_w, 1e-5)
+    ref = {"n": ref_n, "q": ref_n @ dense[wq.name].T, "k": ref_n @ dense[wk.name].T, "v": ref_n @ dense[wv.name].T}
+    ref["attn_sum"] = res + host["q"] @ dense[wq.name].T
+    ref["n2"] = rms_norm(host["attn_sum"], norm_w, 1e-5)
+    ref["g"], ref["u"] = host["n2"] @ dense[wg.name].T, host["n2"] @ dense[wu.name].T
+    ref["a"] = (swiglu if act == "swiglu" else geglu)(host["g"], host["u"])
+    ref["y"] = host["a"] @ dense[wd.name].T
+    ref["out"] = host["attn_sum"] + host["y"]
+    for name, value in ref.items():
+        assert rel_err(host[name], np.asarray(value, np.float64)) < 2e-5, name

@@ -5,6 +5,13 @@ arena allocations: every weight is a 256-byte aligned slice of the first (quanti
 the matmul kernels decode them on the fly), the KV cache pools are slices of the second. Activations come
 from a caching pool (freed blocks are reused by size, never returned to the driver).
 
+Fusion without changing the forward: decode matmuls are not launched at once but held as pending work, so
+the ops that follow can join them: up to three matmuls of one input (q, k, v) become one launch, an RMSNorm
+in front is folded in, a residual ``add`` behind it and a ``swiglu``/``geglu`` of a gate/up pair are folded
+in too, and the rope of queries and keys shares one launch. Every other op, and every read of a result,
+launches what is pending first, so results are the same as op-by-op execution (and every intermediate
+the forward names is still written).
+
 Decode graphs: ``graph_step(batch, step)`` runs a single-token forward once eagerly, captures it as a graph
 and replays it for every later token. Everything that changes between tokens (token id, position, cache
 slots) is read by the kernels from one small device buffer that is refreshed before each replay.
@@ -15,7 +22,6 @@ True
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,13 +30,11 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from rocmforge.backends.device_memory import MB, Arena, Block, DeviceArray, Pool, align
 from rocmforge.backends.runtime import Runtime, f32, i32, i64, ptr
 from rocmforge.errors import DeviceError, UnsupportedError
 from rocmforge.gguf_file import TensorRef
 from rocmforge.kv_cache import Batch, KVCache, Segment
-
-ALIGN = 256
-MB = 1 << 20
 
 # GGML types with a fused dequantize-and-multiply kernel; others are widened to float32 at load time
 KERNEL_TYPES = {
@@ -39,10 +43,7 @@ KERNEL_TYPES = {
     GGMLQuantizationType.Q5_1: "q5_1", GGMLQuantizationType.Q8_0: "q8_0", GGMLQuantizationType.Q4_K: "q4_k",
     GGMLQuantizationType.Q5_K: "q5_k", GGMLQuantizationType.Q6_K: "q6_k",
 }
-
-
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+ROWS_PER_BLOCK = 4  # matvec: one warp per output row, four warps per block
 
 
 def gpu_available() -> bool:
@@ -51,80 +52,19 @@ def gpu_available() -> bool:
     return hip.available()[0] or cuda.available()[0]
 
 
-class _Block:
-    """One piece of device memory; handed back to its pool when the last array viewing it goes away."""
-
-    __slots__ = ("pool", "address", "size")
-
-    def __init__(self, pool: "_Pool | None", address: int, size: int):
-        self.pool, self.address, self.size = pool, address, size
-
-    def __del__(self) -> None:
-        if self.pool is not None:
-            self.pool.free_lists[self.size].append(self.address)
+def memory_needed(gguf: Any, n_slots: int) -> tuple[int, int]:
+    """(weight bytes, KV cache bytes) a model needs on the device with ``n_slots`` cache positions."""
+    cfg = gguf.config
+    weights = 0
+    for ref in gguf.tensors.values():
+        widened = len(ref.shape) == 1 or ref.ggml_type not in KERNEL_TYPES  # stored as float32
+        weights += align(ref.n_elements * 4 if widened else ref.n_bytes)
+    kv = cfg.n_layers * (align(n_slots * cfg.n_kv_heads * cfg.head_dim * 4) + align(n_slots * cfg.n_kv_heads * cfg.head_dim_v * 4))
+    return weights, kv
 
 
-class _Pool:
-    """Caching allocator: exact-size free lists of 256-byte multiples."""
-
-    def __init__(self, runtime: Runtime):
-        self.runtime = runtime
-        self.free_lists: dict[int, list[int]] = defaultdict(list)
-
-    def get(self, nbytes: int) -> _Block:
-        size = _align(max(nbytes, 1))
-        free = self.free_lists[size]
-        return _Block(self, free.pop() if free else self.runtime.alloc(size), size)
-
-
-class _Arena:
-    """One allocation carved into 256-byte aligned slices, front to back."""
-
-    def __init__(self, runtime: Runtime, nbytes: int):
-        self.base, self.size, self.used = runtime.alloc(nbytes), nbytes, 0
-        self.block = _Block(None, self.base, nbytes)
-
-    def take(self, nbytes: int) -> int | None:
-        if self.used + nbytes > self.size:
-            return None
-        address = self.base + self.used
-        self.used += _align(nbytes)
-        return address
-
-
-class DeviceArray:
-    """A float32 or int32 array in device memory (row-major); ``reshape`` and row slices are views."""
-
-    def __init__(self, address: int, shape: tuple[int, ...], block: _Block, dtype: Any = np.float32):
-        self.address, self.shape, self.block, self.dtype = address, tuple(int(s) for s in shape), block, np.dtype(dtype)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
-
-    def reshape(self, *shape: Any) -> "DeviceArray":
-        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-        if -1 in shape:
-            known = int(np.prod([s for s in shape if s != -1]))
-            shape = tuple(self.size // known if s == -1 else s for s in shape)
-        if int(np.prod(shape)) != self.size:
-            raise ValueError(f"cannot reshape {self.shape} to {shape}")
-        return DeviceArray(self.address, shape, self.block, self.dtype)
-
-    def rows(self, start: int, stop: int) -> "DeviceArray":
-        """Rows ``start:stop`` of the first axis, as a view."""
-        row = self.size // self.shape[0] * self.dtype.itemsize
-        return DeviceArray(self.address + start * row, (stop - start, *self.shape[1:]), self.block, self.dtype)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __repr__(self) -> str:
-        return f"DeviceArray(shape={self.shape}, dtype={self.dtype.name})"
+def _same(a: DeviceArray, b: DeviceArray) -> bool:
+    return a.address == b.address and a.size == b.size
 
 
 @dataclass
@@ -143,26 +83,48 @@ class GpuWeight:
 
 @dataclass
 class _Graph:
-    """A captured decode step: its executable graph, private memory, output, and input buffer layout."""
+    """A captured decode step: its executable graph, private memory, output, and input buffer."""
 
-    inputs: DeviceArray            # int32: token, position, slot, segment position, key slots...
-    pool: _Pool
+    inputs: DeviceArray            # int32: token, position, slot, segment position, key slots
+    pool: Pool
     executable: Any = None
     output: DeviceArray | None = None
-    keep: list[Any] = field(default_factory=list)
 
 
-def memory_needed(gguf: Any, n_slots: int) -> tuple[int, int]:
-    """(weight bytes, KV cache bytes) a model needs on the device with ``n_slots`` cache positions."""
-    cfg = gguf.config
-    weights = 0
-    for ref in gguf.tensors.values():
-        if len(ref.shape) == 1 or ref.ggml_type not in KERNEL_TYPES:
-            weights += _align(ref.n_elements * 4)  # widened to float32
-        else:
-            weights += _align(ref.n_bytes)
-    kv = cfg.n_layers * _align(n_slots * cfg.n_kv_heads * (cfg.head_dim + cfg.head_dim_v) * 4) + 2 * ALIGN * cfg.n_layers
-    return weights, kv
+@dataclass
+class _Norm:
+    """An RMSNorm of one row waiting to be folded into the matvec that reads it."""
+
+    x: DeviceArray
+    weight: DeviceArray
+    eps: float
+    out: DeviceArray
+    label: str
+
+
+@dataclass
+class _Matmuls:
+    """Matmuls of one input waiting to launch together, with what the following ops folded into them."""
+
+    x: DeviceArray
+    m: int
+    norm: _Norm | None
+    label: str
+    items: list[tuple[GpuWeight, DeviceArray]] = field(default_factory=list)
+    add: DeviceArray | None = None        # residual added behind the single matmul ...
+    sum: DeviceArray | None = None        # ... into this
+    glu: tuple[int, DeviceArray] | None = None  # (0 SiLU / 1 GELU, act(gate) * up) of a gate/up pair
+
+
+@dataclass
+class _Rope:
+    """Rotations of up to two tensors (queries, keys) with the same positions and frequencies."""
+
+    key: tuple
+    positions: DeviceArray
+    inv_freq: DeviceArray
+    label: str
+    parts: list[tuple[DeviceArray, DeviceArray]] = field(default_factory=list)
 
 
 class GpuBackend:
@@ -171,18 +133,21 @@ class GpuBackend:
     def __init__(self, runtime: Runtime):
         self.rt = runtime
         self.name = runtime.name
-        self._pool = _Pool(runtime)
-        self._weights: _Arena | None = None
-        self._kv: _Arena | None = None
-        self._uploads: list[tuple[np.ndarray, np.ndarray, DeviceArray]] = []  # small cache of host int arrays
-        self._static: list[tuple[np.ndarray, DeviceArray]] = []   # batch arrays a graph reads from its inputs
+        self._pool = Pool(runtime)
+        self._weights: Arena | None = None
+        self._kv: Arena | None = None
+        self._max_slots = 1 << 16  # key slots a decode graph can address; prepare() sets the real count
+        self._uploads: list[tuple[np.ndarray, np.ndarray, DeviceArray]] = []  # small cache of host arrays on the device
+        self._static: list[tuple[np.ndarray, DeviceArray]] = []  # batch arrays a graph reads from its inputs
+        self._tables: dict[tuple, DeviceArray] = {}  # rope frequency tables, a few per model
         self._capturing = False
         self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pending: _Norm | _Matmuls | _Rope | None = None
         self._profile: list[tuple[str, str, Any, Any]] | None = None
         self.profile_label = ""
-        self._max_slots = 1 << 16  # key slots a decode graph can address; prepare() sets the real count
-        sms = getattr(runtime, "multiprocessors", 64)
-        self.decode_splits = 32 if sms >= 64 else 16
+        self.decode_splits = 32 if getattr(runtime, "multiprocessors", 64) >= 64 else 16
+        self._tickets = self._empty((4096,), np.int32)  # per-head counters of the decode attention kernel
+        self.rt.memset(self._tickets.address, 0, self._tickets.nbytes)
 
     # --- memory ---------------------------------------------------------------------------------------------
     def prepare(self, gguf: Any, n_slots: int) -> None:
@@ -194,12 +159,11 @@ class GpuBackend:
             raise DeviceError(
                 f"not enough GPU memory on {self.rt.device_name}: need {need / MB:.0f} MiB (weights {weights / MB:.0f} "
                 f"+ KV cache {kv / MB:.0f} + 10% + 100 MiB) but only {free / MB:.0f} of {total / MB:.0f} MiB are free")
-        self._weights, self._kv = _Arena(self.rt, weights), _Arena(self.rt, kv)
+        self._weights, self._kv = Arena(self.rt, weights), Arena(self.rt, kv)
         self._max_slots = n_slots
 
     def _empty(self, shape: tuple[int, ...], dtype: Any = np.float32) -> DeviceArray:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        block = self._pool.get(nbytes)
+        block = self._pool.get(int(np.prod(shape)) * np.dtype(dtype).itemsize)
         return DeviceArray(block.address, shape, block, dtype)
 
     def zeros(self, shape: tuple[int, ...]) -> DeviceArray:
@@ -209,13 +173,17 @@ class GpuBackend:
         self.rt.memset(out.address, 0, nbytes)
         return out
 
-    def from_host(self, x: np.ndarray) -> DeviceArray:
-        x = np.ascontiguousarray(x, dtype=np.int32 if np.issubdtype(np.asarray(x).dtype, np.integer) else np.float32)
+    def _upload(self, x: np.ndarray) -> DeviceArray:
+        x = np.ascontiguousarray(x)
         out = self._empty(x.shape, x.dtype)
         self.rt.copy_to_device(out.address, x)
         return out
 
+    def from_host(self, x: np.ndarray) -> DeviceArray:
+        return self._upload(np.asarray(x, dtype=np.float32))
+
     def to_host(self, x: DeviceArray) -> np.ndarray:
+        self._flush()
         host = np.empty(x.shape, x.dtype)
         self.rt.copy_to_host(host, x.address)
         return host
@@ -230,7 +198,7 @@ class GpuBackend:
         for src, copy, dev in self._uploads:
             if src is host and np.array_equal(copy, host):
                 return dev
-        dev = self.from_host(np.asarray(host, dtype=np.int32))
+        dev = self._upload(np.asarray(host, dtype=np.int32))
         self._uploads = [(host, np.array(host), dev), *self._uploads[:15]]
         return dev
 
@@ -238,9 +206,9 @@ class GpuBackend:
     def _to_arena(self, data: np.ndarray) -> int:
         data = np.ascontiguousarray(data)
         address = self._weights.take(data.nbytes) if self._weights is not None else None
-        if address is None:  # no prepare(): the weight gets its own allocation
+        if address is None:  # no prepare(): the weight gets its own allocation, kept for the backend's life
             block = self._pool.get(data.nbytes)
-            block.pool = None  # weights live as long as the backend
+            block.pool = None
             address = block.address
         self.rt.copy_to_device(address, data)
         return address
@@ -258,14 +226,21 @@ class GpuBackend:
 
     def load_vector(self, tensor: TensorRef) -> DeviceArray:
         data = dequantize(np.asarray(tensor.raw), tensor.ggml_type).astype(np.float32).reshape(tensor.shape)
-        return DeviceArray(self._to_arena(data), data.shape, _Block(None, 0, 0))
+        return DeviceArray(self._to_arena(data), data.shape, Block(None, 0, 0))
 
     def load_embedding(self, tensor: TensorRef, tied: bool) -> GpuWeight:
         return self.load_weight(tensor)
 
     # --- launching ------------------------------------------------------------------------------------------
     def _launch(self, op: str, kernel: str, grid: tuple[int, ...], block: int, args: list[Any], shared: int = 0) -> None:
+        self._flush()
+        self._run(op, kernel, grid, block, args, shared, self.profile_label)
+
+    def _run(self, op: str, kernel: str, grid: tuple[int, ...], block: int, args: list[Any], shared: int,
+             label: str) -> None:
         function = self.rt.function(op, kernel)
+        if shared > 48 * 1024:
+            self.rt.set_max_dynamic_shared(function, shared)
         grid3 = (*grid, 1, 1)[:3]
         if self._profile is None:
             self.rt.launch(function, grid3, (block, 1, 1), args, shared)
@@ -274,84 +249,153 @@ class GpuBackend:
         self.rt.record(start)
         self.rt.launch(function, grid3, (block, 1, 1), args, shared)
         self.rt.record(end)
-        self._profile.append((self.profile_label, kernel, start, end))
+        self._profile.append((label, kernel, start, end))
 
     def _elementwise_grid(self, n: int) -> tuple[int]:
         return (max(1, min(-(-n // 256), 4096)),)
 
-    # --- ops ------------------------------------------------------------------------------------------------
-    def embedding(self, table: GpuWeight, tokens: np.ndarray) -> DeviceArray:
-        ids = self._ints(tokens)
-        out = self._empty((len(tokens), table.shape[1]))
-        self._launch("embedding", f"embed_{table.kernel_suffix}", (len(tokens),), 128,
-                     [ptr(table.address), i64(table.row_bytes), ptr(ids.address), ptr(out.address),
-                      i32(table.shape[1]), f32(1.0)])
-        return out
+    def _flush(self) -> None:
+        """Launch the pending work (see the module docstring)."""
+        pending, self._pending = self._pending, None
+        if isinstance(pending, _Norm):
+            self._run_rms_norm(pending.x, pending.weight, pending.eps, pending.out, pending.label)
+        elif isinstance(pending, _Matmuls):
+            self._run_matmuls(pending)
+        elif isinstance(pending, _Rope):
+            self._run_rope(pending)
 
+    # --- matmul and its fusions -----------------------------------------------------------------------------
     def matmul(self, x: DeviceArray, weight: GpuWeight) -> DeviceArray:
         n_out, k = weight.shape
         m = x.size // k
         out = self._empty((m, n_out))
-        self._matmul_into(x, weight, out, m, None)
+        group = self._pending
+        joins = (isinstance(group, _Matmuls) and m == 1 and group.m == 1 and _same(group.x, x) and len(group.items) < 3
+                 and group.items[0][0].ggml_type == weight.ggml_type and group.sum is None and group.glu is None)
+        if not joins:
+            norm = group if isinstance(group, _Norm) and m == 1 and _same(group.out, x) else None
+            if norm is not None:
+                self._pending = None  # folded into this matvec
+            self._flush()
+            group = self._pending = _Matmuls(x, m, norm, self.profile_label)
+        group.items.append((weight, out))
         return out
 
-    def _matmul_into(self, x: DeviceArray, weight: GpuWeight, out: DeviceArray, m: int, add: DeviceArray | None) -> None:
+    def _run_matmuls(self, g: _Matmuls) -> None:
+        weight, y = g.items[0]
         n_out, k = weight.shape
-        suffix, add_ptr = weight.kernel_suffix, ptr(add.address if add is not None else 0)
-        if m == 1 or k % 32:
-            rows_per_block = 4
-            for row in range(m):  # K % 32 != 0 only for unusual float weights; decode has m == 1
-                self._launch("matmul", f"matvec_{suffix}", (-(-n_out // rows_per_block),), rows_per_block * self.rt.warp_size,
-                             [ptr(weight.address), i64(weight.row_bytes), ptr(x.address + row * k * 4),
-                              ptr(out.address + row * n_out * 4), i32(n_out), i32(k),
-                              ptr(add.address + row * n_out * 4) if add is not None else add_ptr])
+        suffix, add, total = weight.kernel_suffix, ptr(g.add.address if g.add else 0), ptr(g.sum.address if g.sum else 0)
+        if g.m > 1 and k % 32 == 0:
+            self._run("matmul", f"matmul_{suffix}", (-(-n_out // 64), -(-g.m // 64)), 256,
+                      [ptr(weight.address), i64(weight.row_bytes), ptr(g.x.address), ptr(y.address), i32(g.m),
+                       i32(n_out), i32(k), add, total], 0, g.label)
             return
-        self._launch("matmul", f"matmul_{suffix}", (-(-n_out // 64), -(-m // 64)), 256,
-                     [ptr(weight.address), i64(weight.row_bytes), ptr(x.address), ptr(out.address),
-                      i32(m), i32(n_out), i32(k), add_ptr])
+        norm = [ptr(g.norm.weight.address), f32(g.norm.eps), ptr(g.norm.out.address)] if g.norm else [ptr(0), f32(0.0), ptr(0)]
+        block = ROWS_PER_BLOCK * self.rt.warp_size
+        if g.glu is not None:
+            (w_gate, gate), (w_up, up) = g.items
+            act, out = g.glu
+            self._run("matmul", f"matvec_glu_{suffix}", (-(-n_out // ROWS_PER_BLOCK),), block,
+                      [ptr(g.x.address), i32(k), *norm, ptr(w_gate.address), ptr(w_up.address), i64(w_gate.row_bytes),
+                       ptr(gate.address), ptr(up.address), ptr(out.address), i32(n_out), i32(act)], 0, g.label)
+            return
+        for row in range(g.m):  # g.m > 1 only for rows not a multiple of 32 long (never in the supported models)
+            mats = []
+            for w, out in g.items:
+                mats += [ptr(w.address), i64(w.row_bytes), ptr(out.address + row * w.shape[0] * 4), i32(w.shape[0])]
+            mats += [ptr(0), i64(0), ptr(0), i32(0)] * (3 - len(g.items))  # unused matrix slots: no rows
+            rows = sum(w.shape[0] for w, _ in g.items)
+            offset = row * n_out * 4
+            self._run("matmul", f"matvec_{suffix}", (-(-rows // ROWS_PER_BLOCK),), block,
+                      [ptr(g.x.address + row * k * 4), i32(k), *norm, *mats,
+                       ptr(g.add.address + offset if g.add else 0), ptr(g.sum.address + offset if g.sum else 0)],
+                      0, g.label)
 
     def add(self, a: DeviceArray, b: DeviceArray) -> DeviceArray:
+        g = self._pending
+        if isinstance(g, _Matmuls) and len(g.items) == 1 and g.sum is None and g.glu is None:
+            y = g.items[0][1]
+            for mine, other in ((a, b), (b, a)):
+                if _same(mine, y) and other.size == y.size and not _same(other, y) and not (g.norm and _same(other, g.norm.out)):
+                    g.add, g.sum = other, self._empty(a.shape)
+                    return g.sum
         out = self._empty(a.shape)
         self._launch("add", "add", self._elementwise_grid(a.size), 256,
                      [ptr(a.address), ptr(b.address), ptr(out.address), i64(a.size), i64(b.size)])
         return out
 
-    def scale(self, x: DeviceArray, factor: float) -> DeviceArray:
-        out = self._empty(x.shape)
-        self._launch("scale", "scale", self._elementwise_grid(x.size), 256,
-                     [ptr(x.address), ptr(out.address), f32(factor), i64(x.size)])
-        return out
-
-    def rms_norm(self, x: DeviceArray, weight: DeviceArray, eps: float) -> DeviceArray:
-        d = x.shape[-1]
-        out = self._empty(x.shape)
-        block = min(256, -(-d // self.rt.warp_size) * self.rt.warp_size)
-        self._launch("rms_norm", "rms_norm", (x.size // d,), block,
-                     [ptr(x.address), ptr(weight.address), ptr(out.address), i32(d), f32(eps)])
-        return out
-
-    def rope(self, x: DeviceArray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
-             freq_factors: DeviceArray | None = None, freq_scale: float = 1.0) -> DeviceArray:
-        n, heads, head_dim = x.shape
-        pos = self._ints(positions)
-        out = self._empty(x.shape)
-        self._launch("rope", "rope", (n, heads), max(self.rt.warp_size, min(256, head_dim // 2)),
-                     [ptr(x.address), ptr(out.address), ptr(pos.address), i32(heads), i32(head_dim), i32(n_rot),
-                      f32(theta), i32(int(neox)), ptr(freq_factors.address if freq_factors is not None else 0),
-                      f32(freq_scale)])
-        return out
-
-    def _gate(self, kernel: str, gate: DeviceArray, up: DeviceArray) -> DeviceArray:
+    def _gate(self, kernel: str, act: int, gate: DeviceArray, up: DeviceArray) -> DeviceArray:
+        g = self._pending
+        if (isinstance(g, _Matmuls) and g.m == 1 and len(g.items) == 2 and g.glu is None
+                and _same(gate, g.items[0][1]) and _same(up, g.items[1][1])):
+            g.glu = (act, self._empty(gate.shape))
+            return g.glu[1]
         out = self._empty(gate.shape)
         self._launch(kernel, kernel, self._elementwise_grid(gate.size), 256,
                      [ptr(gate.address), ptr(up.address), ptr(out.address), i64(gate.size)])
         return out
 
     def swiglu(self, gate: DeviceArray, up: DeviceArray) -> DeviceArray:
-        return self._gate("swiglu", gate, up)
+        return self._gate("swiglu", 0, gate, up)
 
     def geglu(self, gate: DeviceArray, up: DeviceArray) -> DeviceArray:
-        return self._gate("geglu", gate, up)
+        return self._gate("geglu", 1, gate, up)
+
+    # --- norms, rope, elementwise ---------------------------------------------------------------------------
+    def rms_norm(self, x: DeviceArray, weight: DeviceArray, eps: float) -> DeviceArray:
+        out = self._empty(x.shape)
+        self._flush()
+        if len(x.shape) == 2 and x.shape[0] == 1 and x.size % 8 == 0:
+            self._pending = _Norm(x, weight, eps, out, self.profile_label)  # a matvec may fold it in
+        else:
+            self._run_rms_norm(x, weight, eps, out, self.profile_label)
+        return out
+
+    def _run_rms_norm(self, x: DeviceArray, weight: DeviceArray, eps: float, out: DeviceArray, label: str) -> None:
+        d = x.shape[-1]
+        block = min(256, -(-d // self.rt.warp_size) * self.rt.warp_size)
+        self._run("rms_norm", "rms_norm", (x.size // d,), block,
+                  [ptr(x.address), ptr(weight.address), ptr(out.address), i32(d), f32(eps)], 0, label)
+
+    def rope(self, x: DeviceArray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
+             freq_factors: DeviceArray | None = None, freq_scale: float = 1.0) -> DeviceArray:
+        n, heads, head_dim = x.shape
+        inv_freq = self._inv_freq(theta, n_rot, freq_factors, freq_scale)
+        pos = self._ints(positions)
+        out = self._empty(x.shape)
+        key = (pos.address, n, head_dim, n_rot, bool(neox), inv_freq.address)
+        r = self._pending
+        if isinstance(r, _Rope) and r.key == key and len(r.parts) == 1 and not _same(r.parts[0][1], x):
+            r.parts.append((x, out))
+            return out
+        self._flush()
+        self._pending = _Rope(key, pos, inv_freq, self.profile_label, [(x, out)])
+        return out
+
+    def _inv_freq(self, theta: float, n_rot: int, freq_factors: DeviceArray | None, freq_scale: float) -> DeviceArray:
+        """theta^(-2i/n_rot) * freq_scale / factor_i in float64 on the device (cached; the rope kernel's table)."""
+        key = (theta, n_rot, freq_factors.address if freq_factors is not None else 0, freq_scale)
+        if key not in self._tables:
+            inv = theta ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot) * freq_scale
+            if freq_factors is not None:
+                inv = inv / self.to_host(freq_factors).astype(np.float64)
+            self._tables[key] = self._upload(inv)
+        return self._tables[key]
+
+    def _run_rope(self, r: _Rope) -> None:
+        (xa, ya), (xb, yb) = r.parts[0], (r.parts[1] if len(r.parts) == 2 else (r.parts[0][0], r.parts[0][1]))
+        heads_b = xb.shape[1] if len(r.parts) == 2 else 0
+        n, head_dim, n_rot, neox = r.key[1], r.key[2], r.key[3], r.key[4]
+        self._run("rope", "rope", (n, xa.shape[1] + heads_b), max(self.rt.warp_size, min(256, n_rot // 2)),
+                  [ptr(xa.address), ptr(ya.address), i32(xa.shape[1]), ptr(xb.address), ptr(yb.address), i32(heads_b),
+                   ptr(r.positions.address), i32(head_dim), i32(n_rot), i32(int(neox)), ptr(r.inv_freq.address)],
+                  0, r.label)
+
+    def scale(self, x: DeviceArray, factor: float) -> DeviceArray:
+        out = self._empty(x.shape)
+        self._launch("scale", "scale", self._elementwise_grid(x.size), 256,
+                     [ptr(x.address), ptr(out.address), f32(factor), i64(x.size)])
+        return out
 
     def softcap(self, x: DeviceArray, cap: float) -> DeviceArray:
         out = self._empty(x.shape)
@@ -363,6 +407,15 @@ class GpuBackend:
         d = x.shape[-1]
         out = self._empty(x.shape)
         self._launch("softmax", "softmax", (x.size // d,), 256, [ptr(x.address), ptr(out.address), i32(d)])
+        return out
+
+    # --- tokens in, tokens out ------------------------------------------------------------------------------
+    def embedding(self, table: GpuWeight, tokens: np.ndarray) -> DeviceArray:
+        ids = self._ints(tokens)
+        out = self._empty((len(tokens), table.shape[1]))
+        self._launch("embedding", f"embed_{table.kernel_suffix}", (len(tokens),), 128,
+                     [ptr(table.address), i64(table.row_bytes), ptr(ids.address), ptr(out.address),
+                      i32(table.shape[1]), f32(1.0)])
         return out
 
     def argmax(self, x: DeviceArray) -> DeviceArray:
@@ -381,6 +434,7 @@ class GpuBackend:
                       ptr(u.address), ptr(out.address)])
         return int(self.to_host(out)[0])
 
+    # --- rows -----------------------------------------------------------------------------------------------
     def take_rows(self, x: DeviceArray, rows: np.ndarray | slice) -> DeviceArray:
         if isinstance(rows, slice):
             start, stop, step = rows.indices(x.shape[0])
@@ -390,13 +444,13 @@ class GpuBackend:
         rows = np.asarray(rows)
         if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
             return x.rows(int(rows[0]), int(rows[0]) + len(rows))  # contiguous: a view
-        width = x.size // x.shape[0]
         out = self._empty((len(rows), *x.shape[1:]))
         self._launch("take_rows", "take_rows", (len(rows),), 256,
-                     [ptr(x.address), ptr(self._ints(rows).address), ptr(out.address), i32(width)])
+                     [ptr(x.address), ptr(self._ints(rows).address), ptr(out.address), i32(x.size // x.shape[0])])
         return out
 
     def concat_rows(self, parts: list[DeviceArray]) -> DeviceArray:
+        self._flush()
         out = self._empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
         offset = 0
         for part in parts:
@@ -407,42 +461,36 @@ class GpuBackend:
     # --- attention ------------------------------------------------------------------------------------------
     def kv_write(self, cache: KVCache, layer: int, batch: Batch, k: DeviceArray, v: DeviceArray) -> None:
         k_pool, v_pool = cache.k[layer], cache.v[layer]
-        row_k, row_v = k.size // k.shape[0], v.size // v.shape[0]
         self._launch("kv_store", "kv_store", (batch.n_tokens,), 128,
                      [ptr(k.address), ptr(v.address), ptr(k_pool.address), ptr(v_pool.address),
-                      ptr(self._ints(batch.slots).address), i32(row_k), i32(row_v)])
+                      ptr(self._ints(batch.slots).address), i32(k.size // k.shape[0]), i32(v.size // v.shape[0])])
 
     def attention(self, q: DeviceArray, cache: KVCache, layer: int, batch: Batch, scale: float,
                   window: int | None, softcap: float | None) -> DeviceArray:
         n, heads, d = q.shape
         k_pool, v_pool = cache.k[layer], cache.v[layer]
-        kv_heads = k_pool.shape[1]
         if v_pool.shape[2] != d or d > 256:
             raise UnsupportedError(f"GPU attention needs equal key/value head widths <= 256, got {d} and {v_pool.shape[2]}")
         out = self._empty((n, heads, d))
-        common = [i32(heads), i32(kv_heads), i32(d), f32(scale), f32(softcap or 0.0), i32(window or 0)]
+        common = [i32(heads), i32(k_pool.shape[1]), i32(d), f32(scale), f32(softcap or 0.0), i32(window or 0)]
         for seg in batch.segments:
             t = seg.rows.stop - seg.rows.start
             pos, slots = self._ints(seg.positions), self._ints(seg.key_slots)
             qs, outs = q.rows(seg.rows.start, seg.rows.stop), out.rows(seg.rows.start, seg.rows.stop)
-            if t == 1:
-                self._decode_attention(qs, outs, k_pool, v_pool, pos, slots, common, heads, d)
+            head = [ptr(qs.address), ptr(k_pool.address), ptr(v_pool.address)]
+            if t == 1:  # split-K flash-decode, merged by the last block of each head
+                splits = self.decode_splits
+                part_o, part_ml = self._empty((heads, splits, d)), self._empty((heads, splits, 2))
+                self._launch("attention", "attn_decode", (splits, heads), 4 * self.rt.warp_size,
+                             [*head, ptr(pos.address), ptr(slots.address), *common, ptr(part_o.address),
+                              ptr(part_ml.address), ptr(self._tickets.address), ptr(outs.address)])
                 continue
             warps, bkv = 4, (32 if d <= 128 else 16)
             shared = (bkv * (d + 1) + bkv * d + warps * d) * 4
             self._launch("attention", "attn_prefill", (-(-t // warps), heads), warps * self.rt.warp_size,
-                         [ptr(qs.address), ptr(k_pool.address), ptr(v_pool.address), ptr(outs.address),
-                          ptr(pos.address), ptr(slots.address), i32(t), *common, i32(bkv)], shared)
+                         [*head, ptr(outs.address), ptr(pos.address), ptr(slots.address), i32(t), *common, i32(bkv)],
+                         shared)
         return out
-
-    def _decode_attention(self, q, out, k_pool, v_pool, pos, slots, common, heads, d) -> None:
-        splits = self.decode_splits
-        part_o, part_ml = self._empty((heads, splits, d)), self._empty((heads, splits, 2))
-        self._launch("attention", "attn_decode_partial", (splits, heads), 4 * self.rt.warp_size,
-                     [ptr(q.address), ptr(k_pool.address), ptr(v_pool.address), ptr(pos.address),
-                      ptr(slots.address), *common, ptr(part_o.address), ptr(part_ml.address)])
-        self._launch("attention", "attn_decode_combine", (heads,), max(d, self.rt.warp_size),
-                     [ptr(part_o.address), ptr(part_ml.address), ptr(out.address), i32(splits), i32(d)])
 
     # The hook path (scores and pattern materialized) is for inspection, not speed: it runs the numpy twins
     # on host copies of the one sequence's cached keys/values.
@@ -470,17 +518,18 @@ class GpuBackend:
         key = (batch.n_tokens, len(batch.segments))
         graph = self._graphs.get(key)
         if graph is None:
-            graph = _Graph(inputs=self._empty((4 + self._max_slots,), np.int32), pool=_Pool(self.rt))
+            graph = _Graph(inputs=self._empty((4 + self._max_slots,), np.int32), pool=Pool(self.rt))
             self._stage(batch, graph)
             step()  # warm-up; writing this token's K/V twice is harmless
-            self._stage(batch, graph)
+            self._flush()
             outer, self._pool, self._capturing = self._pool, graph.pool, True
             try:
                 self.rt.begin_capture()
                 graph.output = step()
+                self._flush()
                 graph.executable = self.rt.end_capture()
             finally:
-                self._pool, self._capturing = outer, False
+                self._pool, self._capturing, self._pending = outer, False, None
             self._graphs[key] = graph
         else:
             self._stage(batch, graph)
@@ -488,26 +537,38 @@ class GpuBackend:
         self._static = []
         return graph.output
 
+    def replay_ms(self, n: int = 100) -> float:
+        """Device milliseconds per replay of the captured decode graph (its kernels alone, no host work)."""
+        graph = self._graphs[(1, 1)]
+        start, end = self.rt.event(), self.rt.event()
+        self.rt.record(start)
+        for _ in range(n):
+            self.rt.replay(graph.executable)
+        self.rt.record(end)
+        return self.rt.elapsed_ms(start, end) / n
+
     def _stage(self, batch: Batch, graph: _Graph) -> None:
         seg = batch.segments[0]
-        host = np.concatenate([batch.tokens, batch.positions, batch.slots, seg.positions, seg.key_slots]).astype(np.int32)
+        arrays = [batch.tokens, batch.positions, batch.slots, seg.positions, seg.key_slots]
+        host = np.concatenate(arrays).astype(np.int32)
         if len(host) > graph.inputs.size:
             raise DeviceError(f"decode graph inputs hold {graph.inputs.size - 4} key slots, {len(seg.key_slots)} needed")
         self.rt.copy_to_device(graph.inputs.address, host)
         views = [graph.inputs.rows(i, i + 1) for i in range(4)] + [graph.inputs.rows(4, 4 + len(seg.key_slots))]
-        self._static = list(zip([batch.tokens, batch.positions, batch.slots, seg.positions, seg.key_slots], views))
+        self._static = list(zip(arrays, views))
 
     # --- profiling ------------------------------------------------------------------------------------------
     def profile(self, run: Callable[[], Any]) -> list[tuple[str, str, float]]:
         """Run ``run()`` eagerly with an event pair around every kernel -> ``[(label, kernel, ms)]``.
 
-        ``label`` is ``self.profile_label`` at launch time (a caller can set it per layer, e.g. from a hook).
+        ``label`` is ``self.profile_label`` when the op was called (a caller sets it per layer).
         """
+        self._flush()
         self._profile = []
         try:
             run()
+            self._flush()
             self.rt.synchronize()
             return [(label, kernel, self.rt.elapsed_ms(s, e)) for label, kernel, s, e in self._profile]
         finally:
             self._profile = None
-
