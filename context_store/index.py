@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class VectorIndex:
-    def __init__(self, db: StoreDB, dim: int, M: int = 16, ef_construction: int = 200, ef: int = 64):
+    def __init__(self, db: StoreDB, dim: int, M: int = 32, ef_construction: int = 200, ef: int = 128):
         self.db = db
         self.dim = dim
         self.M = M

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -91,7 +92,7 @@ class ContextStore:
 
     def __init__(self, path: str | os.PathLike, embed: Embed, dim: int | None = None, *,
                  chunk_size: int = 200, chunk_overlap: int = 40, token_spans: TokenSpans | None = None,
-                 ef: int = 64, M: int = 16, ef_construction: int = 200, reembed: bool = False):
+                 ef: int = 128, M: int = 32, ef_construction: int = 200, reembed: bool = False):
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.embed = embed
@@ -101,7 +102,10 @@ class ContextStore:
         self.token_spans = token_spans or getattr(embed, "token_spans", None)
         self._thread_lock = threading.Lock()
         self._file_lock = FileLock(str(self.path) + ".lock", thread_local=False)
-        self.db = StoreDB(self.path)
+        try:
+            self.db = StoreDB(self.path)
+        except sqlite3.DatabaseError as exc:
+            raise ContextStoreError(f"{self.path} is not a context store: {exc}") from exc
         self._check_embedder(reembed)
         self.index = VectorIndex(self.db, self.dim, M=M, ef_construction=ef_construction, ef=ef)
         if reembed:

@@ -233,6 +233,10 @@ def test_bad_inputs_raise_clear_errors(store: ContextStore) -> None:
     with pytest.raises(ContextStoreError, match="cannot read"):
         store.add_document("/no/such/file.txt")
     assert math.isclose(len(store.search("cats", k=2)), 2)
+    not_a_db = store.path.parent / "notes.txt"
+    not_a_db.write_text("just some text, long enough to fill SQLite's 100-byte header check. " * 3)
+    with pytest.raises(ContextStoreError, match="is not a context store"):
+        ContextStore(not_a_db, embed=HashedNgramEmbedder())
 
 
 def test_word_piece_chunks_start_and_end_on_word_boundaries() -> None:

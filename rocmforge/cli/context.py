@@ -136,7 +136,7 @@ def add(ctx: click.Context, paths: tuple[str, ...], texts: tuple[str, ...], glob
 @click.option("--collection", default=None, help="Only this collection.")
 @click.option("--source", default=None, help="Only sources matching this glob.")
 @click.option("-w", "--where", "where", multiple=True, help="key=value metadata filter (repeatable).")
-@click.option("--ef", type=click.IntRange(min=1), default=64, show_default=True, help="HNSW search breadth.")
+@click.option("--ef", type=click.IntRange(min=1), default=128, show_default=True, help="HNSW search breadth.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per hit per line (NDJSON).")
 @click.pass_context
 def search(ctx: click.Context, query: str, k: int, mode: str, collection: str | None, source: str | None,
