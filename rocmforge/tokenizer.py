@@ -175,8 +175,8 @@ class Tokenizer:
         >>> tok = Tokenizer.from_gguf(resolve("gemma3-270m"))
         >>> tok.encode("Hi there")
         [2, 10979, 993]
-        >>> tok.token_text(2), tok.bos_id, sorted(tok.eot_ids)
-        ('<bos>', 2, [1, 106])
+        >>> tok.token_text(2), tok.bos_id, [tok.token_text(i) for i in sorted(tok.eot_ids)]
+        ('<bos>', 2, ['<eos>', '<end_of_turn>', '</s>'])
     """
 
     def __init__(self, metadata: Mapping[str, Any]):
@@ -473,7 +473,7 @@ class IncrementalDecoder:
         >>> tok = Tokenizer.from_gguf(resolve("smollm2-135m"))
         >>> decoder = tok.incremental_decoder()
         >>> [decoder.feed(i) for i in tok.encode("ok 🦙")] + [decoder.flush()]
-        ['ok', ' ', '', '', '🦙', '']
+        ['ok', ' ', '', '🦙', '']
     """
 
     def __init__(self, tokenizer: Tokenizer, special: bool = True):
