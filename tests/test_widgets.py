@@ -16,7 +16,9 @@ from rocmforge.engine import step_all_forward
 from rocmforge.sampler import Sampler, SamplingParams, top_alternatives
 from rocmforge.widgets import GenerationPanel
 from rocmforge.widgets import render
+from rocmforge.hooks import act_name
 from rocmforge.widgets.inside import supports_hooks
+from rocmforge.widgets.render import MAX_HEATMAP_POSITIONS as MAX_QUERY_ROWS
 from rocmforge.widgets.prompting import cited_passages
 from rocmforge.widgets.record import TokenStep
 
@@ -191,19 +193,25 @@ def test_token_view_colours_by_probability_and_titles_the_alternatives():
 def test_inside_view_patterns_and_logit_lens(model):
     if not supports_hooks(model):
         pytest.skip("Model.run_with_cache is not available yet (hooks API)")
-    panel = _panel(model, max_new_tokens=4, temperature=0.0)
+    long_prompt = " ".join([PROMPT] * 12)  # longer than the 48 query rows the view keeps
+    panel = _panel(model, prompt=long_prompt, max_new_tokens=3, temperature=0.0)
     result = panel.generate(wait=True)
     view = panel.look_inside()
     ids = result.prompt_ids + result.token_ids
     n = len(ids)
+    assert n > MAX_QUERY_ROWS
     assert view.n_layers == model.cfg.n_layers and view.n_heads == model.cfg.n_heads
+    _, cache = model.run_with_cache(ids, names_filter=act_name("pattern", 2))
+    np.testing.assert_array_equal(view.pattern(layer=2, head=1), cache["pattern", 2][1][-MAX_QUERY_ROWS:])
     pattern = view.pattern(layer=2, head=1)
-    assert pattern.shape == (n, n)
     np.testing.assert_allclose(pattern.sum(axis=-1), 1.0, rtol=1e-5)
-    assert np.all(pattern[np.triu_indices(n, 1)] == 0)  # causal: no query looks ahead
+    queries = np.arange(n - MAX_QUERY_ROWS, n)[:, None]
+    assert np.all(pattern[np.arange(n)[None, :] > queries] == 0)  # causal: no query looks ahead
     logits = model.forward(ids)[-1]
     assert view.lens[-1][0] == "final" and view.lens[-1][1] == int(np.argmax(logits))
     assert len(view.lens) == model.cfg.n_layers + 1
     panel.layer.value, panel.head.value = 2, 1
     assert panel.attention.value == render.attention_html(pattern, view.labels, "layer 2, head 1")
+    assert f"(last {MAX_QUERY_ROWS} of {n} positions)" in panel.attention.value
+    assert panel.attention.value.count("<tr>") == MAX_QUERY_ROWS + 1
     assert panel.logit_lens.value.count("<tr>") == model.cfg.n_layers + 2  # header + one per stage

@@ -126,6 +126,7 @@ class GenerationPanel:
                     "params": self.sampling_params(), "max_new_tokens": self.max_new_tokens.value,
                     "k": self.k.value if self.store is not None and self.use_context.value else 0}
         self._stop_requested.clear()
+        self.progress, self.output.outputs = [], ()  # before the thread starts, so callers never see the last run's
         self._start(lambda: self._generate(**settings), busy="generating…")
         if wait:
             return self.wait()
@@ -202,7 +203,6 @@ class GenerationPanel:
             self.progress.append(step)
             self.status.value = f"<i>generating… {len(self.progress)} tokens</i>"
 
-        self.output.outputs, self.progress = (), []
         result = record_generation(self.model, prompt_ids(self.model, text, chat), params, max_new_tokens,
                                    prompt=text, on_text=show, on_token=count, stop_requested=self._stop_requested)
         result.passages, result.cited = passages, cited_passages(result.text, len(passages))

@@ -80,15 +80,20 @@ def logit_lens_html(rows: Sequence[tuple[str, int, str, float]]) -> str:
 
 
 def attention_html(pattern: np.ndarray, labels: Sequence[str], title: str) -> str:
-    """A ``[query, key]`` attention pattern as a shaded table (last ``MAX_HEATMAP_POSITIONS`` positions)."""
-    start = max(0, len(labels) - MAX_HEATMAP_POSITIONS)
-    pattern, labels = pattern[start:, start:], [_shown(repr(t)) for t in labels[start:]]
+    """A ``[query, key]`` attention pattern of the last query positions as a shaded table.
+
+    ``labels`` name every position; the table shows the last ``MAX_HEATMAP_POSITIONS`` queries and keys (the
+    weights of earlier keys are left out, so a shown row can sum to less than 1; each cell's title is its weight).
+    """
+    n = len(labels)
+    shown = min(n, MAX_HEATMAP_POSITIONS, pattern.shape[0])
+    pattern, labels = pattern[-shown:, n - shown:], [_shown(repr(t)) for t in labels[n - shown:]]
     head = "".join(f'<th style="writing-mode:vertical-rl;font-weight:normal">{t}</th>' for t in labels)
     rows = []
     for q, label in enumerate(labels):
         cells = "".join(f'<td title="{w:.4f}" style="background:rgba(30,90,200,{w:.3f});width:10px"></td>'
                         for w in pattern[q])
         rows.append(f'<tr><th style="text-align:right;font-weight:normal">{label}</th>{cells}</tr>')
-    note = f" (last {len(labels)} of {start + len(labels)} positions)" if start else ""
+    note = f" (last {shown} of {n} positions)" if shown < n else ""
     return (f'<div class="rf-attention"><b>{html.escape(title)}</b>{note}<table style="border-collapse:collapse;'
             f'font-family:monospace;font-size:10px"><tr><th></th>{head}</tr>{"".join(rows)}</table></div>')
