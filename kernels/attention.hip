@@ -1,132 +1,170 @@
-// attention.hip: causal attention with grouped-query heads and an optional sliding window.
+// attention.hip: causal attention with grouped-query heads, an optional sliding window and soft-capping.
 // Layouts: queries [T, H, D]; key and value pools [slots, Hkv, D] (the paged KV cache), where the key
 // of position p lives in slot key_slots[p]; query head h reads kv head h / (H / Hkv). Query t sits at
 // positions[t] and sees keys p with p <= positions[t] and (window == 0 or positions[t] - p < window).
 // Scores are scale * q.k, then softcap * tanh(score / softcap) when softcap > 0.
 //
-// attn_prefill: flash attention. A block holds one query per warp and walks the keys in tiles
-//   of `bkv` (<= 32) kept in shared memory, with an online softmax, so any sequence length
-//   fits. grid = (ceil(T / warps), H); dynamic shared memory = see attn_prefill_smem in Python.
-// attn_decode: split-K flash-decode for one query per head. Each of `n_splits` blocks per head
-//   reduces one slice of the visible keys to (max, sum, unnormalised output); the last block of a
+// Both kernels walk the keys in tiles of up to 32: lane j scores key j of the tile (a whole dot
+// product), the warp takes the tile's max and sum (online softmax, so any length fits), and then the
+// lanes switch to owning output dimensions and accumulate p_j * v_j. The head width D is a template
+// parameter (64, 128, 256 have their own kernels; *_any takes any D <= 256 at run time).
+//
+// attn_prefill: one query per warp, a block's queries share each key/value tile in shared memory.
+//   grid = (ceil(T / warps), H), block = 256 threads, dynamic shared memory: see the host.
+// attn_decode: split-K flash-decode of one query per head. Each of the n_splits blocks of a head
+//   reduces a slice of the visible keys to (max, sum, unnormalised output); the last block of the
 //   head to finish (a ticket counter per head) merges the slices. The number of keys comes from
 //   positions[0] on the device, so a captured graph replays correctly as the cache grows.
+//   grid = (n_splits, H), block = 4 warps.
 
-#define RF_MAX_D 256
-#define RF_D_PER_LANE (RF_MAX_D / RF_WARP)
+#define RF_TILE 32
 
-extern "C" __global__ void attn_prefill(const float* Q, const float* Kc, const float* Vc, float* O,
-                                        const int* positions, const int* key_slots, int T, int H, int Hkv,
-                                        int D, float scale, float softcap, int window, int bkv) {
+__device__ __forceinline__ bool visible(int key, int qp, int window) {
+    return key <= qp && (window == 0 || qp - key < window);
+}
+
+__device__ __forceinline__ float capped(float s, float softcap) {
+    return softcap > 0.0f ? softcap * tanhf(s / softcap) : s;
+}
+
+// One tile step of the online softmax for a warp: lane j holds score s of key j (or -inf).
+// Returns p_j (this lane's key weight); o[] are this lane's output dims (d = lane + i * RF_WARP).
+template <int DMAX>
+__device__ __forceinline__ float online_update(float s, float& m, float& l, float* o) {
+    const float m_new = fmaxf(m, warp_max(s));
+    if (m_new == RF_NEG_INF) return 0.0f;  // nothing visible yet
+    const float p = s == RF_NEG_INF ? 0.0f : expf(s - m_new);
+    const float corr = expf(m - m_new);  // 0 on the first visible tile (m = -inf)
+    l = l * corr + warp_sum(p);
+    for (int i = 0; i < DMAX / RF_WARP + (DMAX % RF_WARP != 0); i++) o[i] *= corr;
+    m = m_new;
+    return p;
+}
+
+// EXACT: D == DMAX, known to the compiler (loops unrolled, no bounds checks); else any D <= DMAX.
+template <int DMAX, bool EXACT>
+__device__ void prefill(const float* Q, const float* Kc, const float* Vc, float* O, const int* positions,
+                        const int* key_slots, int T, int H, int Hkv, int D_arg, float scale, float softcap, int window,
+                        int bkv) {
+    constexpr int PER_LANE = (DMAX + RF_WARP - 1) / RF_WARP;
+    const int D = EXACT ? DMAX : D_arg;
     extern __shared__ float smem[];
     const int n_warps = blockDim.x / RF_WARP, warp = threadIdx.x / RF_WARP, lane = threadIdx.x % RF_WARP;
-    float* ks = smem;                         // [bkv][D + 1]: the +1 spreads a lane's row over banks
-    float* vs = ks + bkv * (D + 1);           // [bkv][D]
-    float* qs = vs + bkv * D;                 // [n_warps][D]
+    float* ks = smem;                   // [bkv][D + 1]: the +1 spreads a lane's row over the banks
+    float* vs = ks + bkv * (D + 1);     // [bkv][D]
+    float* qs = vs + bkv * D;           // [n_warps][D]
     const int h = blockIdx.y, kvh = h / (H / Hkv);
-    const int t_first = blockIdx.x * n_warps;
-    const int t_last = min(T - 1, t_first + n_warps - 1);
+    const int t_first = blockIdx.x * n_warps, t_last = min(T - 1, t_first + n_warps - 1);
     const int t = t_first + warp;
     const bool active = t < T;
     const int qp = active ? positions[t] : 0;
     const int hi = positions[t_last];
     const int lo = window > 0 ? max(0, positions[t_first] - window + 1) : 0;
-
     if (active)
         for (int d = lane; d < D; d += RF_WARP) qs[warp * D + d] = Q[((long)t * H + h) * D + d] * scale;
-    float o[RF_D_PER_LANE];
-    for (int i = 0; i < RF_D_PER_LANE; i++) o[i] = 0.0f;
+    float o[PER_LANE];
+    for (int i = 0; i < PER_LANE; i++) o[i] = 0.0f;
     float m = RF_NEG_INF, l = 0.0f;
-
+    const int quads = D / 4;
     for (int k0 = lo; k0 <= hi; k0 += bkv) {
         __syncthreads();  // the previous tile is no longer read
-        for (int idx = threadIdx.x; idx < bkv * D; idx += blockDim.x) {
-            const int j = idx / D, d = idx % D, key = k0 + j;
-            const long src = key <= hi ? ((long)key_slots[key] * Hkv + kvh) * D + d : 0;
-            ks[j * (D + 1) + d] = key <= hi ? Kc[src] : 0.0f;
-            vs[j * D + d] = key <= hi ? Vc[src] : 0.0f;
+        for (int idx = threadIdx.x; idx < bkv * quads; idx += blockDim.x) {
+            const int j = idx / quads, d = (idx % quads) * 4, key = k0 + j;
+            float4 kv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv = kv;
+            if (key <= hi) {
+                const long src = ((long)key_slots[key] * Hkv + kvh) * D + d;
+                kv = *(const float4*)(Kc + src);
+                vv = *(const float4*)(Vc + src);
+            }
+            float* kd = ks + j * (D + 1) + d;
+            kd[0] = kv.x; kd[1] = kv.y; kd[2] = kv.z; kd[3] = kv.w;
+            *(float4*)(vs + j * D + d) = vv;
         }
         __syncthreads();
         if (!active) continue;
         float s = RF_NEG_INF;
-        const int key = k0 + lane;
-        if (lane < bkv && key <= qp && (window == 0 || qp - key < window)) {
+        if (lane < bkv && visible(k0 + lane, qp, window)) {
             s = 0.0f;
-            for (int d = 0; d < D; d++) s += qs[warp * D + d] * ks[lane * (D + 1) + d];
-            if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
+            const float* kr = ks + lane * (D + 1);
+            const float* qr = qs + warp * D;
+            #pragma unroll 8
+            for (int d = 0; d < D; d++) s += qr[d] * kr[d];
+            s = capped(s, softcap);
         }
-        const float m_new = fmaxf(m, warp_max(s));
-        if (m_new == RF_NEG_INF) continue;  // nothing visible yet in this tile or before
-        const float p = s == RF_NEG_INF ? 0.0f : expf(s - m_new);
-        const float corr = expf(m - m_new);  // 0 on the first visible tile (m = -inf)
-        l = l * corr + warp_sum(p);
-        for (int i = 0; i < RF_D_PER_LANE; i++) o[i] *= corr;
+        const float p = online_update<DMAX>(s, m, l, o);
+        if (m == RF_NEG_INF) continue;
         for (int j = 0; j < bkv; j++) {
             const float pj = shfl(p, j);
-            for (int i = 0; i < RF_D_PER_LANE; i++) {
+            #pragma unroll
+            for (int i = 0; i < PER_LANE; i++) {
                 const int d = lane + i * RF_WARP;
                 if (d < D) o[i] += pj * vs[j * D + d];
             }
         }
-        m = m_new;
     }
     if (!active) return;
-    for (int i = 0; i < RF_D_PER_LANE; i++) {
+    for (int i = 0; i < PER_LANE; i++) {
         const int d = lane + i * RF_WARP;
         if (d < D) O[((long)t * H + h) * D + d] = o[i] / l;
     }
 }
 
-// grid = (n_splits, H), block = a few warps (at most 16). Scratch: part_o [H, n_splits, D],
-// part_ml [H, n_splits, 2]; tickets [H] must be zero before the first launch (the kernel resets them).
-extern "C" __global__ void attn_decode(const float* q, const float* Kc, const float* Vc, const int* positions,
-                                       const int* key_slots, int H, int Hkv, int D, float scale, float softcap,
-                                       int window, float* part_o, float* part_ml, int* tickets, float* out) {
+template <int DMAX, bool EXACT>
+__device__ void decode(const float* q, const float* Kc, const float* Vc, const int* positions, const int* key_slots,
+                       int H, int Hkv, int D_arg, float scale, float softcap, int window, float* part_o, float* part_ml,
+                       int* tickets, float* out) {
+    constexpr int PER_LANE = (DMAX + RF_WARP - 1) / RF_WARP;
+    const int D = EXACT ? DMAX : D_arg;
+    __shared__ float qs[DMAX];
     __shared__ float w_m[RF_MAX_WARPS], w_l[RF_MAX_WARPS];
-    __shared__ float w_o[RF_MAX_WARPS / 2][RF_MAX_D];  // at most 16 warps per block
+    __shared__ float w_o[4][DMAX];  // launched with 4 warps
+    __shared__ int is_last;
     const int n_warps = blockDim.x / RF_WARP, warp = threadIdx.x / RF_WARP, lane = threadIdx.x % RF_WARP;
     const int split = blockIdx.x, n_splits = gridDim.x, h = blockIdx.y, kvh = h / (H / Hkv);
     const int qp = positions[0];
     const int lo = window > 0 ? max(0, qp - window + 1) : 0;
     const int per_split = (qp - lo + 1 + n_splits - 1) / n_splits;
     const int s0 = lo + split * per_split, s1 = min(qp + 1, s0 + per_split);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) qs[d] = q[(long)h * D + d] * scale;
+    __syncthreads();
 
-    float qv[RF_D_PER_LANE], o[RF_D_PER_LANE];
-    for (int i = 0; i < RF_D_PER_LANE; i++) {
-        const int d = lane + i * RF_WARP;
-        qv[i] = d < D ? q[(long)h * D + d] * scale : 0.0f;
-        o[i] = 0.0f;
-    }
+    float o[PER_LANE];
+    for (int i = 0; i < PER_LANE; i++) o[i] = 0.0f;
     float m = RF_NEG_INF, l = 0.0f;
-    for (int key = s0 + warp; key < s1; key += n_warps) {
-        const long slot = key_slots[key];
-        const float* kr = Kc + (slot * Hkv + kvh) * D;
-        const float* vr = Vc + (slot * Hkv + kvh) * D;
-        float s = 0.0f;
-        for (int i = 0; i < RF_D_PER_LANE; i++) {
-            const int d = lane + i * RF_WARP;
-            if (d < D) s += qv[i] * kr[d];
+    for (int k0 = s0 + warp * RF_TILE; k0 < s1; k0 += n_warps * RF_TILE) {
+        const int key = k0 + lane;
+        const bool mine = lane < RF_TILE && key < s1;
+        const long row = mine ? ((long)key_slots[key] * Hkv + kvh) * D : 0;
+        float s = RF_NEG_INF;
+        if (mine) {
+            s = 0.0f;
+            for (int d = 0; d < D; d += 4) {
+                const float4 kk = *(const float4*)(Kc + row + d);
+                s += qs[d] * kk.x + qs[d + 1] * kk.y + qs[d + 2] * kk.z + qs[d + 3] * kk.w;
+            }
+            s = capped(s, softcap);
         }
-        s = warp_sum(s);
-        if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
-        const float m_new = fmaxf(m, s);
-        const float corr = expf(m - m_new), p = expf(s - m_new);
-        l = l * corr + p;
-        for (int i = 0; i < RF_D_PER_LANE; i++) {
-            const int d = lane + i * RF_WARP;
-            o[i] = o[i] * corr + (d < D ? p * vr[d] : 0.0f);
+        const float p = online_update<DMAX>(s, m, l, o);
+        const int n_keys = min(RF_TILE, s1 - k0);
+        for (int j = 0; j < n_keys; j++) {
+            const float pj = shfl(p, j);
+            const long vrow = ((long)key_slots[k0 + j] * Hkv + kvh) * D;
+            #pragma unroll
+            for (int i = 0; i < PER_LANE; i++) {
+                const int d = lane + i * RF_WARP;
+                if (d < D) o[i] += pj * Vc[vrow + d];
+            }
         }
-        m = m_new;
     }
-    // merge the warps of this block
+    // merge the warps of this block into one slice
     if (lane == 0) { w_m[warp] = m; w_l[warp] = l; }
     __syncthreads();
     float mb = RF_NEG_INF;
     for (int w = 0; w < n_warps; w++) mb = fmaxf(mb, w_m[w]);
-    const float my_scale = m == RF_NEG_INF ? 0.0f : expf(m - mb);
-    for (int i = 0; i < RF_D_PER_LANE; i++) {
+    const float mine_scale = m == RF_NEG_INF ? 0.0f : expf(m - mb);
+    for (int i = 0; i < PER_LANE; i++) {
         const int d = lane + i * RF_WARP;
-        if (d < D) w_o[warp][d] = o[i] * my_scale;
+        if (d < D) w_o[warp][d] = o[i] * mine_scale;
     }
     __syncthreads();
     const long part = (long)h * n_splits + split;
@@ -143,7 +181,6 @@ extern "C" __global__ void attn_decode(const float* q, const float* Kc, const fl
     }
 
     // the last block of this head to get here merges all slices
-    __shared__ int is_last;
     __threadfence();  // this block's slice is visible to every block before its ticket is taken
     __syncthreads();
     if (threadIdx.x == 0) is_last = atomicAdd(&tickets[h], 1) == n_splits - 1;
@@ -157,8 +194,9 @@ extern "C" __global__ void attn_decode(const float* q, const float* Kc, const fl
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float num = 0.0f, den = 0.0f;
         for (int s = 0; s < n_splits; s++) {
-            if (ml[2 * s] == RF_NEG_INF) continue;  // an empty slice
-            const float w = expf(ml[2 * s] - mx);
+            const float ms = ml[2 * s];
+            if (ms == RF_NEG_INF) continue;  // an empty slice
+            const float w = expf(ms - mx);
             num += w * po[s * D + d];
             den += w * ml[2 * s + 1];
         }
@@ -166,3 +204,21 @@ extern "C" __global__ void attn_decode(const float* q, const float* Kc, const fl
     }
     if (threadIdx.x == 0) tickets[h] = 0;  // ready for the next launch
 }
+
+#define RF_ATTENTION_KERNELS(suffix, DMAX, EXACT)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256) attn_prefill_##suffix(                                        \
+        const float* Q, const float* Kc, const float* Vc, float* O, const int* positions, const int* key_slots,      \
+        int T, int H, int Hkv, int D, float scale, float softcap, int window, int bkv) {                             \
+        prefill<DMAX, EXACT>(Q, Kc, Vc, O, positions, key_slots, T, H, Hkv, D, scale, softcap, window, bkv);              \
+    }                                                                                                               \
+    extern "C" __global__ void attn_decode_##suffix(const float* q, const float* Kc, const float* Vc,                \
+                                                    const int* positions, const int* key_slots, int H, int Hkv,     \
+                                                    int D, float scale, float softcap, int window, float* part_o,   \
+                                                    float* part_ml, int* tickets, float* out) {                     \
+        decode<DMAX, EXACT>(q, Kc, Vc, positions, key_slots, H, Hkv, D, scale, softcap, window, part_o, part_ml, tickets, \
+                     out);                                                                                          \
+    }
+RF_ATTENTION_KERNELS(d64, 64, true)
+RF_ATTENTION_KERNELS(d128, 128, true)
+RF_ATTENTION_KERNELS(d256, 256, true)
+RF_ATTENTION_KERNELS(any, 256, false)

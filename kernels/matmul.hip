@@ -4,8 +4,9 @@
 //                  values at a time and meet in a warp reduction. Up to three matrices with the same
 //                  input go in one launch; an RMSNorm in front and a residual add behind can be fused.
 //   matvec_glu_<type>: gate and up rows of the MLP together, with SiLU/GELU applied.
-//   matmul_<type>: many tokens (prefill). 64x64 output tiles, 32-deep K slices; the weight
-//                  slice is decoded once into shared memory and used by all 64 tokens. A residual
+//   matmul_<type>, matmul_m32_<type>: many tokens (prefill). 64 (or 32) tokens x 64 outputs per tile,
+//                  32-deep K slices; the weight slice is decoded once into shared memory and used by
+//                  all the tile's tokens. A residual
 //                  add can be fused behind it: sum = Y + add.
 #include "quant.h"
 
@@ -85,50 +86,52 @@ __device__ void matvec_glu(const float* x, int K, const float* norm_w, float eps
     }
 }
 
-#define TILE_M 64
 #define TILE_N 64
 #define TILE_K 32
 
-// 256 threads; each computes a 4x4 patch of the 64x64 tile. Needs K % 32 == 0.
-template <int T>
+// 256 threads compute a TM x 64 tile (TM = 64 or 32 tokens), each thread a (TM/16) x 4 patch; smaller
+// TM gives more blocks when there are few output tiles. Needs K % 32 == 0.
+template <int T, int TM>
 __device__ void matmul(const u8* W, long row_bytes, const float* X, float* Y, int M, int N, int K, const float* add,
                        float* sum) {
-    __shared__ float xs[TILE_K][TILE_M + 4];  // transposed: xs[k][m]
+    constexpr int RM = TM / 16, XV = TM / 8;  // rows per thread; X values each thread loads per K slice
+    __shared__ float xs[TILE_K][TM + 4];      // transposed: xs[k][m]
     __shared__ float ws[TILE_K][TILE_N + 4];  // transposed: ws[k][n]
     const int tid = threadIdx.x;
-    const int m0 = blockIdx.y * TILE_M, n0 = blockIdx.x * TILE_N;
-    const int load_r = tid / 4, load_k = (tid % 4) * 8;  // each thread loads 8 values of one row
-    const int tm = (tid / 16) * 4, tn = (tid % 16) * 4;
-    float acc[4][4] = {};
+    const int m0 = blockIdx.y * TM, n0 = blockIdx.x * TILE_N;
+    const int x_r = tid / (TILE_K / XV), x_k = (tid % (TILE_K / XV)) * XV;
+    const int w_r = tid / 4, w_k = (tid % 4) * 8;  // each thread decodes 8 values of one weight row
+    const int tm = (tid / 16) * RM, tn = (tid % 16) * 4;
+    float acc[RM][4] = {};
     for (int k0 = 0; k0 < K; k0 += TILE_K) {
-        float v[8];
-        const int m = m0 + load_r;
-        if (m < M) {
-            const float4 a = *(const float4*)(X + (long)m * K + k0 + load_k);
-            const float4 b = *(const float4*)(X + (long)m * K + k0 + load_k + 4);
-            v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-        } else {
-            for (int i = 0; i < 8; i++) v[i] = 0.0f;
+        const int m = m0 + x_r;
+        #pragma unroll
+        for (int i = 0; i < XV; i += 4) {
+            float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (m < M) a = *(const float4*)(X + (long)m * K + k0 + x_k + i);
+            xs[x_k + i][x_r] = a.x; xs[x_k + i + 1][x_r] = a.y; xs[x_k + i + 2][x_r] = a.z; xs[x_k + i + 3][x_r] = a.w;
         }
-        for (int i = 0; i < 8; i++) xs[load_k + i][load_r] = v[i];
-        const int n = n0 + load_r;
-        if (n < N) dequant8<T>(W + n * row_bytes, k0 + load_k, v);
+        float v[8];
+        const int n = n0 + w_r;
+        if (n < N) dequant8<T>(W + n * row_bytes, k0 + w_k, v);
         else for (int i = 0; i < 8; i++) v[i] = 0.0f;
-        for (int i = 0; i < 8; i++) ws[load_k + i][load_r] = v[i];
+        for (int i = 0; i < 8; i++) ws[w_k + i][w_r] = v[i];
         __syncthreads();
         #pragma unroll 8
         for (int k = 0; k < TILE_K; k++) {
-            const float4 a = *(const float4*)&xs[k][tm];
-            const float4 b = *(const float4*)&ws[k][tn];
-            const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+            float av[RM];
             #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int i = 0; i < RM; i++) av[i] = xs[k][tm + i];
+            const float4 b = *(const float4*)&ws[k][tn];
+            const float bv[4] = {b.x, b.y, b.z, b.w};
+            #pragma unroll
+            for (int i = 0; i < RM; i++)
                 #pragma unroll
                 for (int j = 0; j < 4; j++) acc[i][j] += av[i] * bv[j];
         }
         __syncthreads();
     }
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < RM; i++) {
         const int m = m0 + tm + i;
         if (m >= M) continue;
         for (int j = 0; j < 4; j++) {
@@ -156,6 +159,11 @@ __device__ void matmul(const u8* W, long row_bytes, const float* X, float* Y, in
     extern "C" __global__ void __launch_bounds__(256) matmul_##name(const u8* W, long row_bytes, const float* X, \
                                                                     float* Y, int M, int N, int K, const float* add, \
                                                                     float* sum) {                                \
-        matmul<T>(W, row_bytes, X, Y, M, N, K, add, sum);                                                        \
+        matmul<T, 64>(W, row_bytes, X, Y, M, N, K, add, sum);                                                    \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) matmul_m32_##name(const u8* W, long row_bytes,             \
+                                                                        const float* X, float* Y, int M, int N,  \
+                                                                        int K, const float* add, float* sum) {   \
+        matmul<T, 32>(W, row_bytes, X, Y, M, N, K, add, sum);                                                    \
     }
 RF_FOR_EACH_TYPE(RF_MATMUL_KERNELS)

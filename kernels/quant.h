@@ -14,8 +14,20 @@
 #define GGML_Q6_K 14
 #define GGML_BF16 30
 
-__device__ __forceinline__ u16 ld16(const u8* p) { return (u16)(p[0] | (p[1] << 8)); }
-__device__ __forceinline__ u32 ld32(const u8* p) { return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24); }
+// Every block size is even, so 2-byte loads are always aligned; 4-byte ones only where the block size
+// and the offset allow (ALIGN4). Few wide loads instead of many byte loads keep the matvecs fast.
+__device__ __forceinline__ u16 ld16(const u8* p) { return *(const u16*)p; }
+__device__ __forceinline__ u32 ld32_2(const u8* p) { return (u32)ld16(p) | ((u32)ld16(p + 2) << 16); }
+
+// 8 bytes starting at p as two little-endian words (p is 4-byte aligned when ALIGN4, else 2-byte).
+template <bool ALIGN4>
+__device__ __forceinline__ void ld8(const u8* p, u32& lo, u32& hi) {
+    if (ALIGN4) { lo = *(const u32*)p; hi = *(const u32*)(p + 4); }
+    else { lo = ld32_2(p); hi = ld32_2(p + 4); }
+}
+
+// byte i (0..7) of the 8 loaded bytes
+__device__ __forceinline__ u32 byte_of(u32 lo, u32 hi, int i) { return ((i < 4 ? lo : hi) >> (8 * (i & 3))) & 0xFF; }
 
 // 6-bit scale and min of sub-block j (0..7) packed in the 12 scale bytes of Q4_K / Q5_K.
 __device__ __forceinline__ void k_scale_min(int j, const u8* s, float* sc, float* mn) {
@@ -43,70 +55,78 @@ __device__ __forceinline__ void dequant8(const u8* row, int k, float* v) {
         const u8* b = row + (k / 32) * 18;
         const int i0 = k % 32, shift = i0 >= 16 ? 4 : 0;
         const float d = f16_to_f32(ld16(b));
-        const u8* qs = b + 2 + (i0 % 16);
-        for (int i = 0; i < 8; i++) v[i] = (float)(((qs[i] >> shift) & 0xF) - 8) * d;
+        u32 lo, hi;
+        ld8<false>(b + 2 + (i0 % 16), lo, hi);
+        for (int i = 0; i < 8; i++) v[i] = (float)((int)((byte_of(lo, hi, i) >> shift) & 0xF) - 8) * d;
     } else if (T == GGML_Q4_1) {  // d, m, qs[16]: value = nibble * d + m
         const u8* b = row + (k / 32) * 20;
         const int i0 = k % 32, shift = i0 >= 16 ? 4 : 0;
         const float d = f16_to_f32(ld16(b)), m = f16_to_f32(ld16(b + 2));
-        const u8* qs = b + 4 + (i0 % 16);
-        for (int i = 0; i < 8; i++) v[i] = (float)((qs[i] >> shift) & 0xF) * d + m;
+        u32 lo, hi;
+        ld8<true>(b + 4 + (i0 % 16), lo, hi);
+        for (int i = 0; i < 8; i++) v[i] = (float)((byte_of(lo, hi, i) >> shift) & 0xF) * d + m;
     } else if (T == GGML_Q5_0) {  // d, qh[4], qs[16]: value = (nibble | bit<<4) - 16) * d
         const u8* b = row + (k / 32) * 22;
         const int i0 = k % 32, shift = i0 >= 16 ? 4 : 0;
         const float d = f16_to_f32(ld16(b));
-        const u32 qh = ld32(b + 2);
-        const u8* qs = b + 6 + (i0 % 16);
+        const u32 qh = ld32_2(b + 2);
+        u32 lo, hi;
+        ld8<false>(b + 6 + (i0 % 16), lo, hi);
         for (int i = 0; i < 8; i++) {
-            const int q = ((qs[i] >> shift) & 0xF) | (((qh >> (i0 + i)) & 1) << 4);
+            const int q = ((byte_of(lo, hi, i) >> shift) & 0xF) | (((qh >> (i0 + i)) & 1) << 4);
             v[i] = (float)(q - 16) * d;
         }
     } else if (T == GGML_Q5_1) {  // d, m, qh[4], qs[16]: value = (nibble | bit<<4) * d + m
         const u8* b = row + (k / 32) * 24;
         const int i0 = k % 32, shift = i0 >= 16 ? 4 : 0;
         const float d = f16_to_f32(ld16(b)), m = f16_to_f32(ld16(b + 2));
-        const u32 qh = ld32(b + 4);
-        const u8* qs = b + 8 + (i0 % 16);
+        const u32 qh = *(const u32*)(b + 4);
+        u32 lo, hi;
+        ld8<true>(b + 8 + (i0 % 16), lo, hi);
         for (int i = 0; i < 8; i++) {
-            const int q = ((qs[i] >> shift) & 0xF) | (((qh >> (i0 + i)) & 1) << 4);
+            const int q = ((byte_of(lo, hi, i) >> shift) & 0xF) | (((qh >> (i0 + i)) & 1) << 4);
             v[i] = (float)q * d + m;
         }
     } else if (T == GGML_Q8_0) {  // d, qs[32] int8
         const u8* b = row + (k / 32) * 34;
         const float d = f16_to_f32(ld16(b));
-        const i8* qs = (const i8*)(b + 2 + k % 32);
-        for (int i = 0; i < 8; i++) v[i] = (float)qs[i] * d;
+        u32 lo, hi;
+        ld8<false>(b + 2 + k % 32, lo, hi);
+        for (int i = 0; i < 8; i++) v[i] = (float)(i8)byte_of(lo, hi, i) * d;
     } else if (T == GGML_Q4_K) {  // d, dmin, scales[12], qs[128]; 8 sub-blocks of 32
         const u8* b = row + (k / 256) * 144;
         const int e = k % 256, j = e / 64, hi = (e % 64) >= 32, l = e % 32;
         float sc, mn;
         k_scale_min(2 * j + hi, b + 4, &sc, &mn);
         const float d = f16_to_f32(ld16(b)) * sc, m = f16_to_f32(ld16(b + 2)) * mn;
-        const u8* qs = b + 16 + 32 * j + l;
         const int shift = hi ? 4 : 0;
-        for (int i = 0; i < 8; i++) v[i] = d * (float)((qs[i] >> shift) & 0xF) - m;
+        u32 q0, q1;
+        ld8<true>(b + 16 + 32 * j + l, q0, q1);
+        for (int i = 0; i < 8; i++) v[i] = d * (float)((byte_of(q0, q1, i) >> shift) & 0xF) - m;
     } else if (T == GGML_Q5_K) {  // d, dmin, scales[12], qh[32], qs[128]
         const u8* b = row + (k / 256) * 176;
         const int e = k % 256, j = e / 64, hi = (e % 64) >= 32, l = e % 32;
         float sc, mn;
         k_scale_min(2 * j + hi, b + 4, &sc, &mn);
         const float d = f16_to_f32(ld16(b)) * sc, m = f16_to_f32(ld16(b + 2)) * mn;
-        const u8* qh = b + 16 + l;
-        const u8* qs = b + 48 + 32 * j + l;
         const int shift = hi ? 4 : 0, bit = 2 * j + hi;
+        u32 h0, h1, q0, q1;
+        ld8<true>(b + 16 + l, h0, h1);
+        ld8<true>(b + 48 + 32 * j + l, q0, q1);
         for (int i = 0; i < 8; i++) {
-            const int q = ((qs[i] >> shift) & 0xF) | (((qh[i] >> bit) & 1) << 4);
+            const int q = ((byte_of(q0, q1, i) >> shift) & 0xF) | (((byte_of(h0, h1, i) >> bit) & 1) << 4);
             v[i] = d * (float)q - m;
         }
     } else if (T == GGML_Q6_K) {  // ql[128], qh[64], scales[16] int8, d
         const u8* b = row + (k / 256) * 210;
         const int e = k % 256, h = e / 128, r = e % 128, quarter = r / 32, l = r % 32;
-        const u8* ql = b + 64 * h + l + 32 * (quarter & 1);
-        const u8* qh = b + 128 + 32 * h + l;
         const float d = f16_to_f32(ld16(b + 208)) * (float)((const i8*)(b + 192))[8 * h + l / 16 + 2 * quarter];
         const int shift = quarter >= 2 ? 4 : 0;
+        u32 l0, l1, h0, h1;
+        ld8<false>(b + 64 * h + l + 32 * (quarter & 1), l0, l1);
+        ld8<false>(b + 128 + 32 * h + l, h0, h1);
         for (int i = 0; i < 8; i++) {
-            const int q = ((ql[i] >> shift) & 0xF) | (((qh[i] >> (2 * quarter)) & 3) << 4);
+            const int q = ((byte_of(l0, l1, i) >> shift) & 0xF) | (((byte_of(h0, h1, i) >> (2 * quarter)) & 3) << 4);
             v[i] = d * (float)(q - 32);
         }
     }

@@ -5,11 +5,14 @@
 // already holds theta^(-2i/n_rot), the frequency factors and the linear scale. The product is
 // reduced to [-pi, pi] in float64 so float32 sin/cos stay exact to rounding at any position.
 // Positions come from device memory so a captured decode graph replays at any position.
-// grid = (tokens, heads_a + heads_b), any block size.
+// When k_pool is non-null, tensor b holds the keys and the kernel also stores this step into the
+// paged KV cache: the rotated keys into k_pool and the values v into v_pool at slots[t] (kv_store's
+// job, saved a launch). grid = (tokens, heads_a + heads_b), any block size.
 extern "C" __global__ void rope(const float* xa, float* ya, int heads_a, const float* xb, float* yb, int heads_b,
-                                const int* positions, int head_dim, int n_rot, int neox, const double* inv_freq) {
-    const int t = blockIdx.x, h = blockIdx.y;
-    const long base = h < heads_a ? ((long)t * heads_a + h) * head_dim : ((long)t * heads_b + h - heads_a) * head_dim;
+                                const int* positions, int head_dim, int n_rot, int neox, const double* inv_freq,
+                                float* k_pool, float* v_pool, const int* slots, const float* v, int head_dim_v) {
+    const int t = blockIdx.x, h = blockIdx.y, hb = h - heads_a;
+    const long base = h < heads_a ? ((long)t * heads_a + h) * head_dim : ((long)t * heads_b + hb) * head_dim;
     const float* x = (h < heads_a ? xa : xb) + base;
     float* y = (h < heads_a ? ya : yb) + base;
     const int half = n_rot / 2;
@@ -24,4 +27,10 @@ extern "C" __global__ void rope(const float* xa, float* ya, int heads_a, const f
         y[i1] = x0 * s + x1 * c;
     }
     for (int d = n_rot + threadIdx.x; d < head_dim; d += blockDim.x) y[d] = x[d];
+    if (k_pool == 0 || h < heads_a) return;
+    __syncthreads();  // this block's rotated key row is complete
+    const long slot = slots[t];
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) k_pool[(slot * heads_b + hb) * head_dim + d] = y[d];
+    for (int d = threadIdx.x; d < head_dim_v; d += blockDim.x)
+        v_pool[(slot * heads_b + hb) * head_dim_v + d] = v[((long)t * heads_b + hb) * head_dim_v + d];
 }

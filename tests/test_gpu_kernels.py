@@ -7,6 +7,8 @@ Skipped, with the reason, on machines without a GPU (CI); run on the device by b
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -26,6 +28,7 @@ from rocmforge.ops.swiglu import swiglu
 
 pytestmark = pytest.mark.gpu
 rng = np.random.default_rng()
+_names = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +65,15 @@ def random_weight(ggml_type: Q, rows: int, cols: int) -> TensorRef:
         raw = raw.reshape(rows, -1)
     else:
         raw = quantize(f32(rows, cols), ggml_type)
-    return TensorRef(f"w_{ggml_type.name}", ggml_type, (rows, cols), raw, raw.nbytes)
+    return TensorRef(f"w_{ggml_type.name}_{next(_names)}", ggml_type, (rows, cols), raw, raw.nbytes)
 
 
 MATMUL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
 
 @pytest.mark.parametrize("ggml_type", MATMUL_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("m,n,k", [(1, 576, 512), (1, 1000, 1536), (3, 200, 256), (77, 130, 768), (130, 64, 2048)])
+@pytest.mark.parametrize("m,n,k", [(1, 576, 512), (1, 1000, 1536), (3, 200, 256), (77, 130, 768), (130, 64, 2048),
+                                   (600, 2048, 256)])
 def test_matmul_matches_dequantized_float64(gpu, ggml_type, m, n, k):
     tensor = random_weight(ggml_type, n, k)
     w = dequantize(tensor.raw, ggml_type).reshape(n, k).astype(np.float64)
@@ -120,7 +124,7 @@ def _filled_cache(gpu, n_kv: int, d: int, chunks: list[int]):
         yield cache, batch, np.concatenate(keys), np.concatenate(values)
 
 
-@pytest.mark.parametrize("heads,n_kv,d", [(9, 3, 64), (4, 1, 256), (8, 8, 128)])
+@pytest.mark.parametrize("heads,n_kv,d", [(9, 3, 64), (4, 1, 256), (8, 8, 128), (6, 2, 96)])
 @pytest.mark.parametrize("chunks,window,cap", [([300], None, None), ([70, 1, 1, 45, 1], None, None),
                                                ([200, 1], 16, None), ([33, 1], None, 30.0), ([1000, 1], None, None)])
 def test_attention_prefill_and_decode(gpu, heads, n_kv, d, chunks, window, cap):

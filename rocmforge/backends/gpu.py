@@ -125,6 +125,8 @@ class _Rope:
     inv_freq: DeviceArray
     label: str
     parts: list[tuple[DeviceArray, DeviceArray]] = field(default_factory=list)
+    store: tuple[DeviceArray, DeviceArray, DeviceArray, DeviceArray] | None = None  # k_pool, v_pool, slots, v
+    store_keys: DeviceArray | None = None  # which rotated output is the keys
 
 
 class GpuBackend:
@@ -139,13 +141,12 @@ class GpuBackend:
         self._max_slots = 1 << 16  # key slots a decode graph can address; prepare() sets the real count
         self._uploads: list[tuple[np.ndarray, np.ndarray, DeviceArray]] = []  # small cache of host arrays on the device
         self._static: list[tuple[np.ndarray, DeviceArray]] = []  # batch arrays a graph reads from its inputs
-        self._tables: dict[tuple, DeviceArray] = {}  # rope frequency tables, a few per model
+        self._tables: dict[tuple, tuple[DeviceArray | None, DeviceArray]] = {}  # rope frequency tables (factors, table)
         self._capturing = False
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pending: _Norm | _Matmuls | _Rope | None = None
         self._profile: list[tuple[str, str, Any, Any]] | None = None
         self.profile_label = ""
-        self.decode_splits = 32 if getattr(runtime, "multiprocessors", 64) >= 64 else 16
         self._tickets = self._empty((4096,), np.int32)  # per-head counters of the decode attention kernel
         self.rt.memset(self._tickets.address, 0, self._tickets.nbytes)
 
@@ -286,17 +287,23 @@ class GpuBackend:
         n_out, k = weight.shape
         suffix, add, total = weight.kernel_suffix, ptr(g.add.address if g.add else 0), ptr(g.sum.address if g.sum else 0)
         if g.m > 1 and k % 32 == 0:
-            self._run("matmul", f"matmul_{suffix}", (-(-n_out // 64), -(-g.m // 64)), 256,
+            # 32-token tiles when 64-token ones would leave multiprocessors idle
+            sms = getattr(self.rt, "multiprocessors", 64)
+            tile = 32 if -(-n_out // 64) * -(-g.m // 64) < 2 * sms else 64
+            kernel = f"matmul_m32_{suffix}" if tile == 32 else f"matmul_{suffix}"
+            self._run("matmul", kernel, (-(-n_out // 64), -(-g.m // tile)), 256,
                       [ptr(weight.address), i64(weight.row_bytes), ptr(g.x.address), ptr(y.address), i32(g.m),
                        i32(n_out), i32(k), add, total], 0, g.label)
             return
+        # with a norm folded in, the kernel reads the norm's input and writes the norm's output itself
+        x = g.norm.x if g.norm else g.x
         norm = [ptr(g.norm.weight.address), f32(g.norm.eps), ptr(g.norm.out.address)] if g.norm else [ptr(0), f32(0.0), ptr(0)]
         block = ROWS_PER_BLOCK * self.rt.warp_size
         if g.glu is not None:
             (w_gate, gate), (w_up, up) = g.items
             act, out = g.glu
             self._run("matmul", f"matvec_glu_{suffix}", (-(-n_out // ROWS_PER_BLOCK),), block,
-                      [ptr(g.x.address), i32(k), *norm, ptr(w_gate.address), ptr(w_up.address), i64(w_gate.row_bytes),
+                      [ptr(x.address), i32(k), *norm, ptr(w_gate.address), ptr(w_up.address), i64(w_gate.row_bytes),
                        ptr(gate.address), ptr(up.address), ptr(out.address), i32(n_out), i32(act)], 0, g.label)
             return
         for row in range(g.m):  # g.m > 1 only for rows not a multiple of 32 long (never in the supported models)
@@ -307,7 +314,7 @@ class GpuBackend:
             rows = sum(w.shape[0] for w, _ in g.items)
             offset = row * n_out * 4
             self._run("matmul", f"matvec_{suffix}", (-(-rows // ROWS_PER_BLOCK),), block,
-                      [ptr(g.x.address + row * k * 4), i32(k), *norm, *mats,
+                      [ptr(x.address + row * k * 4), i32(k), *norm, *mats,
                        ptr(g.add.address + offset if g.add else 0), ptr(g.sum.address + offset if g.sum else 0)],
                       0, g.label)
 
@@ -375,21 +382,29 @@ class GpuBackend:
     def _inv_freq(self, theta: float, n_rot: int, freq_factors: DeviceArray | None, freq_scale: float) -> DeviceArray:
         """theta^(-2i/n_rot) * freq_scale / factor_i in float64 on the device (cached; the rope kernel's table)."""
         key = (theta, n_rot, freq_factors.address if freq_factors is not None else 0, freq_scale)
-        if key not in self._tables:
+        cached = self._tables.get(key)
+        if cached is None or cached[0] is not freq_factors:  # the same factors object, not just its address
             inv = theta ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot) * freq_scale
             if freq_factors is not None:
                 inv = inv / self.to_host(freq_factors).astype(np.float64)
-            self._tables[key] = self._upload(inv)
-        return self._tables[key]
+            cached = self._tables[key] = (freq_factors, self._upload(inv))
+        return cached[1]
 
     def _run_rope(self, r: _Rope) -> None:
-        (xa, ya), (xb, yb) = r.parts[0], (r.parts[1] if len(r.parts) == 2 else (r.parts[0][0], r.parts[0][1]))
-        heads_b = xb.shape[1] if len(r.parts) == 2 else 0
         n, head_dim, n_rot, neox = r.key[1], r.key[2], r.key[3], r.key[4]
-        self._run("rope", "rope", (n, xa.shape[1] + heads_b), max(self.rt.warp_size, min(256, n_rot // 2)),
-                  [ptr(xa.address), ptr(ya.address), i32(xa.shape[1]), ptr(xb.address), ptr(yb.address), i32(heads_b),
-                   ptr(r.positions.address), i32(head_dim), i32(n_rot), i32(int(neox)), ptr(r.inv_freq.address)],
-                  0, r.label)
+        parts = list(r.parts)
+        store = [ptr(0), ptr(0), ptr(0), ptr(0), i32(0)]
+        if r.store is not None:  # the keys go second: the kernel stores tensor b into the cache
+            k_pool, v_pool, slots, v = r.store
+            keys = next(p for p in parts if _same(p[1], r.store_keys))
+            parts = [p for p in parts if p is not keys] + [keys]
+            store = [ptr(k_pool.address), ptr(v_pool.address), ptr(slots.address), ptr(v.address), i32(v.shape[-1])]
+        (xa, ya), (xb, yb) = (parts[0] if len(parts) == 2 else (None, None)), parts[-1]
+        heads_a = xa.shape[1] if xa is not None else 0
+        self._run("rope", "rope", (n, heads_a + xb.shape[1]), max(self.rt.warp_size, min(256, n_rot // 2)),
+                  [ptr(xa.address if xa is not None else 0), ptr(ya.address if ya is not None else 0), i32(heads_a),
+                   ptr(xb.address), ptr(yb.address), i32(xb.shape[1]), ptr(r.positions.address), i32(head_dim),
+                   i32(n_rot), i32(int(neox)), ptr(r.inv_freq.address), *store], 0, r.label)
 
     def scale(self, x: DeviceArray, factor: float) -> DeviceArray:
         out = self._empty(x.shape)
@@ -461,33 +476,41 @@ class GpuBackend:
     # --- attention ------------------------------------------------------------------------------------------
     def kv_write(self, cache: KVCache, layer: int, batch: Batch, k: DeviceArray, v: DeviceArray) -> None:
         k_pool, v_pool = cache.k[layer], cache.v[layer]
+        slots = self._ints(batch.slots)
+        r = self._pending
+        if (isinstance(r, _Rope) and r.store is None and any(_same(out, k) for _, out in r.parts)
+                and k.shape[:2] == v.shape[:2] and r.key[2] == k.shape[2]):
+            r.store, r.store_keys = (k_pool, v_pool, slots, v), k  # the rope kernel writes the cache too
+            return
         self._launch("kv_store", "kv_store", (batch.n_tokens,), 128,
                      [ptr(k.address), ptr(v.address), ptr(k_pool.address), ptr(v_pool.address),
-                      ptr(self._ints(batch.slots).address), i32(k.size // k.shape[0]), i32(v.size // v.shape[0])])
+                      ptr(slots.address), i32(k.size // k.shape[0]), i32(v.size // v.shape[0])])
 
     def attention(self, q: DeviceArray, cache: KVCache, layer: int, batch: Batch, scale: float,
                   window: int | None, softcap: float | None) -> DeviceArray:
         n, heads, d = q.shape
         k_pool, v_pool = cache.k[layer], cache.v[layer]
-        if v_pool.shape[2] != d or d > 256:
-            raise UnsupportedError(f"GPU attention needs equal key/value head widths <= 256, got {d} and {v_pool.shape[2]}")
+        if v_pool.shape[2] != d or d > 256 or d % 4:
+            raise UnsupportedError(f"GPU attention needs equal key/value head widths <= 256 (a multiple of 4), "
+                                   f"got {d} and {v_pool.shape[2]}")
         out = self._empty((n, heads, d))
         common = [i32(heads), i32(k_pool.shape[1]), i32(d), f32(scale), f32(softcap or 0.0), i32(window or 0)]
+        kind = f"d{d}" if d in (64, 128, 256) else "any"
         for seg in batch.segments:
             t = seg.rows.stop - seg.rows.start
             pos, slots = self._ints(seg.positions), self._ints(seg.key_slots)
             qs, outs = q.rows(seg.rows.start, seg.rows.stop), out.rows(seg.rows.start, seg.rows.stop)
             head = [ptr(qs.address), ptr(k_pool.address), ptr(v_pool.address)]
             if t == 1:  # split-K flash-decode, merged by the last block of each head
-                splits = self.decode_splits
+                splits = 8 if heads >= 8 else 16
                 part_o, part_ml = self._empty((heads, splits, d)), self._empty((heads, splits, 2))
-                self._launch("attention", "attn_decode", (splits, heads), 4 * self.rt.warp_size,
+                self._launch("attention", f"attn_decode_{kind}", (splits, heads), 4 * self.rt.warp_size,
                              [*head, ptr(pos.address), ptr(slots.address), *common, ptr(part_o.address),
                               ptr(part_ml.address), ptr(self._tickets.address), ptr(outs.address)])
                 continue
-            warps, bkv = 4, (32 if d <= 128 else 16)
+            warps, bkv = 256 // self.rt.warp_size, (32 if d <= 128 else 16)
             shared = (bkv * (d + 1) + bkv * d + warps * d) * 4
-            self._launch("attention", "attn_prefill", (-(-t // warps), heads), warps * self.rt.warp_size,
+            self._launch("attention", f"attn_prefill_{kind}", (-(-t // warps), heads), 256,
                          [*head, ptr(outs.address), ptr(pos.address), ptr(slots.address), i32(t), *common, i32(bkv)],
                          shared)
         return out
