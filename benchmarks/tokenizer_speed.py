@@ -33,7 +33,8 @@ def english_text(n_bytes: int) -> str:
         warnings.simplefilter("ignore")
         for name in STDLIB_MODULES:
             module = importlib.import_module(name)
-            docs += [obj.__doc__ for obj in [module, *vars(module).values()] if isinstance(getattr(obj, "__doc__", None), str)]
+            objects = [module, *vars(module).values()]
+            docs += [obj.__doc__ for obj in objects if isinstance(getattr(obj, "__doc__", None), str)]
     corpus = "\n\n".join(dict.fromkeys(docs))
     text = (corpus * (n_bytes // len(corpus.encode()) + 1))
     return text.encode()[:n_bytes].decode("utf-8", errors="ignore")
@@ -71,8 +72,8 @@ def main() -> None:
     print(f"# CPU: {cpu_name()} ({platform.python_implementation()} {platform.python_version()}), "
           f"llama-cpp-python {llama_cpp.__version__}, text {len(raw):,} bytes")
     # The machines here are shared, so CPU seconds (process_time) are the steadier measure; wall is shown too.
-    print("| model | from_gguf(path) wall / CPU s | build from decoded metadata wall / CPU s | rocmforge tok/s (CPU; wall) | llama.cpp tok/s (CPU; wall) "
-          "| ratio ours/llama.cpp (CPU) | ids identical |")
+    print("| model | from_gguf(path) wall / CPU s | build from decoded metadata wall / CPU s "
+          "| rocmforge tok/s (CPU; wall) | llama.cpp tok/s (CPU; wall) | ratio ours/llama.cpp (CPU) | ids identical |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
         path = resolve(name)
@@ -83,7 +84,8 @@ def main() -> None:
         ours_wall, ours_cpu, ours = timed(lambda: tok.encode(text, add_bos=False), args.repeats)
         llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
         ref_wall, ref_cpu, ref = timed(lambda: llm.tokenize(raw, add_bos=False, special=True), args.repeats)
-        print(f"| {name} | {file_wall:.3f} / {file_cpu:.3f} | {build_wall:.3f} / {build_cpu:.3f} | {len(ours) / ours_cpu:,.0f}; {len(ours) / ours_wall:,.0f} "
+        print(f"| {name} | {file_wall:.3f} / {file_cpu:.3f} | {build_wall:.3f} / {build_cpu:.3f} "
+              f"| {len(ours) / ours_cpu:,.0f}; {len(ours) / ours_wall:,.0f} "
               f"| {len(ref) / ref_cpu:,.0f}; {len(ref) / ref_wall:,.0f} | {ref_cpu / ours_cpu:.2f} "
               f"| {ours == ref} ({len(ours):,} tokens) |")
         sys.stdout.flush()

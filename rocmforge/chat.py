@@ -21,7 +21,7 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
@@ -29,6 +29,9 @@ from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from rocmforge.errors import UnsupportedError
+
+if TYPE_CHECKING:
+    from rocmforge.tokenizer import Tokenizer
 
 # llama.cpp's LLM_CHAT_TEMPLATE_GEMMA: system messages are trimmed and glued onto the next user turn,
 # "assistant" is called "model", every message is trimmed (C isspace) and closed with <end_of_turn>.
@@ -114,3 +117,33 @@ def render_chat(template: str, messages: Sequence[Mapping[str, Any]], add_genera
         raise UnsupportedError(f"the chat template tried an operation the sandbox forbids: {exc}") from None
     except TemplateError as exc:
         raise UnsupportedError(f"the chat template refused these messages: {exc}") from None
+
+
+def apply_chat_template(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
+                        add_generation_prompt: bool = True, template: str | None = None, **variables: Any) -> str:
+    """The prompt text for a chat with this tokenizer's model, ready for ``tokenizer.encode(prompt)``.
+
+    Uses `template`, else the file's ``tokenizer.chat_template``, else the built-in one for the
+    architecture. As llama.cpp does (common/chat.cpp), ``bos_token``/``eos_token`` are the BOS/EOS texts,
+    and a leading BOS (trailing EOS) the template wrote is dropped when encoding adds it anyway, so the
+    prompt never starts with two BOS tokens.
+
+    Example:
+        >>> from rocmforge.registry import resolve
+        >>> from rocmforge.tokenizer import Tokenizer
+        >>> tok = Tokenizer.from_gguf(resolve("gemma3-270m"))
+        >>> prompt = apply_chat_template(tok, [{"role": "user", "content": "Hi"}])
+        >>> prompt
+        '<start_of_turn>user\\nHi<end_of_turn>\\n<start_of_turn>model\\n'
+        >>> tok.encode(prompt)
+        [2, 105, 2364, 107, 10979, 106, 107, 105, 4368, 107]
+    """
+    template = template or chat_template_for(tokenizer.chat_template, tokenizer.architecture)
+    bos = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
+    eos = tokenizer.token_text(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
+    prompt = render_chat(template, messages, add_generation_prompt, bos_token=bos, eos_token=eos, **variables)
+    if tokenizer.add_bos and bos and prompt.startswith(bos):
+        prompt = prompt[len(bos):]
+    if tokenizer.add_eos and eos and prompt.endswith(eos):
+        prompt = prompt[:-len(eos)]
+    return prompt

@@ -36,6 +36,7 @@ from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from rocmforge.errors import ModelFileError, UnsupportedError
+from rocmforge.gguf_file import GGUFFile
 
 # llama_token_attr bits (llama.h) and the GGUF token_type each maps to.
 ATTR_UNKNOWN, ATTR_UNUSED, ATTR_NORMAL, ATTR_CONTROL, ATTR_USER_DEFINED, ATTR_BYTE = 1, 2, 4, 8, 16, 32
@@ -114,6 +115,12 @@ def _bytes_to_unicode() -> dict[int, str]:
 _UNICODE_TO_BYTE = {ch: bytes([b]) for b, ch in _bytes_to_unicode().items()}
 
 
+def _byte_level_decode(text: str) -> bytes:
+    """A byte-level BPE token's bytes: each character stands for one byte (llama_decode_text, including
+    its marker for a character outside the map)."""
+    return b"".join(_UNICODE_TO_BYTE.get(ch) or f"[UNK_BYTE_0x{ch.encode().hex()}{text}]".encode() for ch in text)
+
+
 def _longest_match_regex(words: Iterable[str]) -> re.Pattern[str]:
     """A regex finding, at every position, the longest of `words` starting there.
 
@@ -136,11 +143,11 @@ def _longest_match_regex(words: Iterable[str]) -> re.Pattern[str]:
     return re.compile(f"(?=({build(trie)}))")
 
 
-def _clean_spaces(text: bytes) -> bytes:
+def _clean_up_spaces(text: bytes) -> bytes:
     """llama_detokenize's clean-up for BPE vocabs with clean_spaces (three passes over the bytes)."""
     out = bytearray()
     for i, x in enumerate(text):  # " ?", " !", " .", " ," lose the space
-        if out and i > 0 and text[i - 1] == 0x20 and x in b"?!.,":
+        if i > 0 and text[i - 1] == 0x20 and x in b"?!.,":
             out.pop()
         out.append(x)
     src, out, i = bytearray(out), bytearray(), 0
@@ -201,11 +208,13 @@ class Tokenizer:
                                        f"supported: {', '.join(sorted(_PRE_TOKENIZERS))}")
             pre = _PRE_TOKENIZERS[pre_name]
             self.pre_tokenizer: str = pre_name
-            self._clean_spaces, add_bos, bos_default, eos_default = pre.clean_spaces, pre.add_bos, 11, 11
+            self._cleans_spaces, add_bos, bos_default, eos_default = pre.clean_spaces, pre.add_bos, 11, 11
+            if "tokenizer.ggml.merges" not in metadata:
+                raise ModelFileError("the file's BPE vocabulary has no tokenizer.ggml.merges")
             self._bpe = self._build_bpe(metadata["tokenizer.ggml.merges"], pre)
         else:  # llama.cpp ignores tokenizer.ggml.pre for SentencePiece vocabs
             self.pre_tokenizer = "default"
-            self._clean_spaces, add_bos, bos_default, eos_default = False, True, 1, 2
+            self._cleans_spaces, add_bos, bos_default, eos_default = False, True, 1, 2
             scores = metadata.get("tokenizer.ggml.scores")
             self._scores = (np.zeros(self.vocab_size) if scores is None else np.asarray(scores)).tolist()
 
@@ -239,7 +248,6 @@ class Tokenizer:
             49152
         """
         if isinstance(gguf_file, (str, os.PathLike)):
-            from rocmforge.gguf_file import GGUFFile
             gguf_file = GGUFFile(gguf_file)
         return cls(gguf_file.metadata)
 
@@ -394,7 +402,9 @@ class Tokenizer:
             i = next_[i]
 
     def _byte_token(self, byte: int) -> int:
-        tid = self._token_to_id.get(f"<0x{byte:02X}>", self._token_to_id.get(chr(byte)))
+        tid = self._token_to_id.get(f"<0x{byte:02X}>")
+        if tid is None and byte < 0x80:  # llama.cpp falls back to the byte itself as a token
+            tid = self._token_to_id.get(chr(byte))
         if tid is None:
             raise ModelFileError(f"the vocabulary has no byte token <0x{byte:02X}> to spell an unknown character")
         return tid
@@ -410,9 +420,8 @@ class Tokenizer:
             elif attr & ATTR_NORMAL:
                 if self.model == "llama":
                     pieces.append(text.replace("\u2581", " ").encode())
-                else:  # byte-level BPE: each character stands for one byte
-                    pieces.append(b"".join(_UNICODE_TO_BYTE.get(ch) or b"[UNK_BYTE_0x%s%s]" % (
-                        ch.encode().hex().encode(), text.encode()) for ch in text))
+                else:
+                    pieces.append(_byte_level_decode(text))
             elif attr & ATTR_BYTE:
                 pieces.append(bytes([int(text[3:5], 16)]))
             else:  # unused / undefined tokens print nothing
@@ -451,8 +460,8 @@ class Tokenizer:
         if self.add_space_prefix and pieces and pieces[0].startswith(b" "):
             pieces[0] = pieces[0][1:]  # the space SentencePiece put in front of the first word
         data = b"".join(pieces)
-        if self._clean_spaces:
-            data = _clean_spaces(data)
+        if self._cleans_spaces:
+            data = _clean_up_spaces(data)
         return data.decode("utf-8", errors="replace")
 
     def incremental_decoder(self, special: bool = True) -> IncrementalDecoder:

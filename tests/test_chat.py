@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from rocmforge.chat import GEMMA_TEMPLATE, chat_template_for, render_chat
+from rocmforge.chat import GEMMA_TEMPLATE, apply_chat_template, chat_template_for, render_chat
 from rocmforge.errors import UnsupportedError
+from rocmforge.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SMOLLM2 = json.loads((FIXTURES / "tokenizer_smollm2.json").read_text())["chat"]
@@ -66,3 +67,26 @@ def test_template_helpers():
     assert render_chat("{{ bos_token }}{{ tools | length }}", USER_ONLY, bos_token="<s>", tools=[1, 2]) == "<s>2"
     with pytest.raises(UnsupportedError, match="does not parse"):
         render_chat("{% for %}", USER_ONLY)
+
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_path) -> Tokenizer:
+    return Tokenizer.from_gguf(gemma3_path)
+
+
+def test_apply_chat_template_uses_the_files_template_or_the_builtin(smollm2_path, gemma3):
+    smollm2 = Tokenizer.from_gguf(smollm2_path)
+    assert apply_chat_template(smollm2, SMOLLM2["messages"]) == SMOLLM2["rendered"]
+    assert gemma3.chat_template is None
+    prompt = apply_chat_template(gemma3, GEMMA3["messages"])
+    assert prompt == GEMMA3["rendered"]
+    ids = gemma3.encode(prompt)
+    assert ids[:2] == [gemma3.bos_id, gemma3.encode("<start_of_turn>", add_bos=False)[0]]
+
+
+def test_apply_chat_template_drops_a_bos_that_encoding_adds(gemma3):
+    # Like llama.cpp: a template writing {{ bos_token }} must not give the prompt two BOS tokens.
+    template = "{{ bos_token }}{{ messages[0]['content'] }}{{ eos_token }}"
+    prompt = apply_chat_template(gemma3, USER_ONLY, template=template)
+    assert prompt == "Hi<eos>"
+    assert gemma3.encode(prompt) == [gemma3.bos_id, *gemma3.encode("Hi", add_bos=False), gemma3.eos_id]
