@@ -114,15 +114,32 @@ def test_tutorial_runs_and_generate_streams_into_the_output_widget(lab, tmp_path
             _wait_until_every_cell_ran(page, timeout_s=480)
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
             assert "Traceback" not in " ".join(errors.all_inner_texts())
-            page.screenshot(path=str(ARTIFACTS / "01_after_run_all.png"), full_page=True)
-
             output = page.locator(".jupyter-widgets.widget-output").first
+            output.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "01_after_run_all.png"))
+
             before = output.inner_text()
             prompt = page.locator(".widget-textarea textarea").first
             prompt.fill("Write one sentence about llamas.")
             page.locator(".jp-OutputArea-output .widget-button", has_text="Generate").click()
             texts = _poll_output_until_done(page, output, timeout_s=240)
-            page.screenshot(path=str(ARTIFACTS / "02_after_generate.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / "02_after_generate.png"))
+            n_tokens = int(page.locator(".rf-stats").inner_text().split(" tokens")[0])
+
+            page.locator(".lm-TabBar-tab", has_text="Tokens").click()
+            tokens = page.locator(".rf-token")
+            tokens.first.wait_for()
+            assert tokens.count() == n_tokens
+            assert tokens.first.get_attribute("title").startswith("p=")  # what hovering shows
+            page.screenshot(path=str(ARTIFACTS / "03_tokens.png"))
+
+            page.locator(".lm-TabBar-tab", has_text="Inside the model").click()
+            page.locator(".widget-button", has_text="Look inside").click()
+            lens = page.locator(".rf-logit-lens")
+            lens.wait_for(timeout=180_000)
+            assert "final" in lens.inner_text()
+            assert page.locator(".rf-attention td").count() > 0
+            page.screenshot(path=str(ARTIFACTS / "04_inside.png"))
         finally:
             browser.close()
     final = texts[-1].strip()

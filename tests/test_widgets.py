@@ -6,6 +6,7 @@ passages, and a plain forward for the logit lens.
 """
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -215,3 +216,15 @@ def test_inside_view_patterns_and_logit_lens(model):
     assert f"(last {MAX_QUERY_ROWS} of {n} positions)" in panel.attention.value
     assert panel.attention.value.count("<tr>") == MAX_QUERY_ROWS + 1
     assert panel.logit_lens.value.count("<tr>") == model.cfg.n_layers + 2  # header + one per stage
+
+
+def test_attention_table_shows_the_last_positions_shaded_relative_to_the_largest():
+    n = MAX_QUERY_ROWS + 2
+    pattern = np.tril(np.ones((n, n)))
+    pattern /= pattern.sum(axis=1, keepdims=True)  # query i spreads evenly over keys 0..i
+    html = render.attention_html(pattern[-MAX_QUERY_ROWS:], [f"t{i}" for i in range(n)], "layer 0, head 0")
+    assert f"(last {MAX_QUERY_ROWS} of {n} positions)" in html and html.count("<tr>") == MAX_QUERY_ROWS + 1
+    last_row = html.split("<tr>")[-1]
+    assert re.findall(r'title="([0-9.]+)"', last_row) == [f"{w:.4f}" for w in pattern[-1, 2:]]
+    darkest = pattern[-MAX_QUERY_ROWS:, 2:].max()  # key 2 seen by query 2 (1/3)
+    assert f"darkest = {darkest:.3f}" in html and "rgba(30,90,200,1.000)" in html

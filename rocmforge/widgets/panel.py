@@ -92,7 +92,7 @@ class GenerationPanel:
         tabs = w.Tab([w.VBox([answer, self.stats]),
                       w.VBox([self.tokens, self.token_index, self.token_alternatives]),
                       w.VBox([self.inside_button, w.HBox([self.layer, self.head]),
-                              w.HBox([self.attention, self.logit_lens])])])
+                              w.HBox([self.logit_lens, self.attention])])])
         for i, title in enumerate(["Output", "Tokens", "Inside the model"]):
             tabs.set_title(i, title)
         title = w.HTML(f"<b>rocmforge</b> · {html.escape(getattr(self.model, 'name', 'model'))}")

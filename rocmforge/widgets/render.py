@@ -84,16 +84,19 @@ def attention_html(pattern: np.ndarray, labels: Sequence[str], title: str) -> st
 
     ``labels`` name every position; the table shows the last ``MAX_HEATMAP_POSITIONS`` queries and keys (the
     weights of earlier keys are left out, so a shown row can sum to less than 1; each cell's title is its weight).
+    Shading is relative to the largest shown weight: much of the weight often sits on the first token, which
+    would otherwise leave the rest of the table blank.
     """
     n = len(labels)
     shown = min(n, MAX_HEATMAP_POSITIONS, pattern.shape[0])
     pattern, labels = pattern[-shown:, n - shown:], [_shown(repr(t)) for t in labels[n - shown:]]
+    scale = float(pattern.max()) if pattern.size and pattern.max() > 0 else 1.0
     head = "".join(f'<th style="writing-mode:vertical-rl;font-weight:normal">{t}</th>' for t in labels)
     rows = []
     for q, label in enumerate(labels):
-        cells = "".join(f'<td title="{w:.4f}" style="background:rgba(30,90,200,{w:.3f});width:10px"></td>'
+        cells = "".join(f'<td title="{w:.4f}" style="background:rgba(30,90,200,{w / scale:.3f});width:10px"></td>'
                         for w in pattern[q])
         rows.append(f'<tr><th style="text-align:right;font-weight:normal">{label}</th>{cells}</tr>')
-    note = f" (last {shown} of {n} positions)" if shown < n else ""
+    note = (f" (last {shown} of {n} positions)" if shown < n else "") + f" · darkest = {scale:.3f}"
     return (f'<div class="rf-attention"><b>{html.escape(title)}</b>{note}<table style="border-collapse:collapse;'
             f'font-family:monospace;font-size:10px"><tr><th></th>{head}</tr>{"".join(rows)}</table></div>')
