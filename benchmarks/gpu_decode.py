@@ -5,7 +5,8 @@
 pp512: one forward over 512 tokens of a fresh sequence (eager launches), median of 5 after a warm-up.
 tg128: 128 single-token steps after a 16-token prompt, each a replayed device graph; greedy with the argmax
 on the device (4 bytes back per token) and, separately, with the full logits row copied to the host as the
-engine's sampler needs it. Times are host wall clock around fully synchronized work.
+engine's sampler needs it. Times are host wall clock around fully synchronized work. Then the captured graph's
+replay alone (device events), and a per-kernel profile of the 512-token prefill and a decode step.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import json
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rocmforge.arch.context import ForwardContext  # noqa: E402
+from rocmforge.backends.profiler import profile_model  # noqa: E402
 from rocmforge.backends.select import backend_for_model  # noqa: E402
 from rocmforge.gguf_file import GGUFFile  # noqa: E402
 from rocmforge.hooks import Hooks  # noqa: E402
@@ -72,27 +73,6 @@ def decode_seconds(ctx, arch, n_tokens: int, device_argmax: bool) -> tuple[float
     return elapsed, tokens
 
 
-def profile_forward(ctx, arch, n_tokens: int) -> list[tuple[str, str, float]]:
-    """Per-kernel device times of one eager forward of ``n_tokens`` (after 64 cached ones), labelled by layer."""
-    ops = ctx.ops
-    seq = ctx.kv.new_sequence()
-    ctx.kv.prepare([(seq, list(range(64)))])
-    batch = ctx.kv.prepare([(seq, list(range(1, n_tokens + 1)))])
-
-    def run():
-        ops.profile_label = "embed"
-        resid = arch.embed(ctx, batch.tokens)
-        for layer in range(ctx.cfg.n_layers):
-            ops.profile_label = f"layer {layer}"
-            resid = arch.block(ctx, layer, resid, batch)
-        ops.profile_label = "unembed"
-        return arch.unembed(ctx, ops.take_rows(resid, batch.last_rows))
-
-    rows = ops.profile(run)
-    ctx.kv.free(seq)
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", nargs="?", default="smollm2-135m")
@@ -111,19 +91,18 @@ def main() -> None:
     decode_seconds(ctx, arch, 8, False)
     tg_logits = [128 / decode_seconds(ctx, arch, 128, False)[0] for _ in range(3)]
     replay_ms = ops.replay_ms() if hasattr(ops, "replay_ms") else None
-    profile = profile_forward(ctx, arch, 1) if hasattr(ops, "profile") else []
-    prefill_profile = profile_forward(ctx, arch, 512) if hasattr(ops, "profile") else []
-    by_kernel, prefill_by_kernel = kernel_totals(profile), kernel_totals(prefill_profile)
+    profile = profile_model(ctx, arch, list(rng.integers(0, ctx.cfg.vocab_size, 512)), n_tokens=4)
+    by_kernel, prefill_by_kernel = profile.by_kernel("decode 3"), profile.by_kernel("prefill")
     result = {
         "model": path.name, "device": device, "date": time.strftime("%Y-%m-%d"),
         "pp512_tok_s": statistics.median(pp), "pp512_runs": pp,
         "tg128_tok_s_device_argmax": statistics.median(tg_argmax), "tg128_runs_device_argmax": tg_argmax,
         "tg128_tok_s_logits_to_host": statistics.median(tg_logits), "tg128_runs_logits_to_host": tg_logits,
         "graph_replay_ms_per_token": replay_ms,
-        "eager_decode_step_kernel_ms": sum(ms for *_, ms in profile),
-        "eager_decode_step_launches": len(profile),
-        "decode_kernels": {k: {"count": len(v), "total_ms": sum(v)} for k, v in by_kernel.items()},
-        "prefill512_kernels": {k: {"count": len(v), "total_ms": sum(v)} for k, v in prefill_by_kernel.items()},
+        "decode_step_kernel_ms": sum(ms for _, ms in by_kernel.values()),
+        "decode_step_launches": sum(n for n, _ in by_kernel.values()),
+        "decode_kernels": {k: {"count": n, "total_ms": ms} for k, (n, ms) in by_kernel.items()},
+        "prefill512_kernels": {k: {"count": n, "total_ms": ms} for k, (n, ms) in prefill_by_kernel.items()},
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
@@ -132,18 +111,12 @@ def main() -> None:
           f"(device argmax), {result['tg128_tok_s_logits_to_host']:,.0f} tok/s (logits to host)")
     if replay_ms is not None:
         print(f"decode graph replay alone: {replay_ms * 1e3:.0f} us per token ({1e3 / replay_ms:,.0f} tok/s)")
-    print(f"one eager decode step: {len(profile)} kernels, {result['eager_decode_step_kernel_ms']:.3f} ms of kernel time")
+    print(f"one eager decode step (position 515): {result['decode_step_launches']} kernels, "
+          f"{result['decode_step_kernel_ms']:.3f} ms of device time")
     for title, table in (("decode step", by_kernel), ("512-token prefill", prefill_by_kernel)):
-        print(f"{title}, by kernel (event-timed, eager):")
-        for kernel, v in sorted(table.items(), key=lambda kv: -sum(kv[1]))[:10]:
-            print(f"  {kernel:28s} {len(v):4d} launches {sum(v) * 1e3:9.1f} us")
-
-
-def kernel_totals(profile: list[tuple[str, str, float]]) -> dict[str, list[float]]:
-    totals: dict[str, list[float]] = defaultdict(list)
-    for _, kernel, ms in profile:
-        totals[kernel].append(ms)
-    return totals
+        print(f"{title}, by kernel (device events, launches queued behind a spin kernel):")
+        for kernel, (n, ms) in sorted(table.items(), key=lambda kv: -kv[1][1])[:10]:
+            print(f"  {kernel:28s} {n:4d} launches {ms * 1e3:9.1f} us")
 
 
 if __name__ == "__main__":

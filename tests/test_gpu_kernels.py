@@ -246,7 +246,7 @@ def test_decode_fusions_equal_op_by_op(gpu, ggml_type, act):
         y = gpu.matmul(a, dev[wd.name])
         outs.update(n=n, q=q, k=k, v=v, attn_sum=attn_sum, n2=n2, g=g, u=u, a=a, y=y, out=gpu.add(attn_sum, y))
 
-    kernels = [kernel for _, kernel, _ in gpu.profile(layer)]
+    kernels = [kernel for _, kernel, _ in gpu.profile(layer)[1]]
     suffix = ggml_type.name.lower()
     assert kernels == [f"matvec_{suffix}", f"matvec_{suffix}", f"matvec_glu_{suffix}", f"matvec_{suffix}"]
     host = {name: gpu.to_host(a) for name, a in outs.items()}

@@ -580,18 +580,21 @@ class GpuBackend:
         views = [graph.inputs.rows(i, i + 1) for i in range(4)] + [graph.inputs.rows(4, 4 + len(seg.key_slots))]
         self._static = list(zip(arrays, views))
 
-    # --- profiling ------------------------------------------------------------------------------------------
-    def profile(self, run: Callable[[], Any]) -> list[tuple[str, str, float]]:
-        """Run ``run()`` eagerly with an event pair around every kernel -> ``[(label, kernel, ms)]``.
+    # --- profiling ---------------------------------------------------------------------------------------------
+    def profile(self, run: Callable[[], Any]) -> tuple[Any, list[tuple[str, str, float]]]:
+        """Run ``run()`` eagerly with an event pair around every kernel -> ``(its result, [(label, kernel, ms)])``.
 
-        ``label`` is ``self.profile_label`` when the op was called (a caller sets it per layer).
+        ``label`` is ``self.profile_label`` when the op was called (a caller sets it per layer). A spin kernel
+        runs first so the launches queue up behind it and each event pair brackets device time only.
         """
         self._flush()
+        self.rt.synchronize()
+        self._run("spin", "spin", (1,), self.rt.warp_size, [i64(100_000_000)], 0, "")  # ~50-70 ms at 1.4-2 GHz
         self._profile = []
         try:
-            run()
+            result = run()
             self._flush()
             self.rt.synchronize()
-            return [(label, kernel, self.rt.elapsed_ms(s, e)) for label, kernel, s, e in self._profile]
+            return result, [(label, kernel, self.rt.elapsed_ms(s, e)) for label, kernel, s, e in self._profile]
         finally:
             self._profile = None
