@@ -15,20 +15,30 @@ __device__ __forceinline__ float4 load_x4(const float* x, const float* norm_w, f
     float4 v = *(const float4*)(x + k);
     if (norm_w) {
         const float4 w = *(const float4*)(norm_w + k);
-        v.x *= scale * w.x; v.y *= scale * w.y; v.z *= scale * w.z; v.w *= scale * w.w;
+        v.x *= scale * w.x; v.y *= scale * w.y; v.z *= scale * w.z; v.w *= scale * w.w;  // as x_out below
     }
     return v;
 }
 
+// The lanes walk the row 256 values (32 lanes x 8) at a time; all lanes run every step because the
+// activation rounding shuffles across them.
 template <int T>
-__device__ __forceinline__ float row_dot(const u8* row, const float* x, const float* norm_w, float scale, int K, int lane) {
+__device__ __forceinline__ float row_dot(const u8* row, const float* x, const float* norm_w, float scale, int K,
+                                         int lane, int act) {
     float acc = 0.0f;
-    for (int k = lane * 8; k < K; k += RF_WARP * 8) {
-        float w[8];
-        dequant8<T>(row, k, w);
-        const float4 x0 = load_x4(x, norm_w, scale, k), x1 = load_x4(x, norm_w, scale, k + 4);
-        acc += w[0] * x0.x + w[1] * x0.y + w[2] * x0.z + w[3] * x0.w
-             + w[4] * x1.x + w[5] * x1.y + w[6] * x1.z + w[7] * x1.w;
+    for (int base = 0; base < K; base += RF_WARP * 8) {
+        const int k = base + lane * 8;
+        float xv[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        if (k < K) {
+            const float4 x0 = load_x4(x, norm_w, scale, k), x1 = load_x4(x, norm_w, scale, k + 4);
+            xv[0] = x0.x; xv[1] = x0.y; xv[2] = x0.z; xv[3] = x0.w; xv[4] = x1.x; xv[5] = x1.y; xv[6] = x1.z; xv[7] = x1.w;
+        }
+        round_activations8(xv, act);
+        if (k < K) {
+            float w[8];
+            dequant8<T>(row, k, w);
+            for (int i = 0; i < 8; i++) acc += w[i] * xv[i];
+        }
     }
     return warp_sum(acc);
 }
@@ -41,7 +51,7 @@ __device__ __forceinline__ float fused_norm(const float* x, const float* norm_w,
     for (int k = threadIdx.x % RF_WARP; k < K; k += RF_WARP) ss += x[k] * x[k];
     const float scale = rsqrtf(warp_sum(ss) / (float)K + eps);
     if (blockIdx.x == 0 && x_out)
-        for (int k = threadIdx.x; k < K; k += blockDim.x) x_out[k] = x[k] * scale * norm_w[k];
+        for (int k = threadIdx.x; k < K; k += blockDim.x) x_out[k] = x[k] * (scale * norm_w[k]);
     return scale;
 }
 
@@ -49,7 +59,7 @@ __device__ __forceinline__ float fused_norm(const float* x, const float* norm_w,
 // rows numbered across the matrices. An optional RMSNorm is fused in front (norm_w non-null), and for a
 // single matrix an optional residual add behind it: sum = y + add.
 template <int T>
-__device__ void matvec(const float* x, int K, const float* norm_w, float eps, float* x_out,
+__device__ void matvec(const float* x, int K, int act, const float* norm_w, float eps, float* x_out,
                        const u8* W0, long rb0, float* y0, int N0, const u8* W1, long rb1, float* y1, int N1,
                        const u8* W2, long rb2, float* y2, int N2, const float* add, float* sum) {
     const float scale = fused_norm(x, norm_w, eps, x_out, K);
@@ -60,7 +70,7 @@ __device__ void matvec(const float* x, int K, const float* norm_w, float eps, fl
         n -= N0; W = W1; rb = rb1; y = y1;
         if (n >= N1) { n -= N1; W = W2; rb = rb2; y = y2; if (n >= N2) return; }
     }
-    const float dot = row_dot<T>(W + n * rb, x, norm_w, scale, K, lane);
+    const float dot = row_dot<T>(W + n * rb, x, norm_w, scale, K, lane, act);
     if (lane == 0) {
         y[n] = dot;
         if (sum) sum[n] = dot + add[n];
@@ -69,14 +79,14 @@ __device__ void matvec(const float* x, int K, const float* norm_w, float eps, fl
 
 // Decode MLP gate in one pass: g = Wg·x, u = Wu·x, y = act(g) * u; act 0 = SiLU, 1 = GELU (tanh form).
 template <int T>
-__device__ void matvec_glu(const float* x, int K, const float* norm_w, float eps, float* x_out, const u8* Wg,
+__device__ void matvec_glu(const float* x, int K, int act_round, const float* norm_w, float eps, float* x_out, const u8* Wg,
                            const u8* Wu, long rb, float* g, float* u, float* y, int N, int act) {
     const float scale = fused_norm(x, norm_w, eps, x_out, K);
     const int lane = threadIdx.x % RF_WARP;
     const int n = blockIdx.x * (blockDim.x / RF_WARP) + threadIdx.x / RF_WARP;
     if (n >= N) return;
-    const float gn = row_dot<T>(Wg + n * rb, x, norm_w, scale, K, lane);
-    const float un = row_dot<T>(Wu + n * rb, x, norm_w, scale, K, lane);
+    const float gn = row_dot<T>(Wg + n * rb, x, norm_w, scale, K, lane, act_round);
+    const float un = row_dot<T>(Wu + n * rb, x, norm_w, scale, K, lane, act_round);
     if (lane == 0) {
         const float a = act == 0 ? gn / (1.0f + expf(-gn))
                                  : 0.5f * gn * (1.0f + tanhf(0.7978845608028654f * (gn + 0.044715f * gn * gn * gn)));
@@ -145,16 +155,16 @@ __device__ void matmul(const u8* W, long row_bytes, const float* X, float* Y, in
 }
 
 #define RF_MATMUL_KERNELS(name, T)                                                                           \
-    extern "C" __global__ void matvec_##name(const float* x, int K, const float* norm_w, float eps, float* x_out, \
+    extern "C" __global__ void matvec_##name(const float* x, int K, int act, const float* norm_w, float eps, float* x_out, \
                                              const u8* W0, long rb0, float* y0, int N0, const u8* W1, long rb1,   \
                                              float* y1, int N1, const u8* W2, long rb2, float* y2, int N2,         \
                                              const float* add, float* sum) {                                      \
-        matvec<T>(x, K, norm_w, eps, x_out, W0, rb0, y0, N0, W1, rb1, y1, N1, W2, rb2, y2, N2, add, sum);        \
+        matvec<T>(x, K, act, norm_w, eps, x_out, W0, rb0, y0, N0, W1, rb1, y1, N1, W2, rb2, y2, N2, add, sum);        \
     }                                                                                                            \
-    extern "C" __global__ void matvec_glu_##name(const float* x, int K, const float* norm_w, float eps,           \
+    extern "C" __global__ void matvec_glu_##name(const float* x, int K, int act_round, const float* norm_w, float eps, \
                                                  float* x_out, const u8* Wg, const u8* Wu, long rb, float* g,     \
                                                  float* u, float* y, int N, int act) {                            \
-        matvec_glu<T>(x, K, norm_w, eps, x_out, Wg, Wu, rb, g, u, y, N, act);                                    \
+        matvec_glu<T>(x, K, act_round, norm_w, eps, x_out, Wg, Wu, rb, g, u, y, N, act);                                    \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(256) matmul_##name(const u8* W, long row_bytes, const float* X, \
                                                                     float* Y, int M, int N, int K, const float* add, \
@@ -167,3 +177,18 @@ __device__ void matmul(const u8* W, long row_bytes, const float* X, float* Y, in
         matmul<T, 32>(W, row_bytes, X, Y, M, N, K, add, sum);                                                    \
     }
 RF_FOR_EACH_TYPE(RF_MATMUL_KERNELS)
+
+// Prefill: round the activations [rows, K] the way llama.cpp does for the weight type (see quant.h) before
+// the tiled matmul reads them. One thread per 8-bit block (32 or 256 values) or per value for f16/bf16.
+extern "C" __global__ void round_activations(const float* x, float* y, long n, int act) {
+    const int block = act == ACT_Q8_32 ? 32 : act == ACT_Q8_256 ? 256 : 1;
+    for (long b = blockIdx.x * (long)blockDim.x + threadIdx.x; b < n / block; b += (long)gridDim.x * blockDim.x) {
+        const float* xb = x + b * block;
+        float* yb = y + b * block;
+        if (act == ACT_F16) { yb[0] = round_f16(xb[0]); continue; }
+        if (act == ACT_BF16) { yb[0] = round_bf16(xb[0]); continue; }
+        float amax = 0.0f;
+        for (int i = 0; i < block; i++) amax = fmaxf(amax, fabsf(yb[i] = xb[i]));
+        round_q8(yb, block, amax, act == ACT_Q8_32);
+    }
+}

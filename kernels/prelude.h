@@ -34,6 +34,23 @@ __device__ __forceinline__ float shfl(float v, int src) { return __shfl_sync(0xf
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
+// float32 -> nearest float16 (ties to even) -> float32
+#if defined(__HIP__) || defined(__HIPCC_RTC__)
+__device__ __forceinline__ float round_f16(float x) { return (float)(_Float16)x; }
+#else
+__device__ __forceinline__ float round_f16(float x) {
+    float r;
+    asm("{ .reg .f16 h; cvt.rn.f16.f32 h, %1; cvt.f32.f16 %0, h; }" : "=f"(r) : "f"(x));
+    return r;
+}
+#endif
+
+// float32 -> nearest bfloat16 (ties to even) -> float32
+__device__ __forceinline__ float round_bf16(float x) {
+    const u32 bits = __float_as_uint(x);
+    return __uint_as_float((bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int m = RF_WARP / 2; m > 0; m >>= 1) v += shfl_xor(v, m);
     return v;

@@ -132,6 +132,39 @@ __device__ __forceinline__ void dequant8(const u8* row, int k, float* v) {
     }
 }
 
+// How llama.cpp rounds the activations that meet a weight (rocmforge/ops/matmul.py, round_activations):
+// Q4_0..Q8_0 weights see 8-bit blocks of 32 with an fp16 scale, K-quants 8-bit blocks of 256 with a
+// float32 scale, F16/BF16 weights see fp16/bf16 activations, F32 weights the activations as they are.
+#define ACT_F32 0
+#define ACT_Q8_32 1
+#define ACT_Q8_256 2
+#define ACT_F16 3
+#define ACT_BF16 4
+
+// One 8-bit block: scale = max|x| / 127, q = rint(x / scale), x' = q * scale (scale rounded to fp16 when asked).
+__device__ __forceinline__ void round_q8(float* v, int n, float amax, bool fp16_scale) {
+    const float scale = amax / 127.0f;
+    const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+    const float stored = fp16_scale ? round_f16(scale) : scale;
+    for (int i = 0; i < n; i++) v[i] = rintf(v[i] * inverse) * stored;
+}
+
+// Round the 8 values v[] of this lane, the lanes of a warp holding consecutive groups of 8 (lane l holds
+// values 8l..8l+7 of a 256-aligned span): a block of 32 is 4 lanes, a block of 256 is 32 lanes. Every
+// lane of the warp must call this (it shuffles).
+__device__ __forceinline__ void round_activations8(float* v, int act) {
+    if (act == ACT_F16) {
+        for (int i = 0; i < 8; i++) v[i] = round_f16(v[i]);
+    } else if (act == ACT_BF16) {
+        for (int i = 0; i < 8; i++) v[i] = round_bf16(v[i]);
+    } else if (act == ACT_Q8_32 || act == ACT_Q8_256) {
+        float amax = 0.0f;
+        for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(v[i]));
+        for (int m = 1; m < (act == ACT_Q8_32 ? 4 : 32); m <<= 1) amax = fmaxf(amax, shfl_xor(amax, m));
+        round_q8(v, 8, amax, act == ACT_Q8_32);
+    }
+}
+
 // One extern "C" kernel per type, so the host looks kernels up by plain names like matvec_q4_k.
 #define RF_FOR_EACH_TYPE(X) \
     X(f32, GGML_F32) X(f16, GGML_F16) X(bf16, GGML_BF16) X(q4_0, GGML_Q4_0) X(q4_1, GGML_Q4_1) \

@@ -1,5 +1,6 @@
 """The numpy backend: each op is the reference twin in ``rocmforge.ops``; weights are dequantized to float32
-once at load time so every matmul is one BLAS call.
+once at load time so every matmul is one BLAS call. Activations are rounded the way llama.cpp rounds them for
+each weight type (``rocmforge.ops.matmul.round_activations``) so the numbers match llama.cpp's.
 
 Why float32 weights: numpy has no fast path for int8/f16 matrix products, and dequantizing blocks on the fly
 in numpy costs more per token than reading f32 weights (see BENCHMARKS.md, "CPU generation", for speed and RSS).
@@ -8,7 +9,10 @@ batch looks up are dequantized.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from rocmforge.gguf_file import TensorRef
 from rocmforge.kv_cache import Batch, KVCache, Segment
@@ -16,12 +20,24 @@ from rocmforge.ops.add import add
 from rocmforge.ops.attention import attention, attention_mix, attention_scores
 from rocmforge.ops.embedding import embedding, quantized_embedding
 from rocmforge.ops.geglu import geglu
-from rocmforge.ops.matmul import dequantize_weight, matmul
+from rocmforge.ops.matmul import dequantize_weight, matmul, round_activations
 from rocmforge.ops.rms_norm import rms_norm
 from rocmforge.ops.rope import rope
 from rocmforge.ops.softcap import softcap
 from rocmforge.ops.softmax import softmax
 from rocmforge.ops.swiglu import swiglu
+
+
+@dataclass(frozen=True)
+class CpuWeight:
+    """A weight matrix dequantized to float32, remembering its GGUF type (which sets the activation rounding)."""
+
+    matrix: np.ndarray                 # [out, in] float32
+    ggml_type: GGMLQuantizationType
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.matrix.shape
 
 
 class CpuBackend:
@@ -38,22 +54,22 @@ class CpuBackend:
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return x
 
-    def load_weight(self, tensor: TensorRef) -> np.ndarray:
-        return dequantize_weight(tensor.raw, tensor.ggml_type).reshape(tensor.shape)
+    def load_weight(self, tensor: TensorRef) -> CpuWeight:
+        return CpuWeight(dequantize_weight(tensor.raw, tensor.ggml_type).reshape(tensor.shape), tensor.ggml_type)
 
     def load_vector(self, tensor: TensorRef) -> np.ndarray:
         return dequantize_weight(tensor.raw, tensor.ggml_type).reshape(tensor.shape)
 
-    def load_embedding(self, tensor: TensorRef, tied: bool) -> np.ndarray | TensorRef:
+    def load_embedding(self, tensor: TensorRef, tied: bool) -> CpuWeight | TensorRef:
         return self.load_weight(tensor) if tied else tensor
 
-    def embedding(self, table: np.ndarray | TensorRef, tokens: np.ndarray) -> np.ndarray:
+    def embedding(self, table: CpuWeight | TensorRef, tokens: np.ndarray) -> np.ndarray:
         if isinstance(table, TensorRef):
             return quantized_embedding(table.raw, table.ggml_type, tokens)
-        return embedding(table, tokens)
+        return embedding(table.matrix, tokens)
 
-    def matmul(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        return matmul(x, weight)
+    def matmul(self, x: np.ndarray, weight: CpuWeight) -> np.ndarray:
+        return matmul(round_activations(x, weight.ggml_type), weight.matrix)
 
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return add(a, b)

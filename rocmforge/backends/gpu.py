@@ -35,6 +35,7 @@ from rocmforge.backends.runtime import Runtime, f32, i32, i64, ptr
 from rocmforge.errors import DeviceError, UnsupportedError
 from rocmforge.gguf_file import TensorRef
 from rocmforge.kv_cache import Batch, KVCache, Segment
+from rocmforge.ops.matmul import ACTIVATION_FORMAT
 
 # GGML types with a fused dequantize-and-multiply kernel; others are widened to float32 at load time
 KERNEL_TYPES = {
@@ -44,6 +45,19 @@ KERNEL_TYPES = {
     GGMLQuantizationType.Q5_K: "q5_k", GGMLQuantizationType.Q6_K: "q6_k",
 }
 ROWS_PER_BLOCK = 4  # matvec: one warp per output row, four warps per block
+# how the kernels round activations next to each weight type, as llama.cpp and the numpy twin do
+# (rocmforge.ops.matmul.round_activations); the codes are ACT_* in kernels/quant.h
+ACT_NONE, ACT_Q8_32, ACT_Q8_256, ACT_F16, ACT_BF16 = range(5)
+
+
+def activation_rounding(ggml_type: GGMLQuantizationType) -> int:
+    if ggml_type == GGMLQuantizationType.F16:
+        return ACT_F16
+    if ggml_type == GGMLQuantizationType.BF16:
+        return ACT_BF16
+    if ggml_type in ACTIVATION_FORMAT:
+        return ACT_Q8_32 if ACTIVATION_FORMAT[ggml_type][0] == 32 else ACT_Q8_256
+    return ACT_NONE
 
 
 def gpu_available() -> bool:
@@ -72,9 +86,10 @@ class GpuWeight:
     """A weight matrix ``[rows, cols]`` kept in its GGML block format inside the weight arena."""
 
     address: int
-    ggml_type: GGMLQuantizationType
+    ggml_type: GGMLQuantizationType  # the stored format (float32 when widened at load)
     shape: tuple[int, int]
     row_bytes: int
+    act: int                         # activation rounding of the file's type (ACT_*)
 
     @property
     def kernel_suffix(self) -> str:
@@ -223,7 +238,7 @@ class GpuBackend:
             data, kind = raw.view(np.uint8).reshape(rows, -1), tensor.ggml_type
         else:  # no kernel for this format: widen once to float32
             data, kind = dequantize(raw, tensor.ggml_type).astype(np.float32).reshape(rows, cols), GGMLQuantizationType.F32
-        return GpuWeight(self._to_arena(data), kind, (rows, cols), data.nbytes // rows)
+        return GpuWeight(self._to_arena(data), kind, (rows, cols), data.nbytes // rows, activation_rounding(tensor.ggml_type))
 
     def load_vector(self, tensor: TensorRef) -> DeviceArray:
         data = dequantize(np.asarray(tensor.raw), tensor.ggml_type).astype(np.float32).reshape(tensor.shape)
@@ -271,8 +286,10 @@ class GpuBackend:
         m = x.size // k
         out = self._empty((m, n_out))
         group = self._pending
-        joins = (isinstance(group, _Matmuls) and m == 1 and group.m == 1 and _same(group.x, x) and len(group.items) < 3
-                 and group.items[0][0].ggml_type == weight.ggml_type and group.sum is None and group.glu is None)
+        first = group.items[0][0] if isinstance(group, _Matmuls) else None
+        joins = (first is not None and group.m == m and _same(group.x, x) and len(group.items) < 3
+                 and (first.ggml_type, first.act) == (weight.ggml_type, weight.act) and group.sum is None
+                 and group.glu is None)
         if not joins:
             norm = group if isinstance(group, _Norm) and m == 1 and _same(group.out, x) else None
             if norm is not None:
@@ -287,13 +304,19 @@ class GpuBackend:
         n_out, k = weight.shape
         suffix, add, total = weight.kernel_suffix, ptr(g.add.address if g.add else 0), ptr(g.sum.address if g.sum else 0)
         if g.m > 1 and k % 32 == 0:
-            # 32-token tiles when 64-token ones would leave multiprocessors idle
-            sms = getattr(self.rt, "multiprocessors", 64)
-            tile = 32 if -(-n_out // 64) * -(-g.m // 64) < 2 * sms else 64
-            kernel = f"matmul_m32_{suffix}" if tile == 32 else f"matmul_{suffix}"
-            self._run("matmul", kernel, (-(-n_out // 64), -(-g.m // tile)), 256,
-                      [ptr(weight.address), i64(weight.row_bytes), ptr(g.x.address), ptr(y.address), i32(g.m),
-                       i32(n_out), i32(k), add, total], 0, g.label)
+            x = g.x
+            if weight.act != ACT_NONE:  # llama.cpp's rounding of the activations, once for the group
+                x = self._empty(g.x.shape)
+                self._run("matmul", "round_activations", self._elementwise_grid(g.x.size), 256,
+                          [ptr(g.x.address), ptr(x.address), i64(g.x.size), i32(weight.act)], 0, g.label)
+            for w, out in g.items:
+                n_out = w.shape[0]
+                # 32-token tiles when 64-token ones would leave multiprocessors idle
+                tile = 32 if -(-n_out // 64) * -(-g.m // 64) < 2 * getattr(self.rt, "multiprocessors", 64) else 64
+                self._run("matmul", f"matmul_m32_{suffix}" if tile == 32 else f"matmul_{suffix}",
+                          (-(-n_out // 64), -(-g.m // tile)), 256,
+                          [ptr(w.address), i64(w.row_bytes), ptr(x.address), ptr(out.address), i32(g.m), i32(n_out),
+                           i32(k), add, total], 0, g.label)
             return
         # with a norm folded in, the kernel reads the norm's input and writes the norm's output itself
         x = g.norm.x if g.norm else g.x
@@ -303,8 +326,9 @@ class GpuBackend:
             (w_gate, gate), (w_up, up) = g.items
             act, out = g.glu
             self._run("matmul", f"matvec_glu_{suffix}", (-(-n_out // ROWS_PER_BLOCK),), block,
-                      [ptr(x.address), i32(k), *norm, ptr(w_gate.address), ptr(w_up.address), i64(w_gate.row_bytes),
-                       ptr(gate.address), ptr(up.address), ptr(out.address), i32(n_out), i32(act)], 0, g.label)
+                      [ptr(x.address), i32(k), i32(weight.act), *norm, ptr(w_gate.address), ptr(w_up.address),
+                       i64(w_gate.row_bytes), ptr(gate.address), ptr(up.address), ptr(out.address), i32(n_out), i32(act)],
+                      0, g.label)
             return
         for row in range(g.m):  # g.m > 1 only for rows not a multiple of 32 long (never in the supported models)
             mats = []
@@ -314,7 +338,7 @@ class GpuBackend:
             rows = sum(w.shape[0] for w, _ in g.items)
             offset = row * n_out * 4
             self._run("matmul", f"matvec_{suffix}", (-(-rows // ROWS_PER_BLOCK),), block,
-                      [ptr(x.address + row * k * 4), i32(k), *norm, *mats,
+                      [ptr(x.address + row * k * 4), i32(k), i32(weight.act), *norm, *mats,
                        ptr(g.add.address + offset if g.add else 0), ptr(g.sum.address + offset if g.sum else 0)],
                       0, g.label)
 
