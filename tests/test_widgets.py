@@ -14,6 +14,7 @@ import pytest
 
 import rocmforge
 from rocmforge.engine import step_all_forward
+from rocmforge.errors import ContextOverflowError
 from rocmforge.sampler import Sampler, SamplingParams, top_alternatives
 from rocmforge.widgets import GenerationPanel
 from rocmforge.widgets import render
@@ -228,3 +229,14 @@ def test_attention_table_shows_the_last_positions_shaded_relative_to_the_largest
     assert re.findall(r'title="([0-9.]+)"', last_row) == [f"{w:.4f}" for w in pattern[-1, 2:]]
     darkest = pattern[-MAX_QUERY_ROWS:, 2:].max()  # key 2 seen by query 2 (1/3)
     assert f"darkest = {darkest:.3f}" in html and "rgba(30,90,200,1.000)" in html
+
+
+def test_a_prompt_longer_than_the_context_is_reported_and_the_panel_recovers(model):
+    panel = _panel(model, prompt="word " * (model.n_ctx + 10))
+    panel.generate_button.click()  # a click has no caller to raise to: the status line says what happened
+    with pytest.raises(ContextOverflowError, match="context window"):
+        panel.wait(timeout=60)
+    assert panel.status.value.startswith("<b style='color:#b00'>error:</b>") and "context window" in panel.status.value
+    assert not panel.generate_button.disabled and panel.stop_button.disabled and panel.result is None
+    panel.prompt.value = PROMPT
+    assert panel.generate(wait=True).text == model.generate(PROMPT, max_new_tokens=12, **SETTINGS)

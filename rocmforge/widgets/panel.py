@@ -34,6 +34,7 @@ class GenerationPanel:
 
     ``store`` (a ``context_store.ContextStore``, optional) adds a "use context" toggle and ``k``: the prompt is
     searched, the passages go into the prompt, and they are listed beside the answer (cited ones marked).
+    While it generates, leave the model to the panel: its KV cache and hooks are not made for two threads.
     """
 
     def __init__(self, model: Any, store: Any | None = None) -> None:
