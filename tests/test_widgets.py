@@ -240,3 +240,24 @@ def test_a_prompt_longer_than_the_context_is_reported_and_the_panel_recovers(mod
     assert not panel.generate_button.disabled and panel.stop_button.disabled and panel.result is None
     panel.prompt.value = PROMPT
     assert panel.generate(wait=True).text == model.generate(PROMPT, max_new_tokens=12, **SETTINGS)
+
+
+class _WithoutHooks:
+    """The model with its hook API hidden, as an engine without hooks would be."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        if name in ("run_with_cache", "hooks"):
+            raise AttributeError(name)
+        return getattr(self._model, name)
+
+
+def test_without_hooks_the_inside_view_says_so_and_generation_still_works(model):
+    panel = _panel(_WithoutHooks(model), max_new_tokens=3)
+    assert panel.inside_button.disabled and "no hooks" in panel.attention.value
+    assert panel.generate(wait=True).text == model.generate(PROMPT, max_new_tokens=3, **SETTINGS)
+    assert panel.inside_button.disabled  # still, after the run re-enabled the other buttons
+    with pytest.raises(RuntimeError, match="run_with_cache"):
+        panel.look_inside()

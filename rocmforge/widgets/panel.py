@@ -6,7 +6,8 @@ drawn) ends it within one token. Everything the buttons do is also a method, so 
 >>> import rocmforge
 >>> from rocmforge.widgets import GenerationPanel
 >>> panel = GenerationPanel(rocmforge.load("smollm2-135m"))  # doctest: +SKIP
->>> panel.prompt.value, panel.temperature.value, panel.max_new_tokens.value = "The capital of France is", 0.0, 4  # doctest: +SKIP
+>>> panel.prompt.value = "The capital of France is"  # doctest: +SKIP
+>>> panel.temperature.value, panel.max_new_tokens.value = 0.0, 4  # doctest: +SKIP
 >>> panel.generate(wait=True).text  # doctest: +SKIP
 ' Paris. It is'
 """
