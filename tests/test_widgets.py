@@ -144,6 +144,7 @@ def store(tmp_path):
         yield store
 
 
+@pytest.mark.slow
 def test_context_passages_are_the_stores_search_and_go_into_the_prompt(model, store):
     panel = _panel(model, store=store, max_new_tokens=4)
     assert panel.use_context.value and not panel.use_context.disabled
@@ -192,6 +193,7 @@ def test_token_view_colours_by_probability_and_titles_the_alternatives():
     assert "↵" in html
 
 
+@pytest.mark.slow
 def test_inside_view_patterns_and_logit_lens(model):
     if not supports_hooks(model):
         pytest.skip("Model.run_with_cache is not available yet (hooks API)")
