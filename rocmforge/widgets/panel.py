@@ -122,8 +122,7 @@ class GenerationPanel:
 
     def generate(self, wait: bool = False) -> GenerationResult | None:
         """Start generating from the current prompt and settings; with ``wait`` block and return the result."""
-        if self.running:
-            raise RuntimeError("a generation is already running: stop it or wait for it")
+        self._ensure_idle()
         settings = {"prompt": self.prompt.value, "chat": self.mode.value == "chat",
                     "params": self.sampling_params(), "max_new_tokens": self.max_new_tokens.value,
                     "k": self.k.value if self.store is not None and self.use_context.value else 0}
@@ -142,12 +141,15 @@ class GenerationPanel:
         """Block until the background work finishes; re-raise its error if it failed."""
         if self._worker is not None:
             self._worker.join(timeout)
+            if self._worker.is_alive():
+                raise TimeoutError(f"the panel is still running after {timeout} s")
         if self.error is not None:
             raise self.error
         return self.result
 
     def look_inside(self, wait: bool = True) -> InsideView | None:
         """Cache attention patterns and the logit lens of the last generation (prompt + generated tokens)."""
+        self._ensure_idle()
         if self.result is None:
             raise RuntimeError("nothing generated yet: generate first")
         if not supports_hooks(self.model):
@@ -160,9 +162,11 @@ class GenerationPanel:
         return None
 
     # --- background work -------------------------------------------------------------------------------------
-    def _start(self, work: Callable[[], None], busy: str) -> None:
+    def _ensure_idle(self) -> None:
         if self.running:
-            raise RuntimeError("the panel is busy: stop it or wait for it")
+            raise RuntimeError("the panel is already running (generating or looking inside): stop it or wait")
+
+    def _start(self, work: Callable[[], None], busy: str) -> None:
         self.error = None
         self._set_busy(True, busy)
 
