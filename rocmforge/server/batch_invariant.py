@@ -12,15 +12,21 @@ scheduler cuts prompts at fixed chunk boundaries, so with this backend a whole f
 The price: a lone decoding sequence pays for a 16-row product (on 2 cores that costs about what reading the
 weights for one row does; see BENCHMARKS.md, "Server").
 
->>> import numpy as np
+>>> from typing import Any
+
+import numpy as np
 >>> backend = BatchInvariantCpuBackend()
->>> w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+>>> from gguf import GGMLQuantizationType
+>>> from rocmforge.backends.cpu import CpuWeight
+>>> w = CpuWeight(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32), GGMLQuantizationType.F32)
 >>> x = np.random.default_rng(1).standard_normal((20, 32)).astype(np.float32)
 >>> alone = backend.matmul(x[3:4], w)
 >>> bool(np.array_equal(backend.matmul(x, w)[3], alone[0]))
 True
 """
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -30,18 +36,17 @@ TILE = 16
 
 
 class BatchInvariantCpuBackend(CpuBackend):
-    """``CpuBackend`` with a row-tiled matmul (see the module docstring)."""
+    """``CpuBackend`` whose matmul runs the parent's on fixed tiles of ``TILE`` rows (see the module docstring)."""
 
-    def matmul(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    def matmul(self, x: np.ndarray, weight: Any) -> np.ndarray:
         n = x.shape[0]
-        out = np.empty((n, weight.shape[0]), dtype=np.float32)
-        tile = np.zeros((TILE, x.shape[1]), dtype=np.float32)
+        parts = []
         for start in range(0, n, TILE):
             rows = min(TILE, n - start)
+            tile = np.zeros((TILE, x.shape[1]), dtype=np.float32)
             tile[:rows] = x[start:start + rows]
-            tile[rows:] = 0.0
-            out[start:start + rows] = (tile @ weight.T)[:rows]
-        return out
+            parts.append(super().matmul(tile, weight)[:rows])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def use_batch_invariant_matmul(model: object) -> bool:
