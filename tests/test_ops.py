@@ -120,18 +120,33 @@ def test_softcap_matches_float64(rng):
     np.testing.assert_allclose(softcap(x, 30.0), 30.0 * np.tanh(x.astype(np.float64) / 30.0), rtol=RTOL, atol=1e-5)
 
 
+def _llama_cpp_activations(x: np.ndarray, ggml_type: T) -> np.ndarray:
+    """How llama.cpp rounds activations next to each weight type, built from gguf's reference quantizers
+    (Q8_0 blocks of 32, BF16) or written out in float64 (Q8_K: blocks of 256, scale max|x|/127 kept in f32)."""
+    if ggml_type in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0):
+        return dequantize(quantize(x, T.Q8_0), T.Q8_0)
+    if ggml_type in (T.Q4_K, T.Q6_K):
+        blocks = x.astype(np.float64).reshape(x.shape[0], -1, 256)
+        scale = np.float32(np.abs(blocks).max(-1, keepdims=True) / 127)
+        return (np.round(blocks / scale) * scale).reshape(x.shape)
+    if ggml_type == T.BF16:
+        return dequantize(quantize(x, T.BF16), T.BF16)
+    return x.astype(np.float16) if ggml_type == T.F16 else x
+
+
 @pytest.mark.parametrize("ggml_type", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32])
 def test_quantized_matmul_matches_dequantized_float64(rng, ggml_type):
     w = rng.standard_normal((24, 96)).astype(np.float32)
     x = rng.standard_normal((3, 96)).astype(np.float32)
     raw = quantize(w, ggml_type)
-    expected = x.astype(np.float64) @ dequantize(raw, ggml_type).astype(np.float64).T
+    x_seen = _llama_cpp_activations(x, ggml_type).astype(np.float64)
+    expected = x_seen @ dequantize(raw, ggml_type).astype(np.float64).T
     got = quantized_matmul(x, raw, ggml_type)
     assert got.shape == (3, 24) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-    if ggml_type in (T.Q4_0, T.Q8_0):  # and the quantization is what it claims: close to the f32 product
-        error = np.abs(got - x @ w.T).max() / np.abs(x @ w.T).max()
-        assert error < (0.2 if ggml_type == T.Q4_0 else 0.02)
+    # and the quantization is what it claims to be: close to the float32 product
+    error = np.abs(got - x @ w.T).max() / np.abs(x @ w.T).max()
+    assert error < {T.Q4_0: 0.2, T.Q4_1: 0.2, T.Q5_0: 0.1, T.Q5_1: 0.1}.get(ggml_type, 0.02)
 
 
 @pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K])
@@ -140,7 +155,8 @@ def test_kquant_matmul_on_real_gemma_tensors(gemma3_path, rng, ggml_type):
     ref = next(r for r in gguf.tensors.values() if r.ggml_type == ggml_type and len(r.shape) == 2)
     raw = np.asarray(ref.raw)[:32]  # 32 output rows of the real tensor
     x = rng.standard_normal((2, ref.shape[1])).astype(np.float32)
-    expected = x.astype(np.float64) @ dequantize(raw, ggml_type).astype(np.float64).T
+    x_seen = _llama_cpp_activations(x, ggml_type)
+    expected = x_seen @ dequantize(raw, ggml_type).astype(np.float64).T
     np.testing.assert_allclose(quantized_matmul(x, raw, ggml_type), expected, rtol=1e-4, atol=1e-4)
 
 
