@@ -103,18 +103,20 @@ def bench_search(folder: Path, n: int, n_queries: int, efs: list[int], k: int = 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000],
+                        help="vector counts (none: skip the search part)")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--ef", type=int, nargs="+", default=[64, 128, 400])
-    parser.add_argument("--copies", type=int, default=8, help="copies of the bundled docs to ingest")
+    parser.add_argument("--copies", type=int, default=8, help="copies of the bundled docs to ingest (0: skip ingest)")
     args = parser.parse_args()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; BLAS: {blas_info()}; "
           f"load average at start {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
-        ing = bench_ingest(Path(tmp), args.copies)
-        print(f"ingest (MiniLM, 128-token chunks): {ing['documents']} docs, {ing['chunks']} chunks in "
-              f"{ing['seconds']:.1f} s = {ing['chunks_per_s']:.1f} chunks/s (embedder alone "
-              f"{ing['embed_only_chunks_per_s']:.1f} chunks/s)")
+        if args.copies:
+            ing = bench_ingest(Path(tmp), args.copies)
+            print(f"ingest (MiniLM, 128-token chunks): {ing['documents']} docs, {ing['chunks']} chunks in "
+                  f"{ing['seconds']:.1f} s = {ing['chunks_per_s']:.1f} chunks/s (embedder alone "
+                  f"{ing['embed_only_chunks_per_s']:.1f} chunks/s)")
         print("| vectors | ef | build s | inserts/s | search p50 ms | p99 ms | knn p50 ms | knn p99 ms | recall@10 |")
         print("|---|---|---|---|---|---|---|---|---|")
         for n in args.sizes:

@@ -161,7 +161,6 @@ class VectorIndex:
         with self.lock.read():
             if not self.dirty:
                 return
-            previous = self._saved_file()
             data_path = self.meta_path.parent / f"{self.meta_path.stem}.{secrets.token_hex(4)}.bin"
             self.hnsw.save_index(str(data_path))
             _fsync(data_path)
@@ -174,8 +173,10 @@ class VectorIndex:
             _fsync(tmp)
             os.replace(tmp, self.meta_path)
             self.dirty = False
-        if previous is not None and previous.name != data_path.name:
-            previous.unlink(missing_ok=True)
+        # Older files, and any a crash left half-written, are no longer named by the json.
+        for stale in self.meta_path.parent.glob(f"{self.meta_path.stem}.*.bin"):
+            if stale.name != data_path.name:
+                stale.unlink(missing_ok=True)
 
     def _saved_file(self) -> Path | None:
         try:

@@ -254,3 +254,15 @@ def test_word_piece_chunks_start_and_end_on_word_boundaries() -> None:
         assert c.end == len(text) or not text[c.end].isalnum()  # never ends inside one
     words = set(re.findall(r"\w+", text))
     assert words == {w for c in chunks for w in re.findall(r"\w+", c.text)}  # nothing lost
+
+
+def test_save_leaves_exactly_the_file_the_json_names(tmp_path: Path) -> None:
+    path = tmp_path / "ctx.db"
+    orphan = tmp_path / "ctx.db.hnsw.deadbeef.bin"  # as if a crash interrupted a save
+    orphan.write_bytes(b"half a file")
+    with ContextStore(path, embed=HashedNgramEmbedder()) as s:
+        s.add_text(ANIMALS["owls.txt"])
+        s.save()
+        s.add_text(ANIMALS["bees.txt"])
+    named = json.loads(Path(str(path) + ".hnsw.json").read_text())["file"]
+    assert [p.name for p in tmp_path.glob("ctx.db.hnsw.*.bin")] == [named]
