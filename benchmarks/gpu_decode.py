@@ -33,10 +33,11 @@ from rocmforge.registry import resolve  # noqa: E402
 N_CTX = 1024
 
 
-def build(path: Path, device: str):
+def build(path: Path, device: str, rounding: bool):
     gguf = GGUFFile(path)
     cfg = gguf.config
     ops = backend_for_model(device, gguf, N_CTX)
+    ops.round_activations = rounding  # read when the weights load, just below
     from rocmforge.weights import Weights
     kv = KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim_v, N_CTX, block_size=16, ops=ops)
     return ForwardContext(cfg, Weights.load(gguf, ops), ops, kv, Hooks(ops)), ARCHITECTURES[cfg.architecture]
@@ -78,9 +79,11 @@ def main() -> None:
     parser.add_argument("model", nargs="?", default="smollm2-135m")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--no-rounding", action="store_true",
+                        help="float32 activations into every matmul instead of llama.cpp's 8-bit rounding")
     args = parser.parse_args()
     path = resolve(args.model)
-    ctx, arch = build(path, args.device)
+    ctx, arch = build(path, args.device, not args.no_rounding)
     ops = ctx.ops
     device = getattr(getattr(ops, "rt", None), "device_name", "cpu")
     rng = np.random.default_rng(0)
@@ -95,6 +98,7 @@ def main() -> None:
     by_kernel, prefill_by_kernel = profile.by_kernel("decode 3"), profile.by_kernel("prefill")
     result = {
         "model": path.name, "device": device, "date": time.strftime("%Y-%m-%d"),
+        "activation_rounding": not args.no_rounding,
         "pp512_tok_s": statistics.median(pp), "pp512_runs": pp,
         "tg128_tok_s_device_argmax": statistics.median(tg_argmax), "tg128_runs_device_argmax": tg_argmax,
         "tg128_tok_s_logits_to_host": statistics.median(tg_logits), "tg128_runs_logits_to_host": tg_logits,
@@ -106,7 +110,7 @@ def main() -> None:
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
-    print(f"{path.name} on {device}")
+    print(f"{path.name} on {device}, activations {'rounded as llama.cpp does' if not args.no_rounding else 'float32'}")
     print(f"pp512: {result['pp512_tok_s']:,.0f} tok/s   tg128: {result['tg128_tok_s_device_argmax']:,.0f} tok/s "
           f"(device argmax), {result['tg128_tok_s_logits_to_host']:,.0f} tok/s (logits to host)")
     if replay_ms is not None:

@@ -32,5 +32,6 @@ model)
   sha256sum "$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf" | tee "$OUT/model.sha256"
   python3 -m pytest tests/test_gpu_model.py -q -p no:cacheprovider -rs -s 2>&1 | tee "$OUT/model.log" | tail -15
   python3 benchmarks/gpu_decode.py smollm2-135m --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  python3 benchmarks/gpu_decode.py smollm2-135m --no-rounding --json "$OUT/bench_float32.json" 2>&1 | tee "$OUT/bench_float32.log"
   ;;
 esac

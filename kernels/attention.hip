@@ -134,7 +134,8 @@ __device__ void decode(const float* q, const float* Kc, const float* Vc, const i
     for (int k0 = s0 + warp * RF_TILE; k0 < s1; k0 += n_warps * RF_TILE) {
         const int key = k0 + lane;
         const bool mine = lane < RF_TILE && key < s1;
-        const long row = mine ? ((long)key_slots[key] * Hkv + kvh) * D : 0;
+        const int slot = mine ? key_slots[key] : 0;
+        const long row = ((long)slot * Hkv + kvh) * D;
         float s = RF_NEG_INF;
         if (mine) {
             s = 0.0f;
@@ -146,13 +147,20 @@ __device__ void decode(const float* q, const float* Kc, const float* Vc, const i
         }
         const float p = online_update<DMAX>(s, m, l, o);
         const int n_keys = min(RF_TILE, s1 - k0);
-        for (int j = 0; j < n_keys; j++) {
-            const float pj = shfl(p, j);
-            const long vrow = ((long)key_slots[k0 + j] * Hkv + kvh) * D;
+        // 8 keys per step, unrolled, so their value loads are in flight together (slots come from the lanes)
+        for (int j0 = 0; j0 < n_keys; j0 += 8) {
             #pragma unroll
-            for (int i = 0; i < PER_LANE; i++) {
-                const int d = lane + i * RF_WARP;
-                if (d < D) o[i] += pj * Vc[vrow + d];
+            for (int jj = 0; jj < 8; jj++) {
+                const int j = j0 + jj;
+                const float pj = shfl(p, j);
+                const long vrow = ((long)shfl_int(slot, j) * Hkv + kvh) * D;
+                if (j < n_keys) {
+                    #pragma unroll
+                    for (int i = 0; i < PER_LANE; i++) {
+                        const int d = lane + i * RF_WARP;
+                        if (d < D) o[i] += pj * Vc[vrow + d];
+                    }
+                }
             }
         }
     }

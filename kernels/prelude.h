@@ -21,6 +21,7 @@ __device__ __forceinline__ float shfl_xor(float v, int mask) { return __shfl_xor
 __device__ __forceinline__ int shfl_xor_int(int v, int mask) { return __shfl_xor(v, mask, RF_WARP); }
 __device__ __forceinline__ float f16_to_f32(u16 h) { return (float)__builtin_bit_cast(_Float16, h); }
 __device__ __forceinline__ float shfl(float v, int src) { return __shfl(v, src, RF_WARP); }
+__device__ __forceinline__ int shfl_int(int v, int src) { return __shfl(v, src, RF_WARP); }
 #else
 __device__ __forceinline__ float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask, RF_WARP); }
 __device__ __forceinline__ int shfl_xor_int(int v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask, RF_WARP); }
@@ -30,6 +31,7 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
     return f;
 }
 __device__ __forceinline__ float shfl(float v, int src) { return __shfl_sync(0xffffffffu, v, src, RF_WARP); }
+__device__ __forceinline__ int shfl_int(int v, int src) { return __shfl_sync(0xffffffffu, v, src, RF_WARP); }
 #endif
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }

@@ -147,8 +147,11 @@ class _Rope:
 class GpuBackend:
     """``Backend`` on a GPU runtime. Arrays are ``DeviceArray``; weights are ``GpuWeight``."""
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, round_activations: bool = True):
+        """``round_activations=False`` multiplies unrounded float32 activations (faster, and a smooth function of
+        the input: what to compare against the numpy path with its rounding switched off)."""
         self.rt = runtime
+        self.round_activations = round_activations
         self.name = runtime.name
         self._pool = Pool(runtime)
         self._weights: Arena | None = None
@@ -238,7 +241,8 @@ class GpuBackend:
             data, kind = raw.view(np.uint8).reshape(rows, -1), tensor.ggml_type
         else:  # no kernel for this format: widen once to float32
             data, kind = dequantize(raw, tensor.ggml_type).astype(np.float32).reshape(rows, cols), GGMLQuantizationType.F32
-        return GpuWeight(self._to_arena(data), kind, (rows, cols), data.nbytes // rows, activation_rounding(tensor.ggml_type))
+        act = activation_rounding(tensor.ggml_type) if self.round_activations else ACT_NONE
+        return GpuWeight(self._to_arena(data), kind, (rows, cols), data.nbytes // rows, act)
 
     def load_vector(self, tensor: TensorRef) -> DeviceArray:
         data = dequantize(np.asarray(tensor.raw), tensor.ggml_type).astype(np.float32).reshape(tensor.shape)
