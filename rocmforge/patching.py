@@ -16,6 +16,10 @@ The model is a ``rocmforge.model.Model`` (its ``run_with_cache``, ``hooks`` and 
 >>> grid = patch_residual(model, clean, corrupt, logit_diff(paris, rome))  # doctest: +SKIP
 >>> grid.shape  # [layer, position]  # doctest: +SKIP
 (30, 9)
+>>> love = steering_vector(model, model.tokenize("I love"), model.tokenize("I hate"), layer=3)  # doctest: +SKIP
+>>> with steering(model, love, layer=3):  # doctest: +SKIP
+...     model.generate("I hate you because", max_new_tokens=8, temperature=0)
+' of love.\n\nI love you because'
 """
 from __future__ import annotations
 
@@ -47,13 +51,19 @@ def logit_diff(correct: int, wrong: int, pos: int = -1) -> Metric:
 
 def patch_residual(model: Any, clean: Sequence[int], corrupted: Sequence[int], metric: Metric, *,
                    activation: str = "resid_pre", layers: Sequence[int] | None = None,
-                   positions: Sequence[int] | None = None, max_batch: int = 32) -> np.ndarray:
+                   positions: Sequence[int] | None = None, max_batch: int = 1) -> np.ndarray:
     """Metric of the corrupted run with the clean residual put back at one (layer, position).
 
     Returns ``[len(layers), len(positions)]`` (all layers and positions by default). Entry
     ``[i, j]`` patches ``blocks.{layers[i]}.hook_{activation}`` at position ``positions[j]``;
     ``activation`` is any ``[pos, d_model]`` point: resid_pre|mid|post, attn_out, mlp_out.
-    The positions of one layer run as one batched forward (at most ``max_batch`` prompts).
+
+    Each patched run starts at the patched layer from the corrupted run's residual (the blocks before
+    it would compute exactly that). ``max_batch`` is how many patched runs share one forward: 1 (the
+    default) keeps each bit-comparable with the clean and corrupted runs; more is faster but, on the CPU
+    backend, a row's bits depend on the batch around it (OpenBLAS picks kernels by row count, and
+    llama.cpp-style 8-bit activation rounding amplifies last-bit differences): on SmolLM2 that moved a
+    logit difference by up to 4%.
     """
     if activation not in _RESIDUAL:
         raise ValueError(f"residual patching works on {', '.join(_RESIDUAL)}, not {activation!r}")
@@ -68,11 +78,12 @@ def patch_residual(model: Any, clean: Sequence[int], corrupted: Sequence[int], m
 
 def patch_heads(model: Any, clean: Sequence[int], corrupted: Sequence[int], metric: Metric, *,
                 activation: str = "z", layers: Sequence[int] | None = None,
-                heads: Sequence[int] | None = None, max_batch: int = 32) -> np.ndarray:
+                heads: Sequence[int] | None = None, max_batch: int = 1) -> np.ndarray:
     """Metric of the corrupted run with one head's clean activation put back at every position.
 
     Returns ``[len(layers), len(heads)]``. ``activation`` is ``z`` (the head's output, default),
     ``q``/``rot_q`` (query heads) or ``k``/``rot_k``/``v`` (key-value heads, fewer with GQA).
+    ``max_batch`` as in ``patch_residual``.
     """
     if activation not in _PER_HEAD:
         raise ValueError(f"per-head patching works on {', '.join(_PER_HEAD)}, not {activation!r}")
@@ -89,15 +100,14 @@ def patch_heads(model: Any, clean: Sequence[int], corrupted: Sequence[int], metr
 def _patch(model: Any, clean: Sequence[int], corrupted: Sequence[int], metric: Metric, activation: str,
            layers: Sequence[int] | None, n_variants: int,
            put_back: Callable[[np.ndarray, np.ndarray, int, slice], None], max_batch: int) -> np.ndarray:
-    """For each layer: run ``n_variants`` copies of the corrupted prompt as one batch, and let
-    ``put_back(act, clean_act, variant, rows)`` copy clean values into the rows of each copy."""
+    """For each layer: run ``n_variants`` patched copies of the corrupted prompt, ``max_batch`` per forward;
+    ``put_back(act, clean_act, variant, rows)`` copies clean values into the rows of each copy."""
     if len(clean) != len(corrupted):
         raise ValueError(f"clean and corrupted prompts must have the same number of tokens "
                          f"({len(clean)} vs {len(corrupted)}) so positions line up")
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     names = [act_name(activation, layer) for layer in layers]
     _, clean_cache = model.run_with_cache(clean, names_filter=names)
-    # Blocks before the patched one run exactly as in the corrupted run: start each batch from its residual.
     starts = [act_name("resid_pre", layer) for layer in layers]
     _, corrupted_cache = model.run_with_cache(corrupted, names_filter=starts, stop_at_layer=max(layers) + 1)
     n_pos = len(clean)
@@ -120,17 +130,18 @@ def _patch(model: Any, clean: Sequence[int], corrupted: Sequence[int], metric: M
 
 
 def steering_vector(model: Any, positive: Sequence[int], negative: Sequence[int], layer: int,
-                    activation: str = "resid_pre") -> np.ndarray:
+                    activation: str = "resid_pre", pos: int | None = -1) -> np.ndarray:
     """A direction ``[d_model]``: the positive prompt's residual minus the negative one's at ``layer``.
 
-    Each prompt's residual is averaged over its positions, so the prompts may differ in length.
+    Taken at position ``pos`` of each prompt (the last by default: with prompts like "I love" / "I hate"
+    that is where they differ), or averaged over all positions with ``pos=None``.
     """
     name = act_name(activation, layer)
-    means = []
+    reads = []
     for ids in (positive, negative):
-        _, cache = model.run_with_cache(ids, names_filter=lambda n: n == name, stop_at_layer=layer + 1)
-        means.append(cache[name].mean(axis=0))
-    return (means[0] - means[1]).astype(np.float32)
+        _, cache = model.run_with_cache(ids, names_filter=name, stop_at_layer=layer + 1)
+        reads.append(cache[name].mean(axis=0) if pos is None else cache[name][pos])
+    return (reads[0] - reads[1]).astype(np.float32)
 
 
 @contextmanager
@@ -140,7 +151,7 @@ def steering(model: Any, direction: np.ndarray, layer: int, scale: float = 1.0,
 
     Works for ``run_with_hooks`` and for generation alike (prefill and each decode step).
     """
-    shift = (np.float32(scale) * np.asarray(direction, np.float32))
+    shift = np.float32(scale) * np.asarray(direction, np.float32)
 
     def add(act: np.ndarray, hook: HookPoint) -> np.ndarray:
         return act + shift

@@ -33,30 +33,30 @@ def test_the_pair_disagrees(pair):
 
 def test_patching_the_clean_run_into_itself_gives_the_clean_metric_everywhere(model, pair):
     clean, _, _, metric, clean_metric, _ = pair
-    grid = patch_residual(model, clean, clean, metric, layers=[0, 29])
+    grid = patch_residual(model, clean, clean, metric, layers=[20, 29])  # later layers: shorter runs
     assert grid.shape == (2, len(clean))
-    np.testing.assert_allclose(grid, clean_metric, rtol=1e-4, atol=1e-4)
-    heads = patch_heads(model, clean, clean, metric, layers=[13, 29])
+    assert np.all(grid == clean_metric)  # bit for bit: each patched run has the clean run's shapes
+    heads = patch_heads(model, clean, clean, metric, layers=[27, 29])
     assert heads.shape == (2, model.cfg.n_heads)
-    np.testing.assert_allclose(heads, clean_metric, rtol=1e-4, atol=1e-4)
+    assert np.all(heads == clean_metric)
 
 
 def test_at_layer_0_only_the_differing_token_matters(model, pair):
     clean, corrupted, differ, metric, clean_metric, corrupted_metric = pair
     row = patch_residual(model, clean, corrupted, metric, layers=[0])[0]
     # The embeddings differ only there: patching it IS the clean run; patching elsewhere changes nothing.
-    np.testing.assert_allclose(row[differ], clean_metric, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.delete(row, differ), corrupted_metric, rtol=1e-4, atol=1e-4)
+    assert row[differ] == clean_metric
+    assert np.all(np.delete(row, differ) == corrupted_metric)
 
 
 def test_the_last_residual_at_the_last_position_decides_the_logits(model, pair):
     clean, corrupted, _, metric, clean_metric, corrupted_metric = pair
     last = model.cfg.n_layers - 1
     grid = patch_residual(model, clean, corrupted, metric, activation="resid_post", layers=[last], positions=[-1, 0])
-    np.testing.assert_allclose(grid[0], [clean_metric, corrupted_metric], rtol=1e-4, atol=1e-4)
+    assert grid[0].tolist() == [clean_metric, corrupted_metric]
 
 
-def test_batched_patching_equals_patching_one_run_at_a_time(model, pair):
+def test_starting_at_the_patched_layer_equals_a_full_hooked_run(model, pair):
     clean, corrupted, _, metric, _, _ = pair
     layer, pos, head = 23, 4, 4
     grid = patch_residual(model, clean, corrupted, metric, layers=[layer], positions=[pos - 1, pos])
@@ -75,7 +75,7 @@ def test_batched_patching_equals_patching_one_run_at_a_time(model, pair):
 
     one_resid = metric(model.run_with_hooks(corrupted, [(f"blocks.{layer}.hook_resid_pre", put_resid)]))
     one_head = metric(model.run_with_hooks(corrupted, [(f"blocks.{layer}.attn.hook_z", put_head)]))
-    np.testing.assert_allclose([grid[0, 1], heads[0, 0]], [one_resid, one_head], rtol=1e-4, atol=1e-4)
+    assert [grid[0, 1], heads[0, 0]] == [one_resid, one_head]
     assert not np.isclose(grid[0, 0], grid[0, 1], atol=0.05)  # different positions give different answers
 
 
@@ -88,10 +88,10 @@ def test_patching_needs_prompts_of_equal_length(model, pair):
 
 
 def test_steering_adds_the_direction_in_prefill_and_every_decode_step(model):
-    layer, scale = 6, 4.0
-    direction = steering_vector(model, model.tokenize(" love"), model.tokenize(" hate"), layer)
+    layer, scale = 3, 1.0
+    direction = steering_vector(model, model.tokenize("I love"), model.tokenize("I hate"), layer)
     assert direction.shape == (model.cfg.d_model,) and np.linalg.norm(direction) > 0
-    prompt = model.tokenize("I think that you are")
+    prompt = model.tokenize("I hate you because")
     name = f"blocks.{layer}.hook_resid_pre"
     before: list[np.ndarray] = []
     after: list[np.ndarray] = []
