@@ -147,10 +147,11 @@ __device__ void decode(const float* q, const float* Kc, const float* Vc, const i
         }
         const float p = online_update<DMAX>(s, m, l, o);
         const int n_keys = min(RF_TILE, s1 - k0);
-        // 8 keys per step, unrolled, so their value loads are in flight together (slots come from the lanes)
-        for (int j0 = 0; j0 < n_keys; j0 += 8) {
+        // UNROLL keys per step so their value loads are in flight together (slots come from the lanes)
+        constexpr int UNROLL = PER_LANE <= 2 ? 16 : PER_LANE <= 4 ? 8 : 4;
+        for (int j0 = 0; j0 < n_keys; j0 += UNROLL) {
             #pragma unroll
-            for (int jj = 0; jj < 8; jj++) {
+            for (int jj = 0; jj < UNROLL; jj++) {
                 const int j = j0 + jj;
                 const float pj = shfl(p, j);
                 const long vrow = ((long)shfl_int(slot, j) * Hkv + kvh) * D;

@@ -26,6 +26,7 @@ template <int T>
 __device__ __forceinline__ float row_dot(const u8* row, const float* x, const float* norm_w, float scale, int K,
                                          int lane, int act) {
     float acc = 0.0f;
+    #pragma unroll 4  // rows are a few hundred to a few thousand long: issue their loads together
     for (int base = 0; base < K; base += RF_WARP * 8) {
         const int k = base + lane * 8;
         float xv[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
@@ -48,6 +49,7 @@ __device__ __forceinline__ float row_dot(const u8* row, const float* x, const fl
 __device__ __forceinline__ float fused_norm(const float* x, const float* norm_w, float eps, float* x_out, int K) {
     if (!norm_w) return 1.0f;
     float ss = 0.0f;
+    #pragma unroll 8
     for (int k = threadIdx.x % RF_WARP; k < K; k += RF_WARP) ss += x[k] * x[k];
     const float scale = rsqrtf(warp_sum(ss) / (float)K + eps);
     if (blockIdx.x == 0 && x_out)
@@ -178,17 +180,18 @@ __device__ void matmul(const u8* W, long row_bytes, const float* X, float* Y, in
     }
 RF_FOR_EACH_TYPE(RF_MATMUL_KERNELS)
 
-// Prefill: round the activations [rows, K] the way llama.cpp does for the weight type (see quant.h) before
-// the tiled matmul reads them. One thread per 8-bit block (32 or 256 values) or per value for f16/bf16.
+// Prefill: round the activations (n values, rows of a multiple of 256) the way llama.cpp does for the weight
+// type (see quant.h) before the tiled matmul reads them. Each lane rounds 8 consecutive values, a warp 256
+// per step, exactly as the matvecs do; the loop is uniform across a warp because the rounding shuffles.
 extern "C" __global__ void round_activations(const float* x, float* y, long n, int act) {
-    const int block = act == ACT_Q8_32 ? 32 : act == ACT_Q8_256 ? 256 : 1;
-    for (long b = blockIdx.x * (long)blockDim.x + threadIdx.x; b < n / block; b += (long)gridDim.x * blockDim.x) {
-        const float* xb = x + b * block;
-        float* yb = y + b * block;
-        if (act == ACT_F16) { yb[0] = round_f16(xb[0]); continue; }
-        if (act == ACT_BF16) { yb[0] = round_bf16(xb[0]); continue; }
-        float amax = 0.0f;
-        for (int i = 0; i < block; i++) amax = fmaxf(amax, fabsf(yb[i] = xb[i]));
-        round_q8(yb, block, amax, act == ACT_Q8_32);
+    const long lane = threadIdx.x % RF_WARP;
+    const long warps = (long)gridDim.x * (blockDim.x / RF_WARP);
+    for (long base = (blockIdx.x * (long)(blockDim.x / RF_WARP) + threadIdx.x / RF_WARP) * RF_WARP * 8; base < n;
+         base += warps * RF_WARP * 8) {
+        const long k = base + lane * 8;
+        float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        if (k < n) for (int i = 0; i < 8; i++) v[i] = x[k + i];
+        round_activations8(v, act);
+        if (k < n) for (int i = 0; i < 8; i++) y[k + i] = v[i];
     }
 }

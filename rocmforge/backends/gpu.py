@@ -311,7 +311,7 @@ class GpuBackend:
             x = g.x
             if weight.act != ACT_NONE:  # llama.cpp's rounding of the activations, once for the group
                 x = self._empty(g.x.shape)
-                self._run("matmul", "round_activations", self._elementwise_grid(g.x.size), 256,
+                self._run("matmul", "round_activations", self._elementwise_grid(g.x.size // 8), 256,
                           [ptr(g.x.address), ptr(x.address), i64(g.x.size), i32(weight.act)], 0, g.label)
             for w, out in g.items:
                 n_out = w.shape[0]
