@@ -18,6 +18,7 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
+from threadpoolctl import threadpool_limits
 
 from context_store import ContextStore
 from context_store.prompt import build_context_prompt
@@ -60,7 +61,8 @@ def live_server(app) -> Iterator[str]:
 def model(smollm2_path):
     model = load(smollm2_path, device="cpu", n_ctx=N_CTX, n_parallel=16)
     assert use_batch_invariant_matmul(model)
-    return model
+    with threadpool_limits(1, user_api="blas"):  # as `rocmforge serve` does on 2 cores: a core for the event loop
+        yield model
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,188 @@
+"""Serving throughput: rocmforge's server (continuous batching) beside llama-cpp-python's own server, same model,
+same run, same CPU. Each server runs alone (the other is stopped), with 1, 4 and 16 concurrent streaming clients.
+
+    python benchmarks/serve.py [-m smollm2-135m] [--clients 1,4,16] [--requests 2] [--max-tokens 32]
+
+Every request is a greedy streaming completion of a distinct prompt with the end-of-generation tokens banned
+(``logit_bias``), so each produces exactly ``--max-tokens`` tokens on both servers. Reported per server and
+concurrency: aggregate output tok/s (all tokens / wall time), p50/p99 time to first token, and the mean
+per-stream decode rate (tokens after the first / time after the first). llama-cpp-python's server needs
+``pip install 'llama-cpp-python[server]'``; it runs one request at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from rocmforge.gguf_file import GGUFFile
+from rocmforge.registry import resolve
+from rocmforge.tokenizer import Tokenizer
+
+PROMPTS = [f"Write a short story about {topic}." for topic in (
+    "a lighthouse keeper", "a lost robot", "the last bookshop", "a dragon who hates fire", "a river that flows uphill",
+    "an old violin", "a city under the sea", "a clockmaker", "a winter garden", "a talking cat", "a desert train",
+    "a forgotten moon base", "a bridge of glass", "a baker at midnight", "a paper airplane", "a mountain choir")]
+
+
+@dataclass
+class Result:
+    ttft: float
+    tokens: int
+    decode_seconds: float  # from the first token to the last
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(command: list[str], port: int, timeout: float = 600) -> subprocess.Popen:
+    """Start a server process and wait (bounded) until /v1/models answers."""
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty server must never block on a full pipe
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(command[:4])} exited: {log.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{command[0]} did not answer within {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def one_request(url: str, prompt: str, max_tokens: int, logit_bias: dict[str, float]) -> Result:
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "logit_bias": logit_bias}
+    start_time, first, tokens, usage = time.perf_counter(), None, 0, None
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            if chunk["choices"] and chunk["choices"][0].get("text"):
+                tokens += 1
+                if first is None:
+                    first = time.perf_counter()
+    end = time.perf_counter()
+    if usage:  # a chunk can carry more than one token (a UTF-8 character split across tokens)
+        tokens = usage["completion_tokens"]
+    first = first or end
+    return Result(first - start_time, tokens, end - first)
+
+
+def load_test(url: str, clients: int, requests: int, max_tokens: int,
+              logit_bias: dict[str, float]) -> tuple[list[Result], float]:
+    results: list[Result] = []
+    lock, barrier = threading.Lock(), threading.Barrier(clients)
+
+    def client(i: int) -> None:
+        barrier.wait()
+        for r in range(requests):
+            result = one_request(url, PROMPTS[(i * requests + r) % len(PROMPTS)], max_tokens, logit_bias)
+            with lock:
+                results.append(result)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - began
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def cpu_name() -> str:
+    for line in open("/proc/cpuinfo", encoding="utf-8"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-m", "--model", default="smollm2-135m")
+    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--n-ctx", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp threads")
+    parser.add_argument("--skip-llama-cpp", action="store_true")
+    args = parser.parse_args()
+    concurrency = [int(c) for c in args.clients.split(",")]
+    path = str(resolve(args.model))
+    logit_bias = {str(t): -100.0 for t in Tokenizer.from_gguf(GGUFFile(path)).eot_ids}
+    python = sys.executable
+    ours = [python, "-m", "rocmforge.cli.main", "serve", "-m", path, "--max-batch", str(max(concurrency)),
+            "--n-ctx", str(args.n_ctx), "--no-embeddings"]
+    servers = {"rocmforge": ours, "rocmforge --no-batch-invariant": [*ours, "--no-batch-invariant"]}
+    if not args.skip_llama_cpp:
+        # interrupt_requests False: queue concurrent requests instead of cutting the running stream off
+        servers["llama-cpp-python"] = [python, "-m", "llama_cpp.server", "--model", path, "--n_ctx", str(args.n_ctx),
+                                       "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+                                       "--interrupt_requests", "False", "--verbose", "False"]
+    print(f"# {time.strftime('%Y-%m-%d')}, {cpu_name()}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f} at start; {args.model}, {args.max_tokens} tokens per request, "
+          f"{args.requests} requests per client, greedy")
+    print("| server | clients | requests | aggregate tok/s | TTFT p50 s | TTFT p99 s | per-stream decode tok/s |")
+    print("|---|---|---|---|---|---|---|")
+    summary: dict[tuple[str, int], tuple[float, float]] = {}
+    for name, command in servers.items():
+        port = free_port()
+        proc = start([*command, "--host", "127.0.0.1", "--port", str(port)], port)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            one_request(url, "Warm up.", 4, logit_bias)
+            for clients in concurrency:
+                results, wall = load_test(url, clients, args.requests, args.max_tokens, logit_bias)
+                total = sum(r.tokens for r in results)
+                ttfts = [r.ttft for r in results]
+                decode = statistics.mean((r.tokens - 1) / r.decode_seconds for r in results if r.decode_seconds > 0)
+                summary[(name, clients)] = (total / wall, decode)
+                print(f"| {name} | {clients} | {len(results)} | {total / wall:.1f} | {percentile(ttfts, 0.5):.2f} | "
+                      f"{percentile(ttfts, 0.99):.2f} | {decode:.1f} |", flush=True)
+        finally:
+            stop(proc)
+    most = max(concurrency)
+    if ("llama-cpp-python", 1) in summary and ("rocmforge", most) in summary:
+        reference = summary[("llama-cpp-python", 1)][1]
+        ours = summary[("rocmforge", most)][0]
+        print(f"\nrocmforge at {most} clients: {ours:.1f} tok/s = {ours / reference:.2f}x llama-cpp-python's "
+              f"single-stream decode rate ({reference:.1f} tok/s); target 3x")
+
+
+if __name__ == "__main__":
+    main()
