@@ -57,25 +57,59 @@ __device__ __forceinline__ float fused_norm(const float* x, const float* norm_w,
     return scale;
 }
 
+// Rotary embedding and KV-cache store folded behind the q/k/v matvec of a decode step (normal, non-NeoX
+// rope over whole heads, so the pair (2i, 2i+1) of a head are two rows of the same block). rot[j] non-null:
+// rows of matrix j are rotated into rot[j]; k_pool non-null: the rotated rows of matrix 1 (keys) and the
+// rows of matrix 2 (values) are also written to the cache at slots[0].
+struct RopeEpilogue {
+    const int* positions;
+    const double* inv_freq;
+    int head_dim;
+    float* rot0;
+    float* rot1;
+    float* k_pool;
+    float* v_pool;
+    const int* slots;
+};
+
 // Decode: up to three matrices that share one input (q, k, v) in one launch, one warp per output row,
-// rows numbered across the matrices. An optional RMSNorm is fused in front (norm_w non-null), and for a
-// single matrix an optional residual add behind it: sum = y + add.
+// rows numbered across the matrices. An optional RMSNorm is fused in front (norm_w non-null), for a single
+// matrix an optional residual add behind it (sum = y + add), and for q/k/v the rope epilogue above.
 template <int T>
 __device__ void matvec(const float* x, int K, int act, const float* norm_w, float eps, float* x_out,
                        const u8* W0, long rb0, float* y0, int N0, const u8* W1, long rb1, float* y1, int N1,
-                       const u8* W2, long rb2, float* y2, int N2, const float* add, float* sum) {
+                       const u8* W2, long rb2, float* y2, int N2, const float* add, float* sum, RopeEpilogue rope) {
+    __shared__ float dots[RF_MAX_WARPS];
     const float scale = fused_norm(x, norm_w, eps, x_out, K);
-    const int lane = threadIdx.x % RF_WARP;
-    int n = blockIdx.x * (blockDim.x / RF_WARP) + threadIdx.x / RF_WARP;
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
+    int n = blockIdx.x * (blockDim.x / RF_WARP) + warp, matrix = 0;
     const u8* W = W0; long rb = rb0; float* y = y0;
     if (n >= N0) {
-        n -= N0; W = W1; rb = rb1; y = y1;
-        if (n >= N1) { n -= N1; W = W2; rb = rb2; y = y2; if (n >= N2) return; }
+        n -= N0; W = W1; rb = rb1; y = y1; matrix = 1;
+        if (n >= N1) { n -= N1; W = W2; rb = rb2; y = y2; matrix = 2; }
     }
-    const float dot = row_dot<T>(W + n * rb, x, norm_w, scale, K, lane, act);
-    if (lane == 0) {
+    const bool valid = matrix < 2 || n < N2;
+    const float dot = valid ? row_dot<T>(W + n * rb, x, norm_w, scale, K, lane, act) : 0.0f;
+    if (valid && lane == 0) {
         y[n] = dot;
         if (sum) sum[n] = dot + add[n];
+    }
+    if (!rope.positions) return;  // uniform: every warp of the block takes the same branch
+    if (lane == 0) dots[warp] = dot;
+    __syncthreads();
+    if (!valid || lane != 0) return;
+    float* rot = matrix == 0 ? rope.rot0 : matrix == 1 ? rope.rot1 : nullptr;
+    if (rot) {
+        const int i = (n % rope.head_dim) / 2;
+        const double angle = (double)rope.positions[0] * rope.inv_freq[i];
+        float sn, cs;
+        sincosf((float)(angle - 6.283185307179586 * rint(angle * 0.15915494309189535)), &sn, &cs);
+        const float x0 = dots[warp & ~1], x1 = dots[warp | 1];
+        const float r = (n & 1) ? x0 * sn + x1 * cs : x0 * cs - x1 * sn;
+        rot[n] = r;
+        if (matrix == 1 && rope.k_pool) rope.k_pool[(long)rope.slots[0] * N1 + n] = r;
+    } else if (matrix == 2 && rope.v_pool) {
+        rope.v_pool[(long)rope.slots[0] * N2 + n] = dot;
     }
 }
 
@@ -160,8 +194,11 @@ __device__ void matmul(const u8* W, long row_bytes, const float* X, float* Y, in
     extern "C" __global__ void matvec_##name(const float* x, int K, int act, const float* norm_w, float eps, float* x_out, \
                                              const u8* W0, long rb0, float* y0, int N0, const u8* W1, long rb1,   \
                                              float* y1, int N1, const u8* W2, long rb2, float* y2, int N2,         \
-                                             const float* add, float* sum) {                                      \
-        matvec<T>(x, K, act, norm_w, eps, x_out, W0, rb0, y0, N0, W1, rb1, y1, N1, W2, rb2, y2, N2, add, sum);        \
+                                             const float* add, float* sum, const int* positions,                  \
+                                             const double* inv_freq, int head_dim, float* rot0, float* rot1,      \
+                                             float* k_pool, float* v_pool, const int* slots) {                    \
+        const RopeEpilogue rope = {positions, inv_freq, head_dim, rot0, rot1, k_pool, v_pool, slots};           \
+        matvec<T>(x, K, act, norm_w, eps, x_out, W0, rb0, y0, N0, W1, rb1, y1, N1, W2, rb2, y2, N2, add, sum, rope); \
     }                                                                                                            \
     extern "C" __global__ void matvec_glu_##name(const float* x, int K, int act_round, const float* norm_w, float eps, \
                                                  float* x_out, const u8* Wg, const u8* Wu, long rb, float* g,     \

@@ -266,3 +266,38 @@ def test_decode_fusions_equal_op_by_op(gpu, ggml_type, act):
     ref["out"] = host["attn_sum"] + host["y"]
     for name, value in ref.items():
         assert rel_err(host[name], np.asarray(value, np.float64)) < 2e-5, name
+
+
+def test_decode_qkv_rope_and_cache_store_in_one_launch(gpu):
+    """q/k/v of one token, normal rope of q and k and the cache store, all done by one matvec launch."""
+    heads, n_kv, d, hidden = 9, 3, 64, 576
+    cache = KVCache(1, n_kv, d, d, n_ctx=64, block_size=16, ops=gpu)
+    seq = cache.new_sequence()
+    cache.prepare([(seq, list(range(37)))])
+    batch = cache.prepare([(seq, [5])])
+    x = f32(1, hidden)
+    weights = [random_weight(Q.Q8_0, rows, hidden) for rows in (heads * d, n_kv * d, n_kv * d)]
+    dev = [gpu.load_weight(w) for w in weights]
+    outs = {}
+
+    def step():
+        dx = gpu.from_host(x)
+        q, k, v = (gpu.matmul(dx, w) for w in dev)
+        q, k, v = q.reshape(1, heads, d), k.reshape(1, n_kv, d), v.reshape(1, n_kv, d)
+        q_rot = gpu.rope(q, batch.positions, 10000.0, False, d)
+        k_rot = gpu.rope(k, batch.positions, 10000.0, False, d)
+        gpu.kv_write(cache, 0, batch, k_rot, v)
+        outs.update(q=q, k=k, v=v, q_rot=q_rot, k_rot=k_rot)
+
+    kernels = [kernel for _, kernel, _ in gpu.profile(step)[1]]
+    assert kernels == ["matvec_q8_0"]
+    host = {name: gpu.to_host(a) for name, a in outs.items()}
+    rounded = round_activations(x, Q.Q8_0).astype(np.float64)
+    for name, w in zip("qkv", weights):
+        ref = rounded @ dequantize(w.raw, Q.Q8_0).reshape(w.shape).astype(np.float64).T
+        assert rel_err(host[name].reshape(1, -1), ref) < 2e-5, name
+    for name in ("q", "k"):
+        assert rel_err(host[f"{name}_rot"], rope(host[name], batch.positions, 10000.0, False)) < 1e-5, name
+    slot = batch.slots[0]
+    assert np.array_equal(gpu.to_host(cache.k[0])[slot], host["k_rot"][0])
+    assert np.array_equal(gpu.to_host(cache.v[0])[slot], host["v"][0])

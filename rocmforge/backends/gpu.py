@@ -129,6 +129,11 @@ class _Matmuls:
     add: DeviceArray | None = None        # residual added behind the single matmul ...
     sum: DeviceArray | None = None        # ... into this
     glu: tuple[int, DeviceArray] | None = None  # (0 SiLU / 1 GELU, act(gate) * up) of a gate/up pair
+    # decode q/k/v: the normal rope of q and k (outputs per item) and the KV-cache store, done by the matvec
+    rope_key: tuple | None = None
+    rope_tables: tuple[DeviceArray, DeviceArray] | None = None   # positions, inv_freq
+    rope_outs: list[DeviceArray | None] = field(default_factory=lambda: [None, None])
+    store: tuple[DeviceArray, DeviceArray, DeviceArray] | None = None  # k_pool, v_pool, slots
 
 
 @dataclass
@@ -341,9 +346,15 @@ class GpuBackend:
             mats += [ptr(0), i64(0), ptr(0), i32(0)] * (3 - len(g.items))  # unused matrix slots: no rows
             rows = sum(w.shape[0] for w, _ in g.items)
             offset = row * n_out * 4
+            rope = [ptr(0), ptr(0), i32(0), ptr(0), ptr(0), ptr(0), ptr(0), ptr(0)]
+            if g.rope_key is not None:
+                (pos, inv_freq), (q_rot, k_rot) = g.rope_tables, g.rope_outs
+                k_pool, v_pool, slots = g.store or (None, None, None)
+                rope = [ptr(pos.address), ptr(inv_freq.address), i32(g.rope_key[2])] + [
+                    ptr(a.address if a is not None else 0) for a in (q_rot, k_rot, k_pool, v_pool, slots)]
             self._run("matmul", f"matvec_{suffix}", (-(-rows // ROWS_PER_BLOCK),), block,
                       [ptr(x.address + row * k * 4), i32(k), i32(weight.act), *norm, *mats,
-                       ptr(g.add.address + offset if g.add else 0), ptr(g.sum.address + offset if g.sum else 0)],
+                       ptr(g.add.address + offset if g.add else 0), ptr(g.sum.address + offset if g.sum else 0), *rope],
                       0, g.label)
 
     def add(self, a: DeviceArray, b: DeviceArray) -> DeviceArray:
@@ -399,6 +410,8 @@ class GpuBackend:
         pos = self._ints(positions)
         out = self._empty(x.shape)
         key = (pos.address, n, head_dim, n_rot, bool(neox), inv_freq.address)
+        if self._fold_rope(x, out, key, pos, inv_freq):
+            return out
         r = self._pending
         if isinstance(r, _Rope) and r.key == key and len(r.parts) == 1 and not _same(r.parts[0][1], x):
             r.parts.append((x, out))
@@ -406,6 +419,19 @@ class GpuBackend:
         self._flush()
         self._pending = _Rope(key, pos, inv_freq, self.profile_label, [(x, out)])
         return out
+
+    def _fold_rope(self, x: DeviceArray, out: DeviceArray, key: tuple, pos: DeviceArray, inv_freq: DeviceArray) -> bool:
+        """Let the pending decode q/k/v matvec rotate ``x`` (its q or k output) itself; True when it will."""
+        g = self._pending
+        n, head_dim, n_rot, neox = key[1], key[2], key[3], key[4]
+        if not (isinstance(g, _Matmuls) and g.m == 1 and n == 1 and not neox and n_rot == head_dim
+                and g.glu is None and g.sum is None and g.store is None and g.rope_key in (None, key)):
+            return False
+        for j, (_, y) in enumerate(g.items[:2]):
+            if _same(y, x) and g.rope_outs[j] is None:
+                g.rope_key, g.rope_tables, g.rope_outs[j] = key, (pos, inv_freq), out
+                return True
+        return False
 
     def _inv_freq(self, theta: float, n_rot: int, freq_factors: DeviceArray | None, freq_scale: float) -> DeviceArray:
         """theta^(-2i/n_rot) * freq_scale / factor_i in float64 on the device (cached; the rope kernel's table)."""
@@ -505,6 +531,11 @@ class GpuBackend:
     def kv_write(self, cache: KVCache, layer: int, batch: Batch, k: DeviceArray, v: DeviceArray) -> None:
         k_pool, v_pool = cache.k[layer], cache.v[layer]
         slots = self._ints(batch.slots)
+        g = self._pending
+        if (isinstance(g, _Matmuls) and g.rope_outs[1] is not None and _same(g.rope_outs[1], k) and len(g.items) == 3
+                and _same(g.items[2][1], v) and g.store is None and batch.n_tokens == 1):
+            g.store = (k_pool, v_pool, slots)  # the q/k/v matvec writes the cache too
+            return
         r = self._pending
         if (isinstance(r, _Rope) and r.store is None and any(_same(out, k) for _, out in r.parts)
                 and k.shape[:2] == v.shape[:2] and r.key[2] == k.shape[2]):
