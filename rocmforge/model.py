@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from rocmforge.arch import gemma3, llama
 from rocmforge.arch.context import ForwardContext
@@ -49,7 +50,7 @@ class Model(HookedModel):
     """A loaded model: tokenizer, weights on a backend, a paged KV cache, hooks, and generation methods."""
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", n_ctx: int | None = None,
-                 n_parallel: int = 1):
+                 n_parallel: int = 1, n_threads: int | None = None):
         self.path = Path(path)
         self.gguf = GGUFFile(self.path)
         self.cfg = self.gguf.config
@@ -57,6 +58,10 @@ class Model(HookedModel):
         self.arch = ARCHITECTURES[self.cfg.architecture]
         self.ops = _backend(device)
         self.device = self.ops.name
+        if self.device == "cpu":
+            # BLAS threads that spin-wait for each other collapse when the cores are shared (16x slower decode
+            # measured on a busy 2-core machine), so like llama-cpp-python default to half the cores.
+            threadpool_limits(n_threads or max(1, (os.cpu_count() or 2) // 2), user_api="blas")
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         self.n_ctx = min(n_ctx or DEFAULT_N_CTX, self.cfg.context_length)
         self.weights = Weights.load(self.gguf, self.ops)
@@ -204,15 +209,16 @@ def _usage(gen: Generation) -> dict[str, int]:
 
 
 def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", n_ctx: int | None = None,
-         n_parallel: int = 1) -> Model:
+         n_parallel: int = 1, n_threads: int | None = None) -> Model:
     """Load a registry model by name (fetched once into the cache) or a local ``.gguf`` file.
 
     ``device``: "auto" (the GPU when one is usable, else numpy) or "cpu". ``n_ctx``: context window per
     sequence (default: the model's, capped at 4096). ``n_parallel``: how many full-length sequences the KV pool holds.
+    ``n_threads``: BLAS threads on CPU (default: half the cores, as llama-cpp-python; set for the whole process).
 
     >>> import rocmforge
     >>> model = rocmforge.load("smollm2-135m", device="cpu")  # doctest: +SKIP
     >>> model.cfg.n_layers  # doctest: +SKIP
     30
     """
-    return Model(resolve(name_or_path), device=device, n_ctx=n_ctx, n_parallel=n_parallel)
+    return Model(resolve(name_or_path), device=device, n_ctx=n_ctx, n_parallel=n_parallel, n_threads=n_threads)
