@@ -118,6 +118,34 @@ def stream_text(client: openai.OpenAI, prompt: str, max_tokens: int, **kw) -> tu
     return "".join(pieces), finish
 
 
+# --- batch invariance -------------------------------------------------------------------------------------
+def last_logits(model, items: list[tuple[int, list[int]]]) -> np.ndarray:
+    batch = model.kv.prepare(items)
+    return model.ops.to_host(model.arch.forward(model.ctx, batch, rows=batch.last_rows))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_sequences_logits_do_not_depend_on_its_batch(model, threads):
+    prompt = model.tokenize("The quick brown fox")
+    others = [model.tokenize(f"Another prompt, number {i}, about cats") for i in range(12)]
+    seqs = [model.kv.new_sequence() for _ in range(14)]
+    alone, batched, rest = seqs[0], seqs[1], seqs[2:]
+    try:
+        with threadpool_limits(threads, user_api="blas"):
+            prefill_alone = last_logits(model, [(alone, prompt)])[0]
+            decode_alone = last_logits(model, [(alone, [42])])[0]
+            last_logits(model, list(zip(rest, others)))
+            prefill_batched = last_logits(model, [(s, [7]) for s in rest[:5]] + [(batched, prompt)] +
+                                          [(s, [7]) for s in rest[5:]])[5]
+            decode_batched = last_logits(model, [(s, [9]) for s in rest[:10]] + [(batched, [42])] +
+                                         [(s, [9]) for s in rest[10:]])[10]
+    finally:
+        for s in seqs:
+            model.kv.free(s)
+    assert np.array_equal(prefill_alone, prefill_batched)
+    assert np.array_equal(decode_alone, decode_batched)
+
+
 # --- generation --------------------------------------------------------------------------------------------
 def test_completion_is_the_engines_greedy_text(client, model):
     prompt = "The capital of France is"
