@@ -187,3 +187,22 @@ def test_kill_9_mid_ingest_loses_no_acknowledged_write(tmp_path: Path) -> None:
         assert store.search("doc12", mode="keyword") == []
         assert store.index.live == _chunk_ids(path)
         assert store.search("w3x7", k=1, mode="keyword")[0].source == "s3"
+
+
+def test_second_handle_sees_adds_deletes_and_compaction_without_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "ctx.db"
+    reader = ContextStore(path, embed=HashedNgramEmbedder())
+    writer = ContextStore(path, embed=HashedNgramEmbedder())  # its own connections, index and file lock
+    ids = [writer.add_text(_text(f"shared-doc{i}"), source=f"s{i}").document_id for i in range(6)]
+    assert reader.search(_text("shared-doc4"), k=1, mode="vector")[0].document_id == ids[4]
+    writer.delete(ids[4])
+    assert all(h.document_id != ids[4] for h in reader.search(_text("shared-doc4"), k=6, mode="vector"))
+    assert ids[4] not in {d.id for d in reader.list()} and len(reader.index) == 5
+    writer.delete(ids[0])
+    writer.vacuum()  # cuts the deletion log: the reader must reload the compacted index or rebuild
+    hits = reader.search(_text("shared-doc2"), k=6, mode="vector")
+    assert hits[0].document_id == ids[2] and {h.document_id for h in hits} == set(ids[1:4] + ids[5:])
+    assert reader.index.live == _chunk_ids(path) and not reader.index.deleted
+    assert reader.index.epoch == writer.index.epoch == 1
+    writer.close()
+    reader.close()
