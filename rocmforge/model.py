@@ -23,10 +23,9 @@ from threadpoolctl import threadpool_limits
 
 from rocmforge.arch import gemma3, llama
 from rocmforge.arch.context import ForwardContext
-from rocmforge.backends.cpu import CpuBackend
+from rocmforge.backends.select import backend_for_model
 from rocmforge.chat import chat_template_for, render_chat
 from rocmforge.engine import Generation
-from rocmforge.errors import DeviceError
 from rocmforge.gguf_file import GGUFFile
 from rocmforge.hooks import HookedModel, Hooks, hook_names
 from rocmforge.kv_cache import KVCache
@@ -39,13 +38,6 @@ ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": llama, "qwen3":
 DEFAULT_N_CTX = 4096  # the KV cache is allocated lazily, but a smaller default keeps the worst case modest
 
 
-def _backend(device: str) -> Any:
-    device = os.environ.get("ROCMFORGE_DEVICE", device) if device == "auto" else device
-    if device in ("auto", "cpu"):
-        return CpuBackend()
-    raise DeviceError(f"device {device!r} is not available in this build (use 'cpu' or 'auto')")
-
-
 class Model(HookedModel):
     """A loaded model: tokenizer, weights on a backend, a paged KV cache, hooks, and generation methods."""
 
@@ -56,19 +48,19 @@ class Model(HookedModel):
         self.cfg = self.gguf.config
         self.name = self.path.stem
         self.arch = ARCHITECTURES[self.cfg.architecture]
-        self.ops = _backend(device)
+        self.n_ctx = min(n_ctx or DEFAULT_N_CTX, self.cfg.context_length)
+        block_size = 16
+        n_blocks = -(-self.n_ctx // block_size) * n_parallel
+        self.ops = backend_for_model(None if device == "auto" else device, self.gguf, n_blocks * block_size)
         self.device = self.ops.name
         if self.device == "cpu":
             # BLAS threads that spin-wait for each other collapse when the cores are shared (16x slower decode
             # measured on a busy 2-core machine), so like llama-cpp-python default to half the cores.
             threadpool_limits(n_threads or max(1, (os.cpu_count() or 2) // 2), user_api="blas")
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
-        self.n_ctx = min(n_ctx or DEFAULT_N_CTX, self.cfg.context_length)
         self.weights = Weights.load(self.gguf, self.ops)
-        block_size = 16
         self.kv = KVCache(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, self.cfg.head_dim_v,
-                          self.n_ctx, n_blocks=-(-self.n_ctx // block_size) * n_parallel, block_size=block_size,
-                          ops=self.ops)
+                          self.n_ctx, n_blocks=n_blocks, block_size=block_size, ops=self.ops)
         self.hook_registry = Hooks(self.ops, valid_names=hook_names(self.cfg.n_layers))
         self.ctx = ForwardContext(self.cfg, self.weights, self.ops, self.kv, self.hook_registry)
 
@@ -212,7 +204,8 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", 
          n_parallel: int = 1, n_threads: int | None = None) -> Model:
     """Load a registry model by name (fetched once into the cache) or a local ``.gguf`` file.
 
-    ``device``: "auto" (the GPU when one is usable, else numpy) or "cpu". ``n_ctx``: context window per
+    ``device``: "auto" (the GPU when one is usable, else numpy), "cuda", "hip" or "cpu" (``$ROCMFORGE_DEVICE``
+    sets it for "auto"). ``n_ctx``: context window per
     sequence (default: the model's, capped at 4096). ``n_parallel``: how many full-length sequences the KV pool holds.
     ``n_threads``: BLAS threads on CPU (default: half the cores, as llama-cpp-python; set for the whole process).
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import rocmforge
+from rocmforge.backends.cpu import CpuBackend
 from rocmforge.engine import step_all
 from rocmforge.errors import ContextOverflowError
 
@@ -17,7 +18,18 @@ def model(smollm2_path):
     return rocmforge.load(smollm2_path, device="cpu", n_ctx=256, n_parallel=4)
 
 
-def test_greedy_decode_with_kv_cache_matches_full_forward(model):
+@pytest.fixture
+def smooth(model):
+    """The model with llama.cpp's 8-bit activation rounding off for one test: comparing two computation orders
+    (cached decode vs one full pass) needs a smooth function, not one where a flipped rounding moves logits by ~1."""
+    rounding = model.ops
+    model.ops = model.ctx.ops = CpuBackend(round_activations=False)
+    yield model
+    model.ops = model.ctx.ops = rounding
+
+
+def test_greedy_decode_with_kv_cache_matches_full_forward(smooth):
+    model = smooth
     gen = model.start(PROMPT, max_new_tokens=6, temperature=0)
     tokens = [t for t in iter(gen.step, None)]
     ids = model.tokenize(PROMPT)
@@ -30,7 +42,7 @@ def test_greedy_decode_with_kv_cache_matches_full_forward(model):
     assert model.kv.sequences == []
 
 
-def test_step_layer_walks_the_layers_and_gives_the_prefill_logits(model):
+def test_step_layer_walks_the_layers_and_gives_the_prefill_logits(model):  # same shapes as prefill: bit-equal
     reference = model.start(PROMPT, temperature=0).prefill()
     gen = model.start(PROMPT, temperature=0)
     ran = [gen.step_layer() for _ in range(model.cfg.n_layers)]
@@ -43,7 +55,8 @@ def test_step_layer_walks_the_layers_and_gives_the_prefill_logits(model):
         model.kv.free(g)
 
 
-def test_batched_steps_give_each_sequence_its_solo_tokens(model):
+def test_batched_steps_give_each_sequence_its_solo_tokens(smooth):
+    model = smooth
     prompts = ["The capital of France is", "Once upon a time", "def add(a, b):", "1, 2, 3,"]
     solo = [model.generate(p, max_new_tokens=5, temperature=0) for p in prompts]
     gens = [model.start(p, max_new_tokens=5, temperature=0) for p in prompts]
