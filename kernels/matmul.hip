@@ -44,6 +44,11 @@ __device__ __forceinline__ float row_dot(const u8* row, const float* x, const fl
     return warp_sum(acc);
 }
 
+// Start the row's bytes on their way from memory before the warp spends time on the input row.
+__device__ __forceinline__ void prefetch_row(const u8* row, long row_bytes, int lane) {
+    for (long o = lane * 128L; o < row_bytes; o += RF_WARP * 128L) prefetch_l2(row + o);
+}
+
 // The RMSNorm scale 1/sqrt(mean(x²) + eps) of the input row, computed by every warp on its own (x is
 // short: one token), and the normalized row written once by block 0 for whoever reads it later.
 __device__ __forceinline__ float fused_norm(const float* x, const float* norm_w, float eps, float* x_out, int K) {
@@ -80,7 +85,6 @@ __device__ void matvec(const float* x, int K, int act, const float* norm_w, floa
                        const u8* W0, long rb0, float* y0, int N0, const u8* W1, long rb1, float* y1, int N1,
                        const u8* W2, long rb2, float* y2, int N2, const float* add, float* sum, RopeEpilogue rope) {
     __shared__ float dots[RF_MAX_WARPS];
-    const float scale = fused_norm(x, norm_w, eps, x_out, K);
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
     int n = blockIdx.x * (blockDim.x / RF_WARP) + warp, matrix = 0;
     const u8* W = W0; long rb = rb0; float* y = y0;
@@ -89,6 +93,8 @@ __device__ void matvec(const float* x, int K, int act, const float* norm_w, floa
         if (n >= N1) { n -= N1; W = W2; rb = rb2; y = y2; matrix = 2; }
     }
     const bool valid = matrix < 2 || n < N2;
+    if (valid) prefetch_row(W + n * rb, rb, lane);
+    const float scale = fused_norm(x, norm_w, eps, x_out, K);
     const float dot = valid ? row_dot<T>(W + n * rb, x, norm_w, scale, K, lane, act) : 0.0f;
     if (valid && lane == 0) {
         y[n] = dot;
@@ -117,9 +123,13 @@ __device__ void matvec(const float* x, int K, int act, const float* norm_w, floa
 template <int T>
 __device__ void matvec_glu(const float* x, int K, int act_round, const float* norm_w, float eps, float* x_out, const u8* Wg,
                            const u8* Wu, long rb, float* g, float* u, float* y, int N, int act) {
-    const float scale = fused_norm(x, norm_w, eps, x_out, K);
     const int lane = threadIdx.x % RF_WARP;
     const int n = blockIdx.x * (blockDim.x / RF_WARP) + threadIdx.x / RF_WARP;
+    if (n < N) {
+        prefetch_row(Wg + n * rb, rb, lane);
+        prefetch_row(Wu + n * rb, rb, lane);
+    }
+    const float scale = fused_norm(x, norm_w, eps, x_out, K);
     if (n >= N) return;
     const float gn = row_dot<T>(Wg + n * rb, x, norm_w, scale, K, lane, act_round);
     const float un = row_dot<T>(Wu + n * rb, x, norm_w, scale, K, lane, act_round);

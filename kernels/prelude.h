@@ -34,6 +34,13 @@ __device__ __forceinline__ float shfl(float v, int src) { return __shfl_sync(0xf
 __device__ __forceinline__ int shfl_int(int v, int src) { return __shfl_sync(0xffffffffu, v, src, RF_WARP); }
 #endif
 
+// Ask for a cache line to be brought into L2 now (its load comes later); a no-op on HIP.
+#if defined(__HIP__) || defined(__HIPCC_RTC__)
+__device__ __forceinline__ void prefetch_l2(const void* p) {}
+#else
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+#endif
+
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 // float32 -> nearest float16 (ties to even) -> float32
