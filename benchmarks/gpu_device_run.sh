@@ -1,13 +1,13 @@
 #!/bin/bash
-# The one script a lent GPU machine runs (CI has no GPU). Stages, chosen by $1:
+# The one script a lent GPU machine runs (CI has no GPU). Stages, one or more as arguments:
 #   kernels      install carried wheels, print the device, run every kernel test against its numpy twin
 #   model        join the model parts, run the full-model test (GPU vs numpy logits, greedy tokens) and the benchmark
+#   ncu          time each kernel of one decode step with Nsight Compute (after model, on the same machine)
 # SmolLM2 (98 MB) is bigger than what one call may carry (64 MiB), so it travels in two halves
 # (.device/model_a/part.a, .device/model_b/part.b) on two back-to-back calls; every stage keeps the parts it
 # was given on the machine, which stays warm for ~30 s between calls.
 # Logs go to $OUT (the device tool brings them back).
 set -o pipefail
-stage=${1:-kernels}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -20,6 +20,7 @@ model_dir=$ROCMFORGE_HOME/models/smollm2-135m
 mkdir -p "$model_dir"
 cp .device/model_*/part.* "$model_dir/" 2>/dev/null && ls -la "$model_dir"
 
+for stage in "${@:-kernels}"; do
 case $stage in
 kernels)
   nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee "$OUT/device.txt"
@@ -34,4 +35,21 @@ model)
   python3 benchmarks/gpu_decode.py smollm2-135m --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
   python3 benchmarks/gpu_decode.py smollm2-135m --no-rounding --json "$OUT/bench_float32.json" 2>&1 | tee "$OUT/bench_float32.log"
   ;;
+ncu)
+  ncu --metrics gpu__time_duration.sum --csv -k 'regex:matvec|attn_decode|embed' -c 200 \
+    python3 benchmarks/gpu_kernel_times.py > "$OUT/ncu_decode.csv" 2> "$OUT/ncu.err"
+  python3 - "$OUT/ncu_decode.csv" <<'PY'
+import csv, sys
+from collections import defaultdict
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+head, rows = rows[0], rows[1:]
+name, value = head.index("Kernel Name"), head.index("Metric Value")
+totals = defaultdict(list)
+for r in rows[-152:]:  # the decode step's kernels are the last ones
+    totals[r[name].split("(")[0]].append(float(r[value].replace(",", "")) / 1e3)
+for k, v in sorted(totals.items(), key=lambda kv: -sum(kv[1])):
+    print(f"{k:28s} {len(v):4d} x  mean {sum(v) / len(v):7.2f} us  total {sum(v):8.1f} us")
+PY
+  ;;
 esac
+done
