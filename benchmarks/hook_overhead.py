@@ -125,6 +125,8 @@ def main() -> None:
     gen = None
     for i in range(args.steps + 2):
         if gen is None or gen.finished:
+            if gen is not None:
+                gen.close()
             gen = model.start(prompt, max_new_tokens=model.n_ctx - len(prompt) - 1, temperature=0)
             gen.prefill()
             gen.step()  # the first sample needs no forward
