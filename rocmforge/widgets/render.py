@@ -75,8 +75,8 @@ def logit_lens_html(rows: Sequence[tuple[str, int, str, float]]) -> str:
     """Rows of (stage, token id, token text, probability): the top token each layer's residual decodes to."""
     body = "".join(f"<tr><td>{html.escape(stage)}</td><td>{_shown(repr(text))}</td><td>{t}</td><td>{p:.4f}</td></tr>"
                    for stage, t, text, p in rows)
-    return ('<table class="rf-logit-lens" style="white-space:nowrap"><tr><th>residual</th><th>top token</th><th>id</th><th>p</th></tr>'
-            f"{body}</table>")
+    return ('<table class="rf-logit-lens" style="white-space:nowrap">'
+            f"<tr><th>residual</th><th>top token</th><th>id</th><th>p</th></tr>{body}</table>")
 
 
 def attention_html(pattern: np.ndarray, labels: Sequence[str], title: str) -> str:
