@@ -5,10 +5,11 @@
 so the two builds differ in exactly the hook calls, the f-string names they build and the ``active`` check.
 The builds take turns decoding one token each in the same generation (the order flips each round), so they see
 the same KV lengths and the same machine load; each row gives the median step's speed and the median of the
-per-round speed ratios against the compiled-out build. Two more rows show what registered hooks cost: one cached residual point, and one
-attention pattern (which switches that layer from the fused attention to scores -> softmax -> mix).
+per-round speed ratios against the compiled-out build. A second compiled-out row measures the noise floor. Two
+more rows show what registered hooks cost: one cached residual point, and one attention pattern (which switches
+that layer from the fused attention to scores -> softmax -> mix).
 
-    .venv/bin/python benchmarks/hook_overhead.py --steps 60
+    .venv/bin/python benchmarks/hook_overhead.py --steps 300
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def seconds_per_idle_hook_call(repeats: int = 200_000) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--steps", type=int, default=40, help="timed decode steps per build")
+    parser.add_argument("--steps", type=int, default=300, help="timed decode steps per build")
     args = parser.parse_args()
 
     model = rocmforge.load(args.model, device="cpu", n_ctx=1024)

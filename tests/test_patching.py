@@ -61,7 +61,8 @@ def test_starting_at_the_patched_layer_equals_a_full_hooked_run(model, pair):
     layer, pos, head = 23, 4, 4
     grid = patch_residual(model, clean, corrupted, metric, layers=[layer], positions=[pos - 1, pos])
     heads = patch_heads(model, clean, corrupted, metric, layers=[layer], heads=[head])
-    _, cache = model.run_with_cache(clean, names_filter=[f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z"])
+    names = [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z"]
+    _, cache = model.run_with_cache(clean, names_filter=names)
 
     def put_resid(act, hook):
         act = act.copy()
