@@ -15,7 +15,7 @@
 //   reduces a slice of the visible keys to (max, sum, unnormalised output); the last block of the
 //   head to finish (a ticket counter per head) merges the slices. The number of keys comes from
 //   positions[0] on the device, so a captured graph replays correctly as the cache grows.
-//   grid = (n_splits, H), block = 4 warps.
+//   With one split the block writes the output itself. grid = (n_splits, H), block = up to 8 warps.
 
 #define RF_TILE 32
 
@@ -117,7 +117,7 @@ __device__ void decode(const float* q, const float* Kc, const float* Vc, const i
     const int D = EXACT ? DMAX : D_arg;
     __shared__ float qs[DMAX];
     __shared__ float w_m[RF_MAX_WARPS], w_l[RF_MAX_WARPS];
-    __shared__ float w_o[4][DMAX];  // launched with 4 warps
+    __shared__ float w_o[8][DMAX];  // launched with at most 8 warps
     __shared__ int is_last;
     const int n_warps = blockDim.x / RF_WARP, warp = threadIdx.x / RF_WARP, lane = threadIdx.x % RF_WARP;
     const int split = blockIdx.x, n_splits = gridDim.x, h = blockIdx.y, kvh = h / (H / Hkv);
@@ -176,15 +176,17 @@ __device__ void decode(const float* q, const float* Kc, const float* Vc, const i
         if (d < D) w_o[warp][d] = o[i] * mine_scale;
     }
     __syncthreads();
+    float lb = 0.0f;
+    for (int w = 0; w < n_warps; w++) lb += w_m[w] == RF_NEG_INF ? 0.0f : w_l[w] * expf(w_m[w] - mb);
     const long part = (long)h * n_splits + split;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float acc = 0.0f;
         for (int w = 0; w < n_warps; w++) acc += w_o[w][d];
-        part_o[part * D + d] = acc;
+        if (n_splits == 1) out[(long)h * D + d] = acc / lb;  // one slice: it is the answer
+        else part_o[part * D + d] = acc;
     }
+    if (n_splits == 1) return;
     if (threadIdx.x == 0) {
-        float lb = 0.0f;
-        for (int w = 0; w < n_warps; w++) lb += w_m[w] == RF_NEG_INF ? 0.0f : w_l[w] * expf(w_m[w] - mb);
         part_ml[part * 2] = mb;
         part_ml[part * 2 + 1] = lb;
     }

@@ -1,8 +1,8 @@
 // matmul.hip: fused dequantize-and-multiply, y = x · Wᵀ, with W stored row by row in a GGML
 // format (one row per output feature).
-//   matvec_<type>: one token (decode). One warp per output row; the lanes walk the row 8
-//                  values at a time and meet in a warp reduction. Up to three matrices with the same
-//                  input go in one launch; an RMSNorm in front and a residual add behind can be fused.
+//   matvec_<type>: one token (decode). The input row is staged once per block in shared memory, then each
+//                  warp reduces a few output rows. Up to three matrices with the same input go in one
+//                  launch; an RMSNorm in front, a residual add or rope + KV store behind can be fused.
 //   matvec_glu_<type>: gate and up rows of the MLP together, with SiLU/GELU applied.
 //   matmul_<type>, matmul_m32_<type>: many tokens (prefill). 64 (or 32) tokens x 64 outputs per tile,
 //                  32-deep K slices; the weight slice is decoded once into shared memory and used by
@@ -10,62 +10,57 @@
 //                  add can be fused behind it: sum = Y + add.
 #include "quant.h"
 
-// x_k as the matvec sees it: the raw input, or rms_norm(x) * norm_w when a norm is fused in front.
-__device__ __forceinline__ float4 load_x4(const float* x, const float* norm_w, float scale, int k) {
-    float4 v = *(const float4*)(x + k);
+// Decode. A block first turns the input row into what every matrix row multiplies with — RMSNorm'd when a
+// norm is folded in front (block 0 also writes the normalized row for whoever reads it later) and rounded
+// as llama.cpp does for the weight type — once, into shared memory (K floats, dynamic). Then each warp takes
+// `rows_per_warp` output rows, one after another; its lanes walk a row 8 values at a time and meet in a
+// warp reduction. Uniform loops throughout: the rounding and the reductions shuffle across lanes.
+__device__ void stage_input(const float* x, int K, int act, const float* norm_w, float eps, float* x_out, float* xs) {
+    __shared__ float scratch[RF_MAX_WARPS];
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP, n_warps = blockDim.x / RF_WARP;
+    float scale = 1.0f;
     if (norm_w) {
-        const float4 w = *(const float4*)(norm_w + k);
-        v.x *= scale * w.x; v.y *= scale * w.y; v.z *= scale * w.z; v.w *= scale * w.w;  // as x_out below
+        float ss = 0.0f;
+        for (int k = threadIdx.x; k < K; k += blockDim.x) ss += x[k] * x[k];
+        scale = rsqrtf(block_sum(ss, scratch) / (float)K + eps);
     }
-    return v;
+    for (int base = warp * RF_WARP * 8; base < K; base += n_warps * RF_WARP * 8) {
+        const int k = base + lane * 8;
+        float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        if (k < K) {
+            for (int i = 0; i < 8; i++) v[i] = norm_w ? x[k + i] * (scale * norm_w[k + i]) : x[k + i];
+            if (norm_w && x_out && blockIdx.x == 0)
+                for (int i = 0; i < 8; i++) x_out[k + i] = v[i];
+        }
+        round_activations8(v, act);
+        if (k < K)
+            for (int i = 0; i < 8; i++) xs[k + i] = v[i];
+    }
+    __syncthreads();
 }
 
-// The lanes walk the row 256 values (32 lanes x 8) at a time; all lanes run every step because the
-// activation rounding shuffles across them.
 template <int T>
-__device__ __forceinline__ float row_dot(const u8* row, const float* x, const float* norm_w, float scale, int K,
-                                         int lane, int act) {
+__device__ __forceinline__ float row_dot(const u8* row, const float* xs, int K, int lane) {
     float acc = 0.0f;
     #pragma unroll 4  // rows are a few hundred to a few thousand long: issue their loads together
-    for (int base = 0; base < K; base += RF_WARP * 8) {
-        const int k = base + lane * 8;
-        float xv[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        if (k < K) {
-            const float4 x0 = load_x4(x, norm_w, scale, k), x1 = load_x4(x, norm_w, scale, k + 4);
-            xv[0] = x0.x; xv[1] = x0.y; xv[2] = x0.z; xv[3] = x0.w; xv[4] = x1.x; xv[5] = x1.y; xv[6] = x1.z; xv[7] = x1.w;
-        }
-        round_activations8(xv, act);
-        if (k < K) {
-            float w[8];
-            dequant8<T>(row, k, w);
-            for (int i = 0; i < 8; i++) acc += w[i] * xv[i];
-        }
+    for (int k = lane * 8; k < K; k += RF_WARP * 8) {
+        float w[8];
+        dequant8<T>(row, k, w);
+        const float4 a = *(const float4*)(xs + k), b = *(const float4*)(xs + k + 4);
+        acc += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z + w[7] * b.w;
     }
     return warp_sum(acc);
 }
 
-// Start the row's bytes on their way from memory before the warp spends time on the input row.
+// Start a row's bytes on their way from memory while the block stages the input.
 __device__ __forceinline__ void prefetch_row(const u8* row, long row_bytes, int lane) {
     for (long o = lane * 128L; o < row_bytes; o += RF_WARP * 128L) prefetch_l2(row + o);
 }
 
-// The RMSNorm scale 1/sqrt(mean(x²) + eps) of the input row, computed by every warp on its own (x is
-// short: one token), and the normalized row written once by block 0 for whoever reads it later.
-__device__ __forceinline__ float fused_norm(const float* x, const float* norm_w, float eps, float* x_out, int K) {
-    if (!norm_w) return 1.0f;
-    float ss = 0.0f;
-    #pragma unroll 8
-    for (int k = threadIdx.x % RF_WARP; k < K; k += RF_WARP) ss += x[k] * x[k];
-    const float scale = rsqrtf(warp_sum(ss) / (float)K + eps);
-    if (blockIdx.x == 0 && x_out)
-        for (int k = threadIdx.x; k < K; k += blockDim.x) x_out[k] = x[k] * (scale * norm_w[k]);
-    return scale;
-}
-
 // Rotary embedding and KV-cache store folded behind the q/k/v matvec of a decode step (normal, non-NeoX
-// rope over whole heads, so the pair (2i, 2i+1) of a head are two rows of the same block). rot[j] non-null:
-// rows of matrix j are rotated into rot[j]; k_pool non-null: the rotated rows of matrix 1 (keys) and the
-// rows of matrix 2 (values) are also written to the cache at slots[0].
+// rope over whole heads, so the pair (2i, 2i+1) of a head are two rows handled by warps w and w ^ 1 of the
+// same block). rot[j] non-null: rows of matrix j are rotated into rot[j]; k_pool non-null: the rotated rows
+// of matrix 1 (keys) and the rows of matrix 2 (values) are also written to the cache at slots[0].
 struct RopeEpilogue {
     const int* positions;
     const double* inv_freq;
@@ -77,68 +72,86 @@ struct RopeEpilogue {
     const int* slots;
 };
 
-// Decode: up to three matrices that share one input (q, k, v) in one launch, one warp per output row,
-// rows numbered across the matrices. An optional RMSNorm is fused in front (norm_w non-null), for a single
-// matrix an optional residual add behind it (sum = y + add), and for q/k/v the rope epilogue above.
+// Up to three matrices that share one input (q, k, v) in one launch, rows numbered across the matrices.
+// An optional RMSNorm in front (norm_w non-null), for a single matrix an optional residual add behind it
+// (sum = y + add), and for q/k/v the rope epilogue above.
 template <int T>
 __device__ void matvec(const float* x, int K, int act, const float* norm_w, float eps, float* x_out,
                        const u8* W0, long rb0, float* y0, int N0, const u8* W1, long rb1, float* y1, int N1,
-                       const u8* W2, long rb2, float* y2, int N2, const float* add, float* sum, RopeEpilogue rope) {
+                       const u8* W2, long rb2, float* y2, int N2, const float* add, float* sum, int rows_per_warp,
+                       RopeEpilogue rope) {
+    extern __shared__ float xs[];
     __shared__ float dots[RF_MAX_WARPS];
-    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
-    int n = blockIdx.x * (blockDim.x / RF_WARP) + warp, matrix = 0;
-    const u8* W = W0; long rb = rb0; float* y = y0;
-    if (n >= N0) {
-        n -= N0; W = W1; rb = rb1; y = y1; matrix = 1;
-        if (n >= N1) { n -= N1; W = W2; rb = rb2; y = y2; matrix = 2; }
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP, n_warps = blockDim.x / RF_WARP;
+    const int first = blockIdx.x * rows_per_warp * n_warps + warp;
+    for (int i = 0; i < rows_per_warp; i++) {
+        int n = first + i * n_warps;
+        const long rb = n < N0 ? rb0 : n < N0 + N1 ? rb1 : rb2;
+        const u8* W = n < N0 ? W0 + n * rb0 : n < N0 + N1 ? W1 + (n - N0) * rb1 : W2 + (long)(n - N0 - N1) * rb2;
+        if (n < N0 + N1 + N2) prefetch_row(W, rb, lane);
     }
-    const bool valid = matrix < 2 || n < N2;
-    if (valid) prefetch_row(W + n * rb, rb, lane);
-    const float scale = fused_norm(x, norm_w, eps, x_out, K);
-    const float dot = valid ? row_dot<T>(W + n * rb, x, norm_w, scale, K, lane, act) : 0.0f;
-    if (valid && lane == 0) {
-        y[n] = dot;
-        if (sum) sum[n] = dot + add[n];
-    }
-    if (!rope.positions) return;  // uniform: every warp of the block takes the same branch
-    if (lane == 0) dots[warp] = dot;
-    __syncthreads();
-    if (!valid || lane != 0) return;
-    float* rot = matrix == 0 ? rope.rot0 : matrix == 1 ? rope.rot1 : nullptr;
-    if (rot) {
-        const int i = (n % rope.head_dim) / 2;
-        const double angle = (double)rope.positions[0] * rope.inv_freq[i];
-        float sn, cs;
-        sincosf((float)(angle - 6.283185307179586 * rint(angle * 0.15915494309189535)), &sn, &cs);
-        const float x0 = dots[warp & ~1], x1 = dots[warp | 1];
-        const float r = (n & 1) ? x0 * sn + x1 * cs : x0 * cs - x1 * sn;
-        rot[n] = r;
-        if (matrix == 1 && rope.k_pool) rope.k_pool[(long)rope.slots[0] * N1 + n] = r;
-    } else if (matrix == 2 && rope.v_pool) {
-        rope.v_pool[(long)rope.slots[0] * N2 + n] = dot;
+    stage_input(x, K, act, norm_w, eps, x_out, xs);
+    for (int i = 0; i < rows_per_warp; i++) {
+        int n = first + i * n_warps, matrix = 0;
+        const u8* W = W0; long rb = rb0; float* y = y0;
+        if (n >= N0) {
+            n -= N0; W = W1; rb = rb1; y = y1; matrix = 1;
+            if (n >= N1) { n -= N1; W = W2; rb = rb2; y = y2; matrix = 2; }
+        }
+        const bool valid = matrix < 2 || n < N2;
+        const float dot = valid ? row_dot<T>(W + n * rb, xs, K, lane) : 0.0f;
+        if (valid && lane == 0) {
+            y[n] = dot;
+            if (sum) sum[n] = dot + add[n];
+        }
+        if (!rope.positions) continue;  // uniform: every warp of the block takes the same branch
+        if (lane == 0) dots[warp] = dot;
+        __syncthreads();
+        float* rot = matrix == 0 ? rope.rot0 : matrix == 1 ? rope.rot1 : nullptr;
+        if (valid && lane == 0 && rot) {
+            const int pair = (n % rope.head_dim) / 2;
+            const double angle = (double)rope.positions[0] * rope.inv_freq[pair];
+            float sn, cs;
+            sincosf((float)(angle - 6.283185307179586 * rint(angle * 0.15915494309189535)), &sn, &cs);
+            const float x0 = dots[warp & ~1], x1 = dots[warp | 1];
+            const float r = (n & 1) ? x0 * sn + x1 * cs : x0 * cs - x1 * sn;
+            rot[n] = r;
+            if (matrix == 1 && rope.k_pool) rope.k_pool[(long)rope.slots[0] * N1 + n] = r;
+        } else if (valid && lane == 0 && matrix == 2 && rope.v_pool) {
+            rope.v_pool[(long)rope.slots[0] * N2 + n] = dot;
+        }
+        __syncthreads();  // dots is reused by the next row
     }
 }
 
-// Decode MLP gate in one pass: g = Wg·x, u = Wu·x, y = act(g) * u; act 0 = SiLU, 1 = GELU (tanh form).
+// The MLP gate in one pass: g = Wg·x, u = Wu·x, y = act(g) * u; act 0 = SiLU, 1 = GELU (tanh form).
 template <int T>
-__device__ void matvec_glu(const float* x, int K, int act_round, const float* norm_w, float eps, float* x_out, const u8* Wg,
-                           const u8* Wu, long rb, float* g, float* u, float* y, int N, int act) {
-    const int lane = threadIdx.x % RF_WARP;
-    const int n = blockIdx.x * (blockDim.x / RF_WARP) + threadIdx.x / RF_WARP;
-    if (n < N) {
-        prefetch_row(Wg + n * rb, rb, lane);
-        prefetch_row(Wu + n * rb, rb, lane);
+__device__ void matvec_glu(const float* x, int K, int act_round, const float* norm_w, float eps, float* x_out,
+                           const u8* Wg, const u8* Wu, long rb, float* g, float* u, float* y, int N, int act,
+                           int rows_per_warp) {
+    extern __shared__ float xs[];
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP, n_warps = blockDim.x / RF_WARP;
+    const int first = blockIdx.x * rows_per_warp * n_warps + warp;
+    for (int i = 0; i < rows_per_warp; i++) {
+        const int n = first + i * n_warps;
+        if (n < N) {
+            prefetch_row(Wg + n * rb, rb, lane);
+            prefetch_row(Wu + n * rb, rb, lane);
+        }
     }
-    const float scale = fused_norm(x, norm_w, eps, x_out, K);
-    if (n >= N) return;
-    const float gn = row_dot<T>(Wg + n * rb, x, norm_w, scale, K, lane, act_round);
-    const float un = row_dot<T>(Wu + n * rb, x, norm_w, scale, K, lane, act_round);
-    if (lane == 0) {
-        const float a = act == 0 ? gn / (1.0f + expf(-gn))
-                                 : 0.5f * gn * (1.0f + tanhf(0.7978845608028654f * (gn + 0.044715f * gn * gn * gn)));
-        g[n] = gn;
-        u[n] = un;
-        y[n] = a * un;
+    stage_input(x, K, act_round, norm_w, eps, x_out, xs);
+    for (int i = 0; i < rows_per_warp; i++) {
+        const int n = first + i * n_warps;
+        if (n >= N) return;
+        const float gn = row_dot<T>(Wg + n * rb, xs, K, lane);
+        const float un = row_dot<T>(Wu + n * rb, xs, K, lane);
+        if (lane == 0) {
+            const float a = act == 0 ? gn / (1.0f + expf(-gn))
+                                     : 0.5f * gn * (1.0f + tanhf(0.7978845608028654f * (gn + 0.044715f * gn * gn * gn)));
+            g[n] = gn;
+            u[n] = un;
+            y[n] = a * un;
+        }
     }
 }
 
@@ -201,19 +214,19 @@ __device__ void matmul(const u8* W, long row_bytes, const float* X, float* Y, in
 }
 
 #define RF_MATMUL_KERNELS(name, T)                                                                           \
-    extern "C" __global__ void matvec_##name(const float* x, int K, int act, const float* norm_w, float eps, float* x_out, \
-                                             const u8* W0, long rb0, float* y0, int N0, const u8* W1, long rb1,   \
-                                             float* y1, int N1, const u8* W2, long rb2, float* y2, int N2,         \
-                                             const float* add, float* sum, const int* positions,                  \
-                                             const double* inv_freq, int head_dim, float* rot0, float* rot1,      \
-                                             float* k_pool, float* v_pool, const int* slots) {                    \
+    extern "C" __global__ void matvec_##name(                                                                    \
+        const float* x, int K, int act, const float* norm_w, float eps, float* x_out, const u8* W0, long rb0,     \
+        float* y0, int N0, const u8* W1, long rb1, float* y1, int N1, const u8* W2, long rb2, float* y2, int N2,  \
+        const float* add, float* sum, int rows_per_warp, const int* positions, const double* inv_freq,            \
+        int head_dim, float* rot0, float* rot1, float* k_pool, float* v_pool, const int* slots) {                 \
         const RopeEpilogue rope = {positions, inv_freq, head_dim, rot0, rot1, k_pool, v_pool, slots};           \
-        matvec<T>(x, K, act, norm_w, eps, x_out, W0, rb0, y0, N0, W1, rb1, y1, N1, W2, rb2, y2, N2, add, sum, rope); \
+        matvec<T>(x, K, act, norm_w, eps, x_out, W0, rb0, y0, N0, W1, rb1, y1, N1, W2, rb2, y2, N2, add, sum,     \
+                  rows_per_warp, rope);                                                                          \
     }                                                                                                            \
-    extern "C" __global__ void matvec_glu_##name(const float* x, int K, int act_round, const float* norm_w, float eps, \
-                                                 float* x_out, const u8* Wg, const u8* Wu, long rb, float* g,     \
-                                                 float* u, float* y, int N, int act) {                            \
-        matvec_glu<T>(x, K, act_round, norm_w, eps, x_out, Wg, Wu, rb, g, u, y, N, act);                                    \
+    extern "C" __global__ void matvec_glu_##name(const float* x, int K, int act_round, const float* norm_w,       \
+                                                 float eps, float* x_out, const u8* Wg, const u8* Wu, long rb,    \
+                                                 float* g, float* u, float* y, int N, int act, int rows_per_warp) { \
+        matvec_glu<T>(x, K, act_round, norm_w, eps, x_out, Wg, Wu, rb, g, u, y, N, act, rows_per_warp);          \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(256) matmul_##name(const u8* W, long row_bytes, const float* X, \
                                                                     float* Y, int M, int N, int K, const float* add, \

@@ -74,7 +74,7 @@ MATMUL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.
 
 @pytest.mark.parametrize("ggml_type", MATMUL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("m,n,k", [(1, 576, 512), (1, 1000, 1536), (3, 200, 256), (77, 130, 768), (130, 64, 2048),
-                                   (600, 2048, 256)])
+                                   (600, 2048, 256), (1, 8192, 256)])
 def test_matmul_matches_dequantized_float64(gpu, ggml_type, m, n, k):
     """The twin's semantics (llama.cpp's): activations rounded for the weight type, times the decoded blocks."""
     tensor = random_weight(ggml_type, n, k)

@@ -44,7 +44,7 @@ KERNEL_TYPES = {
     GGMLQuantizationType.Q5_1: "q5_1", GGMLQuantizationType.Q8_0: "q8_0", GGMLQuantizationType.Q4_K: "q4_k",
     GGMLQuantizationType.Q5_K: "q5_k", GGMLQuantizationType.Q6_K: "q6_k",
 }
-ROWS_PER_BLOCK = 4  # matvec: one warp per output row, four warps per block
+MATVEC_WARPS = 4  # warps per matvec block; each warp reduces rows_per_warp output rows
 # how the kernels round activations next to each weight type, as llama.cpp and the numpy twin do
 # (rocmforge.ops.matmul.round_activations); the codes are ACT_* in kernels/quant.h
 ACT_NONE, ACT_Q8_32, ACT_Q8_256, ACT_F16, ACT_BF16 = range(5)
@@ -330,14 +330,15 @@ class GpuBackend:
         # with a norm folded in, the kernel reads the norm's input and writes the norm's output itself
         x = g.norm.x if g.norm else g.x
         norm = [ptr(g.norm.weight.address), f32(g.norm.eps), ptr(g.norm.out.address)] if g.norm else [ptr(0), f32(0.0), ptr(0)]
-        block = ROWS_PER_BLOCK * self.rt.warp_size
+        block, shared = MATVEC_WARPS * self.rt.warp_size, k * 4  # the staged input row
         if g.glu is not None:
             (w_gate, gate), (w_up, up) = g.items
             act, out = g.glu
-            self._run("matmul", f"matvec_glu_{suffix}", (-(-n_out // ROWS_PER_BLOCK),), block,
+            per_warp = self._rows_per_warp(n_out)
+            self._run("matmul", f"matvec_glu_{suffix}", (-(-n_out // (MATVEC_WARPS * per_warp)),), block,
                       [ptr(x.address), i32(k), i32(weight.act), *norm, ptr(w_gate.address), ptr(w_up.address),
-                       i64(w_gate.row_bytes), ptr(gate.address), ptr(up.address), ptr(out.address), i32(n_out), i32(act)],
-                      0, g.label)
+                       i64(w_gate.row_bytes), ptr(gate.address), ptr(up.address), ptr(out.address), i32(n_out), i32(act),
+                       i32(per_warp)], shared, g.label)
             return
         for row in range(g.m):  # g.m > 1 only for rows not a multiple of 32 long (never in the supported models)
             mats = []
@@ -352,10 +353,17 @@ class GpuBackend:
                 k_pool, v_pool, slots = g.store or (None, None, None)
                 rope = [ptr(pos.address), ptr(inv_freq.address), i32(g.rope_key[2])] + [
                     ptr(a.address if a is not None else 0) for a in (q_rot, k_rot, k_pool, v_pool, slots)]
-            self._run("matmul", f"matvec_{suffix}", (-(-rows // ROWS_PER_BLOCK),), block,
+            per_warp = self._rows_per_warp(rows)
+            self._run("matmul", f"matvec_{suffix}", (-(-rows // (MATVEC_WARPS * per_warp)),), block,
                       [ptr(x.address + row * k * 4), i32(k), i32(weight.act), *norm, *mats,
-                       ptr(g.add.address + offset if g.add else 0), ptr(g.sum.address + offset if g.sum else 0), *rope],
-                      0, g.label)
+                       ptr(g.add.address + offset if g.add else 0), ptr(g.sum.address + offset if g.sum else 0),
+                       i32(per_warp), *rope], shared, g.label)
+
+    def _rows_per_warp(self, rows: int) -> int:
+        """Output rows per warp: one while there are blocks for every multiprocessor twice over, more for tall
+        matrices (the unembedding), whose blocks would otherwise each stage the input for just four rows."""
+        sms = getattr(self.rt, "multiprocessors", 64)
+        return max(1, min(16, rows // (MATVEC_WARPS * 2 * sms)))
 
     def add(self, a: DeviceArray, b: DeviceArray) -> DeviceArray:
         g = self._pending
@@ -561,9 +569,10 @@ class GpuBackend:
             qs, outs = q.rows(seg.rows.start, seg.rows.stop), out.rows(seg.rows.start, seg.rows.stop)
             head = [ptr(qs.address), ptr(k_pool.address), ptr(v_pool.address)]
             if t == 1:  # split-K flash-decode, merged by the last block of each head
-                splits = 8 if heads >= 8 else 16
+                # one block per head while the cache is short; split the keys of long caches over more blocks
+                splits = min(16, max(1, self._max_slots // 2048))
                 part_o, part_ml = self._empty((heads, splits, d)), self._empty((heads, splits, 2))
-                self._launch("attention", f"attn_decode_{kind}", (splits, heads), 4 * self.rt.warp_size,
+                self._launch("attention", f"attn_decode_{kind}", (splits, heads), 256 if d <= 128 else 128,
                              [*head, ptr(pos.address), ptr(slots.address), *common, ptr(part_o.address),
                               ptr(part_ml.address), ptr(self._tickets.address), ptr(outs.address)])
                 continue
