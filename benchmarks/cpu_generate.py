@@ -1,0 +1,165 @@
+"""CPU generation speed: prefill (pp512) and decode (tg128) tok/s and peak RSS, rocmforge vs llama-cpp-python.
+
+Each (engine, model) runs in its own subprocess so peak RSS (``ru_maxrss``) belongs to that engine alone. Both
+get the same 512 random token ids for prefill; decode is 128 greedy tokens from a 1-token prompt (as llama-bench's
+tg128), end-of-generation tokens banned so every run makes all 128. llama.cpp runs with ``n_threads``; rocmforge
+gets the same number of BLAS threads. Prints a Markdown table and, with ``--write``, replaces the
+"CPU generation" section of BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/cpu_generate.py --write
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+MODELS = ("smollm2-135m", "gemma3-270m")
+ENGINES = ("rocmforge", "llama.cpp")
+N_PROMPT, N_DECODE = 512, 128
+
+
+def _prompt_ids(vocab: int) -> list[int]:
+    return [int(i) for i in np.random.default_rng(0).integers(1000, min(vocab, 30000), N_PROMPT)]
+
+
+def run_rocmforge(name: str, threads: int, reps: int) -> dict:
+    import rocmforge
+
+    model = rocmforge.load(name, device="cpu", n_ctx=1024, n_threads=threads)
+    ids = _prompt_ids(model.cfg.vocab_size)
+    ban = {t: float("-inf") for t in model.tokenizer.eot_ids}
+    pp = []
+    for _ in range(reps):
+        gen = model.start(ids, max_new_tokens=1, temperature=0)
+        start = time.perf_counter()
+        gen.prefill()
+        pp.append(N_PROMPT / (time.perf_counter() - start))
+        gen.close()
+    tg = []
+    for _ in range(reps):
+        gen = model.start(ids[:1], max_new_tokens=N_DECODE + 1, temperature=0, logit_bias=ban)
+        gen.step()  # the 1-token prefill and the first sample
+        start = time.perf_counter()
+        n = sum(1 for _ in iter(gen.step, None))
+        tg.append(n / (time.perf_counter() - start))
+        gen.close()
+    return {"pp512": max(pp), "tg128": max(tg)}
+
+
+def run_llama_cpp(name: str, threads: int, reps: int) -> dict:
+    from llama_cpp import Llama
+
+    from rocmforge.registry import resolve
+
+    llm = Llama(model_path=str(resolve(name)), n_ctx=1024, n_batch=512, n_threads=threads, verbose=False)
+    ids = _prompt_ids(llm.n_vocab())
+    pp, tg = [], []
+    for _ in range(reps):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(ids)
+        pp.append(N_PROMPT / (time.perf_counter() - start))
+    for _ in range(reps):
+        llm.reset()
+        llm.eval(ids[:1])
+        token = int(np.argmax(llm.scores[0]))
+        start = time.perf_counter()
+        for _ in range(N_DECODE):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tg.append(N_DECODE / (time.perf_counter() - start))
+    return {"pp512": max(pp), "tg128": max(tg)}
+
+
+def worker(engine: str, name: str, threads: int, reps: int) -> None:
+    result = (run_rocmforge if engine == "rocmforge" else run_llama_cpp)(name, threads, reps)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def _blas() -> str:
+    from threadpoolctl import threadpool_info
+
+    import numpy  # noqa: F401  (loads the BLAS threadpoolctl inspects)
+
+    info = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    return ", ".join(f"{i['internal_api']} {i['version']} ({i.get('architecture', '?')} kernel)" for i in info)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--write", action="store_true", help="replace the CPU generation section of BENCHMARKS.md")
+    parser.add_argument("--worker", nargs=2, metavar=("ENGINE", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker[0], args.worker[1], args.threads, args.reps)
+        return
+
+    rows = {}
+    for name in MODELS:
+        for engine in ENGINES:
+            out = subprocess.run([sys.executable, __file__, "--worker", engine, name, "--threads", str(args.threads),
+                                  "--reps", str(args.reps)], capture_output=True, text=True, check=True)
+            rows[name, engine] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(name, engine, rows[name, engine], file=sys.stderr)
+    table = _markdown(rows, args.threads)
+    print(table)
+    if args.write:
+        _write_section(table)
+
+
+def _markdown(rows: dict, threads: int) -> str:
+    lines = [
+        "## CPU generation",
+        "",
+        f"Measured {date.today().isoformat()} by `benchmarks/cpu_generate.py` on {_cpu_model()} "
+        f"({platform.machine()}, {threads} threads for both engines), BLAS: {_blas()}. "
+        "rocmforge keeps weights dequantized to float32 (one BLAS call per matmul, activations rounded to 8 bits "
+        "as llama.cpp does); llama.cpp is llama-cpp-python with its own quantized kernels. pp512: 512-token "
+        "prompt; tg128: 128 greedy tokens from a 1-token prompt; best of 2 runs; peak RSS of a process that "
+        "loads the model and runs both.",
+        "",
+        "| model | engine | pp512 tok/s | tg128 tok/s | peak RSS MiB | pp vs llama.cpp | tg vs llama.cpp |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in MODELS:
+        ref = rows[name, "llama.cpp"]
+        for engine in ENGINES:
+            r = rows[name, engine]
+            lines.append(f"| {name} | {engine} | {r['pp512']:.0f} | {r['tg128']:.1f} | {r['peak_rss_mib']:.0f} | "
+                         f"{r['pp512'] / ref['pp512']:.2f}x | {r['tg128'] / ref['tg128']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_section(table: str) -> None:
+    path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find("## CPU generation")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + table + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + table
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
