@@ -395,7 +395,8 @@ class HookedModel:
             if stop_at_layer is None:
                 out = self.forward(ids)
             else:
-                out = self._run_blocks(ids, stop_at_layer % self.cfg.n_layers if stop_at_layer < 0 else stop_at_layer)
+                stop = stop_at_layer % self.cfg.n_layers if stop_at_layer < 0 else stop_at_layer
+                out = self._run([ids], 0, None, stop_at_layer=stop)[0]
         return out, ActivationCache(store, self.cfg.n_layers, self.unembed_quietly)
 
     def forward_many(self, prompts: Sequence[Sequence[int]], start_at_layer: int = 0,
@@ -407,28 +408,25 @@ class HookedModel:
         before ``n`` are skipped and ``resid`` (``[sum of pos, d_model]``, the input of block ``n``) is used
         instead: each layer's attention reads only its own layer's keys and values, so nothing is lost.
         """
+        logits, rows = self._run(prompts, start_at_layer, resid, stop_at_layer=None)
+        return [logits[r] for r in rows]
+
+    def _run(self, prompts: Sequence[Sequence[int]], start_at_layer: int, resid: np.ndarray | None,
+             stop_at_layer: int | None) -> tuple[np.ndarray, list[slice]]:
+        """Blocks ``start_at_layer..stop_at_layer-1`` on fresh sequences, then (only without a stop) the
+        unembedding; returns the host result and each prompt's rows in it."""
+        stop = self.cfg.n_layers if stop_at_layer is None else min(stop_at_layer, self.cfg.n_layers)
         seqs = [self.kv.new_sequence() for _ in prompts]
         try:
             batch = self.kv.prepare([(seq, list(ids)) for seq, ids in zip(seqs, prompts)])
             x = self.arch.embed(self.ctx, batch.tokens) if start_at_layer == 0 else self.ops.from_host(resid)
-            for layer in range(start_at_layer, self.cfg.n_layers):
+            for layer in range(start_at_layer, stop):
                 x = self.arch.block(self.ctx, layer, x, batch)
-            logits = self.ops.to_host(self.arch.unembed(self.ctx, x))
-            return [logits[seg.rows] for seg in batch.segments]
+            out = self.arch.unembed(self.ctx, x) if stop_at_layer is None else x
+            return self.ops.to_host(out), [seg.rows for seg in batch.segments]
         finally:
             for seq in seqs:
                 self.kv.free(seq)
-
-    def _run_blocks(self, ids: Sequence[int], n_blocks: int) -> np.ndarray:
-        seq = self.kv.new_sequence()
-        try:
-            batch = self.kv.prepare([(seq, list(ids))])
-            resid = self.arch.embed(self.ctx, batch.tokens)
-            for layer in range(min(n_blocks, self.cfg.n_layers)):
-                resid = self.arch.block(self.ctx, layer, resid, batch)
-            return np.array(self.ops.to_host(resid), copy=True)
-        finally:
-            self.kv.free(seq)
 
     def unembed_quietly(self, resid: np.ndarray) -> np.ndarray:
         """Residual stream ``[..., d_model]`` -> logits ``[..., d_vocab]`` through the final norm, firing no hooks."""
