@@ -196,8 +196,11 @@ class Model(HookedModel):
 
 
 def _usage(gen: Generation) -> dict[str, int]:
-    return {"prompt_tokens": gen.n_prompt, "completion_tokens": gen.n_generated,
-            "total_tokens": gen.n_prompt + gen.n_generated}
+    # like llama-cpp-python, the end-of-generation token that stopped it is not counted as completion
+    ended_on_eot = gen.n_generated > 0 and gen.tokens[-1] in gen.model.tokenizer.eot_ids
+    completion = gen.n_generated - ended_on_eot
+    return {"prompt_tokens": gen.n_prompt, "completion_tokens": completion,
+            "total_tokens": gen.n_prompt + completion}
 
 
 def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", n_ctx: int | None = None,
