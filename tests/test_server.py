@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import math
 import re
 import socket
 import threading
@@ -25,7 +26,9 @@ from context_store.prompt import build_context_prompt
 from rocmforge.embedder import MiniLMEmbedder
 from rocmforge.model import load
 from rocmforge.server.app import Limits, LockedEmbedder, create_app
+from rocmforge.sampler import SamplingParams
 from rocmforge.server.batch_invariant import use_batch_invariant_matmul
+from rocmforge.server.scheduler import GenerationRequest, Scheduler, TextPiece
 
 KEY = "test-key"
 N_CTX = 256
@@ -258,6 +261,62 @@ def test_cancelled_stream_frees_its_kv_blocks(client, http, model):
         time.sleep(0.1)
     assert metric(http, "rocmforge_kv_blocks_free") == total
     assert metric(http, "rocmforge_completion_tokens_total") == generated_before  # it never finished
+
+
+def test_a_client_that_leaves_a_plain_request_frees_its_blocks(base_url, http, model):
+    total = metric(http, "rocmforge_kv_blocks_total")
+    generated_before = metric(http, "rocmforge_completion_tokens_total")
+    body = {"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "logit_bias": no_end(model)}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection mid-generation
+        httpx.post(f"{base_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(30, read=0.5))
+    deadline = time.monotonic() + 60
+    while metric(http, "rocmforge_active_sequences") > 0:
+        assert time.monotonic() < deadline, "the abandoned request is still running"
+        time.sleep(0.1)
+    assert metric(http, "rocmforge_kv_blocks_free") == total
+    assert metric(http, "rocmforge_completion_tokens_total") == generated_before
+
+
+def tokens_of(events: list) -> int:
+    return sum(isinstance(e, TextPiece) for e in events)
+
+
+@pytest.mark.parametrize("chunk", [32, 1024])
+def test_a_long_prompt_is_prefilled_between_decode_steps(model, http, chunk):
+    # A scheduler of its own on the module's (idle) model, driven through its public API.
+    assert metric(http, "rocmforge_active_sequences") == 0
+    scheduler = Scheduler(model, max_batch=2, chunk_size=chunk, prefill_budget=chunk)
+    events: list[tuple[str, object]] = []
+    greedy = SamplingParams(temperature=0, logit_bias={t: -math.inf for t in model.tokenizer.eot_ids})
+    running = GenerationRequest(model.tokenize("Once upon a time"), greedy, max_tokens=40,
+                                emit=lambda e: events.append(("running", e)))
+    long_ids = model.tokenize("The old map showed " + "rivers and roads and hills, " * 24)
+    long = GenerationRequest(long_ids, SamplingParams(temperature=0), max_tokens=1,
+                             emit=lambda e: events.append(("long", e)))
+    scheduler.start()
+    try:
+        scheduler.submit(running)
+        deadline = time.monotonic() + 120
+        while tokens_of([e for who, e in events if who == "running"]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        arrival = len(events)
+        scheduler.submit(long)
+        assert long.done.wait(300) and running.done.wait(300)
+    finally:
+        scheduler.stop()
+    first_long = next(i for i, (who, _) in enumerate(events) if who == "long")
+    decoded_meanwhile = tokens_of([e for who, e in events[arrival:first_long] if who == "running"])
+    n_chunks = -(-len(long_ids) // chunk)
+    assert len(long_ids) > 128
+    if n_chunks > 1:  # one decode step of the running stream per prompt chunk
+        assert decoded_meanwhile >= n_chunks - 1
+    else:  # the whole prompt in one forward: at most the tick in flight and the one with the prompt
+        assert decoded_meanwhile <= 2
+    first_token = model.tokenize(next(e.text for who, e in events if who == "long" and isinstance(e, TextPiece)),
+                                 add_bos=False)[0]
+    assert first_token == int(np.argmax(model.forward(long_ids)[-1]))  # chunked prefill, same prediction
 
 
 # --- embeddings and context --------------------------------------------------------------------------------
