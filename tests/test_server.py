@@ -9,6 +9,8 @@ import contextlib
 import math
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -465,3 +467,32 @@ def test_queue_full_is_429_with_retry_after(model, base_url, http):
         with pytest.raises(openai.RateLimitError):
             busy.completions.create(model="m", prompt="Hi", max_tokens=1)
         stream.close()
+
+
+def test_rocmforge_serve_command(smollm2_path, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "rocmforge.cli.main", "serve", "-m", str(smollm2_path),
+                             "--port", str(port), "--api-key", KEY, "--max-batch", "2", "--n-ctx", "128",
+                             "--no-embeddings", "--context", str(tmp_path / "ctx.db")], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (log.seek(0), log.read())[1]
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "rocmforge serve did not come up"
+            time.sleep(0.2)
+        assert_error(httpx.get(f"{url}/v1/models"), 401)
+        cli = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        r = cli.completions.create(model="m", prompt="The capital of France is", max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens == 3 and r.choices[0].text.strip()
+        assert [m.id for m in cli.models.list().data] == [smollm2_path.stem, "minilm-l6"]  # --context loads MiniLM
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
