@@ -2,8 +2,9 @@
 
 Each (engine, model) runs in its own subprocess so peak RSS (``ru_maxrss``) belongs to that engine alone. Both
 get the same 512 random token ids for prefill; decode is 128 greedy tokens from a 1-token prompt (as llama-bench's
-tg128), end-of-generation tokens banned so every run makes all 128. llama.cpp runs with ``n_threads``; rocmforge
-gets the same number of BLAS threads. Prints a Markdown table and, with ``--write``, replaces the
+tg128), end-of-generation tokens banned so every run makes all 128. llama.cpp runs with ``--threads`` (2);
+rocmforge with ``--rocmforge-threads`` BLAS threads (1: OpenBLAS's spin-waiting threads collapse on a 2-core
+machine shared with anything else, see BENCHMARKS.md). Prints a Markdown table and, with ``--write``, replaces the
 "CPU generation" section of BENCHMARKS.md.
 
     .venv/bin/python benchmarks/cpu_generate.py --write
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -81,6 +83,7 @@ def run_llama_cpp(name: str, threads: int, reps: int) -> dict:
 
 
 def worker(engine: str, name: str, threads: int, reps: int) -> None:
+    """Run one engine on one model in this process and print its numbers as JSON."""
     result = (run_rocmforge if engine == "rocmforge" else run_llama_cpp)(name, threads, reps)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
@@ -104,7 +107,8 @@ def _blas() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    parser.add_argument("--rocmforge-threads", type=int, default=1, help="rocmforge BLAS threads")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--write", action="store_true", help="replace the CPU generation section of BENCHMARKS.md")
     parser.add_argument("--worker", nargs=2, metavar=("ENGINE", "MODEL"), help=argparse.SUPPRESS)
@@ -116,25 +120,28 @@ def main() -> None:
     rows = {}
     for name in MODELS:
         for engine in ENGINES:
-            out = subprocess.run([sys.executable, __file__, "--worker", engine, name, "--threads", str(args.threads),
+            threads = args.rocmforge_threads if engine == "rocmforge" else args.threads
+            out = subprocess.run([sys.executable, __file__, "--worker", engine, name, "--threads", str(threads),
                                   "--reps", str(args.reps)], capture_output=True, text=True, check=True)
             rows[name, engine] = json.loads(out.stdout.strip().splitlines()[-1])
             print(name, engine, rows[name, engine], file=sys.stderr)
-    table = _markdown(rows, args.threads)
+    table = _markdown(rows, args.threads, args.rocmforge_threads, args.reps)
     print(table)
     if args.write:
         _write_section(table)
 
 
-def _markdown(rows: dict, threads: int) -> str:
+def _markdown(rows: dict, threads: int, rocmforge_threads: int, reps: int) -> str:
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
         "## CPU generation",
         "",
         f"Measured {date.today().isoformat()} by `benchmarks/cpu_generate.py` on {_cpu_model()} "
-        f"({platform.machine()}, {threads} threads for both engines), BLAS: {_blas()}. "
+        f"({os.cpu_count()} cores, {platform.machine()}; load average {load} at the end: the machine was shared), "
+        f"llama.cpp {threads} threads, rocmforge {rocmforge_threads} BLAS thread(s), BLAS: {_blas()}. "
         "rocmforge keeps weights dequantized to float32 (one BLAS call per matmul, activations rounded to 8 bits "
         "as llama.cpp does); llama.cpp is llama-cpp-python with its own quantized kernels. pp512: 512-token "
-        "prompt; tg128: 128 greedy tokens from a 1-token prompt; best of 2 runs; peak RSS of a process that "
+        f"prompt; tg128: 128 greedy tokens from a 1-token prompt; best of {reps} runs; peak RSS of a process that "
         "loads the model and runs both.",
         "",
         "| model | engine | pp512 tok/s | tg128 tok/s | peak RSS MiB | pp vs llama.cpp | tg vs llama.cpp |",

@@ -20,7 +20,7 @@ from rocmforge.ops.add import add
 from rocmforge.ops.attention import attention, attention_mix, attention_scores
 from rocmforge.ops.embedding import embedding, quantized_embedding
 from rocmforge.ops.geglu import geglu
-from rocmforge.ops.matmul import dequantize_weight, matmul, round_activations
+from rocmforge.ops.matmul import ACTIVATION_FORMAT, dequantize_weight, matmul, round_activations
 from rocmforge.ops.rms_norm import rms_norm
 from rocmforge.ops.rope import rope
 from rocmforge.ops.softcap import softcap
@@ -50,6 +50,7 @@ class CpuBackend:
         smooth function of the input (8-bit rounding turns float-summation-order noise into logit changes of
         up to ~1), which is what tests comparing two computation orders need."""
         self.round_activations = round_activations
+        self._last_rounding: tuple[np.ndarray, object, np.ndarray] | None = None  # (x, format, rounded x)
 
     def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.zeros(shape, dtype=np.float32)
@@ -76,8 +77,18 @@ class CpuBackend:
 
     def matmul(self, x: np.ndarray, weight: CpuWeight) -> np.ndarray:
         if self.round_activations:
-            x = round_activations(x, weight.ggml_type)
+            x = self._rounded(x, weight.ggml_type)
         return matmul(x, weight.matrix)
+
+    def _rounded(self, x: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
+        # q/k/v (and gate/up) multiply the same x: round it once per activation format, not once per weight
+        fmt = ACTIVATION_FORMAT.get(ggml_type, ggml_type)
+        last = self._last_rounding
+        if last is not None and last[0] is x and last[1] == fmt:
+            return last[2]
+        rounded = round_activations(x, ggml_type)
+        self._last_rounding = (x, fmt, rounded)
+        return rounded
 
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return add(a, b)
