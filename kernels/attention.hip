@@ -132,35 +132,29 @@ __device__ void decode(const float* q, const float* Kc, const float* Vc, const i
     for (int i = 0; i < PER_LANE; i++) o[i] = 0.0f;
     float m = RF_NEG_INF, l = 0.0f;
     for (int k0 = s0 + warp * RF_TILE; k0 < s1; k0 += n_warps * RF_TILE) {
-        const int key = k0 + lane;
-        const bool mine = lane < RF_TILE && key < s1;
-        const int slot = mine ? key_slots[key] : 0;
-        const long row = ((long)slot * Hkv + kvh) * D;
-        float s = RF_NEG_INF;
-        if (mine) {
-            s = 0.0f;
-            for (int d = 0; d < D; d += 4) {
-                const float4 kk = *(const float4*)(Kc + row + d);
-                s += qs[d] * kk.x + qs[d + 1] * kk.y + qs[d + 2] * kk.z + qs[d + 3] * kk.w;
-            }
-            s = capped(s, softcap);
-        }
-        const float p = online_update<DMAX>(s, m, l, o);
+        // Loads are never skipped, only clamped to the tile's last key and weighted 0: a branch around
+        // them would keep the compiler from putting a whole tile's loads in flight at once.
         const int n_keys = min(RF_TILE, s1 - k0);
-        // UNROLL keys per step so their value loads are in flight together (slots come from the lanes)
-        constexpr int UNROLL = PER_LANE <= 2 ? 16 : PER_LANE <= 4 ? 8 : 4;
+        const int slot = key_slots[k0 + min(lane % RF_TILE, n_keys - 1)];
+        const long row = ((long)slot * Hkv + kvh) * D;
+        float s = 0.0f;
+        for (int d = 0; d < D; d += 4) {
+            const float4 kk = *(const float4*)(Kc + row + d);
+            s += qs[d] * kk.x + qs[d + 1] * kk.y + qs[d + 2] * kk.z + qs[d + 3] * kk.w;
+        }
+        s = lane < n_keys ? capped(s, softcap) : RF_NEG_INF;
+        const float p = online_update<DMAX>(s, m, l, o);
+        constexpr int UNROLL = PER_LANE <= 2 ? RF_TILE : PER_LANE <= 4 ? 16 : 8;
         for (int j0 = 0; j0 < n_keys; j0 += UNROLL) {
             #pragma unroll
             for (int jj = 0; jj < UNROLL; jj++) {
-                const int j = j0 + jj;
+                const int j = j0 + jj;  // past n_keys: p is 0 there and the slot is the last key's
                 const float pj = shfl(p, j);
                 const long vrow = ((long)shfl_int(slot, j) * Hkv + kvh) * D;
-                if (j < n_keys) {
-                    #pragma unroll
-                    for (int i = 0; i < PER_LANE; i++) {
-                        const int d = lane + i * RF_WARP;
-                        if (d < D) o[i] += pj * Vc[vrow + d];
-                    }
+                #pragma unroll
+                for (int i = 0; i < PER_LANE; i++) {
+                    const int d = lane + i * RF_WARP;
+                    if (d < D) o[i] += pj * Vc[vrow + d];
                 }
             }
         }

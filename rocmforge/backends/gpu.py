@@ -569,8 +569,7 @@ class GpuBackend:
             qs, outs = q.rows(seg.rows.start, seg.rows.stop), out.rows(seg.rows.start, seg.rows.stop)
             head = [ptr(qs.address), ptr(k_pool.address), ptr(v_pool.address)]
             if t == 1:  # split-K flash-decode, merged by the last block of each head
-                # one block per head while the cache is short; split the keys of long caches over more blocks
-                splits = min(16, max(1, self._max_slots // 2048))
+                splits = 8 if heads >= 8 else 16  # blocks per head: enough of them to keep the SMs busy
                 part_o, part_ml = self._empty((heads, splits, d)), self._empty((heads, splits, 2))
                 self._launch("attention", f"attn_decode_{kind}", (splits, heads), 256 if d <= 128 else 128,
                              [*head, ptr(pos.address), ptr(slots.address), *common, ptr(part_o.address),
