@@ -15,7 +15,7 @@
 //   reduces a slice of the visible keys to (max, sum, unnormalised output); the last block of the
 //   head to finish (a ticket counter per head) merges the slices. The number of keys comes from
 //   positions[0] on the device, so a captured graph replays correctly as the cache grows.
-//   With one split the block writes the output itself. grid = (n_splits, H), block = up to 8 warps.
+//   grid = (n_splits, H), block = up to 8 warps.
 
 #define RF_TILE 32
 
@@ -176,10 +176,8 @@ __device__ void decode(const float* q, const float* Kc, const float* Vc, const i
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float acc = 0.0f;
         for (int w = 0; w < n_warps; w++) acc += w_o[w][d];
-        if (n_splits == 1) out[(long)h * D + d] = acc / lb;  // one slice: it is the answer
-        else part_o[part * D + d] = acc;
+        part_o[part * D + d] = acc;
     }
-    if (n_splits == 1) return;
     if (threadIdx.x == 0) {
         part_ml[part * 2] = mb;
         part_ml[part * 2 + 1] = lb;
