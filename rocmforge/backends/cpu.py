@@ -40,6 +40,9 @@ class CpuWeight:
         return self.matrix.shape
 
 
+_LOAD_ROWS = 8192
+
+
 class CpuBackend:
     """numpy float32 implementation of ``rocmforge.backends.base.Backend``."""
 
@@ -62,7 +65,14 @@ class CpuBackend:
         return x
 
     def load_weight(self, tensor: TensorRef) -> CpuWeight:
-        return CpuWeight(dequantize_weight(tensor.raw, tensor.ggml_type).reshape(tensor.shape), tensor.ggml_type)
+        # dequantize a few thousand rows at a time: gguf's dequantize makes several temporaries the size of its
+        # output, which for Gemma's 262144 x 640 embedding would add ~2 GB to the peak RSS
+        matrix = np.empty(tensor.shape, dtype=np.float32)
+        raw = tensor.raw.reshape(tensor.shape[0], -1)
+        for start in range(0, tensor.shape[0], _LOAD_ROWS):
+            stop = start + _LOAD_ROWS
+            matrix[start:stop] = dequantize_weight(raw[start:stop], tensor.ggml_type).reshape(-1, tensor.shape[1])
+        return CpuWeight(matrix, tensor.ggml_type)
 
     def load_vector(self, tensor: TensorRef) -> np.ndarray:
         return dequantize_weight(tensor.raw, tensor.ggml_type).reshape(tensor.shape)
