@@ -125,17 +125,20 @@ __device__ void decode(const float* q, const float* Kc, const float* Vc, const i
     const int lo = window > 0 ? max(0, qp - window + 1) : 0;
     const int per_split = (qp - lo + 1 + n_splits - 1) / n_splits;
     const int s0 = lo + split * per_split, s1 = min(qp + 1, s0 + per_split);
-    for (int d = threadIdx.x; d < D; d += blockDim.x) qs[d] = q[(long)h * D + d] * scale;
-    __syncthreads();
 
     float o[PER_LANE];
     for (int i = 0; i < PER_LANE; i++) o[i] = 0.0f;
     float m = RF_NEG_INF, l = 0.0f;
-    for (int k0 = s0 + warp * RF_TILE; k0 < s1; k0 += n_warps * RF_TILE) {
+    int k0 = s0 + warp * RF_TILE;
+    // the first tile's slot is read before the query is staged: the two loads overlap
+    int slot = k0 < s1 ? key_slots[k0 + min(lane % RF_TILE, min(RF_TILE, s1 - k0) - 1)] : 0;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) qs[d] = q[(long)h * D + d] * scale;
+    __syncthreads();
+    for (; k0 < s1; k0 += n_warps * RF_TILE) {
         // Loads are never skipped, only clamped to the tile's last key and weighted 0: a branch around
         // them would keep the compiler from putting a whole tile's loads in flight at once.
         const int n_keys = min(RF_TILE, s1 - k0);
-        const int slot = key_slots[k0 + min(lane % RF_TILE, n_keys - 1)];
+        if (k0 != s0 + warp * RF_TILE) slot = key_slots[k0 + min(lane % RF_TILE, n_keys - 1)];
         const long row = ((long)slot * Hkv + kvh) * D;
         float s = 0.0f;
         for (int d = 0; d < D; d += 4) {

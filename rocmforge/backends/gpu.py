@@ -360,10 +360,10 @@ class GpuBackend:
                        i32(per_warp), *rope], shared, g.label)
 
     def _rows_per_warp(self, rows: int) -> int:
-        """Output rows per warp: one while there are blocks for every multiprocessor twice over, more for tall
+        """Output rows per warp: one until there would be more than 16 blocks per multiprocessor, more for tall
         matrices (the unembedding), whose blocks would otherwise each stage the input for just four rows."""
         sms = getattr(self.rt, "multiprocessors", 64)
-        return max(1, min(16, rows // (MATVEC_WARPS * 2 * sms)))
+        return max(1, min(16, rows // (MATVEC_WARPS * 16 * sms)))
 
     def add(self, a: DeviceArray, b: DeviceArray) -> DeviceArray:
         g = self._pending
