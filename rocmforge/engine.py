@@ -98,7 +98,7 @@ class Generation:
     def prefill(self) -> np.ndarray:
         """Run the prompt (as one matrix per layer) and return the logits of its last position ``[vocab]``."""
         if self._fed == 0:
-            self._complete_forward()
+            step_all_forward([self])
         return self.logits
 
     def step(self) -> int | None:
@@ -162,13 +162,6 @@ class Generation:
     # --- internals -------------------------------------------------------------------------------------------
     def _prepare(self) -> Batch:
         return self.model.kv.prepare([(self.seq_id, self.tokens[self._fed:])])
-
-    def _complete_forward(self) -> None:
-        if self._inflight is None:
-            step_all_forward([self])
-            return
-        while self._inflight is not None:
-            self.step_layer()
 
     def _finish_inflight(self) -> None:
         inflight, arch, ctx = self._inflight, self.model.arch, self.model.ctx
