@@ -5,7 +5,6 @@ __device__ __forceinline__ void better(float& v, int& i, float v2, int i2) {
 }
 
 extern "C" __global__ void argmax(const float* x, int n, int* out) {
-    RF_KERNEL_ENTRY();
     __shared__ float sv[RF_MAX_WARPS];
     __shared__ int si[RF_MAX_WARPS];
     const float* xr = x + (long)blockIdx.x * n;

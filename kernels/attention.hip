@@ -46,7 +46,6 @@ template <int DMAX, bool EXACT>
 __device__ void prefill(const float* Q, const float* Kc, const float* Vc, float* O, const int* positions,
                         const int* key_slots, int T, int H, int Hkv, int D_arg, float scale, float softcap, int window,
                         int bkv) {
-    RF_KERNEL_ENTRY();
     constexpr int PER_LANE = (DMAX + RF_WARP - 1) / RF_WARP;
     const int D = EXACT ? DMAX : D_arg;
     extern __shared__ float smem[];
@@ -114,7 +113,6 @@ template <int DMAX, bool EXACT>
 __device__ void decode(const float* q, const float* Kc, const float* Vc, const int* positions, const int* key_slots,
                        int H, int Hkv, int D_arg, float scale, float softcap, int window, float* part_o, float* part_ml,
                        int* tickets, float* out) {
-    RF_KERNEL_ENTRY();
     constexpr int PER_LANE = (DMAX + RF_WARP - 1) / RF_WARP;
     const int D = EXACT ? DMAX : D_arg;
     __shared__ float qs[DMAX];

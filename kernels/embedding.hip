@@ -4,7 +4,6 @@
 
 template <int T>
 __device__ void embed(const u8* table, long row_bytes, const int* ids, float* out, int K, float scale) {
-    RF_KERNEL_ENTRY();
     const u8* row = table + (long)ids[blockIdx.x] * row_bytes;
     float* o = out + (long)blockIdx.x * K;
     for (int k = threadIdx.x * 8; k < K; k += blockDim.x * 8) {

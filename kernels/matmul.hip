@@ -84,14 +84,12 @@ __device__ void matvec(const float* x, int K, int act, const float* norm_w, floa
     __shared__ float dots[RF_MAX_WARPS];
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP, n_warps = blockDim.x / RF_WARP;
     const int first = blockIdx.x * rows_per_warp * n_warps + warp;
-    start_next_kernel();
     for (int i = 0; i < rows_per_warp; i++) {
         int n = first + i * n_warps;
         const long rb = n < N0 ? rb0 : n < N0 + N1 ? rb1 : rb2;
         const u8* W = n < N0 ? W0 + n * rb0 : n < N0 + N1 ? W1 + (n - N0) * rb1 : W2 + (long)(n - N0 - N1) * rb2;
         if (n < N0 + N1 + N2) prefetch_row(W, rb, lane);
     }
-    wait_for_inputs();  // the weights are constant: only x and the outputs depend on earlier kernels
     stage_input(x, K, act, norm_w, eps, x_out, xs);
     for (int i = 0; i < rows_per_warp; i++) {
         int n = first + i * n_warps, matrix = 0;
@@ -134,7 +132,6 @@ __device__ void matvec_glu(const float* x, int K, int act_round, const float* no
     extern __shared__ float xs[];
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP, n_warps = blockDim.x / RF_WARP;
     const int first = blockIdx.x * rows_per_warp * n_warps + warp;
-    start_next_kernel();
     for (int i = 0; i < rows_per_warp; i++) {
         const int n = first + i * n_warps;
         if (n < N) {
@@ -142,7 +139,6 @@ __device__ void matvec_glu(const float* x, int K, int act_round, const float* no
             prefetch_row(Wu + n * rb, rb, lane);
         }
     }
-    wait_for_inputs();
     stage_input(x, K, act_round, norm_w, eps, x_out, xs);
     for (int i = 0; i < rows_per_warp; i++) {
         const int n = first + i * n_warps;
@@ -167,7 +163,6 @@ __device__ void matvec_glu(const float* x, int K, int act_round, const float* no
 template <int T, int TM>
 __device__ void matmul(const u8* W, long row_bytes, const float* X, float* Y, int M, int N, int K, const float* add,
                        float* sum) {
-    RF_KERNEL_ENTRY();
     constexpr int RM = TM / 16, XV = TM / 8;  // rows per thread; X values each thread loads per K slice
     __shared__ float xs[TILE_K][TM + 4];      // transposed: xs[k][m]
     __shared__ float ws[TILE_K][TILE_N + 4];  // transposed: ws[k][n]
@@ -249,7 +244,6 @@ RF_FOR_EACH_TYPE(RF_MATMUL_KERNELS)
 // type (see quant.h) before the tiled matmul reads them. Each lane rounds 8 consecutive values, a warp 256
 // per step, exactly as the matvecs do; the loop is uniform across a warp because the rounding shuffles.
 extern "C" __global__ void round_activations(const float* x, float* y, long n, int act) {
-    RF_KERNEL_ENTRY();
     const long lane = threadIdx.x % RF_WARP;
     const long warps = (long)gridDim.x * (blockDim.x / RF_WARP);
     for (long base = (blockIdx.x * (long)(blockDim.x / RF_WARP) + threadIdx.x / RF_WARP) * RF_WARP * 8; base < n;

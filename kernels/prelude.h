@@ -41,24 +41,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {}
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 #endif
 
-// Programmatic dependent launch (Hopper and later, CUDA): the host lets each kernel launch while the one
-// before it still runs. Every kernel therefore first lets the next one launch (it can only start once all
-// of this kernel's blocks are running) and then waits until everything before it has finished and its
-// writes are visible, before it reads any input. Work that reads no input (prefetching weights) may go
-// before the wait. Elsewhere both are no-ops and launches are ordinary.
-#if !(defined(__HIP__) || defined(__HIPCC_RTC__)) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void start_next_kernel() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
-__device__ __forceinline__ void wait_for_inputs() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-#else
-__device__ __forceinline__ void start_next_kernel() {}
-__device__ __forceinline__ void wait_for_inputs() {}
-#endif
-#define RF_KERNEL_ENTRY() \
-    do {                  \
-        start_next_kernel(); \
-        wait_for_inputs(); \
-    } while (0)
-
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 // float32 -> nearest float16 (ties to even) -> float32

@@ -1,6 +1,5 @@
 // rms_norm.hip: y = x / sqrt(mean(x²) + eps) * w, one block per row (any block size).
 extern "C" __global__ void rms_norm(const float* x, const float* w, float* y, int n, float eps) {
-    RF_KERNEL_ENTRY();
     __shared__ float scratch[RF_MAX_WARPS];
     const float* xr = x + (long)blockIdx.x * n;
     float* yr = y + (long)blockIdx.x * n;

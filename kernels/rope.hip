@@ -11,7 +11,6 @@
 extern "C" __global__ void rope(const float* xa, float* ya, int heads_a, const float* xb, float* yb, int heads_b,
                                 const int* positions, int head_dim, int n_rot, int neox, const double* inv_freq,
                                 float* k_pool, float* v_pool, const int* slots, const float* v, int head_dim_v) {
-    RF_KERNEL_ENTRY();
     const int t = blockIdx.x, h = blockIdx.y, hb = h - heads_a;
     const long base = h < heads_a ? ((long)t * heads_a + h) * head_dim : ((long)t * heads_b + hb) * head_dim;
     const float* x = (h < heads_a ? xa : xb) + base;

@@ -8,7 +8,6 @@
 
 extern "C" __global__ void sample_top_k_top_p(const float* logits, int n, int top_k, float top_p,
                                               float temperature, const float* u, int* out) {
-    RF_KERNEL_ENTRY();
     __shared__ float cand_v[RF_SAMPLE_MAX_K];
     __shared__ int cand_i[RF_SAMPLE_MAX_K];
     __shared__ float sv[RF_MAX_WARPS];

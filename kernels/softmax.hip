@@ -1,6 +1,5 @@
 // softmax.hip: y = exp(x - max) / sum, one block per row (any block size).
 extern "C" __global__ void softmax(const float* x, float* y, int n) {
-    RF_KERNEL_ENTRY();
     __shared__ float scratch[RF_MAX_WARPS];
     const float* xr = x + (long)blockIdx.x * n;
     float* yr = y + (long)blockIdx.x * n;

@@ -68,10 +68,6 @@ class CudaRuntime(Runtime):
         name = _check(driver.cuDeviceGetName(256, self._device), "cuDeviceGetName")
         self.device_name = name.split(b"\0", 1)[0].decode()
         self._stream = _check(driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
-        # Hopper and later: each kernel may launch while the previous one runs (programmatic dependent launch);
-        # the kernels wait for their inputs themselves (kernels/prelude.h), so launch latency overlaps work
-        self._dependent_launch = major >= 9
-        self._launch_configs: dict[tuple, Any] = {}
 
     # --- memory -------------------------------------------------------------------------------------------
     def mem_info(self) -> tuple[int, int]:
@@ -132,30 +128,8 @@ class CudaRuntime(Runtime):
     def launch(self, function: Any, grid: tuple[int, int, int], block: tuple[int, int, int], args: list[Any],
                shared_bytes: int = 0) -> None:
         params, _keep = pack_args(args)
-        if self._dependent_launch:
-            config = self._launch_config(grid, block, shared_bytes)
-            _check(self._drv.cuLaunchKernelEx(config, function, ctypes.addressof(params), 0), "cuLaunchKernelEx")
-            return
         _check(self._drv.cuLaunchKernel(function, *grid, *block, shared_bytes, self._stream,
                                         ctypes.addressof(params), 0), "cuLaunchKernel")
-
-    def _launch_config(self, grid: tuple[int, int, int], block: tuple[int, int, int], shared_bytes: int) -> Any:
-        """A cached launch configuration that allows programmatic dependent launch."""
-        key = (grid, block, shared_bytes)
-        if key not in self._launch_configs:
-            drv = self._drv
-            attribute = drv.CUlaunchAttribute()
-            attribute.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-            attribute.value.programmaticStreamSerializationAllowed = 1
-            config = drv.CUlaunchConfig()
-            config.gridDimX, config.gridDimY, config.gridDimZ = grid
-            config.blockDimX, config.blockDimY, config.blockDimZ = block
-            config.sharedMemBytes = shared_bytes
-            config.hStream = self._stream
-            config.attrs = [attribute]
-            config.numAttrs = 1
-            self._launch_configs[key] = config
-        return self._launch_configs[key]
 
     # --- ordering and timing ------------------------------------------------------------------------------
     def synchronize(self) -> None:
