@@ -86,3 +86,15 @@ def test_gpu_greedy_tokens_match_numpy(request, model_fixture):
     errors = np.linalg.norm(gpu_logits - cpu_logits, axis=-1) / np.linalg.norm(cpu_logits, axis=-1)
     print(f"{path.name}, llama.cpp rounding: max relative logit difference {errors.max():.2e}; tokens {gpu_tokens}")
     assert gpu_tokens == cpu_tokens
+
+
+def test_model_generates_the_same_text_on_gpu_and_cpu(smollm2_path):
+    """The public API end to end: rocmforge.load(..., device=...) picks the GPU backend through select."""
+    gpu_backend()  # skips without a GPU
+    import rocmforge
+    texts = {}
+    for device in ("cpu", "auto"):
+        model = rocmforge.load(smollm2_path, device=device, n_ctx=256)
+        texts[model.device] = model.generate("The capital of France is", max_new_tokens=12, temperature=0)
+    assert set(texts) == {"cpu", "cuda"} or set(texts) == {"cpu", "hip"}
+    assert len(set(texts.values())) == 1, texts
