@@ -124,38 +124,34 @@ __device__ void matvec(const float* x, int K, int act, const float* norm_w, floa
     }
 }
 
-// The MLP gate in one pass: g = Wg·x, u = Wu·x, y = act(g) * u; act 0 = SiLU, 1 = GELU (tanh form). Warps
-// work in pairs: the even warp of a pair reduces the gate row, the odd one the up row of the same output,
-// and the even one combines them (one row reduction per warp, not two, on the critical path).
+// The MLP gate in one pass: g = Wg·x, u = Wu·x, y = act(g) * u; act 0 = SiLU, 1 = GELU (tanh form).
 template <int T>
 __device__ void matvec_glu(const float* x, int K, int act_round, const float* norm_w, float eps, float* x_out,
                            const u8* Wg, const u8* Wu, long rb, float* g, float* u, float* y, int N, int act,
                            int rows_per_warp) {
     extern __shared__ float xs[];
-    __shared__ float ups[RF_MAX_WARPS];
-    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP, pairs = blockDim.x / RF_WARP / 2;
-    const bool is_up = warp & 1;
-    const u8* W = is_up ? Wu : Wg;
-    const int first = blockIdx.x * rows_per_warp * pairs + warp / 2;
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP, n_warps = blockDim.x / RF_WARP;
+    const int first = blockIdx.x * rows_per_warp * n_warps + warp;
     for (int i = 0; i < rows_per_warp; i++) {
-        const int n = first + i * pairs;
-        if (n < N) prefetch_row(W + n * rb, rb, lane);
+        const int n = first + i * n_warps;
+        if (n < N) {
+            prefetch_row(Wg + n * rb, rb, lane);
+            prefetch_row(Wu + n * rb, rb, lane);
+        }
     }
     stage_input(x, K, act_round, norm_w, eps, x_out, xs);
     for (int i = 0; i < rows_per_warp; i++) {
-        const int n = first + i * pairs;
-        const float dot = n < N ? row_dot<T>(W + n * rb, xs, K, lane) : 0.0f;
-        if (is_up && lane == 0) ups[warp] = dot;
-        __syncthreads();
-        if (!is_up && lane == 0 && n < N) {
-            const float un = ups[warp + 1];
-            const float a = act == 0 ? dot / (1.0f + expf(-dot))
-                                     : 0.5f * dot * (1.0f + tanhf(0.7978845608028654f * (dot + 0.044715f * dot * dot * dot)));
-            g[n] = dot;
+        const int n = first + i * n_warps;
+        if (n >= N) return;
+        const float gn = row_dot<T>(Wg + n * rb, xs, K, lane);
+        const float un = row_dot<T>(Wu + n * rb, xs, K, lane);
+        if (lane == 0) {
+            const float a = act == 0 ? gn / (1.0f + expf(-gn))
+                                     : 0.5f * gn * (1.0f + tanhf(0.7978845608028654f * (gn + 0.044715f * gn * gn * gn)));
+            g[n] = gn;
             u[n] = un;
             y[n] = a * un;
         }
-        __syncthreads();  // ups is reused by the next row
     }
 }
 

@@ -334,8 +334,8 @@ class GpuBackend:
         if g.glu is not None:
             (w_gate, gate), (w_up, up) = g.items
             act, out = g.glu
-            per_warp = self._rows_per_warp(2 * n_out)  # warps pair up: one gate row and one up row each
-            self._run("matmul", f"matvec_glu_{suffix}", (-(-n_out // (MATVEC_WARPS // 2 * per_warp)),), block,
+            per_warp = self._rows_per_warp(n_out)
+            self._run("matmul", f"matvec_glu_{suffix}", (-(-n_out // (MATVEC_WARPS * per_warp)),), block,
                       [ptr(x.address), i32(k), i32(weight.act), *norm, ptr(w_gate.address), ptr(w_up.address),
                        i64(w_gate.row_bytes), ptr(gate.address), ptr(up.address), ptr(out.address), i32(n_out), i32(act),
                        i32(per_warp)], shared, g.label)
