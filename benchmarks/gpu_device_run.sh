@@ -3,6 +3,8 @@
 #   kernels      install carried wheels, print the device, run every kernel test against its numpy twin
 #   model        join the model parts, run the full-model test (GPU vs numpy logits, greedy tokens) and the benchmark
 #   ncu          time each kernel of one decode step with Nsight Compute (after model, on the same machine)
+#   stash        nothing but keeping the carried model parts (Gemma's 253 MB travel in five parts)
+#   gemma        join Gemma's parts, run its full-model tests and the benchmark
 # SmolLM2 (98 MB) is bigger than what one call may carry (64 MiB), so it travels in two halves
 # (.device/model_a/part.a, .device/model_b/part.b) on two back-to-back calls; every stage keeps the parts it
 # was given on the machine, which stays warm for ~30 s between calls.
@@ -19,6 +21,9 @@ export ROCMFORGE_HOME=/root/rfhome
 model_dir=$ROCMFORGE_HOME/models/smollm2-135m
 mkdir -p "$model_dir"
 cp .device/model_*/part.* "$model_dir/" 2>/dev/null && ls -la "$model_dir"
+gemma_dir=$ROCMFORGE_HOME/models/gemma3-270m
+mkdir -p "$gemma_dir"
+cp .device/gemma_*/gpart.* "$gemma_dir/" 2>/dev/null && ls -la "$gemma_dir"
 
 for stage in "${@:-kernels}"; do
 case $stage in
@@ -34,6 +39,14 @@ model)
   python3 -m pytest tests/test_gpu_model.py -q -p no:cacheprovider -rs -s 2>&1 | tee "$OUT/model.log" | tail -15
   python3 benchmarks/gpu_decode.py smollm2-135m --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
   python3 benchmarks/gpu_decode.py smollm2-135m --no-rounding --json "$OUT/bench_float32.json" 2>&1 | tee "$OUT/bench_float32.log"
+  ;;
+stash)
+  ;;
+gemma)
+  cat "$gemma_dir"/gpart.* > "$gemma_dir/gemma-3-270m-q4_k_m.gguf" && rm "$gemma_dir"/gpart.*
+  sha256sum "$gemma_dir/gemma-3-270m-q4_k_m.gguf" | tee "$OUT/gemma.sha256"
+  python3 -m pytest tests/test_gpu_model.py -k gemma -q -p no:cacheprovider -rs -s 2>&1 | tee "$OUT/gemma.log" | tail -30
+  python3 benchmarks/gpu_decode.py gemma3-270m --json "$OUT/bench_gemma.json" 2>&1 | tee "$OUT/bench_gemma.log"
   ;;
 ncu)
   ncu --metrics gpu__time_duration.sum --csv -k 'regex:matvec|attn_decode|embed' -c 200 \
