@@ -21,7 +21,7 @@ def test_auto_falls_back_to_cpu_and_logs_why(caplog, monkeypatch):
     assert backend.name == "cpu"
     lines = [r.getMessage() for r in caplog.records if r.name == "rocmforge.device"]
     assert len(lines) == 1
-    assert lines[0].startswith("rocmforge device: cpu (auto: no GPU")
+    assert lines[0].startswith("device: cpu (auto: no GPU")
     assert "hip:" in lines[0] and "cuda:" in lines[0]
 
 

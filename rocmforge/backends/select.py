@@ -55,7 +55,7 @@ def select_backend(device: str | None = None):
     'cpu'
     """
     name, reason = choose_device(device)
-    log.info("rocmforge device: %s (%s)", name, reason)
+    log.info("device: %s (%s)", name, reason)
     if name == "cpu":
         from rocmforge.backends.cpu import CpuBackend
         return CpuBackend()
@@ -78,7 +78,7 @@ def backend_for_model(device: str | None, gguf: Any, n_slots: int):
     except DeviceError as exc:
         if (device or os.environ.get("ROCMFORGE_DEVICE") or "auto").lower() != "auto":
             raise
-        log.info("rocmforge device: cpu (auto: %s)", exc)
+        log.info("device: cpu (auto: %s)", exc)
         from rocmforge.backends.cpu import CpuBackend
         return CpuBackend()
     return backend
