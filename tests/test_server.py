@@ -83,7 +83,8 @@ def store(tmp_path_factory, embedder):
 
 @pytest.fixture(scope="module")
 def base_url(model, embedder, store):
-    app = create_app(model, max_batch=16, max_queue=8, api_key=KEY, embedder=embedder, store=store, limits=LIMITS)
+    app = create_app(model, max_batch=16, max_queue=8, api_key=KEY, embedder=embedder, store=store, limits=LIMITS,
+                     workers=2)  # a batch of 16 runs as two parallel forwards of 8
     with live_server(app) as url:
         yield url
 

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
               help="Context window per sequence (capped at the model's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or hip.")
 @click.option("--threads", type=click.IntRange(1), default=None,
-              help="BLAS threads for the CPU forward [default: one fewer than the cores, at least 1].")
+              help="CPU forwards run in parallel, each on one BLAS thread; a batch of 16 or more sequences is "
+                   "split between them [default: the number of cores].")
 @click.option("--batch-invariant/--no-batch-invariant", default=True, show_default=True,
               help="CPU: bit-identical text for a request alone or batched (a lone stream decodes slower).")
 @click.option("--no-embeddings", is_flag=True, help="Do not load the MiniLM embedder (no /v1/embeddings).")
@@ -47,9 +48,10 @@ def serve(model_name: str, context_db: Path | None, host: str, port: int, api_ke
     from rocmforge.server.app import LockedEmbedder, create_app
     from rocmforge.server.batch_invariant import use_batch_invariant_matmul
 
-    # One core stays free for the event loop (HTTP, tokenizing, SSE). Measured on 2 busy cores: with 2 BLAS
-    # threads spinning against the event loop a lone stream decoded at 0.5 tok/s, with 1 at 7.9 tok/s.
-    threadpool_limits(threads or max(1, (os.cpu_count() or 2) - 1), user_api="blas")
+    # One BLAS thread per forward: a multi-threaded sgemm waits for its slowest thread, so whenever anything else
+    # (the event loop, another process) takes a core every call stalls. Measured on 2 shared cores: a lone stream
+    # decoded at 0.5 tok/s with 2 OpenBLAS threads, 7.9 tok/s with 1. Parallelism comes from splitting the batch.
+    threadpool_limits(1, user_api="blas")
     model = load(model_name, device=device, n_ctx=n_ctx, n_parallel=max_batch)
     if batch_invariant:
         use_batch_invariant_matmul(model)
@@ -65,7 +67,7 @@ def serve(model_name: str, context_db: Path | None, host: str, port: int, api_ke
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", host)
     app = create_app(model, max_batch=max_batch, max_queue=max_queue, api_key=api_key, embedder=embedder,
-                     store=store)
+                     store=store, workers=threads or os.cpu_count() or 1)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:

@@ -350,15 +350,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def create_app(model: Any, *, max_batch: int = 8, max_queue: int = 64, api_key: str | None = None,
                embedder: Any | None = None, store: Any | None = None, limits: Limits = Limits(),
-               chunk_size: int = 64, prefill_budget: int = 64) -> FastAPI:
+               chunk_size: int = 64, prefill_budget: int = 64, workers: int = 1) -> FastAPI:
     """The ASGI app. The scheduler thread starts and stops with the app's lifespan.
 
     ``model`` should be loaded with ``n_parallel=max_batch`` so its KV pool holds every running sequence.
+    ``workers``: parallel forwards a large batch is split into (see ``Scheduler``).
     ``embedder`` (texts -> vectors) serves ``/v1/embeddings`` and must be the one ``store`` was opened with.
     """
     metrics = Metrics()
     scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, chunk_size=chunk_size,
-                          prefill_budget=prefill_budget, metrics=metrics)
+                          prefill_budget=prefill_budget, workers=workers, metrics=metrics)
     server = Server(model, scheduler, metrics, limits, embedder, store)
 
     @asynccontextmanager

@@ -6,8 +6,10 @@ A tick is a token boundary. Each tick the scheduler
 3. builds ONE batch: the last sampled token of every decoding sequence, plus the next prompt chunk of
    prefilling sequences (at most ``prefill_budget`` prompt tokens per tick), so a long prompt delays the
    running streams by one chunk, not by its whole length;
-4. runs the architecture's ``forward`` once over it: every layer multiplies ``[n_tokens, d]`` matrices over
-   the shared paged KV pool (attention reads each sequence's own blocks);
+4. runs the architecture's ``forward`` over it: every layer multiplies ``[n_tokens, d]`` matrices over the
+   shared paged KV pool (attention reads each sequence's own blocks). With ``workers`` > 1 a large batch is
+   cut into that many contiguous groups run as parallel forwards, each on one BLAS thread (on 2 shared cores
+   that beat one forward on 2 OpenBLAS threads, which stalls whenever another process takes a core);
 5. samples each sequence's next token with its own ``Sampler`` (its own seeded generator), streams the new
    text, and finishes (and frees the blocks of) those that hit an end token, a stop string or their limit.
 
@@ -34,6 +36,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent import futures
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,10 +130,13 @@ class Scheduler:
     """
 
     def __init__(self, model: Any, max_batch: int = 8, max_queue: int = 64, chunk_size: int = 64,
-                 prefill_budget: int = 64, metrics: Metrics | None = None):
-        if max_batch < 1 or max_queue < 0 or chunk_size < 1 or prefill_budget < 1:
-            raise ValueError("max_batch, chunk_size and prefill_budget must be >= 1 and max_queue >= 0")
+                 prefill_budget: int = 64, workers: int = 1, min_rows_per_worker: int = 8,
+                 metrics: Metrics | None = None):
+        if min(max_batch, chunk_size, prefill_budget, workers, min_rows_per_worker) < 1 or max_queue < 0:
+            raise ValueError("max_batch, chunk_size, prefill_budget and workers must be >= 1, max_queue >= 0")
         self.model = model
+        self.workers, self.min_rows_per_worker = workers, min_rows_per_worker
+        self._pool = futures.ThreadPoolExecutor(workers - 1, "rocmforge-forward") if workers > 1 else None
         self.max_batch, self.max_queue = max_batch, max_queue
         self.chunk_size, self.prefill_budget = chunk_size, prefill_budget
         self.metrics = metrics or Metrics()
@@ -153,6 +159,8 @@ class Scheduler:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown()
 
     @property
     def alive(self) -> bool:
@@ -233,14 +241,8 @@ class Scheduler:
 
     def _tick(self) -> None:
         members, inputs = self._plan()
-        model = self.model
         try:
-            batch = model.kv.prepare([(seq.seq_id, tokens) for seq, tokens in zip(members, inputs)])
-            for seq, tokens in zip(members, inputs):
-                seq.fed += len(tokens)
-            wants_logits = [i for i, seq in enumerate(members) if not seq.prefilling]
-            rows = batch.last_rows[wants_logits]
-            logits = model.ops.to_host(model.arch.forward(model.ctx, batch, rows=rows)) if len(rows) else []
+            logits = self._forward(members, inputs)
         except Exception as exc:  # an engine failure ends this batch's requests, never the server
             log.exception("forward pass failed")
             self.metrics.count_engine_error()
@@ -249,8 +251,33 @@ class Scheduler:
             return
         self.ticks += 1
         self.metrics.observe_batch(len(members))
-        for i, row in zip(wants_logits, logits):
-            self._advance(members[i], row)
+        for seq, row in logits:
+            self._advance(seq, row)
+
+    def _forward(self, members: list[_Sequence], inputs: list[list[int]]) -> list[tuple[_Sequence, np.ndarray]]:
+        """Run this tick's tokens as up to ``workers`` forwards in parallel (each a contiguous group of
+        sequences); returns the last-position logits of every sequence that is past its prompt."""
+        model = self.model
+        groups = _split(list(zip(members, inputs)), self.workers, self.min_rows_per_worker)
+        batches = [model.kv.prepare([(seq.seq_id, tokens) for seq, tokens in group]) for group in groups]
+        for seq, tokens in zip(members, inputs):
+            seq.fed += len(tokens)
+
+        def run(group: list[tuple[_Sequence, list[int]]], batch: Any) -> list[tuple[_Sequence, np.ndarray]]:
+            wanted = [i for i, (seq, _) in enumerate(group) if not seq.prefilling]
+            if not wanted:
+                return []
+            logits = model.ops.to_host(model.arch.forward(model.ctx, batch, rows=batch.last_rows[wanted]))
+            return [(group[i][0], row) for i, row in zip(wanted, logits)]
+
+        others = [self._pool.submit(run, group, batch) for group, batch in zip(groups[1:], batches[1:])]
+        try:
+            out = run(groups[0], batches[0])
+        finally:
+            futures.wait(others)  # they write to the cache: never free blocks under a running forward
+        for future in others:
+            out += future.result()
+        return out
 
     def _advance(self, seq: _Sequence, logits: np.ndarray) -> None:
         """Sample one token for ``seq``, stream its text, and finish the sequence if it is done."""
@@ -283,15 +310,31 @@ class Scheduler:
             if rest:
                 seq.request.emit(TextPiece(rest))
         self.metrics.add_tokens(seq.n_prompt, seq.n_generated)
-        seq.request.emit(Finished(seq.finish_reason or "stop", seq.n_prompt, seq.n_generated))
-        self._release(seq)
+        self._release(seq, Finished(seq.finish_reason or "stop", seq.n_prompt, seq.n_generated))
 
     def _fail(self, seq: _Sequence, message: str) -> None:
-        seq.request.emit(Failed(message))
-        self._release(seq)
+        self._release(seq, Failed(message))
 
-    def _release(self, seq: _Sequence) -> None:
+    def _release(self, seq: _Sequence, last: Event | None = None) -> None:
+        """Free the sequence's blocks, then emit its last event: whoever sees the end also sees them free."""
+        self.model.kv.free(seq.seq_id)
         with self._wake:
             self._running.remove(seq)
-        self.model.kv.free(seq.seq_id)
+        if last is not None:
+            seq.request.emit(last)
         seq.request.done.set()
+
+def _split(items: list[tuple[_Sequence, list[int]]], workers: int,
+           min_rows: int) -> list[list[tuple[_Sequence, list[int]]]]:
+    """Contiguous groups with about equal token counts: as many as ``workers``, but none under ``min_rows``
+    tokens (a forward of fewer rows costs as much as one of ``min_rows``, so smaller groups only add work)."""
+    total = sum(len(tokens) for _, tokens in items)
+    n_groups = max(1, min(workers, -(-total // min_rows), len(items)))
+    groups: list[list[tuple[_Sequence, list[int]]]] = [[]]
+    done = 0
+    for item in items:
+        if groups[-1] and len(groups) < n_groups and done >= total * len(groups) / n_groups:
+            groups.append([])
+        groups[-1].append(item)
+        done += len(item[1])
+    return groups
