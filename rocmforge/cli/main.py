@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "generate": "rocmforge.cli.generate:generate",
     "chat": "rocmforge.cli.generate:chat",
     "serve": "rocmforge.cli.serve:serve",
+    "bench": "rocmforge.cli.bench:bench",
 }
 
 
