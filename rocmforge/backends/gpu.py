@@ -23,130 +23,25 @@ True
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from rocmforge.backends.device_memory import MB, Arena, Block, DeviceArray, Pool, align
+from rocmforge.backends.device_memory import MB, Arena, Block, DeviceArray, Pool
+from rocmforge.backends.gpu_records import (ACT_NONE, KERNEL_TYPES, MATVEC_WARPS, DecodeGraph, GpuWeight,
+                                            PendingMatmuls, PendingNorm, PendingRope, activation_rounding,
+                                            memory_needed, same_view)
 from rocmforge.backends.runtime import Runtime, f32, i32, i64, ptr
 from rocmforge.errors import DeviceError, UnsupportedError
 from rocmforge.gguf_file import TensorRef
 from rocmforge.kv_cache import Batch, KVCache, Segment
-from rocmforge.ops.matmul import ACTIVATION_FORMAT
-
-# GGML types with a fused dequantize-and-multiply kernel; others are widened to float32 at load time
-KERNEL_TYPES = {
-    GGMLQuantizationType.F32: "f32", GGMLQuantizationType.F16: "f16", GGMLQuantizationType.BF16: "bf16",
-    GGMLQuantizationType.Q4_0: "q4_0", GGMLQuantizationType.Q4_1: "q4_1", GGMLQuantizationType.Q5_0: "q5_0",
-    GGMLQuantizationType.Q5_1: "q5_1", GGMLQuantizationType.Q8_0: "q8_0", GGMLQuantizationType.Q4_K: "q4_k",
-    GGMLQuantizationType.Q5_K: "q5_k", GGMLQuantizationType.Q6_K: "q6_k",
-}
-MATVEC_WARPS = 4  # warps per matvec block; each warp reduces rows_per_warp output rows
-# how the kernels round activations next to each weight type, as llama.cpp and the numpy twin do
-# (rocmforge.ops.matmul.round_activations); the codes are ACT_* in kernels/quant.h
-ACT_NONE, ACT_Q8_32, ACT_Q8_256, ACT_F16, ACT_BF16 = range(5)
-
-
-def activation_rounding(ggml_type: GGMLQuantizationType) -> int:
-    if ggml_type == GGMLQuantizationType.F16:
-        return ACT_F16
-    if ggml_type == GGMLQuantizationType.BF16:
-        return ACT_BF16
-    if ggml_type in ACTIVATION_FORMAT:
-        return ACT_Q8_32 if ACTIVATION_FORMAT[ggml_type][0] == 32 else ACT_Q8_256
-    return ACT_NONE
-
 
 def gpu_available() -> bool:
     """True when a HIP or CUDA device can be opened."""
     from rocmforge.backends import cuda, hip
     return hip.available()[0] or cuda.available()[0]
-
-
-def memory_needed(gguf: Any, n_slots: int) -> tuple[int, int]:
-    """(weight bytes, KV cache bytes) a model needs on the device with ``n_slots`` cache positions."""
-    cfg = gguf.config
-    weights = 0
-    for ref in gguf.tensors.values():
-        widened = len(ref.shape) == 1 or ref.ggml_type not in KERNEL_TYPES  # stored as float32
-        weights += align(ref.n_elements * 4 if widened else ref.n_bytes)
-    kv = cfg.n_layers * (align(n_slots * cfg.n_kv_heads * cfg.head_dim * 4) + align(n_slots * cfg.n_kv_heads * cfg.head_dim_v * 4))
-    return weights, kv
-
-
-def _same(a: DeviceArray, b: DeviceArray) -> bool:
-    return a.address == b.address and a.size == b.size
-
-
-@dataclass
-class GpuWeight:
-    """A weight matrix ``[rows, cols]`` kept in its GGML block format inside the weight arena."""
-
-    address: int
-    ggml_type: GGMLQuantizationType  # the stored format (float32 when widened at load)
-    shape: tuple[int, int]
-    row_bytes: int
-    act: int                         # activation rounding of the file's type (ACT_*)
-
-    @property
-    def kernel_suffix(self) -> str:
-        return KERNEL_TYPES[self.ggml_type]
-
-
-@dataclass
-class _Graph:
-    """A captured decode step: its executable graph, private memory, output, and input buffer."""
-
-    inputs: DeviceArray            # int32: token, position, slot, segment position, key slots
-    pool: Pool
-    executable: Any = None
-    output: DeviceArray | None = None
-
-
-@dataclass
-class _Norm:
-    """An RMSNorm of one row waiting to be folded into the matvec that reads it."""
-
-    x: DeviceArray
-    weight: DeviceArray
-    eps: float
-    out: DeviceArray
-    label: str
-
-
-@dataclass
-class _Matmuls:
-    """Matmuls of one input waiting to launch together, with what the following ops folded into them."""
-
-    x: DeviceArray
-    m: int
-    norm: _Norm | None
-    label: str
-    items: list[tuple[GpuWeight, DeviceArray]] = field(default_factory=list)
-    add: DeviceArray | None = None        # residual added behind the single matmul ...
-    sum: DeviceArray | None = None        # ... into this
-    glu: tuple[int, DeviceArray] | None = None  # (0 SiLU / 1 GELU, act(gate) * up) of a gate/up pair
-    # decode q/k/v: the normal rope of q and k (outputs per item) and the KV-cache store, done by the matvec
-    rope_key: tuple | None = None
-    rope_tables: tuple[DeviceArray, DeviceArray] | None = None   # positions, inv_freq
-    rope_outs: list[DeviceArray | None] = field(default_factory=lambda: [None, None])
-    store: tuple[DeviceArray, DeviceArray, DeviceArray] | None = None  # k_pool, v_pool, slots
-
-
-@dataclass
-class _Rope:
-    """Rotations of up to two tensors (queries, keys) with the same positions and frequencies."""
-
-    key: tuple
-    positions: DeviceArray
-    inv_freq: DeviceArray
-    label: str
-    parts: list[tuple[DeviceArray, DeviceArray]] = field(default_factory=list)
-    store: tuple[DeviceArray, DeviceArray, DeviceArray, DeviceArray] | None = None  # k_pool, v_pool, slots, v
-    store_keys: DeviceArray | None = None  # which rotated output is the keys
 
 
 class GpuBackend:
@@ -166,8 +61,8 @@ class GpuBackend:
         self._static: list[tuple[np.ndarray, DeviceArray]] = []  # batch arrays a graph reads from its inputs
         self._tables: dict[tuple, tuple[DeviceArray | None, DeviceArray]] = {}  # rope frequency tables (factors, table)
         self._capturing = False
-        self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._pending: _Norm | _Matmuls | _Rope | None = None
+        self._graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self._pending: PendingNorm | PendingMatmuls | PendingRope | None = None
         self._profile: list[tuple[str, str, Any, Any]] | None = None
         self.profile_label = ""
         self._tickets = self._empty((4096,), np.int32)  # per-head counters of the decode attention kernel
@@ -282,11 +177,11 @@ class GpuBackend:
     def _flush(self) -> None:
         """Launch the pending work (see the module docstring)."""
         pending, self._pending = self._pending, None
-        if isinstance(pending, _Norm):
+        if isinstance(pending, PendingNorm):
             self._run_rms_norm(pending.x, pending.weight, pending.eps, pending.out, pending.label)
-        elif isinstance(pending, _Matmuls):
+        elif isinstance(pending, PendingMatmuls):
             self._run_matmuls(pending)
-        elif isinstance(pending, _Rope):
+        elif isinstance(pending, PendingRope):
             self._run_rope(pending)
 
     # --- matmul and its fusions -----------------------------------------------------------------------------
@@ -295,20 +190,20 @@ class GpuBackend:
         m = x.size // k
         out = self._empty((m, n_out))
         group = self._pending
-        first = group.items[0][0] if isinstance(group, _Matmuls) else None
-        joins = (first is not None and group.m == m and _same(group.x, x) and len(group.items) < 3
+        first = group.items[0][0] if isinstance(group, PendingMatmuls) else None
+        joins = (first is not None and group.m == m and same_view(group.x, x) and len(group.items) < 3
                  and (first.ggml_type, first.act) == (weight.ggml_type, weight.act) and group.sum is None
                  and group.glu is None)
         if not joins:
-            norm = group if isinstance(group, _Norm) and m == 1 and _same(group.out, x) else None
+            norm = group if isinstance(group, PendingNorm) and m == 1 and same_view(group.out, x) else None
             if norm is not None:
                 self._pending = None  # folded into this matvec
             self._flush()
-            group = self._pending = _Matmuls(x, m, norm, self.profile_label)
+            group = self._pending = PendingMatmuls(x, m, norm, self.profile_label)
         group.items.append((weight, out))
         return out
 
-    def _run_matmuls(self, g: _Matmuls) -> None:
+    def _run_matmuls(self, g: PendingMatmuls) -> None:
         weight, y = g.items[0]
         n_out, k = weight.shape
         suffix, add, total = weight.kernel_suffix, ptr(g.add.address if g.add else 0), ptr(g.sum.address if g.sum else 0)
@@ -367,10 +262,10 @@ class GpuBackend:
 
     def add(self, a: DeviceArray, b: DeviceArray) -> DeviceArray:
         g = self._pending
-        if isinstance(g, _Matmuls) and len(g.items) == 1 and g.sum is None and g.glu is None:
+        if isinstance(g, PendingMatmuls) and len(g.items) == 1 and g.sum is None and g.glu is None:
             y = g.items[0][1]
             for mine, other in ((a, b), (b, a)):
-                if _same(mine, y) and other.size == y.size and not _same(other, y) and not (g.norm and _same(other, g.norm.out)):
+                if same_view(mine, y) and other.size == y.size and not same_view(other, y) and not (g.norm and same_view(other, g.norm.out)):
                     g.add, g.sum = other, self._empty(a.shape)
                     return g.sum
         out = self._empty(a.shape)
@@ -380,8 +275,8 @@ class GpuBackend:
 
     def _gate(self, kernel: str, act: int, gate: DeviceArray, up: DeviceArray) -> DeviceArray:
         g = self._pending
-        if (isinstance(g, _Matmuls) and g.m == 1 and len(g.items) == 2 and g.glu is None
-                and _same(gate, g.items[0][1]) and _same(up, g.items[1][1])):
+        if (isinstance(g, PendingMatmuls) and g.m == 1 and len(g.items) == 2 and g.glu is None
+                and same_view(gate, g.items[0][1]) and same_view(up, g.items[1][1])):
             g.glu = (act, self._empty(gate.shape))
             return g.glu[1]
         out = self._empty(gate.shape)
@@ -400,7 +295,7 @@ class GpuBackend:
         out = self._empty(x.shape)
         self._flush()
         if len(x.shape) == 2 and x.shape[0] == 1 and x.size % 8 == 0:
-            self._pending = _Norm(x, weight, eps, out, self.profile_label)  # a matvec may fold it in
+            self._pending = PendingNorm(x, weight, eps, out, self.profile_label)  # a matvec may fold it in
         else:
             self._run_rms_norm(x, weight, eps, out, self.profile_label)
         return out
@@ -421,22 +316,22 @@ class GpuBackend:
         if self._fold_rope(x, out, key, pos, inv_freq):
             return out
         r = self._pending
-        if isinstance(r, _Rope) and r.key == key and len(r.parts) == 1 and not _same(r.parts[0][1], x):
+        if isinstance(r, PendingRope) and r.key == key and len(r.parts) == 1 and not same_view(r.parts[0][1], x):
             r.parts.append((x, out))
             return out
         self._flush()
-        self._pending = _Rope(key, pos, inv_freq, self.profile_label, [(x, out)])
+        self._pending = PendingRope(key, pos, inv_freq, self.profile_label, [(x, out)])
         return out
 
     def _fold_rope(self, x: DeviceArray, out: DeviceArray, key: tuple, pos: DeviceArray, inv_freq: DeviceArray) -> bool:
         """Let the pending decode q/k/v matvec rotate ``x`` (its q or k output) itself; True when it will."""
         g = self._pending
         n, head_dim, n_rot, neox = key[1], key[2], key[3], key[4]
-        if not (isinstance(g, _Matmuls) and g.m == 1 and n == 1 and not neox and n_rot == head_dim
+        if not (isinstance(g, PendingMatmuls) and g.m == 1 and n == 1 and not neox and n_rot == head_dim
                 and g.glu is None and g.sum is None and g.store is None and g.rope_key in (None, key)):
             return False
         for j, (_, y) in enumerate(g.items[:2]):
-            if _same(y, x) and g.rope_outs[j] is None:
+            if same_view(y, x) and g.rope_outs[j] is None:
                 g.rope_key, g.rope_tables, g.rope_outs[j] = key, (pos, inv_freq), out
                 return True
         return False
@@ -452,13 +347,13 @@ class GpuBackend:
             cached = self._tables[key] = (freq_factors, self._upload(inv))
         return cached[1]
 
-    def _run_rope(self, r: _Rope) -> None:
+    def _run_rope(self, r: PendingRope) -> None:
         n, head_dim, n_rot, neox = r.key[1], r.key[2], r.key[3], r.key[4]
         parts = list(r.parts)
         store = [ptr(0), ptr(0), ptr(0), ptr(0), i32(0)]
         if r.store is not None:  # the keys go second: the kernel stores tensor b into the cache
             k_pool, v_pool, slots, v = r.store
-            keys = next(p for p in parts if _same(p[1], r.store_keys))
+            keys = next(p for p in parts if same_view(p[1], r.store_keys))
             parts = [p for p in parts if p is not keys] + [keys]
             store = [ptr(k_pool.address), ptr(v_pool.address), ptr(slots.address), ptr(v.address), i32(v.shape[-1])]
         (xa, ya), (xb, yb) = (parts[0] if len(parts) == 2 else (None, None)), parts[-1]
@@ -540,12 +435,12 @@ class GpuBackend:
         k_pool, v_pool = cache.k[layer], cache.v[layer]
         slots = self._ints(batch.slots)
         g = self._pending
-        if (isinstance(g, _Matmuls) and g.rope_outs[1] is not None and _same(g.rope_outs[1], k) and len(g.items) == 3
-                and _same(g.items[2][1], v) and g.store is None and batch.n_tokens == 1):
+        if (isinstance(g, PendingMatmuls) and g.rope_outs[1] is not None and same_view(g.rope_outs[1], k) and len(g.items) == 3
+                and same_view(g.items[2][1], v) and g.store is None and batch.n_tokens == 1):
             g.store = (k_pool, v_pool, slots)  # the q/k/v matvec writes the cache too
             return
         r = self._pending
-        if (isinstance(r, _Rope) and r.store is None and any(_same(out, k) for _, out in r.parts)
+        if (isinstance(r, PendingRope) and r.store is None and any(same_view(out, k) for _, out in r.parts)
                 and k.shape[:2] == v.shape[:2] and r.key[2] == k.shape[2]):
             r.store, r.store_keys = (k_pool, v_pool, slots, v), k  # the rope kernel writes the cache too
             return
@@ -608,7 +503,7 @@ class GpuBackend:
         key = (batch.n_tokens, len(batch.segments))
         graph = self._graphs.get(key)
         if graph is None:
-            graph = _Graph(inputs=self._empty((4 + self._max_slots,), np.int32), pool=Pool(self.rt))
+            graph = DecodeGraph(inputs=self._empty((4 + self._max_slots,), np.int32), pool=Pool(self.rt))
             self._stage(batch, graph)
             step()  # warm-up; writing this token's K/V twice is harmless
             self._flush()
@@ -637,7 +532,7 @@ class GpuBackend:
         self.rt.record(end)
         return self.rt.elapsed_ms(start, end) / n
 
-    def _stage(self, batch: Batch, graph: _Graph) -> None:
+    def _stage(self, batch: Batch, graph: DecodeGraph) -> None:
         seg = batch.segments[0]
         arrays = [batch.tokens, batch.positions, batch.slots, seg.positions, seg.key_slots]
         host = np.concatenate(arrays).astype(np.int32)
