@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from rocmforge.arch import gemma3, llama
 from rocmforge.arch.context import ForwardContext
 from rocmforge.backends.select import backend_for_model
-from rocmforge.chat import chat_template_for, render_chat
+from rocmforge.chat import apply_chat_template
 from rocmforge.engine import Generation
 from rocmforge.gguf_file import GGUFFile
 from rocmforge.hooks import HookedModel, Hooks, hook_names
@@ -156,7 +156,7 @@ class Model(HookedModel):
             content, head["citations"] = self.context_prompt(messages[last]["content"], context, k)
             messages = [*messages[:last], {**messages[last], "content": content}, *messages[last + 1:]]
         prompt = self.apply_chat_template(messages)
-        gen = self._start_request(self.tokenize(prompt, add_bos=False), max_tokens, stop, sampling)
+        gen = self._start_request(self.tokenize(prompt), max_tokens, stop, sampling)
         if stream:
             return self._chat_chunks(gen, head)
         text = "".join(gen.text_pieces())
@@ -164,13 +164,9 @@ class Model(HookedModel):
                                      "logprobs": None, "finish_reason": gen.finish_reason}], "usage": _usage(gen)}
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for ``messages`` under the model's chat template (with its BOS text, if any)."""
-        tok = self.tokenizer
-        template = chat_template_for(tok.chat_template, self.cfg.architecture)
-        bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
-        eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
-        return render_chat(template, messages, add_generation_prompt=add_generation_prompt, bos_token=bos,
-                           eos_token=eos)
+        """The prompt text for ``messages`` under the model's chat template, ready for ``tokenize(prompt)``
+        (which adds BOS when the file says so; a BOS the template wrote is dropped then, as llama.cpp does)."""
+        return apply_chat_template(self.tokenizer, messages, add_generation_prompt)
 
     def _start_request(self, prompt: str | Sequence[int], max_tokens: int | None,
                        stop: str | Sequence[str] | None, sampling: dict) -> Generation:

@@ -44,14 +44,21 @@ def generate(prompt: str, model_name: str, device: str, max_tokens: int, context
     from rocmforge.model import load
 
     model = load(model_name, device=device)
-    if context_db is not None:
-        result = model.create_completion(prompt, max_tokens=max_tokens, context=context_db, k=n_hits,
-                                         **_sampling(opts))
-        click.echo(result["choices"][0]["text"])
-        for citation in result.get("citations", []):
-            click.echo(f"[{citation['chunk_id']}] {citation['source']}", err=True)
+    if context_db is None:
+        _write(model.stream(prompt, max_new_tokens=max_tokens, **_sampling(opts)))
         return
-    for piece in model.stream(prompt, max_new_tokens=max_tokens, **_sampling(opts)):
+    # Answer from the store: the question and its passages go in as a chat turn, streamed as it is generated.
+    chunks = model.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True,
+                                          context=context_db, k=n_hits, **_sampling(opts))
+    first = next(chunks)
+    _write(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks)
+    for citation in first.get("citations", []):
+        click.echo(f"[{citation['n']}] {citation['source']} (chunk {citation['chunk_id']}, "
+                   f"chars {citation['start']}-{citation['end']})")
+
+
+def _write(pieces: Any) -> None:
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -209,7 +209,7 @@ class GenerationPanel:
             self.progress.append(step)
             self.status.value = f"<i>generating… {len(self.progress)} tokens</i>"
 
-        result = record_generation(self.model, prompt_ids(self.model, text, chat), params, max_new_tokens,
+        result = record_generation(self.model, prompt_ids(self.model, text), params, max_new_tokens,
                                    prompt=text, on_text=show, on_token=count, stop_requested=self._stop_requested)
         result.passages, result.cited = passages, cited_passages(result.text, len(passages))
         result.settings = {"mode": "chat" if chat else "completion", "max_new_tokens": max_new_tokens, "k": k,

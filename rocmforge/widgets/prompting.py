@@ -27,9 +27,9 @@ def prompt_text(model: Any, prompt: str, chat: bool, passages: Sequence[Any] = (
     return model.apply_chat_template([{"role": "user", "content": prompt}])
 
 
-def prompt_ids(model: Any, text: str, chat: bool) -> list[int]:
-    """Token ids of ``prompt_text``: a completion gets the file's BOS; a rendered chat already has its own."""
-    return model.tokenize(text, add_bos=False) if chat else model.tokenize(text)
+def prompt_ids(model: Any, text: str) -> list[int]:
+    """Token ids of ``prompt_text``; the file's BOS rule applies to completions and rendered chats alike."""
+    return model.tokenize(text)
 
 
 def cited_passages(answer: str, n_passages: int) -> list[int]:
