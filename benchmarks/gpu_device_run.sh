@@ -31,14 +31,14 @@ kernels)
   nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee "$OUT/device.txt"
   python3 -V | tee -a "$OUT/device.txt"
   python3 -c "import cuda.bindings, numpy, gguf; print('cuda-bindings', cuda.bindings.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/device.txt"
-  python3 -m pytest tests/test_gpu_kernels.py tests/test_device_select.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/kernels.log" | tail -40
+  python3 -m pytest -o addopts="" tests/test_gpu_kernels.py tests/test_device_select.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/kernels.log" | tail -40
   ;;
 model)
   if ls "$model_dir"/part.* >/dev/null 2>&1; then  # parts carried this time (else: joined by an earlier call)
     cat "$model_dir"/part.* > "$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf" && rm "$model_dir"/part.*
   fi
   sha256sum "$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf" | tee "$OUT/model.sha256"
-  python3 -m pytest tests/test_gpu_model.py -q -p no:cacheprovider -rs -s 2>&1 | tee "$OUT/model.log" | tail -15
+  python3 -m pytest -o addopts="" tests/test_gpu_model.py -q -p no:cacheprovider -rs -s 2>&1 | tee "$OUT/model.log" | tail -15
   python3 benchmarks/gpu_decode.py smollm2-135m --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
   python3 benchmarks/gpu_decode.py smollm2-135m --no-rounding --json "$OUT/bench_float32.json" 2>&1 | tee "$OUT/bench_float32.log"
   ;;
@@ -49,7 +49,7 @@ gemma)
     cat "$gemma_dir"/gpart.* > "$gemma_dir/gemma-3-270m-q4_k_m.gguf" && rm "$gemma_dir"/gpart.*
   fi
   sha256sum "$gemma_dir/gemma-3-270m-q4_k_m.gguf" | tee "$OUT/gemma.sha256"
-  python3 -m pytest tests/test_gpu_model.py -k gemma -q -p no:cacheprovider -rs -s 2>&1 | tee "$OUT/gemma.log" | tail -30
+  python3 -m pytest -o addopts="" tests/test_gpu_model.py -k gemma -q -p no:cacheprovider -rs -s 2>&1 | tee "$OUT/gemma.log" | tail -30
   python3 benchmarks/gpu_decode.py gemma3-270m --json "$OUT/bench_gemma.json" 2>&1 | tee "$OUT/bench_gemma.log"
   ;;
 ncu)
