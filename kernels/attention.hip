@@ -11,9 +11,9 @@
 //
 // attn_prefill: one query per warp, a block's queries share each key/value tile in shared memory.
 //   grid = (ceil(T / warps), H), block = 256 threads, dynamic shared memory: see the host.
-// attn_decode: split-K flash-decode of one query per head. Each of the blocks of a head that the keys
-//   need (at most n_splits) reduces a slice of the visible keys to (max, sum, unnormalised output); the
-//   last block of the head to finish (a ticket counter per head) merges the slices. The number of keys comes from
+// attn_decode: split-K flash-decode of one query per head. Each of the n_splits blocks of a head
+//   reduces a slice of the visible keys to (max, sum, unnormalised output); the last block of the
+//   head to finish (a ticket counter per head) merges the slices. The number of keys comes from
 //   positions[0] on the device, so a captured graph replays correctly as the cache grows.
 //   grid = (n_splits, H), block = up to 8 warps.
 
@@ -123,12 +123,7 @@ __device__ void decode(const float* q, const float* Kc, const float* Vc, const i
     const int split = blockIdx.x, n_splits = gridDim.x, h = blockIdx.y, kvh = h / (H / Hkv);
     const int qp = positions[0];
     const int lo = window > 0 ? max(0, qp - window + 1) : 0;
-    // Use only as many of the launched splits as the keys need (a block takes 8 tiles of 32 at once): a short
-    // cache is one block per head that writes the answer itself, with no merge step.
-    const int keys = qp - lo + 1;
-    const int used = min(n_splits, (keys + 8 * RF_TILE - 1) / (8 * RF_TILE));
-    if (split >= used) return;
-    const int per_split = (keys + used - 1) / used;
+    const int per_split = (qp - lo + 1 + n_splits - 1) / n_splits;
     const int s0 = lo + split * per_split, s1 = min(qp + 1, s0 + per_split);
 
     float o[PER_LANE];
@@ -184,10 +179,8 @@ __device__ void decode(const float* q, const float* Kc, const float* Vc, const i
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float acc = 0.0f;
         for (int w = 0; w < n_warps; w++) acc += w_o[w][d];
-        if (used == 1) out[(long)h * D + d] = acc / lb;  // the only slice: it is the answer
-        else part_o[part * D + d] = acc;
+        part_o[part * D + d] = acc;
     }
-    if (used == 1) return;
     if (threadIdx.x == 0) {
         part_ml[part * 2] = mb;
         part_ml[part * 2 + 1] = lb;
@@ -196,17 +189,17 @@ __device__ void decode(const float* q, const float* Kc, const float* Vc, const i
     // the last block of this head to get here merges all slices
     __threadfence();  // this block's slice is visible to every block before its ticket is taken
     __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(&tickets[h], 1) == used - 1;
+    if (threadIdx.x == 0) is_last = atomicAdd(&tickets[h], 1) == n_splits - 1;
     __syncthreads();
     if (!is_last) return;
     __threadfence();
     const volatile float* ml = part_ml + (long)h * n_splits * 2;  // volatile: read what other blocks wrote
     const volatile float* po = part_o + (long)h * n_splits * D;
     float mx = RF_NEG_INF;
-    for (int s = 0; s < used; s++) mx = fmaxf(mx, ml[2 * s]);
+    for (int s = 0; s < n_splits; s++) mx = fmaxf(mx, ml[2 * s]);
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float num = 0.0f, den = 0.0f;
-        for (int s = 0; s < used; s++) {
+        for (int s = 0; s < n_splits; s++) {
             const float ms = ml[2 * s];
             if (ms == RF_NEG_INF) continue;  // an empty slice
             const float w = expf(ms - mx);
