@@ -141,8 +141,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--n-ctx", type=int, default=512)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp threads")
-    parser.add_argument("--rocmforge-threads", type=int, default=None,
-                        help="rocmforge's BLAS threads (default: the server's own default, cores - 1)")
+    parser.add_argument("--rocmforge-threads", type=int, default=os.cpu_count() or 1,
+                        help="rocmforge serve --threads: parallel forwards, one BLAS thread each")
     parser.add_argument("--skip-llama-cpp", action="store_true")
     args = parser.parse_args()
     concurrency = [int(c) for c in args.clients.split(",")]
@@ -151,8 +151,7 @@ def main() -> None:
     python = sys.executable
     ours = [python, "-m", "rocmforge.cli.main", "serve", "-m", path, "--max-batch", str(max(concurrency)),
             "--n-ctx", str(args.n_ctx), "--no-embeddings"]
-    rocmforge_threads = args.rocmforge_threads or max(1, (os.cpu_count() or 2) - 1)
-    ours += ["--threads", str(rocmforge_threads)]
+    ours += ["--threads", str(args.rocmforge_threads)]
     servers = {"rocmforge": ours, "rocmforge --no-batch-invariant": [*ours, "--no-batch-invariant"]}
     if not args.skip_llama_cpp:
         # interrupt_requests False: queue concurrent requests instead of cutting the running stream off
@@ -161,8 +160,8 @@ def main() -> None:
                                        "--interrupt_requests", "False", "--verbose", "False"]
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {cpu_name()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} at start; {args.model}, {args.max_tokens} tokens per request, "
-          f"{args.requests} requests per client, greedy; llama.cpp threads {args.threads}, rocmforge BLAS threads "
-          f"{rocmforge_threads}")
+          f"{args.requests} requests per client, greedy; llama.cpp threads {args.threads}, rocmforge --threads "
+          f"{args.rocmforge_threads}")
     print("| server | clients | requests | aggregate tok/s | TTFT p50 s | TTFT p99 s | per-stream decode tok/s |")
     print("|---|---|---|---|---|---|---|")
     aggregate: dict[tuple[str, int], float] = {}
