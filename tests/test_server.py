@@ -165,12 +165,12 @@ def test_completion_is_the_engines_greedy_text(client, model):
 
 def test_chat_completion_is_the_engines_chat(client, model):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
-    expected = model.create_chat_completion(messages, max_tokens=6, temperature=0)
-    r = client.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=0)
+    expected = model.create_chat_completion(messages, max_tokens=24, temperature=0)
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=24, temperature=0)
     assert r.choices[0].message.content == expected["choices"][0]["message"]["content"]
     assert r.choices[0].message.role == "assistant"
-    assert r.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
-    assert r.choices[0].finish_reason == expected["choices"][0]["finish_reason"]
+    assert r.choices[0].finish_reason == expected["choices"][0]["finish_reason"] == "stop"  # ended by itself
+    assert r.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"}) == expected["usage"]
 
 
 def test_streams_join_to_the_whole_text_and_end_with_done(client, http, model):

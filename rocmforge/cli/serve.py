@@ -42,7 +42,6 @@ def serve(model_name: str, context_db: Path | None, host: str, port: int, api_ke
           no_embeddings: bool) -> None:
     """Serve MODEL over HTTP with /v1/completions, /v1/chat/completions, /v1/embeddings and /v1/context."""
     import uvicorn
-    from threadpoolctl import threadpool_limits
 
     from rocmforge.model import load
     from rocmforge.server.app import LockedEmbedder, create_app
@@ -51,8 +50,7 @@ def serve(model_name: str, context_db: Path | None, host: str, port: int, api_ke
     # One BLAS thread per forward: a multi-threaded sgemm waits for its slowest thread, so whenever anything else
     # (the event loop, another process) takes a core every call stalls. Measured on 2 shared cores: a lone stream
     # decoded at 0.5 tok/s with 2 OpenBLAS threads, 7.9 tok/s with 1. Parallelism comes from splitting the batch.
-    threadpool_limits(1, user_api="blas")
-    model = load(model_name, device=device, n_ctx=n_ctx, n_parallel=max_batch)
+    model = load(model_name, device=device, n_ctx=n_ctx, n_parallel=max_batch, n_threads=1)
     if batch_invariant:
         use_batch_invariant_matmul(model)
     embedder = store = None

@@ -52,5 +52,7 @@ def use_batch_invariant_matmul(model: Any) -> bool:
     """Swap a CPU model's backend for ``BatchInvariantCpuBackend`` (same weights and cache); False if not on CPU."""
     if type(model.ops) is not CpuBackend:
         return False
-    model.ops = model.ctx.ops = BatchInvariantCpuBackend()
+    backend = BatchInvariantCpuBackend.__new__(BatchInvariantCpuBackend)
+    backend.__dict__.update(vars(model.ops))  # the same settings (activation rounding) as the backend it replaces
+    model.ops = model.ctx.ops = backend
     return True

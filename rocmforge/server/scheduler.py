@@ -309,8 +309,10 @@ class Scheduler:
             rest = seq.stops.feed(seq.decoder.flush())[0] + seq.stops.flush()
             if rest:
                 seq.request.emit(TextPiece(rest))
-        self.metrics.add_tokens(seq.n_prompt, seq.n_generated)
-        self._release(seq, Finished(seq.finish_reason or "stop", seq.n_prompt, seq.n_generated))
+        # like llama-cpp-python (and Model.create_completion), the end token that stopped it is not counted
+        completion = seq.n_generated - (seq.tokens[-1] in self.model.tokenizer.eot_ids)
+        self.metrics.add_tokens(seq.n_prompt, completion)
+        self._release(seq, Finished(seq.finish_reason or "stop", seq.n_prompt, completion))
 
     def _fail(self, seq: _Sequence, message: str) -> None:
         self._release(seq, Failed(message))
