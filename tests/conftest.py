@@ -1,6 +1,7 @@
 """Shared fixtures: each real model is fetched once per test session (into $ROCMFORGE_HOME) and shared."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ def _fetch(name: str) -> Path:
     try:
         return registry.pull(name, progress=False)
     except Exception as exc:  # no network and nothing cached: say which model is missing
+        if os.environ.get("CI"):  # CI installs from the registry, so a failed fetch is a failure there
+            pytest.fail(f"model {name} could not be fetched: {exc}")
         pytest.skip(f"model {name} is not cached and could not be fetched: {exc}")
 
 
