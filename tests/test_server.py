@@ -4,7 +4,6 @@ the MiniLM embedder, or the context store called directly.
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import math
 import re
@@ -27,8 +26,8 @@ from context_store import ContextStore
 from context_store.prompt import build_context_prompt
 from rocmforge.embedder import MiniLMEmbedder
 from rocmforge.model import load
-from rocmforge.server.app import Limits, LockedEmbedder, create_app
 from rocmforge.sampler import SamplingParams
+from rocmforge.server.app import Limits, LockedEmbedder, create_app
 from rocmforge.server.batch_invariant import use_batch_invariant_matmul
 from rocmforge.server.scheduler import GenerationRequest, Scheduler, TextPiece
 

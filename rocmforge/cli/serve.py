@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
               help="Context window per sequence (capped at the model's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or hip.")
 @click.option("--threads", type=click.IntRange(1), default=None,
-              help="CPU forwards run in parallel, each on one BLAS thread; a batch of 16 or more sequences is "
-                   "split between them [default: the number of cores].")
+              help="CPU: forwards run in parallel, each on one BLAS thread; a batch is split between them, at "
+                   "least 8 tokens each [default: the number of cores].")
 @click.option("--batch-invariant/--no-batch-invariant", default=True, show_default=True,
               help="CPU: bit-identical text for a request alone or batched (a lone stream decodes slower).")
 @click.option("--no-embeddings", is_flag=True, help="Do not load the MiniLM embedder (no /v1/embeddings).")
@@ -65,7 +65,7 @@ def serve(model_name: str, context_db: Path | None, host: str, port: int, api_ke
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", host)
     app = create_app(model, max_batch=max_batch, max_queue=max_queue, api_key=api_key, embedder=embedder,
-                     store=store, workers=threads or os.cpu_count() or 1)
+                     store=store, workers=(threads or os.cpu_count() or 1) if model.device == "cpu" else 1)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
