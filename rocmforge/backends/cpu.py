@@ -9,6 +9,7 @@ batch looks up are dequantized.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,10 +31,16 @@ from rocmforge.ops.swiglu import swiglu
 
 @dataclass(frozen=True)
 class CpuWeight:
-    """A weight matrix dequantized to float32, remembering its GGUF type (which sets the activation rounding)."""
+    """A weight matrix dequantized to float32, remembering its GGUF type (which sets the activation rounding).
+
+    Weights that multiply the same activation (``rocmforge.weights.SHARED_INPUT``) share one ``group`` matrix:
+    ``matrix`` is then the view ``group[rows]``.
+    """
 
     matrix: np.ndarray                 # [out, in] float32
     ggml_type: GGMLQuantizationType
+    group: np.ndarray | None = None    # [sum of the group's out, in] float32
+    rows: slice | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -54,6 +61,7 @@ class CpuBackend:
         up to ~1), which is what tests comparing two computation orders need."""
         self.round_activations = round_activations
         self._last_rounding: tuple[np.ndarray, object, np.ndarray] | None = None  # (x, format, rounded x)
+        self._last_group: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (x, group, x @ group.T)
 
     def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.zeros(shape, dtype=np.float32)
@@ -65,14 +73,23 @@ class CpuBackend:
         return x
 
     def load_weight(self, tensor: TensorRef) -> CpuWeight:
-        # dequantize a few thousand rows at a time: gguf's dequantize makes several temporaries the size of its
-        # output, which for Gemma's 262144 x 640 embedding would add ~2 GB to the peak RSS
         matrix = np.empty(tensor.shape, dtype=np.float32)
-        raw = tensor.raw.reshape(tensor.shape[0], -1)
-        for start in range(0, tensor.shape[0], _LOAD_ROWS):
-            stop = start + _LOAD_ROWS
-            matrix[start:stop] = dequantize_weight(raw[start:stop], tensor.ggml_type).reshape(-1, tensor.shape[1])
+        _dequantize_into(matrix, tensor)
         return CpuWeight(matrix, tensor.ggml_type)
+
+    def load_weight_group(self, tensors: list[TensorRef]) -> list[CpuWeight]:
+        """Weights that multiply the same activation, stored as one matrix (separately if they round it
+        differently): a decode step then reads them in one matrix-vector product."""
+        if len({ACTIVATION_FORMAT.get(t.ggml_type, t.ggml_type) for t in tensors}) > 1:
+            return [self.load_weight(t) for t in tensors]
+        group = np.empty((sum(t.shape[0] for t in tensors), tensors[0].shape[1]), dtype=np.float32)
+        weights, start = [], 0
+        for tensor in tensors:
+            rows = slice(start, start + tensor.shape[0])
+            _dequantize_into(group[rows], tensor)
+            weights.append(CpuWeight(group[rows], tensor.ggml_type, group, rows))
+            start = rows.stop
+        return weights
 
     def load_vector(self, tensor: TensorRef) -> np.ndarray:
         return dequantize_weight(tensor.raw, tensor.ggml_type).reshape(tensor.shape)
@@ -88,7 +105,15 @@ class CpuBackend:
     def matmul(self, x: np.ndarray, weight: CpuWeight) -> np.ndarray:
         if self.round_activations:
             x = self._rounded(x, weight.ggml_type)
-        return matmul(x, weight.matrix)
+        if weight.group is None or x.shape[0] != 1:
+            return matmul(x, weight.matrix)
+        # one row (a decode step): multiply the whole group once and hand each weight its columns. A
+        # matrix-vector product gives each output the same bits whatever rows surround it; a matrix product
+        # (several rows) does not, so there every weight keeps its own call and prefill bits stay as they were.
+        last = self._last_group
+        if last is None or last[0] is not x or last[1] is not weight.group:
+            last = self._last_group = (x, weight.group, matmul(x, weight.group))
+        return last[2][:, weight.rows]
 
     def _rounded(self, x: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
         # q/k/v (and gate/up) multiply the same x: round it once per activation format, not once per weight
@@ -149,3 +174,15 @@ class CpuBackend:
 
     def attention_mix(self, pattern: np.ndarray, cache: KVCache, layer: int, segment: Segment) -> np.ndarray:
         return attention_mix(pattern, cache.v[layer][segment.key_slots])
+
+    def graph_step(self, batch: Batch, step: Callable[[], np.ndarray]) -> np.ndarray:
+        return step()  # nothing to capture: numpy has no launch cost to save
+
+
+def _dequantize_into(out: np.ndarray, tensor: TensorRef) -> None:
+    # a few thousand rows at a time: gguf's dequantize makes several temporaries the size of its output, which
+    # for Gemma's 262144 x 640 embedding would add ~2 GB to the peak RSS
+    raw = tensor.raw.reshape(tensor.shape[0], -1)
+    for start in range(0, tensor.shape[0], _LOAD_ROWS):
+        stop = start + _LOAD_ROWS
+        out[start:stop] = dequantize_weight(raw[start:stop], tensor.ggml_type).reshape(-1, tensor.shape[1])
