@@ -224,6 +224,7 @@ class Server:
         except QueueFull as exc:
             raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)})
         watcher = asyncio.create_task(self._watch_disconnect(request, job, events))
+        streaming = False  # once the StreamingResponse owns the job, its generator cancels it
         try:
             first = await events.queue.get()
             if isinstance(first, Failed):
@@ -232,6 +233,7 @@ class Server:
                 return Response(status_code=499)
             if body.stream:
                 watcher.cancel()  # from here on Starlette's StreamingResponse notices the disconnect
+                streaming = True
                 return StreamingResponse(self._sse(first, events, job, head, chat), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
             text, event = [], first
@@ -245,7 +247,7 @@ class Server:
             return JSONResponse(_final_response(head, "".join(text), event, chat))
         finally:
             watcher.cancel()
-            if not body.stream and not job.done.is_set():
+            if not streaming and not job.done.is_set():
                 self.scheduler.cancel(job)
 
     async def _watch_disconnect(self, request: Request, job: GenerationRequest, events: _Events) -> None:
