@@ -199,7 +199,13 @@ def step_all_forward(generations: Sequence[Generation]) -> None:
         return
     model = pending[0].model
     batch = model.kv.prepare([(g.seq_id, g.tokens[g._fed:]) for g in pending])
-    logits = model.ops.to_host(model.arch.forward(model.ctx, batch, rows=batch.last_rows))
+
+    def forward() -> Any:
+        return model.arch.forward(model.ctx, batch, rows=batch.last_rows)
+
+    # A hook must see every op, so hooks run the forward eagerly; without them the backend may replay a captured
+    # decode step instead (the GPU's graph; the CPU just calls forward)
+    logits = model.ops.to_host(forward() if model.ctx.hooks.active else model.ops.graph_step(batch, forward))
     for g, row in zip(pending, logits):
         g.logits, g._fed = row, len(g.tokens)
 

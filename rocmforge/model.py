@@ -23,6 +23,7 @@ from threadpoolctl import threadpool_limits
 
 from rocmforge.arch import gemma3, llama
 from rocmforge.arch.context import ForwardContext
+from rocmforge.backends.profiler import Profile, profile_model
 from rocmforge.backends.select import backend_for_model
 from rocmforge.chat import apply_chat_template
 from rocmforge.engine import Generation
@@ -84,6 +85,20 @@ class Model(HookedModel):
             return self.ops.to_host(self.arch.forward(self.ctx, batch))
         finally:
             self.kv.free(seq)
+
+    def profile(self, prompt: str | Sequence[int], n_tokens: int = 4) -> Profile:
+        """Where the time goes: the prefill of ``prompt`` and ``n_tokens`` greedy decode steps, every kernel
+        timed (device events on a GPU, the wall clock around each op on the CPU) and labelled by layer.
+
+        Steps run eagerly (no decode graph), so a GPU step takes longer than inside ``generate``.
+
+        >>> p = rocmforge.load("smollm2-135m", device="cpu").profile("Hello", n_tokens=2)  # doctest: +SKIP
+        >>> sorted(p.by_layer("decode 1"))[:2], p.by_kernel("decode 1")["matmul"][0]  # doctest: +SKIP
+        (['embed', 'layer 0'], 211)
+        >>> print(p.table(top=3)); p.plot("decode")  # doctest: +SKIP
+        """
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        return profile_model(self.ctx, self.arch, ids, n_tokens)
 
     # --- generation ------------------------------------------------------------------------------------------
     def start(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: Sequence[str] = (),

@@ -2,7 +2,12 @@
 benchmarks/gpu_decode.py on the device."""
 from __future__ import annotations
 
+import math
+import time
+
 import pytest
+
+import rocmforge
 
 from rocmforge.arch.context import ForwardContext
 from rocmforge.backends.cpu import CpuBackend
@@ -30,3 +35,24 @@ def test_cpu_profile_has_every_layer_and_op(smollm2_path):
     assert all(r.ms >= 0 for r in profile.rows) and profile.total_ms > 0
     assert kv.sequences == []  # the profiled sequence was freed
     assert "decode (all steps)" in profile.table()
+
+
+@pytest.mark.slow
+def test_model_profile_rows_are_positive_and_add_up(smollm2_path):
+    model = rocmforge.load(smollm2_path, device="cpu", n_ctx=64)
+    start = time.perf_counter()
+    profile = model.profile("The capital of France is", n_tokens=2)
+    wall_ms = (time.perf_counter() - start) * 1e3
+    assert profile.device == "cpu" and all(r.ms > 0 for r in profile.rows)
+    every_layer = {"embed", "unembed"} | {f"layer {i}" for i in range(model.cfg.n_layers)}
+    step_ms = []
+    for step in ("prefill", "decode 0", "decode 1"):
+        layers, kernels = profile.by_layer(step), profile.by_kernel(step)
+        assert set(layers) == every_layer and all(ms > 0 for ms in layers.values())
+        assert all(n > 0 and ms > 0 for n, ms in kernels.values())
+        assert math.isclose(sum(layers.values()), sum(ms for _, ms in kernels.values()), rel_tol=1e-9)
+        step_ms.append(sum(layers.values()))
+    assert math.isclose(sum(step_ms), profile.total_ms, rel_tol=1e-9)
+    # the timed ops run inside the call, so they add up to less than its wall time, and they are most of it
+    assert 0.5 * wall_ms < profile.total_ms < wall_ms
+    assert model.kv.sequences == []

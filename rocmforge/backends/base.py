@@ -16,6 +16,7 @@ Conventions
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -70,3 +71,8 @@ class Backend(Protocol):
     def softmax(self, x: Array) -> Array: ...
     def attention_mix(self, pattern: Array, cache: KVCache, layer: int, segment: Segment) -> Array:
         """``pattern`` ``[head, t, L]`` times the sequence's cached values -> ``[t, head, d_v]``."""
+
+    # --- running a whole step -------------------------------------------------------------------------------
+    def graph_step(self, batch: Batch, step: Callable[[], Array]) -> Array:
+        """``step()`` (one forward over ``batch``), which a backend may capture once and replay for later
+        batches of the same shape (the GPU's decode graph); the CPU simply calls it."""
