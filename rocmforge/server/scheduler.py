@@ -1,4 +1,5 @@
-"""Continuous batching: one thread owns the model and advances every running sequence with one forward per tick.
+"""Continuous batching: one thread owns the model and advances every running sequence with one batched forward
+per tick.
 
 A tick is a token boundary. Each tick the scheduler
 1. drops cancelled requests (a client went away) and gives their KV blocks back;
@@ -36,8 +37,8 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent import futures
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
