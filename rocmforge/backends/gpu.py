@@ -122,15 +122,15 @@ class GpuBackend:
         return dev
 
     # --- weights --------------------------------------------------------------------------------------------
-    def _to_arena(self, data: np.ndarray) -> int:
+    def _to_arena(self, data: np.ndarray) -> tuple[int, Block]:
+        """Copy ``data`` into the weight arena -> (address, the block holding it). Without prepare() (single
+        ops called from Python) it gets a pool block instead, which goes back to the pool with the weight."""
         data = np.ascontiguousarray(data)
         address = self._weights.take(data.nbytes) if self._weights is not None else None
-        if address is None:  # no prepare(): the weight gets its own allocation, kept for the backend's life
-            block = self._pool.get(data.nbytes)
-            block.pool = None
-            address = block.address
+        block = self._weights.block if address is not None else self._pool.get(data.nbytes)
+        address = block.address if address is None else address
         self.rt.copy_to_device(address, data)
-        return address
+        return address, block
 
     def load_weight(self, tensor: TensorRef) -> GpuWeight:
         rows, cols = tensor.shape[0], int(np.prod(tensor.shape[1:]))
@@ -142,11 +142,13 @@ class GpuBackend:
         else:  # no kernel for this format: widen once to float32
             data, kind = dequantize(raw, tensor.ggml_type).astype(np.float32).reshape(rows, cols), GGMLQuantizationType.F32
         act = activation_rounding(tensor.ggml_type) if self.round_activations else ACT_NONE
-        return GpuWeight(self._to_arena(data), kind, (rows, cols), data.nbytes // rows, act)
+        address, block = self._to_arena(data)
+        return GpuWeight(address, kind, (rows, cols), data.nbytes // rows, act, block)
 
     def load_vector(self, tensor: TensorRef) -> DeviceArray:
         data = dequantize(np.asarray(tensor.raw), tensor.ggml_type).astype(np.float32).reshape(tensor.shape)
-        return DeviceArray(self._to_arena(data), data.shape, Block(None, 0, 0))
+        address, block = self._to_arena(data)
+        return DeviceArray(address, data.shape, block)
 
     def load_embedding(self, tensor: TensorRef, tied: bool) -> GpuWeight:
         return self.load_weight(tensor)

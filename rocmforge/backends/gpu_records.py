@@ -14,7 +14,7 @@ from typing import Any
 
 from gguf import GGMLQuantizationType
 
-from rocmforge.backends.device_memory import DeviceArray, Pool, align
+from rocmforge.backends.device_memory import Block, DeviceArray, Pool, align
 from rocmforge.ops.matmul import ACTIVATION_FORMAT
 
 # GGML types with a fused dequantize-and-multiply kernel; others are widened to float32 at load time
@@ -64,6 +64,7 @@ class GpuWeight:
     shape: tuple[int, int]
     row_bytes: int
     act: int                         # activation rounding of the file's type (ACT_*)
+    memory: Block                    # what holds it: the arena, or (no arena) a pool block freed with the weight
 
     @property
     def kernel_suffix(self) -> str:
