@@ -1,7 +1,9 @@
 #!/bin/bash
 # The one script a lent GPU machine runs (CI has no GPU). Stages, one or more as arguments:
-#   kernels      install carried wheels, print the device, run every kernel test against its numpy twin
-#   model        join the model parts, run the full-model test (GPU vs numpy logits, greedy tokens) and the benchmark
+#   kernels      install carried wheels, print the device, run every kernel test against its numpy twin (directly
+#                and through rocmforge.ops.dispatch)
+#   model        join the model parts, run the full-model tests (GPU vs numpy logits, greedy tokens, generate through
+#                the decode graph vs eager), the GPU hook test, notebook 05's code cells and the benchmark
 #   ncu          time each kernel of one decode step with Nsight Compute (after model, on the same machine)
 #   stash        nothing but keeping the carried model parts (Gemma's 253 MB travel in five parts)
 #   gemma        join Gemma's parts, run its full-model tests and the benchmark
@@ -31,7 +33,8 @@ kernels)
   nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee "$OUT/device.txt"
   python3 -V | tee -a "$OUT/device.txt"
   python3 -c "import cuda.bindings, numpy, gguf; print('cuda-bindings', cuda.bindings.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/device.txt"
-  python3 -m pytest -o addopts="" tests/test_gpu_kernels.py tests/test_device_select.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/kernels.log" | tail -40
+  python3 -m pytest -o addopts="" tests/test_gpu_kernels.py tests/test_device_select.py tests/test_ops_dispatch.py \
+    -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/kernels.log" | tail -40
   ;;
 model)
   if ls "$model_dir"/part.* >/dev/null 2>&1; then  # parts carried this time (else: joined by an earlier call)
@@ -39,6 +42,10 @@ model)
   fi
   sha256sum "$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf" | tee "$OUT/model.sha256"
   python3 -m pytest -o addopts="" tests/test_gpu_model.py -q -p no:cacheprovider -rs -s 2>&1 | tee "$OUT/model.log" | tail -15
+  python3 -m pytest -o addopts="" tests/test_hooks.py -m gpu -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/hooks.log" | tail -5
+  # notebook 05's code cells as one script (nbval and jupyter are not on the device machine)
+  python3 -c "import json; print('\n'.join(''.join(c['source']) for c in json.load(open('notebooks/05_kernels.ipynb'))['cells'] if c['cell_type'] == 'code'))" \
+    > /tmp/nb05.py && MPLBACKEND=Agg python3 /tmp/nb05.py 2>&1 | tee "$OUT/notebook05.log" | tail -25
   python3 benchmarks/gpu_decode.py smollm2-135m --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
   python3 benchmarks/gpu_decode.py smollm2-135m --no-rounding --json "$OUT/bench_float32.json" 2>&1 | tee "$OUT/bench_float32.log"
   ;;

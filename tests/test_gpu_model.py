@@ -109,3 +109,29 @@ def test_model_generates_the_same_text_on_gpu_and_cpu(smollm2_path):
         texts[model.device] = model.generate("The capital of France is", max_new_tokens=12, temperature=0)
     assert set(texts) == {"cpu", "cuda"} or set(texts) == {"cpu", "hip"}
     assert len(set(texts.values())) == 1, texts
+
+
+def test_generate_replays_the_decode_graph_and_hooks_run_eagerly_with_the_same_tokens(smollm2_path):
+    """Model.generate decodes through the captured graph (one replay per token after the first decode step); with a
+    hook registered every step runs eagerly, and both give the same greedy tokens."""
+    gpu_backend()  # skips without a GPU
+    import rocmforge
+    model = rocmforge.load(smollm2_path, device="auto", n_ctx=256)
+    replays = []
+    replay = model.ops.rt.replay
+    model.ops.rt.replay = lambda executable: (replays.append(1), replay(executable))[1]
+    ids = model.tokenize(PROMPT)
+    graphed = model.start(ids, max_new_tokens=16, temperature=0)
+    while not graphed.finished:
+        graphed.step()
+    assert len(model.ops._graphs) == 1 and len(replays) == graphed.n_generated - 1  # the last token needs no forward
+    replays.clear()
+    seen = []
+    with model.hooks([("blocks.29.hook_resid_post", lambda act, hook: seen.append(act.shape))]):
+        eager = model.start(ids, max_new_tokens=16, temperature=0)
+        while not eager.finished:
+            eager.step()
+    assert replays == [] and len(seen) == eager.n_generated  # prefill + every decode step ran the hook
+    assert eager.tokens == graphed.tokens
+    generated = [t for t in graphed.tokens[len(ids):] if t not in model.tokenizer.eot_ids]
+    assert model.generate(PROMPT, max_new_tokens=16, temperature=0) == model.detokenize(generated)
