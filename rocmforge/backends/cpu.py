@@ -9,6 +9,8 @@ batch looks up are dequantized.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -208,3 +210,18 @@ def _dequantize_into(out: np.ndarray, tensor: TensorRef) -> None:
     for start in range(0, tensor.shape[0], _LOAD_ROWS):
         stop = start + _LOAD_ROWS
         out[start:stop] = dequantize_weight(raw[start:stop], tensor.ggml_type).reshape(-1, tensor.shape[1])
+    _drop_file_pages(tensor.raw)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _drop_file_pages(raw: np.ndarray) -> None:
+    """Take the file pages behind a read-only memory-mapped tensor out of this process's RSS (they stay in the
+    page cache and come back if read again): once dequantized, the float32 copy is what the forward reads."""
+    if not isinstance(raw, np.memmap) or raw.flags.writeable:
+        return  # anonymous or writable memory would lose its contents
+    first = -(-raw.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor only
+    last = (raw.ctypes.data + raw.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
