@@ -181,7 +181,7 @@ class Server:
             prompt = self.model.apply_chat_template(messages)
         except Exception as exc:  # the model's own template refused these messages (e.g. roles out of order)
             raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages")
-        ids = self.model.tokenize(prompt, add_bos=False)
+        ids = self.model.tokenize(prompt)  # the file's BOS rule, as Model.create_chat_completion
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await self._generate(request, body, ids, max_tokens, head, chat=True)
 
