@@ -193,20 +193,25 @@ __device__ void decode(const float* q, const float* Kc, const float* Vc, const i
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    const volatile float* ml = part_ml + (long)h * n_splits * 2;  // volatile: read what other blocks wrote
-    const volatile float* po = part_o + (long)h * n_splits * D;
-    float mx = RF_NEG_INF;
-    for (int s = 0; s < n_splits; s++) mx = fmaxf(mx, ml[2 * s]);
+    // lane s of warp 0 weighs slice s (n_splits <= RF_WARP); then every output dimension reads all its slices
+    // at once. (Reading the slices one after another, each weight waiting on its own load, took several µs.)
+    const float* ml = part_ml + (long)h * n_splits * 2;
+    const float* po = part_o + (long)h * n_splits * D;
+    if (warp == 0) {
+        const float ms = lane < n_splits ? load_l2(ml + 2 * lane) : RF_NEG_INF;
+        const float ls = lane < n_splits ? load_l2(ml + 2 * lane + 1) : 0.0f;
+        const float mx = warp_max(ms);
+        const float w = ms == RF_NEG_INF ? 0.0f : expf(ms - mx);  // an empty slice weighs nothing
+        const float den = warp_sum(w * ls);
+        if (lane < n_splits) w_m[lane] = w;
+        if (lane == 0) w_l[0] = den;
+    }
+    __syncthreads();
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float num = 0.0f, den = 0.0f;
-        for (int s = 0; s < n_splits; s++) {
-            const float ms = ml[2 * s];
-            if (ms == RF_NEG_INF) continue;  // an empty slice
-            const float w = expf(ms - mx);
-            num += w * po[s * D + d];
-            den += w * ml[2 * s + 1];
-        }
-        out[(long)h * D + d] = num / den;
+        float num = 0.0f;
+        #pragma unroll 8
+        for (int s = 0; s < n_splits; s++) num += w_m[s] * load_l2(po + s * D + d);
+        out[(long)h * D + d] = num / w_l[0];
     }
     if (threadIdx.x == 0) tickets[h] = 0;  // ready for the next launch
 }

@@ -41,6 +41,14 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {}
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 #endif
 
+// Read a value another block of this launch wrote (it fenced, then took a ticket): from L2, never a stale L1
+// line. Unlike a volatile read, such loads can be issued together.
+#if defined(__HIP__) || defined(__HIPCC_RTC__)
+__device__ __forceinline__ float load_l2(const float* p) { return *(const volatile float*)p; }
+#else
+__device__ __forceinline__ float load_l2(const float* p) { return __ldcg(p); }
+#endif
+
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 // float32 -> nearest float16 (ties to even) -> float32
