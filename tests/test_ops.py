@@ -134,6 +134,21 @@ def _llama_cpp_activations(x: np.ndarray, ggml_type: T) -> np.ndarray:
     return x.astype(np.float16) if ggml_type == T.F16 else x
 
 
+def _q8_1_min_term_error(x: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """Q4_1/Q5_1 x Q8_1 in llama.cpp: per block d_w*d_a*sum(q_w*q_a) + m_w*s_a with s_a = fp16(d_a*sum(q_a)),
+    d_a the f32 scale max|x|/127; the dequantized product has m_w*fp16(d_a)*sum(q_a) instead. Returns the
+    difference ``[rows of x, rows of w]`` in float64."""
+    blocks = x.reshape(x.shape[0], -1, 32).astype(np.float64)
+    d32 = (np.abs(blocks).max(-1) / 127).astype(np.float32)
+    sum_q = dequantize(quantize(x, T.Q8_0), T.Q8_0).reshape(blocks.shape).sum(-1) / d32.astype(np.float16)
+    sum_q = np.round(sum_q.astype(np.float64))
+    s = (d32 * sum_q.astype(np.float32)).astype(np.float16).astype(np.float64)
+    block_bytes = 20 if raw.shape[1] * 32 // x.shape[1] == 20 else 24  # Q4_1 or Q5_1; both start fp16 d, fp16 m
+    m = raw.reshape(raw.shape[0], -1, block_bytes)[..., 2:4]
+    m = np.ascontiguousarray(m).view(np.float16)[..., 0].astype(np.float64)
+    return (s - d32.astype(np.float16).astype(np.float64) * sum_q) @ m.T
+
+
 @pytest.mark.parametrize("ggml_type", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32])
 def test_quantized_matmul_matches_dequantized_float64(rng, ggml_type):
     w = rng.standard_normal((24, 96)).astype(np.float32)
@@ -141,6 +156,8 @@ def test_quantized_matmul_matches_dequantized_float64(rng, ggml_type):
     raw = quantize(w, ggml_type)
     x_seen = _llama_cpp_activations(x, ggml_type).astype(np.float64)
     expected = x_seen @ dequantize(raw, ggml_type).astype(np.float64).T
+    if ggml_type in (T.Q4_1, T.Q5_1):
+        expected += _q8_1_min_term_error(x, raw)
     got = quantized_matmul(x, raw, ggml_type)
     assert got.shape == (3, 24) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

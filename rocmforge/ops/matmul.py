@@ -3,7 +3,16 @@
 llama.cpp does not multiply quantized weights with float32 activations: it first rounds each activation row to
 the weight type's partner format ("vec_dot_type": 8-bit blocks of 32 with an fp16 scale for Q4_0..Q8_0, 8-bit
 blocks of 256 with an f32 scale for K-quants, fp16/bf16 for F16/BF16 weights). ``round_activations`` applies
-that rounding, so the numpy path computes what llama.cpp computes (and the GPU kernels do the same).
+that rounding with llama.cpp's x86 arithmetic (multiplier ``127/amax``, round half to even, scale ``amax/127``
+stored as fp16 for 32-blocks, ``1/(127/amax)`` in f32 for 256-blocks), so the numpy path computes what
+llama.cpp computes (and the GPU kernels do the same). Any ulp of difference matters: the next layer's 8-bit
+rounding turns it into a whole quantization step.
+
+Q4_1/Q5_1 weights (``w = d*q + m``) pair with Q8_1 activations, which also store ``s = d*sum(q)`` as fp16, and
+llama.cpp adds ``m * s`` per block instead of ``m * fp16(d)*sum(q)``: ``q8_1_sum_error`` is that difference,
+and ``x_rounded @ W.T + q8_1_sum_error(x) @ block_minimums(W).T`` is llama.cpp's product (``quantized_matmul``
+adds it; the CPU backend does not yet: its effect on logits is below llama.cpp's own noise floor, see
+tests/test_forward.py, and it would cost a second rounding pass per matmul).
 
 Two forms of the op:
 - ``matmul(x, weight)``: float32 ``x @ weight.T`` (the CPU backend keeps weights dequantized, so BLAS does this).
@@ -45,13 +54,54 @@ def round_activations(x: np.ndarray, ggml_type: T) -> np.ndarray:
         return x
     block, fp16_scale = ACTIVATION_FORMAT[ggml_type]
     n, k = x.shape
-    blocks = x.reshape(n, k // block, block)
-    scale = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
-    inverse = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale > 0)
-    q = np.rint(blocks * inverse)
+    q, scale = _quantize_blocks(x, block)
     if fp16_scale:
-        scale = scale.astype(np.float16).astype(np.float32)
-    return (q * scale).reshape(n, k).astype(np.float32, copy=False)
+        scale = _fp16(scale)
+    return (q * scale).reshape(n, k)
+
+
+# weight types whose activations llama.cpp rounds to Q8_1 (Q8_0 plus the fp16 block sum s = d*sum(q))
+Q8_1_WEIGHTS = frozenset({T.Q4_1, T.Q5_1})
+_Q4_1_BLOCK_BYTES = {T.Q4_1: 20, T.Q5_1: 24}  # both start with fp16 d, fp16 m
+
+
+def q8_1_sum_error(x: np.ndarray) -> np.ndarray:
+    """``[n, in/32]``: llama.cpp's fp16 block sum ``s`` minus the sum of the rounded activations of the block.
+
+    >>> import numpy as np
+    >>> x = np.linspace(-0.3, 1.0, 32, dtype=np.float32)[None]
+    >>> float(q8_1_sum_error(x)[0, 0]) != 0.0  # fp16(d*sum(q)) is not fp16(d)*sum(q)
+    True
+    """
+    q, scale = _quantize_blocks(x, 32)
+    total = q.sum(axis=-1, keepdims=True)
+    # llama.cpp: s = fp16(d * sum(q)) with d the f32 scale; the rounded block sums to fp16(d) * sum(q)
+    return (_fp16(scale * total) - _fp16(scale) * total)[..., 0]
+
+
+def block_minimums(raw: np.ndarray, ggml_type: T) -> np.ndarray:
+    """The per-block offset ``m`` of Q4_1/Q5_1 rows (``[out, bytes]`` raw blocks) -> float32 ``[out, in/32]``."""
+    rows = np.asarray(raw).reshape(raw.shape[0], -1, _Q4_1_BLOCK_BYTES[ggml_type])
+    return np.ascontiguousarray(rows[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _quantize_blocks(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """x86 llama.cpp's 8-bit quantization of each ``block`` of a row: (integer values as float32, f32 scale)."""
+    n, k = x.shape
+    blocks = np.asarray(x, dtype=np.float32).reshape(n, k // block, block)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    # multiplier 127/amax, rounded half to even (_mm256_round_ps / nearest_int), as quantize_row_q8_0/q8_1/q8_K
+    inverse = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    q = np.rint(blocks * inverse)
+    if block == 256:  # quantize_row_q8_K keeps the exact reciprocal of its multiplier as the scale
+        scale = np.divide(np.float32(1), inverse, out=np.zeros_like(inverse), where=inverse > 0)
+    else:  # quantize_row_q8_0/q8_1: scale amax/127 (the caller rounds it to fp16)
+        scale = amax / np.float32(127)
+    return q, scale
+
+
+def _fp16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).astype(np.float32)
 
 
 def matmul(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -79,4 +129,7 @@ def quantized_matmul(x: np.ndarray, raw: np.ndarray, ggml_type: T) -> np.ndarray
     >>> np.allclose(quantized_matmul(np.ones((1, 32), np.float32), raw, T.Q8_0), w.sum(1), atol=0.2)
     True
     """
-    return matmul(round_activations(x, ggml_type), dequantize_weight(raw, ggml_type))
+    product = matmul(round_activations(x, ggml_type), dequantize_weight(raw, ggml_type))
+    if ggml_type in Q8_1_WEIGHTS:
+        product += q8_1_sum_error(x) @ block_minimums(raw, ggml_type).T
+    return product

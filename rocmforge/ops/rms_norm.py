@@ -11,5 +11,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     >>> rms_norm(np.array([[3.0, 4.0]], np.float32), np.ones(2, np.float32), 0.0).round(4)
     array([[0.8485, 1.1314]], dtype=float32)
     """
-    mean_square = np.mean(np.square(x), axis=-1, keepdims=True)
-    return (x * (1.0 / np.sqrt(mean_square + eps)) * weight).astype(np.float32, copy=False)
+    # llama.cpp sums the squares in double and takes 1/sqrt(mean + eps) in float
+    mean_square = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True).astype(np.float32)
+    scale = np.float32(1) / np.sqrt(mean_square + np.float32(eps))
+    return (x * scale * weight).astype(np.float32, copy=False)
