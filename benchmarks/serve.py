@@ -53,7 +53,10 @@ def free_port() -> int:
 def start(command: list[str], port: int, timeout: float = 600) -> subprocess.Popen:
     """Start a server process and wait (bounded) until /v1/models answers."""
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty server must never block on a full pipe
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    # OPENBLAS_CORETYPE (set on some machines here for an older OpenBLAS) would force a slower kernel on
+    # rocmforge's numpy: let OpenBLAS pick the CPU's own (SkylakeX on this AVX-512 EPYC). llama.cpp ignores it.
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -161,7 +164,8 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {cpu_name()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} at start; {args.model}, {args.max_tokens} tokens per request, "
           f"{args.requests} requests per client, greedy; llama.cpp threads {args.threads}, rocmforge --threads "
-          f"{args.rocmforge_threads}")
+          f"{args.rocmforge_threads}; servers started without OPENBLAS_CORETYPE "
+          f"(here: {os.environ.get('OPENBLAS_CORETYPE', 'unset')})")
     print("| server | clients | requests | aggregate tok/s | TTFT p50 s | TTFT p99 s | per-stream decode tok/s |")
     print("|---|---|---|---|---|---|---|")
     aggregate: dict[tuple[str, int], float] = {}

@@ -83,7 +83,7 @@ def store(tmp_path_factory, embedder):
 @pytest.fixture(scope="module")
 def base_url(model, embedder, store):
     app = create_app(model, max_batch=16, max_queue=8, api_key=KEY, embedder=embedder, store=store, limits=LIMITS,
-                     workers=2)  # a batch of 16 runs as two parallel forwards of 8
+                     workers=2)  # a batch of 32 prompt tokens runs as two parallel forwards of 16
     with live_server(app) as url:
         yield url
 

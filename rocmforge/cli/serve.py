@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or hip.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU: forwards run in parallel, each on one BLAS thread; a batch is split between them, at "
-                   "least 8 tokens each [default: the number of cores].")
+                   "least 16 tokens each [default: the number of cores].")
 @click.option("--batch-invariant/--no-batch-invariant", default=True, show_default=True,
               help="CPU: bit-identical text for a request alone or batched (a lone stream decodes slower).")
 @click.option("--no-embeddings", is_flag=True, help="Do not load the MiniLM embedder (no /v1/embeddings).")

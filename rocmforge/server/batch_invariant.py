@@ -1,18 +1,21 @@
 """A numpy backend whose matmul gives each row the same bits whatever else is in the batch.
 
-Why the server needs it: OpenBLAS picks its kernel, its blocking and its thread split from the number of rows,
-so a row's result depends on how many rows share the call and where it sits among them. Measured here
-(OpenBLAS 0.3.31, Haswell kernels): with 2 threads, 1 row, 2-6, 7-16 and 17-32 rows each round differently;
-with 1 thread, rows 6-15 of a 16-row call round differently from rows 0-5. So a sequence decoded in a batch
-of 16 gets logits that differ in the last bits from the same sequence decoded alone, and greedy decoding can
-pick another token at a near tie. Multiplying in fixed tiles of ``TILE`` = 8 rows (the last tile zero-padded)
-makes every row's result independent of the batch: 8-row calls gave identical bits for a row at every position,
-with any other rows, at 1 and 2 threads (tests/test_server.py checks this on the real weights). Attention
-already runs one sequence at a time, and the scheduler cuts prompts at fixed chunk boundaries, so with this
-backend a whole forward is batch-invariant: "same seed, same text, alone or batched" holds bit for bit.
+Why the server needs it: OpenBLAS picks its kernel, its blocking and its thread split from the shape of the
+call, so a row's result can depend on how many rows share the call and where it sits among them. Measured here
+(OpenBLAS 0.3.31) for ``x @ W.T`` with the activations ``x`` as the left operand: with the Haswell kernels and 1
+thread, rows 6-15 of a 16-row call round differently from rows 0-5; with 2 threads 1, 2-6, 7-16 and 17-32 rows
+each round differently. With the weight as the left operand, ``(W @ x.T).T``, and the activations as the
+columns, a call of a *fixed* number of columns gave every column the same bits at any position among any others
+(tiles of 8 and 16 columns, Haswell and SkylakeX kernels, 1 and 2 threads, every SmolLM2 weight shape; a varying
+column count does not: 1 column goes to GEMV, and the SkylakeX kernels round small counts differently). So the
+product runs on tiles of exactly ``TILE`` = 16 rows, the last one zero-padded. Attention already runs one
+sequence at a time and the scheduler cuts prompts at fixed chunk boundaries, so with this backend a whole
+forward is batch-invariant: "same seed, same text, alone or batched" holds bit for bit (tests/test_server.py).
 
-The price: a lone decoding sequence pays for an 8-row product, and a batch of 16 reads the weights twice
-(see BENCHMARKS.md, "Server", for both with and without it).
+Why weight-left tiles of 16: OpenBLAS then streams each weight once for a whole 16-sequence decode step, and
+its SkylakeX kernel multiplies a 16-column weight-left product about 2x faster than 8 activation-left rows
+(BENCHMARKS.md, "Server"). A lone stream pays for 16 rows, which costs little more than one: the step is bound
+by reading the weights.
 
 >>> import numpy as np
 >>> from gguf import GGMLQuantizationType
@@ -29,23 +32,44 @@ from typing import Any
 
 import numpy as np
 
-from rocmforge.backends.cpu import CpuBackend
+from rocmforge.backends.cpu import CpuBackend, CpuWeight
 
-TILE = 8
+TILE = 16
 
 
 class BatchInvariantCpuBackend(CpuBackend):
-    """``CpuBackend`` whose matmul runs the parent's on fixed tiles of ``TILE`` rows (see the module docstring)."""
+    """``CpuBackend`` whose matmul multiplies fixed tiles of ``TILE`` rows, weight on the left (see the module
+    docstring). Weights stored as one group (q/k/v, gate/up) are multiplied as the group at any row count:
+    one call instead of three, and the same call alone or batched."""
 
-    def matmul(self, x: np.ndarray, weight: Any) -> np.ndarray:
-        n = x.shape[0]
-        parts = []
-        for start in range(0, n, TILE):
-            rows = min(TILE, n - start)
-            tile = np.zeros((TILE, x.shape[1]), dtype=np.float32)
-            tile[:rows] = x[start:start + rows]
-            parts.append(super().matmul(tile, weight)[:rows])
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    def matmul(self, x: np.ndarray, weight: CpuWeight) -> np.ndarray:
+        if self.round_activations:
+            x = self._rounded(x, weight.ggml_type)
+        if weight.group is None:
+            return invariant_product(x, weight.matrix)
+        last = self._last_group
+        if last is None or last[0] is not x or last[1] is not weight.group:
+            last = self._last_group = (x, weight.group, invariant_product(x, weight.group))
+        return last[2][:, weight.rows]
+
+
+def invariant_product(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``x @ matrix.T`` (``[n, in] x [out, in] -> [n, out]``) with each row's bits independent of the others.
+
+    >>> import numpy as np
+    >>> w = np.arange(6, dtype=np.float32).reshape(3, 2)
+    >>> invariant_product(np.ones((1, 2), np.float32), w).tolist()
+    [[1.0, 5.0, 9.0]]
+    """
+    n = x.shape[0]
+    out = np.empty((n, matrix.shape[0]), dtype=np.float32)
+    for start in range(0, n, TILE):
+        rows = min(TILE, n - start)
+        tile = x[start:start + TILE]
+        if rows < TILE:
+            tile = np.concatenate([tile, np.zeros((TILE - rows, x.shape[1]), dtype=np.float32)])
+        out[start:start + rows] = (matrix @ tile.T)[:, :rows].T
+    return out
 
 
 def use_batch_invariant_matmul(model: Any) -> bool:

@@ -131,7 +131,7 @@ class Scheduler:
     """
 
     def __init__(self, model: Any, max_batch: int = 8, max_queue: int = 64, chunk_size: int = 64,
-                 prefill_budget: int = 64, workers: int = 1, min_rows_per_worker: int = 8,
+                 prefill_budget: int = 64, workers: int = 1, min_rows_per_worker: int = 16,
                  metrics: Metrics | None = None):
         if min(max_batch, chunk_size, prefill_budget, workers, min_rows_per_worker) < 1 or max_queue < 0:
             raise ValueError("max_batch, chunk_size, prefill_budget and workers must be >= 1, max_queue >= 0")
@@ -330,7 +330,8 @@ class Scheduler:
 def _split(items: list[tuple[_Sequence, list[int]]], workers: int,
            min_rows: int) -> list[list[tuple[_Sequence, list[int]]]]:
     """Contiguous groups with about equal token counts: as many as ``workers``, but none under ``min_rows``
-    tokens (a forward of fewer rows costs as much as one of ``min_rows``, so smaller groups only add work)."""
+    tokens (a forward of fewer rows costs as much as one of ``min_rows``: the batch-invariant backend pads to
+    16-row tiles, so smaller groups only add work)."""
     total = sum(len(tokens) for _, tokens in items)
     n_groups = max(1, min(workers, -(-total // min_rows), len(items)))
     groups: list[list[tuple[_Sequence, list[int]]]] = [[]]
