@@ -16,19 +16,33 @@
 // `rows_per_warp` output rows, one after another; its lanes walk a row 8 values at a time and meet in a
 // warp reduction. Uniform loops throughout: the rounding and the reductions shuffle across lanes.
 __device__ void stage_input(const float* x, int K, int act, const float* norm_w, float eps, float* x_out, float* xs) {
-    __shared__ float scratch[RF_MAX_WARPS];
+    __shared__ double scratch[RF_MAX_WARPS];
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP, n_warps = blockDim.x / RF_WARP;
-    float scale = 1.0f;
-    if (norm_w) {
-        float ss = 0.0f;
-        for (int k = threadIdx.x; k < K; k += blockDim.x) ss += x[k] * x[k];
-        scale = rsqrtf(block_sum(ss, scratch) / (float)K + eps);
+    const int chunk = n_warps * RF_WARP * 8, k_first = warp * RF_WARP * 8 + lane * 8;
+    // this lane's first 8 inputs and norm weights are loaded up front: the norm's reduction and the weights'
+    // load then overlap instead of following each other (most rows are one chunk long)
+    float x_first[8], w_first[8];
+    for (int i = 0; i < 8; i++) {
+        x_first[i] = k_first < K ? x[k_first + i] : 0.0f;
+        w_first[i] = norm_w && k_first < K ? norm_w[k_first + i] : 1.0f;
     }
-    for (int base = warp * RF_WARP * 8; base < K; base += n_warps * RF_WARP * 8) {
+    float scale = 1.0f;
+    if (norm_w) {  // squares summed in double, as llama.cpp does
+        double ss = 0.0;
+        for (int i = 0; i < 8; i++) ss += (double)x_first[i] * x_first[i];
+        for (int k = k_first + chunk; k < K; k += chunk)
+            for (int i = 0; i < 8; i++) ss += (double)x[k + i] * x[k + i];
+        scale = rms_scale(block_sum_d(ss, scratch), K, eps);
+    }
+    for (int base = warp * RF_WARP * 8; base < K; base += chunk) {
         const int k = base + lane * 8;
+        const bool first = base == warp * RF_WARP * 8;
         float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         if (k < K) {
-            for (int i = 0; i < 8; i++) v[i] = norm_w ? x[k + i] * (scale * norm_w[k + i]) : x[k + i];
+            for (int i = 0; i < 8; i++) {
+                const float xv = first ? x_first[i] : x[k + i];
+                v[i] = norm_w ? xv * scale * (first ? w_first[i] : norm_w[k + i]) : xv;
+            }
             if (norm_w && x_out && blockIdx.x == 0)
                 for (int i = 0; i < 8; i++) x_out[k + i] = v[i];
         }
@@ -90,6 +104,9 @@ __device__ void matvec(const float* x, int K, int act, const float* norm_w, floa
         const u8* W = n < N0 ? W0 + n * rb0 : n < N0 + N1 ? W1 + (n - N0) * rb1 : W2 + (long)(n - N0 - N1) * rb2;
         if (n < N0 + N1 + N2) prefetch_row(W, rb, lane);
     }
+    // what the epilogue reads is loaded before the dot products, so its latency hides behind them
+    const double position = rope.positions ? (double)rope.positions[0] : 0.0;
+    const long slot = rope.k_pool ? (long)rope.slots[0] : 0;
     stage_input(x, K, act, norm_w, eps, x_out, xs);
     for (int i = 0; i < rows_per_warp; i++) {
         int n = first + i * n_warps, matrix = 0;
@@ -99,26 +116,27 @@ __device__ void matvec(const float* x, int K, int act, const float* norm_w, floa
             if (n >= N1) { n -= N1; W = W2; rb = rb2; y = y2; matrix = 2; }
         }
         const bool valid = matrix < 2 || n < N2;
+        const float residual = sum && valid ? add[n] : 0.0f;
+        const double inv_freq = rope.positions ? rope.inv_freq[(n % rope.head_dim) / 2] : 0.0;
         const float dot = valid ? row_dot<T>(W + n * rb, xs, K, lane) : 0.0f;
         if (valid && lane == 0) {
             y[n] = dot;
-            if (sum) sum[n] = dot + add[n];
+            if (sum) sum[n] = dot + residual;
         }
         if (!rope.positions) continue;  // uniform: every warp of the block takes the same branch
         if (lane == 0) dots[warp] = dot;
         __syncthreads();
         float* rot = matrix == 0 ? rope.rot0 : matrix == 1 ? rope.rot1 : nullptr;
         if (valid && lane == 0 && rot) {
-            const int pair = (n % rope.head_dim) / 2;
-            const double angle = (double)rope.positions[0] * rope.inv_freq[pair];
+            const double angle = position * inv_freq;
             float sn, cs;
             sincosf((float)(angle - 6.283185307179586 * rint(angle * 0.15915494309189535)), &sn, &cs);
             const float x0 = dots[warp & ~1], x1 = dots[warp | 1];
             const float r = (n & 1) ? x0 * sn + x1 * cs : x0 * cs - x1 * sn;
             rot[n] = r;
-            if (matrix == 1 && rope.k_pool) rope.k_pool[(long)rope.slots[0] * N1 + n] = r;
+            if (matrix == 1 && rope.k_pool) rope.k_pool[slot * N1 + n] = r;
         } else if (valid && lane == 0 && matrix == 2 && rope.v_pool) {
-            rope.v_pool[(long)rope.slots[0] * N2 + n] = dot;
+            rope.v_pool[slot * N2 + n] = dot;
         }
         __syncthreads();  // dots is reused by the next row
     }

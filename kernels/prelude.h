@@ -90,6 +90,28 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(v);
 }
 
+// The same in double: RMSNorm sums its squares in double, as llama.cpp (and the numpy twin) do.
+__device__ __forceinline__ double block_sum_d(double v, double* scratch) {
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
+    const int n_warps = (blockDim.x + RF_WARP - 1) / RF_WARP;
+#if defined(__HIP__) || defined(__HIPCC_RTC__)
+    for (int m = RF_WARP / 2; m > 0; m >>= 1) v += __shfl_xor(v, m, RF_WARP);
+#else
+    for (int m = RF_WARP / 2; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m, RF_WARP);
+#endif
+    __syncthreads();  // scratch may still be read by a previous reduction
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    double total = 0.0;
+    for (int w = 0; w < n_warps; w++) total += scratch[w];
+    return total;
+}
+
+// 1 / sqrt(mean + eps) from a double sum of squares, rounded as the numpy twin rounds it
+__device__ __forceinline__ float rms_scale(double sum_squares, int n, float eps) {
+    return 1.0f / sqrtf((float)(sum_squares / n) + eps);
+}
+
 __device__ __forceinline__ float block_max(float v, float* scratch) {
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP;
     const int n_warps = (blockDim.x + RF_WARP - 1) / RF_WARP;

@@ -141,11 +141,11 @@ __device__ __forceinline__ void dequant8(const u8* row, int k, float* v) {
 #define ACT_F16 3
 #define ACT_BF16 4
 
-// One 8-bit block: scale = max|x| / 127, q = rint(x / scale), x' = q * scale (scale rounded to fp16 when asked).
+// One 8-bit block with llama.cpp's x86 arithmetic: q = rint(x * (127 / max|x|)), x' = q * scale, where the scale
+// is fp16(max|x| / 127) for blocks of 32 and the exact reciprocal of the multiplier for blocks of 256.
 __device__ __forceinline__ void round_q8(float* v, int n, float amax, bool fp16_scale) {
-    const float scale = amax / 127.0f;
-    const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
-    const float stored = fp16_scale ? round_f16(scale) : scale;
+    const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const float stored = fp16_scale ? round_f16(amax / 127.0f) : inverse > 0.0f ? 1.0f / inverse : 0.0f;
     for (int i = 0; i < n; i++) v[i] = rintf(v[i] * inverse) * stored;
 }
 

@@ -94,7 +94,8 @@ def test_gpu_greedy_tokens_match_numpy(request, model_fixture):
     same = next((i for i, (a, b) in enumerate(zip(gpu_tokens, cpu_tokens)) if a != b), len(cpu_tokens))
     print(f"{path.name}, llama.cpp rounding: max relative logit difference {errors.max():.2e}; "
           f"{same} of {len(cpu_tokens)} greedy tokens identical")
-    assert same >= 8, "the first eight greedy tokens must agree"
+    # no fixed count of agreeing tokens: on this prompt the numpy path itself has a near-tie at token 5
+    # (margin 0.014), where float32 summation order alone picks either token
     if same < len(cpu_tokens):
         assert cpu_margins[same] < 0.1, f"token {same} differs where the numpy path had margin {cpu_margins[same]:.3f}"
 
