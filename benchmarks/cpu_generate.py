@@ -2,12 +2,15 @@
 
 Each (engine, model) runs in its own subprocess so peak RSS (``ru_maxrss``) belongs to that engine alone. Both
 get the same 512 random token ids for prefill; decode is 128 greedy tokens from a 1-token prompt (as llama-bench's
-tg128), end-of-generation tokens banned so every run makes all 128. llama.cpp runs with ``--threads`` (2);
-rocmforge with ``--rocmforge-threads`` BLAS threads (1: OpenBLAS's spin-waiting threads collapse on a 2-core
-machine shared with anything else, see BENCHMARKS.md). Prints a Markdown table and, with ``--write``, replaces the
-"CPU generation" section of BENCHMARKS.md.
+tg128), end-of-generation tokens banned so every run makes all 128. llama.cpp runs with ``--threads`` (2),
+rocmforge with ``--rocmforge-threads`` BLAS threads (2, the same cores; ``rocmforge.load`` defaults to half the
+cores, as llama-cpp-python does, because both engines' spin-waiting threads collapse on a busy machine).
+The two engines alternate, ``--rounds`` times per model, so a busy spell on a shared machine hits both; each
+number is the best over all rounds. Prints a Markdown table and, with ``--write``, replaces the "CPU generation"
+section of BENCHMARKS.md. Run it with ``OPENBLAS_CORETYPE`` unset (some machines here set it for an older
+OpenBLAS; it forces a slower kernel on current numpy): the table names the BLAS kernel each worker ran.
 
-    .venv/bin/python benchmarks/cpu_generate.py --write
+    env -u OPENBLAS_CORETYPE .venv/bin/python benchmarks/cpu_generate.py --write
 """
 from __future__ import annotations
 
@@ -86,6 +89,8 @@ def worker(engine: str, name: str, threads: int, reps: int) -> None:
     """Run one engine on one model in this process and print its numbers as JSON."""
     result = (run_rocmforge if engine == "rocmforge" else run_llama_cpp)(name, threads, reps)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if engine == "rocmforge":
+        result["blas"] = _blas()
     print(json.dumps(result))
 
 
@@ -102,14 +107,16 @@ def _blas() -> str:
     import numpy  # noqa: F401  (loads the BLAS threadpoolctl inspects)
 
     info = [i for i in threadpool_info() if i["user_api"] == "blas"]
-    return ", ".join(f"{i['internal_api']} {i['version']} ({i.get('architecture', '?')} kernel)" for i in info)
+    return ", ".join(f"{i['internal_api']} {i['version']} ({i.get('architecture', '?')} kernel, "
+                     f"{i['num_threads']} thread(s))" for i in info)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
-    parser.add_argument("--rocmforge-threads", type=int, default=1, help="rocmforge BLAS threads")
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--rocmforge-threads", type=int, default=2, help="rocmforge BLAS threads")
+    parser.add_argument("--reps", type=int, default=2, help="runs of each measurement per process")
+    parser.add_argument("--rounds", type=int, default=2, help="times each engine runs (alternating) per model")
     parser.add_argument("--write", action="store_true", help="replace the CPU generation section of BENCHMARKS.md")
     parser.add_argument("--worker", nargs=2, metavar=("ENGINE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -117,15 +124,19 @@ def main() -> None:
         worker(args.worker[0], args.worker[1], args.threads, args.reps)
         return
 
-    rows = {}
+    rows: dict[tuple[str, str], dict] = {}
     for name in MODELS:
-        for engine in ENGINES:
-            threads = args.rocmforge_threads if engine == "rocmforge" else args.threads
-            out = subprocess.run([sys.executable, __file__, "--worker", engine, name, "--threads", str(threads),
-                                  "--reps", str(args.reps)], capture_output=True, text=True, check=True)
-            rows[name, engine] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(name, engine, rows[name, engine], file=sys.stderr)
-    table = _markdown(rows, args.threads, args.rocmforge_threads, args.reps)
+        for _ in range(args.rounds):
+            for engine in ENGINES:
+                threads = args.rocmforge_threads if engine == "rocmforge" else args.threads
+                out = subprocess.run([sys.executable, __file__, "--worker", engine, name, "--threads", str(threads),
+                                      "--reps", str(args.reps)], capture_output=True, text=True, check=True)
+                run = json.loads(out.stdout.strip().splitlines()[-1])
+                print(name, engine, run, f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+                best = rows.setdefault((name, engine), run)
+                best.update({key: max(best[key], run[key]) for key in ("pp512", "tg128")},
+                            peak_rss_mib=max(best["peak_rss_mib"], run["peak_rss_mib"]))
+    table = _markdown(rows, args.threads, args.rocmforge_threads, args.reps * args.rounds)
     print(table)
     if args.write:
         _write_section(table)
@@ -138,11 +149,12 @@ def _markdown(rows: dict, threads: int, rocmforge_threads: int, reps: int) -> st
         "",
         f"Measured {date.today().isoformat()} by `benchmarks/cpu_generate.py` on {_cpu_model()} "
         f"({os.cpu_count()} cores, {platform.machine()}; load average {load} at the end: the machine was shared), "
-        f"llama.cpp {threads} threads, rocmforge {rocmforge_threads} BLAS thread(s), BLAS: {_blas()}. "
+        f"llama.cpp {threads} threads, rocmforge {rocmforge_threads} BLAS thread(s), rocmforge's BLAS: "
+        f"{rows[MODELS[0], 'rocmforge']['blas']}. "
         "rocmforge keeps weights dequantized to float32 (one BLAS call per matmul, activations rounded to 8 bits "
         "as llama.cpp does); llama.cpp is llama-cpp-python with its own quantized kernels. pp512: 512-token "
-        f"prompt; tg128: 128 greedy tokens from a 1-token prompt; best of {reps} runs; peak RSS of a process that "
-        "loads the model and runs both.",
+        f"prompt; tg128: 128 greedy tokens from a 1-token prompt; best of {reps} runs (the engines alternating); "
+        "peak RSS (the highest seen) of a process that loads the model and runs both.",
         "",
         "| model | engine | pp512 tok/s | tg128 tok/s | peak RSS MiB | pp vs llama.cpp | tg vs llama.cpp |",
         "|---|---|---|---|---|---|---|",
