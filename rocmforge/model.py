@@ -64,6 +64,9 @@ class Model(HookedModel):
                           self.n_ctx, n_blocks=n_blocks, block_size=block_size, ops=self.ops)
         self.hook_registry = Hooks(self.ops, valid_names=hook_names(self.cfg.n_layers))
         self.ctx = ForwardContext(self.cfg, self.weights, self.ops, self.kv, self.hook_registry)
+        # How retrieved passages become the question's text (placeholders {context}, {question}); the result is
+        # then the user turn of the chat template, or the raw prompt for completions. None: the store's default.
+        self.context_template: str | None = None
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, architecture={self.cfg.architecture!r}, device={self.device!r}, n_ctx={self.n_ctx})"
@@ -125,7 +128,7 @@ class Model(HookedModel):
 
     def context_prompt(self, question: str, context: Any, k: int = 3) -> tuple[str, list[dict]]:
         """(prompt answering ``question`` from the store's ``k`` best passages, citations of those passages)."""
-        from context_store.prompt import build_context_prompt
+        from context_store.prompt import DEFAULT_TEMPLATE, build_context_prompt
 
         if isinstance(context, (str, os.PathLike)):
             from context_store.store import ContextStore
@@ -135,7 +138,7 @@ class Model(HookedModel):
                 hits = store.search(question, k=k)
         else:
             hits = context.search(question, k=k)
-        return build_context_prompt(question, hits)
+        return build_context_prompt(question, hits, template=self.context_template or DEFAULT_TEMPLATE)
 
     # --- OpenAI-shaped results -------------------------------------------------------------------------------
     def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 16, stream: bool = False,
