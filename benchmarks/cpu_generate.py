@@ -38,26 +38,11 @@ def _prompt_ids(vocab: int) -> list[int]:
 
 def run_rocmforge(name: str, threads: int, reps: int) -> dict:
     import rocmforge
+    from rocmforge.cli.bench import measure_speed
 
     model = rocmforge.load(name, device="cpu", n_ctx=1024, n_threads=threads)
-    ids = _prompt_ids(model.cfg.vocab_size)
-    ban = {t: float("-inf") for t in model.tokenizer.eot_ids}
-    pp = []
-    for _ in range(reps):
-        gen = model.start(ids, max_new_tokens=1, temperature=0)
-        start = time.perf_counter()
-        gen.prefill()
-        pp.append(N_PROMPT / (time.perf_counter() - start))
-        gen.close()
-    tg = []
-    for _ in range(reps):
-        gen = model.start(ids[:1], max_new_tokens=N_DECODE + 1, temperature=0, logit_bias=ban)
-        gen.step()  # the 1-token prefill and the first sample
-        start = time.perf_counter()
-        n = sum(1 for _ in iter(gen.step, None))
-        tg.append(n / (time.perf_counter() - start))
-        gen.close()
-    return {"pp512": max(pp), "tg128": max(tg)}
+    speed = measure_speed(model, N_PROMPT, N_DECODE, reps)  # the same prompt ids as _prompt_ids
+    return {"pp512": speed["prefill_tok_s"], "tg128": speed["decode_tok_s"]}
 
 
 def run_llama_cpp(name: str, threads: int, reps: int) -> dict:
