@@ -60,6 +60,9 @@ class Batch:
 class _SequenceState:
     blocks: list[int] = field(default_factory=list)
     length: int = 0
+    # every slot of ``blocks`` in order, kept alongside them: a decode step reads it instead of recomputing it.
+    # Only ever replaced (grown by concatenation, cut by slicing), never written, so slices handed out stay valid.
+    slots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 class KVCache:
@@ -99,6 +102,7 @@ class KVCache:
         keep = -(-length // self.block_size)
         self._free.extend(reversed(state.blocks[keep:]))
         del state.blocks[keep:]
+        state.slots = state.slots[:keep * self.block_size]
         state.length = min(state.length, length)
 
     @property
@@ -112,9 +116,7 @@ class KVCache:
     # --- batches ---------------------------------------------------------------------------------------------
     def slots_of(self, seq_id: int, stop: int, start: int = 0) -> np.ndarray:
         """Pool slots of positions ``start..stop-1`` of a sequence."""
-        positions = np.arange(start, stop)
-        blocks = np.asarray(self._seqs[seq_id].blocks, dtype=np.int64)
-        return blocks[positions // self.block_size] * self.block_size + positions % self.block_size
+        return self._seqs[seq_id].slots[start:stop]
 
     def prepare(self, new_tokens: Sequence[tuple[int, Sequence[int]]]) -> Batch:
         """Reserve cache slots for new tokens of one or more sequences and describe them as a ``Batch``.
@@ -141,7 +143,10 @@ class KVCache:
             state = self._seqs[seq_id]
             start, stop = state.length, state.length + len(tokens)
             while len(state.blocks) * self.block_size < stop:
-                state.blocks.append(self._free.pop())
+                block = self._free.pop()
+                state.blocks.append(block)
+                state.slots = np.concatenate([state.slots, np.arange(block * self.block_size,
+                                                                     (block + 1) * self.block_size)])
             state.length = stop
             positions = np.arange(start, stop, dtype=np.int64)
             key_slots = self.slots_of(seq_id, stop)

@@ -82,9 +82,9 @@ class CudaRuntime(Runtime):
 
     def copy_to_device(self, address: int, host: np.ndarray) -> None:
         host = np.ascontiguousarray(host)
+        # from pageable memory (every numpy array) the driver stages the source before returning, so the caller may
+        # drop it at once and no stream synchronization is needed (CUDA's "API synchronization behavior")
         _check(self._drv.cuMemcpyHtoDAsync(address, host.ctypes.data, host.nbytes, self._stream), "cuMemcpyHtoDAsync")
-        # pageable source: make sure the copy has read it before the caller may drop the array
-        self.synchronize()
 
     def copy_to_host(self, host: np.ndarray, address: int) -> None:
         _check(self._drv.cuMemcpyDtoHAsync(host.ctypes.data, address, host.nbytes, self._stream), "cuMemcpyDtoHAsync")

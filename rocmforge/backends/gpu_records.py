@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from gguf import GGMLQuantizationType
 
 from rocmforge.backends.device_memory import Block, DeviceArray, Pool, align
@@ -77,6 +78,7 @@ class DecodeGraph:
 
     inputs: DeviceArray            # int32: token, position, slot, segment position, key slots
     pool: Pool
+    host: np.ndarray               # the host side of ``inputs``, refilled before each replay
     executable: Any = None
     output: DeviceArray | None = None
 
