@@ -76,10 +76,7 @@ class VectorIndex:
                 # Compaction elsewhere cut the deletion log: take its saved index or rebuild.
                 if not self._load(epoch):
                     self._rebuild(epoch)
-            self._catch_up()
-            if not self._agrees_with_sqlite():
-                log.warning("HNSW index disagrees with SQLite after catching up; rebuilding it")
-                self._rebuild(epoch)
+            self._catch_up_or_rebuild(epoch, "HNSW index (after catching up)")
             self.generation = generation
 
     def rebuild(self) -> None:
@@ -127,11 +124,15 @@ class VectorIndex:
             generation, epoch = self.db.versions()
             if not self._load(epoch):
                 self._rebuild(epoch)
-            self._catch_up()
-            if not self._agrees_with_sqlite():
-                log.warning("saved HNSW index disagrees with SQLite; rebuilding it")
-                self._rebuild(epoch)
+            self._catch_up_or_rebuild(epoch, "saved HNSW index")
             self.generation = generation
+
+    def _catch_up_or_rebuild(self, epoch: int, what: str) -> None:
+        """Add what SQLite has that the index lacks; if they still disagree, rebuild from SQLite."""
+        self._catch_up()
+        if not self._agrees_with_sqlite():
+            log.warning("%s disagrees with SQLite; rebuilding it", what)
+            self._rebuild(epoch)
 
     def _load(self, epoch: int) -> bool:
         try:
