@@ -44,10 +44,8 @@ class ModelConfig:
     rope_base_local: float   # rope base on sliding-window layers (gemma3: 10,000)
     rope_dims: int           # leading dims of each head that are rotated
     rope_neox: bool          # NeoX rotates (i, i + d/2) pairs; llama rotates adjacent (2i, 2i+1) pairs
-    rope_scaling: str        # "none" | "linear" | "yarn"
+    rope_scaling: str        # "none" | "linear"
     rope_scale_factor: float
-    rope_original_context: int
-    has_rope_freq_factors: bool  # llama3-style per-frequency factors stored as rope_freqs.weight
     attention_scale: float   # multiplies q·k before the softmax
     sliding_window: int      # 0 = every layer attends to the whole context
     sliding_window_pattern: int  # every Nth layer is global (gemma3: 6); 0 = all layers sliding when window > 0
@@ -98,7 +96,7 @@ class ModelConfig:
             vocab = gguf.array_length("tokenizer.ggml.tokens") if "tokenizer.ggml.tokens" in md else tensors["token_embd.weight"].shape[0]
         gemma = arch == "gemma3"
         scaling = str(key("rope.scaling.type", "none"))
-        if scaling not in ("none", "linear", "yarn"):
+        if scaling not in ("none", "linear"):  # llama3 factors come as the rope_freqs.weight tensor, not a type
             raise UnsupportedError(f"{gguf.path.name}: rope scaling {scaling!r} is not supported")
         cfg = cls(
             architecture=arch,
@@ -118,8 +116,6 @@ class ModelConfig:
             rope_neox=arch in ("qwen2", "qwen3", "gemma3"),
             rope_scaling=scaling,
             rope_scale_factor=float(key("rope.scaling.factor", 1.0)),
-            rope_original_context=int(key("rope.scaling.original_context_length", 0)),
-            has_rope_freq_factors="rope_freqs.weight" in tensors,
             attention_scale=1.0 / math.sqrt(head_dim),
             sliding_window=int(key("attention.sliding_window", 0)) if gemma else 0,
             sliding_window_pattern=6 if gemma else 0,

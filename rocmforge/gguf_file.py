@@ -195,7 +195,3 @@ class GGUFFile:
             out[ref.ggml_type.name] = (count + 1, nbytes + ref.n_bytes)
         return out
 
-
-def quant_block(ggml_type: GGMLQuantizationType) -> tuple[int, int]:
-    """(elements per block, bytes per block) of a GGML type."""
-    return GGML_QUANT_SIZES[ggml_type]

@@ -117,6 +117,12 @@ def test_unknown_architecture(tmp_path):
         GGUFFile(path).config
 
 
+def test_rope_scaling_the_forward_cannot_run_is_refused_at_load(tmp_path):
+    with pytest.raises(UnsupportedError, match="rope scaling 'yarn' is not supported"):
+        GGUFFile(write_model(tmp_path / "y.gguf", rope_scaling="yarn")).config
+    assert GGUFFile(write_model(tmp_path / "l.gguf", rope_scaling="linear")).config.rope_scaling == "linear"
+
+
 def test_missing_tensor_and_wrong_shape(tmp_path):
     with pytest.raises(ModelFileError, match="missing tensor 'blk.1.ffn_up.weight'"):
         GGUFFile(write_model(tmp_path / "a.gguf", skip=("blk.1.ffn_up.weight",))).config

@@ -33,7 +33,8 @@ def tensor_bytes(values: np.ndarray, ggml_type: T, rng: np.random.Generator) -> 
 
 def write_model(path: Path, arch: str = "llama", *, n_layers: int = 2, d_model: int = 64, n_heads: int = 4,
                 n_kv_heads: int = 2, d_ff: int = 128, vocab: int = 256, weight_type: T = T.F32, seed: int = 0,
-                qkv_bias: bool = False, qk_norm: bool = False, skip: tuple[str, ...] = (),
+                qkv_bias: bool = False, qk_norm: bool = False, rope_scaling: str | None = None,
+                skip: tuple[str, ...] = (),
                 reshape: dict[str, tuple[int, ...]] | None = None, extra_types: dict[str, T] | None = None) -> Path:
     """A tiny model of ``arch`` with random weights; ``skip`` leaves tensors out, ``reshape`` gives some a wrong shape."""
     rng = np.random.default_rng(seed)
@@ -48,6 +49,8 @@ def write_model(path: Path, arch: str = "llama", *, n_layers: int = 2, d_model: 
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(vocab)
+    if rope_scaling is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling))
     shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (vocab, d_model), "output_norm.weight": (d_model,),
                                           "output.weight": (vocab, d_model)}
     for i in range(n_layers):

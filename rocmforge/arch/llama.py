@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from rocmforge.arch.context import ForwardContext, attend
-from rocmforge.errors import UnsupportedError
 from rocmforge.kv_cache import Batch
 
 
@@ -80,8 +79,6 @@ def forward(ctx: ForwardContext, batch: Batch, rows: np.ndarray | None = None) -
 
 def _rope(ctx: ForwardContext, x: Any, batch: Batch) -> Any:
     cfg = ctx.cfg
-    if cfg.rope_scaling == "yarn":
-        raise UnsupportedError("YaRN rope scaling is not implemented")
     freq_scale = 1.0 / cfg.rope_scale_factor if cfg.rope_scaling == "linear" else 1.0
     return ctx.ops.rope(x, batch.positions, cfg.rope_base, cfg.rope_neox, cfg.rope_dims,
                         ctx.weights.rope_freqs, freq_scale)
