@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp threads")
     parser.add_argument("--rocmforge-threads", type=int, default=os.cpu_count() or 1,
                         help="rocmforge serve --threads: parallel forwards, one BLAS thread each")
+    parser.add_argument("--rocmforge-blas-threads", type=int, default=1,
+                        help="rocmforge serve --blas-threads: BLAS threads inside each forward")
     parser.add_argument("--skip-llama-cpp", action="store_true")
     args = parser.parse_args()
     concurrency = [int(c) for c in args.clients.split(",")]
@@ -154,7 +156,7 @@ def main() -> None:
     python = sys.executable
     ours = [python, "-m", "rocmforge.cli.main", "serve", "-m", path, "--max-batch", str(max(concurrency)),
             "--n-ctx", str(args.n_ctx), "--no-embeddings"]
-    ours += ["--threads", str(args.rocmforge_threads)]
+    ours += ["--threads", str(args.rocmforge_threads), "--blas-threads", str(args.rocmforge_blas_threads)]
     servers = {"rocmforge": ours, "rocmforge --no-batch-invariant": [*ours, "--no-batch-invariant"]}
     if not args.skip_llama_cpp:
         # interrupt_requests False: queue concurrent requests instead of cutting the running stream off
@@ -164,7 +166,7 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {cpu_name()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} at start; {args.model}, {args.max_tokens} tokens per request, "
           f"{args.requests} requests per client, greedy; llama.cpp threads {args.threads}, rocmforge --threads "
-          f"{args.rocmforge_threads}; servers started without OPENBLAS_CORETYPE "
+          f"{args.rocmforge_threads} --blas-threads {args.rocmforge_blas_threads}; servers started without OPENBLAS_CORETYPE "
           f"(here: {os.environ.get('OPENBLAS_CORETYPE', 'unset')})")
     print("| server | clients | requests | aggregate tok/s | TTFT p50 s | TTFT p99 s | per-stream decode tok/s |")
     print("|---|---|---|---|---|---|---|")

@@ -25,7 +25,7 @@ from rocmforge.ops.embedding import embedding, quantized_embedding
 from rocmforge.ops.geglu import geglu
 from rocmforge.ops.matmul import ACTIVATION_FORMAT, dequantize_weight, matmul, round_activations
 from rocmforge.ops.rms_norm import rms_norm
-from rocmforge.ops.rope import rope
+from rocmforge.ops.rope import rope_tables, rotate
 from rocmforge.ops.softcap import softcap
 from rocmforge.ops.softmax import softmax
 from rocmforge.ops.swiglu import swiglu
@@ -85,6 +85,8 @@ class CpuBackend:
         self.round_activations = round_activations
         self._last_rounding: tuple[np.ndarray, object, np.ndarray] | None = None  # (x, format, rounded x)
         self._last_group: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (x, group, x @ group.T)
+        # rope tables of the batch being run: (its positions array, {(theta, n_rot, factors id, scale): (cos, sin)})
+        self._rope_tables: tuple[np.ndarray | None, dict] = (None, {})
         self._arena = _Arena()
 
     def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -160,7 +162,15 @@ class CpuBackend:
 
     def rope(self, x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
              freq_factors: np.ndarray | None = None, freq_scale: float = 1.0) -> np.ndarray:
-        return rope(x, positions * freq_scale, theta, neox, n_rot, freq_factors)
+        # every layer rotates q and k at the same positions: compute cos/sin once per batch (a Batch's positions
+        # array is never written, so holding it and comparing identity is safe)
+        if self._rope_tables[0] is not positions:
+            self._rope_tables = (positions, {})
+        key = (theta, n_rot, id(freq_factors), freq_scale)
+        tables = self._rope_tables[1].get(key)
+        if tables is None:
+            tables = self._rope_tables[1][key] = rope_tables(positions * freq_scale, n_rot, theta, freq_factors)
+        return rotate(x, *tables, neox, n_rot)
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return swiglu(gate, up)

@@ -37,6 +37,8 @@ def attention_scores(q: np.ndarray, keys: np.ndarray, q_positions: np.ndarray, s
     scores = (q_grouped @ keys.transpose(1, 2, 0)).reshape(n_heads, t, n_keys) * np.float32(scale)
     if softcap is not None:
         scores = np.float32(softcap) * np.tanh(scores / np.float32(softcap))
+    if t == 1 and q_positions[0] == n_keys - 1 and (window is None or n_keys <= window):
+        return scores  # a decode step: the newest query sees every key, so the mask would change nothing
     return np.where(causal_mask(q_positions, n_keys, window)[None], scores, np.float32(-np.inf))
 
 

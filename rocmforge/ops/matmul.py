@@ -57,7 +57,8 @@ def round_activations(x: np.ndarray, ggml_type: T) -> np.ndarray:
     q, scale = _quantize_blocks(x, block)
     if fp16_scale:
         scale = _fp16(scale)
-    return (q * scale).reshape(n, k)
+    q *= scale
+    return q.reshape(n, k)
 
 
 # weight types whose activations llama.cpp rounds to Q8_1 (Q8_0 plus the fp16 block sum s = d*sum(q))
@@ -89,12 +90,15 @@ def _quantize_blocks(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]
     """x86 llama.cpp's 8-bit quantization of each ``block`` of a row: (integer values as float32, f32 scale)."""
     n, k = x.shape
     blocks = np.asarray(x, dtype=np.float32).reshape(n, k // block, block)
-    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    amax = np.maximum.reduce(np.abs(blocks), axis=-1, keepdims=True)
     # multiplier 127/amax, rounded half to even (_mm256_round_ps / nearest_int), as quantize_row_q8_0/q8_1/q8_K
-    inverse = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
-    q = np.rint(blocks * inverse)
+    # an all-zero block gets multiplier 127 instead of llama.cpp's 0: its values round to 0 either way, and
+    # its scale (amax/127 = 0 below; 1/127 for q8_K, times q = 0) leaves the rounded block all zeros too
+    inverse = np.float32(127) / np.where(amax > 0, amax, np.float32(1))
+    q = np.multiply(blocks, inverse)
+    np.rint(q, out=q)  # in place: this runs for every matmul input of every token
     if block == 256:  # quantize_row_q8_K keeps the exact reciprocal of its multiplier as the scale
-        scale = np.divide(np.float32(1), inverse, out=np.zeros_like(inverse), where=inverse > 0)
+        scale = np.float32(1) / inverse
     else:  # quantize_row_q8_0/q8_1: scale amax/127 (the caller rounds it to fp16)
         scale = amax / np.float32(127)
     return q, scale

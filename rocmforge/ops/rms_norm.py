@@ -12,6 +12,8 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     array([[0.8485, 1.1314]], dtype=float32)
     """
     # llama.cpp sums the squares in double and takes 1/sqrt(mean + eps) in float
-    mean_square = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True).astype(np.float32)
+    # (add.reduce / d is what np.mean computes, without its Python-level bookkeeping: this runs ~60x a token)
+    mean_square = (np.add.reduce(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
+                   / x.shape[-1]).astype(np.float32)
     scale = np.float32(1) / np.sqrt(mean_square + np.float32(eps))
     return (x * scale * weight).astype(np.float32, copy=False)

@@ -3,6 +3,9 @@
 ``neox=False`` rotates adjacent pairs (x0, x1), (x2, x3), ... (llama.cpp's "normal" mode, used for llama
 whose GGUF converter permuted the q/k weights); ``neox=True`` rotates (x_i, x_{i+n/2}) (GPT-NeoX, Qwen, Gemma).
 Only the first ``n_rot`` dimensions of each head rotate; the rest pass through.
+
+``rope`` = ``rotate(x, *rope_tables(...))``: the tables depend only on the positions, so a forward that rotates
+q and k in every layer can compute them once per batch (the CPU backend does).
 """
 from __future__ import annotations
 
@@ -18,18 +21,15 @@ def rope_angles(positions: np.ndarray, n_rot: int, theta: float,
     return np.outer(positions.astype(np.float64), inv_freq)
 
 
-def rope(x: np.ndarray, positions: np.ndarray, theta: float, neox: bool,
-         n_rot: int | None = None, freq_factors: np.ndarray | None = None) -> np.ndarray:
-    """Rotate ``x`` (``[n, heads, d_head]``) for the token positions ``positions`` (``[n]``).
+def rope_tables(positions: np.ndarray, n_rot: int, theta: float,
+                freq_factors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``(cos, sin)``, each ``[n, 1, n_rot/2]`` (broadcast over heads), of ``rope_angles``."""
+    angles = rope_angles(positions, n_rot, theta, freq_factors)[:, None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
-    >>> import numpy as np
-    >>> x = np.ones((1, 1, 2), np.float32)
-    >>> rope(x, np.array([0]), 10000.0, neox=False).tolist()  # position 0 is the identity
-    [[[1.0, 1.0]]]
-    """
-    n_rot = x.shape[-1] if n_rot is None else n_rot
-    angles = rope_angles(positions, n_rot, theta, freq_factors)[:, None, :]  # [n, 1, n_rot/2]
-    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool, n_rot: int) -> np.ndarray:
+    """Rotate the first ``n_rot`` dims of each head of ``x`` (``[n, heads, d_head]``) by the ``rope_tables``."""
     rotated = x[..., :n_rot]
     if neox:
         first, second = rotated[..., : n_rot // 2], rotated[..., n_rot // 2:]
@@ -42,5 +42,19 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float, neox: bool,
         out[..., : n_rot // 2], out[..., n_rot // 2: n_rot] = new_first, new_second
     else:
         out[..., 0:n_rot:2], out[..., 1:n_rot:2] = new_first, new_second
-    out[..., n_rot:] = x[..., n_rot:]
+    if n_rot < x.shape[-1]:
+        out[..., n_rot:] = x[..., n_rot:]
     return out
+
+
+def rope(x: np.ndarray, positions: np.ndarray, theta: float, neox: bool,
+         n_rot: int | None = None, freq_factors: np.ndarray | None = None) -> np.ndarray:
+    """Rotate ``x`` (``[n, heads, d_head]``) for the token positions ``positions`` (``[n]``).
+
+    >>> import numpy as np
+    >>> x = np.ones((1, 1, 2), np.float32)
+    >>> rope(x, np.array([0]), 10000.0, neox=False).tolist()  # position 0 is the identity
+    [[[1.0, 1.0]]]
+    """
+    n_rot = x.shape[-1] if n_rot is None else n_rot
+    return rotate(x, *rope_tables(positions, n_rot, theta, freq_factors), neox, n_rot)
