@@ -14,6 +14,10 @@ def softmax(x: np.ndarray) -> np.ndarray:
     # ufunc reductions directly (what np.max / np.sum call): attention runs this once per layer per token
     row_max = np.maximum.reduce(x, axis=-1, keepdims=True)
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)
-    e = np.exp(x - row_max)
+    e = x - row_max
+    np.exp(e, out=e)
     total = np.add.reduce(e, axis=-1, keepdims=True)
-    return (e / np.where(total > 0, total, 1.0)).astype(np.float32, copy=False)
+    # a finite row max contributes exp(0) = 1, so a total is either >= 1 or 0 (a row of -inf): max(total, 1)
+    # only replaces the 0, which would divide 0 by 0
+    e /= np.maximum(total, 1.0)
+    return e.astype(np.float32, copy=False)
