@@ -1,4 +1,5 @@
-"""Choosing where a model runs: ``device="auto" | "hip" | "cuda" | "cpu"`` (or ``$ROCMFORGE_DEVICE``).
+"""Choosing where a model runs: ``device="auto" | "hip" | "cuda" | "cpu" | "cpu-exact"`` (or ``$ROCMFORGE_DEVICE``;
+"cpu-exact" is numpy with llama.cpp's exact CPU arithmetic, ``rocmforge.backends.exact``).
 
 ``auto`` takes AMD when hip-python finds ``libamdhip64.so`` and a device, else NVIDIA when cuda-python finds
 the driver and a device, else numpy, and logs one line saying which and why. Forcing a device that is not
@@ -19,7 +20,7 @@ from rocmforge.errors import DeviceError
 
 log = logging.getLogger("rocmforge.device")
 
-DEVICES = ("auto", "hip", "cuda", "cpu")
+DEVICES = ("auto", "hip", "cuda", "cpu", "cpu-exact")
 
 
 def choose_device(device: str | None = None) -> tuple[str, str]:
@@ -31,8 +32,8 @@ def choose_device(device: str | None = None) -> tuple[str, str]:
     requested = (device or os.environ.get("ROCMFORGE_DEVICE") or "auto").lower()
     if requested not in DEVICES:
         raise DeviceError(f"unknown device {requested!r}; choose one of {', '.join(DEVICES)}")
-    if requested == "cpu":
-        return "cpu", "device=cpu requested"
+    if requested in ("cpu", "cpu-exact"):
+        return requested, f"device={requested} requested"
     probes = {"hip": hip.available, "cuda": cuda.available}
     if requested != "auto":
         ok, why = probes[requested]()
@@ -59,6 +60,9 @@ def select_backend(device: str | None = None):
     if name == "cpu":
         from rocmforge.backends.cpu import CpuBackend
         return CpuBackend()
+    if name == "cpu-exact":
+        from rocmforge.backends.exact import ExactCpuBackend
+        return ExactCpuBackend()
     from rocmforge.backends.gpu import GpuBackend
     runtime = hip.HipRuntime() if name == "hip" else cuda.CudaRuntime()
     return GpuBackend(runtime)
@@ -71,7 +75,7 @@ def backend_for_model(device: str | None, gguf: Any, n_slots: int):
     over and the log line says why.
     """
     backend = select_backend(device)
-    if backend.name == "cpu":
+    if backend.name in ("cpu", "cpu-exact"):
         return backend
     try:
         backend.prepare(gguf, n_slots)

@@ -1,0 +1,127 @@
+"""``device="cpu-exact"``: the CPU backend with llama.cpp's own arithmetic, bit for bit (``rocmforge.exact``).
+
+The default CPU backend is as accurate as llama.cpp but not identical to it (BLAS sums in another order), and the
+8-bit activation rounding turns those ulps into different tokens on near-ties. This backend reproduces the
+x86 build's (AVX2, FMA, F16C, llamafile, 2 threads, F32 KV cache, flash attention off) operation order instead:
+quantized weights stay as their raw GGUF blocks and multiply 8-bit activations through ``rocmforge.exact.dot``,
+and norm, rope, attention and the SwiGLU gate use the ``rocmforge.exact`` kernels. It is several times slower
+than the default CPU path (numba loops instead of BLAS).
+
+Only what differs from ``CpuBackend`` is overridden here (adds, scaling, the KV cache and lookups are already
+exact in numpy). A weight type without an exact kernel in ``rocmforge.exact.dot.MATMULS`` is refused at load
+(``UnsupportedError``); Gemma's GeGLU is ggml's fp16 lookup table (``rocmforge.exact.geglu``).
+
+>>> import rocmforge
+>>> model = rocmforge.load("smollm2-135m", device="cpu-exact")  # doctest: +SKIP
+>>> model.generate("The capital of France is", max_new_tokens=4, temperature=0)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from rocmforge.backends.cpu import CpuBackend
+from rocmforge.errors import UnsupportedError
+from rocmforge.exact import attention as exact_attention
+from rocmforge.exact.dot import MATMULS
+from rocmforge.exact.geglu import geglu
+from rocmforge.exact.rms_norm import rms_norm
+from rocmforge.exact.rope import rope
+from rocmforge.exact.swiglu import swiglu
+from rocmforge.gguf_file import TensorRef
+from rocmforge.kv_cache import Batch, KVCache, Segment
+from rocmforge.ops.embedding import quantized_embedding
+
+
+@dataclass(frozen=True)
+class ExactWeight:
+    """A weight kept as its raw GGUF blocks (``raw``) plus what its exact kernel reads (``prepared``)."""
+
+    raw: np.ndarray
+    prepared: Any
+    ggml_type: GGMLQuantizationType
+    shape: tuple[int, ...]
+
+
+class ExactCpuBackend(CpuBackend):
+    """``CpuBackend`` with every op that rounds differently replaced by its ``rocmforge.exact`` kernel."""
+
+    name = "cpu-exact"
+
+    def __init__(self) -> None:
+        super().__init__(round_activations=True)
+        self._last_quantized: tuple[np.ndarray, Any, Any] | None = None  # (x, quantize function, result)
+
+    def load_weight(self, tensor: TensorRef) -> ExactWeight:
+        kernel = MATMULS.get(tensor.ggml_type)
+        if kernel is None:
+            raise UnsupportedError(
+                f"device='cpu-exact' has no llama.cpp-exact matmul for {tensor.ggml_type.name} weights "
+                f"({tensor.name}); exact types: {', '.join(sorted(t.name for t in MATMULS))}. Use device='cpu'.")
+        return ExactWeight(tensor.raw, kernel.prepare(tensor.raw), tensor.ggml_type, tuple(tensor.shape))
+
+    def load_weight_group(self, tensors: list[TensorRef]) -> list[ExactWeight]:
+        return [self.load_weight(t) for t in tensors]  # no shared float32 matrix: each weight keeps its blocks
+
+    def load_embedding(self, tensor: TensorRef, tied: bool) -> ExactWeight | TensorRef:
+        return self.load_weight(tensor) if tied else tensor
+
+    def embedding(self, table: ExactWeight | TensorRef, tokens: np.ndarray) -> np.ndarray:
+        # ggml's get_rows dequantizes a row as d * q in float32, which is what gguf's dequantize computes
+        return quantized_embedding(table.raw, table.ggml_type, tokens)
+
+    def matmul(self, x: np.ndarray, weight: ExactWeight) -> np.ndarray:
+        kernel = MATMULS[weight.ggml_type]
+        return kernel.multiply(self._quantized(x, kernel.quantize), weight.prepared)
+
+    def _quantized(self, x: np.ndarray, quantize: Any) -> Any:
+        # q/k/v (and gate/up) read the same x: round it once per activation format
+        last = self._last_quantized
+        if last is not None and last[0] is x and last[1] == quantize:
+            return last[2]
+        result = quantize(np.ascontiguousarray(x, dtype=np.float32))
+        self._last_quantized = (x, quantize, result)
+        return result
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        return rms_norm(x, weight, eps)
+
+    def rope(self, x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
+             freq_factors: np.ndarray | None = None, freq_scale: float = 1.0) -> np.ndarray:
+        return rope(x, positions, theta, neox, n_rot, freq_factors, freq_scale)
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return swiglu(gate, up)
+
+    def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return geglu(gate, up)
+
+    def attention(self, q: np.ndarray, cache: KVCache, layer: int, batch: Batch, scale: float,
+                  window: int | None, softcap: float | None) -> np.ndarray:
+        _refuse_softcap(softcap)
+        z = np.empty(q.shape[:2] + (cache.v[layer].shape[-1],), dtype=np.float32)
+        for seg in batch.segments:
+            z[seg.rows] = exact_attention.attention(q[seg.rows], cache.k[layer][seg.key_slots],
+                                                    cache.v[layer][seg.key_slots], seg.positions, scale, window,
+                                                    batch_rows=q.shape[0])
+        return z
+
+    def attention_scores(self, q: np.ndarray, cache: KVCache, layer: int, segment: Segment, scale: float,
+                         window: int | None, softcap: float | None) -> np.ndarray:
+        _refuse_softcap(softcap)
+        return exact_attention.attention_scores(q, cache.k[layer][segment.key_slots], segment.positions, scale,
+                                                window)
+
+    def softmax(self, x: np.ndarray) -> np.ndarray:
+        return exact_attention.attention_softmax(x)
+
+    def attention_mix(self, pattern: np.ndarray, cache: KVCache, layer: int, segment: Segment) -> np.ndarray:
+        return exact_attention.attention_mix(pattern, cache.v[layer][segment.key_slots], batch_rows=pattern.shape[1])
+
+
+def _refuse_softcap(softcap: float | None) -> None:
+    if softcap is not None:
+        raise UnsupportedError("device='cpu-exact' has no exact attention logit soft-capping; use device='cpu'")

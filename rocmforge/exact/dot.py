@@ -1,0 +1,47 @@
+"""GGUF weight type -> its llama.cpp-exact matmul: how raw blocks are prepared once at load, how the float32
+activations are rounded (once per activation, shared by every weight that reads it with the same format), and
+the kernel that multiplies the two. A type missing here has no exact kernel: ``ExactCpuBackend`` refuses it.
+
+To add a type, write its kernel module beside ``dot_q4_1.py`` and add one line. Q5_0 needs no kernel of its own:
+unpacked to signed bytes it takes the Q8_0 kernel's exact path (``dot_q5_0``).
+
+>>> from gguf import GGMLQuantizationType as T
+>>> sorted(t.name for t in MATMULS)
+['Q4_1', 'Q4_K', 'Q5_0', 'Q6_K', 'Q8_0']
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from rocmforge.exact.dot_q4_1 import matmul_q4_1, split_q4_1
+from rocmforge.exact.dot_q4_k import matmul_q4_k, split_q4_k
+from rocmforge.exact.dot_q5_0 import split_q5_0
+from rocmforge.exact.dot_q6_k import matmul_q6_k, split_q6_k
+from rocmforge.exact.dot_q8_0 import matmul_q8_0, split_q8_0
+from rocmforge.exact.q8_activations import quantize_q8
+from rocmforge.exact.q8_k_activations import quantize_q8_k
+
+
+@dataclass(frozen=True)
+class ExactMatmul:
+    prepare: Callable[[np.ndarray], Any]        # raw GGUF rows [out, bytes] -> what ``multiply`` reads
+    quantize: Callable[[np.ndarray], Any]       # float32 activations [n, in] -> what ``multiply`` reads
+    multiply: Callable[[Any, Any], np.ndarray]  # (quantized activations, prepared weight) -> float32 [n, out]
+
+
+_Q8_0 = partial(quantize_q8, with_sum=False)
+_Q8_1 = partial(quantize_q8, with_sum=True)
+
+MATMULS: dict[T, ExactMatmul] = {
+    T.Q4_1: ExactMatmul(split_q4_1, _Q8_1, matmul_q4_1),
+    T.Q8_0: ExactMatmul(split_q8_0, _Q8_0, matmul_q8_0),
+    T.Q5_0: ExactMatmul(split_q5_0, _Q8_0, matmul_q8_0),
+    T.Q4_K: ExactMatmul(split_q4_k, quantize_q8_k, matmul_q4_k),
+    T.Q6_K: ExactMatmul(split_q6_k, quantize_q8_k, matmul_q6_k),
+}

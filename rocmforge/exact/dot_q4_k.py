@@ -1,0 +1,103 @@
+"""``x @ W.T`` for a Q4_K weight exactly as ggml computes it on AVX2, where Q4_K weights are repacked
+(``ggml_repack_get_optimal_repack_type``: AVX2 and a row count divisible by 8 -> ``q4_K_8x8_q8_K``, the
+``CPU_REPACK`` buffer llama.cpp uses by default) and multiplied by ``ggml_gemm_q4_K_8x8_q8_K`` /
+``ggml_gemv_q4_K_8x8_q8_K`` (arch/x86/repack.cpp), not by ``vec_dot_q4_K_q8_K``.
+
+A Q4_K super-block of 256 weights (144 bytes) is fp16 ``d`` and ``dmin``, 12 bytes packing eight 6-bit
+``scale``/``min`` pairs (one per 32 weights) and 128 bytes of nibbles; the weight is ``d*scale*q - dmin*min``.
+The repacked kernels give each output column its own float lane and keep two float32 accumulators:
+``acc += int(sum scale*q*q8) * (d * d_x)`` and ``acc_min += int(sum min*bsum) * (dmin * d_x)`` (fused
+multiply-adds; the products of the two scales rounded to float32), result ``acc - acc_min``. They differ in how
+often they round:
+
+- GEMM (``forward_mul_mat_one_chunk`` sends the first ``n - n % 4`` activation rows, in groups of 4): one fma
+  per 64 weights (two sub-blocks);
+- GEMV (the last ``n % 4`` rows, so every row of a one-token decode step): one fma per super-block.
+
+The integer sums are exact in both (int16 partial sums stay below 2^15), so only that split matters.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from rocmforge.exact.q8_k_activations import Q8KBlocks, quantize_q8_k
+from rocmforge.exact.simd import fma32
+
+BLOCK_BYTES = 144
+
+
+def split_q4_k(raw: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Raw Q4_K rows ``[out, bytes]`` -> (``q`` uint8 in [0, 16) ``[out, nb, 256]``, scales and mins int32
+    ``[out, nb, 8]``, ``d`` and ``dmin`` float32 ``[out, nb]``).
+
+    >>> import numpy as np
+    >>> from gguf import GGMLQuantizationType as T
+    >>> from gguf.quants import dequantize
+    >>> raw = np.random.default_rng(0).integers(0, 256, (2, BLOCK_BYTES), dtype=np.uint8)
+    >>> raw[:, :4] = np.array([0.01, 0.02], np.float16).view(np.uint8)
+    >>> q, scales, mins, d, dmin = split_q4_k(raw)
+    >>> w = (d[..., None] * scales)[..., None] * q.reshape(2, 1, 8, 32) - (dmin[..., None] * mins)[..., None]
+    >>> bool(np.array_equal(w.reshape(2, 256), dequantize(raw, T.Q4_K)))
+    True
+    """
+    blocks = np.asarray(raw).reshape(raw.shape[0], -1, BLOCK_BYTES)
+    d_dmin = np.ascontiguousarray(blocks[..., :4]).view(np.float16).astype(np.float32)
+    packed = blocks[..., 4:16].astype(np.int32)
+    scales = np.empty(blocks.shape[:2] + (8,), dtype=np.int32)
+    mins = np.empty_like(scales)
+    # get_scale_min_k4 (ggml-quants.c): sub-blocks 0-3 in the low 6 bits, 4-7 split over nibbles and top bits
+    scales[..., :4], mins[..., :4] = packed[..., 0:4] & 63, packed[..., 4:8] & 63
+    scales[..., 4:] = (packed[..., 8:12] & 15) | ((packed[..., 0:4] >> 6) << 4)
+    mins[..., 4:] = (packed[..., 8:12] >> 4) | ((packed[..., 4:8] >> 6) << 4)
+    nibbles = blocks[..., 16:].reshape(blocks.shape[:2] + (4, 32))  # 32 bytes hold 64 weights: low, then high
+    q = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).reshape(blocks.shape[:2] + (256,))
+    return q, scales, mins, d_dmin[..., 0], d_dmin[..., 1]
+
+
+@njit(parallel=True, cache=True)
+def _matmul(wq, wsc, wmin, wd, wdmin, xq, xd, xbsums, n_gemm_rows, out):  # pragma: no cover - compiled
+    n_out, nb = wd.shape
+    n_rows = xq.shape[0]
+    for o in prange(n_out):
+        for r in range(n_rows):
+            chunk = 64 if r < n_gemm_rows else 256  # weights per fma: GEMM rows vs GEMV rows
+            acc = np.float32(0)
+            acc_min = np.float32(0)
+            for b in range(nb):
+                scale = wd[o, b] * xd[r, b]
+                scale_min = wdmin[o, b] * xd[r, b]
+                for start in range(0, 256, chunk):
+                    isum = np.int32(0)
+                    imin = np.int32(0)
+                    for sub in range(start >> 5, (start + chunk) >> 5):
+                        part = np.int32(0)
+                        for i in range(32 * sub, 32 * sub + 32):
+                            part += np.int32(wq[o, b, i]) * np.int32(xq[r, b, i])
+                        isum += wsc[o, b, sub] * part
+                        imin += wmin[o, b, sub] * (np.int32(xbsums[r, b, 2 * sub]) + np.int32(xbsums[r, b, 2 * sub + 1]))
+                    acc = fma32(np.float32(isum), scale, acc)
+                    acc_min = fma32(np.float32(imin), scale_min, acc_min)
+            out[r, o] = acc - acc_min
+
+
+def matmul_q4_k(x: np.ndarray | Q8KBlocks, weight: tuple[np.ndarray, ...]) -> np.ndarray:
+    """float32 ``x`` ``[n, k]`` (or its Q8_K blocks) times a repacked Q4_K weight (``split_q4_k`` of ``[out, k]``,
+    ``out`` a multiple of 8) -> ``[n, out]``.
+
+    >>> import numpy as np
+    >>> from gguf import GGMLQuantizationType as T
+    >>> from gguf.quants import dequantize
+    >>> raw = np.random.default_rng(0).integers(0, 256, (8, BLOCK_BYTES), dtype=np.uint8)
+    >>> raw[:, :4] = np.array([0.01, 0.02], np.float16).view(np.uint8)
+    >>> x = np.linspace(-1, 1, 5 * 256, dtype=np.float32).reshape(5, 256)
+    >>> y = matmul_q4_k(x, split_q4_k(raw))
+    >>> bool(np.allclose(y, x @ dequantize(raw, T.Q4_K).T, rtol=0.02, atol=0.05))
+    True
+    """
+    blocks = x if isinstance(x, Q8KBlocks) else quantize_q8_k(x)
+    n = blocks.qs.shape[0]
+    q, scales, mins, d, dmin = weight
+    out = np.empty((n, d.shape[0]), dtype=np.float32)
+    _matmul(q, scales, mins, d, dmin, blocks.qs, blocks.d, blocks.bsums, n - n % 4, out)
+    return out

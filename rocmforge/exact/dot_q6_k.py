@@ -1,0 +1,93 @@
+"""``x @ W.T`` for a Q6_K weight exactly as ggml's AVX2 ``ggml_vec_dot_q6_K_q8_K`` computes each output
+(arch/x86/quants.c; Q6_K has no tinyBLAS or AVX2 repack path, so prefill and decode both use it).
+
+A Q6_K super-block of 256 weights (210 bytes) is ``ql[128]`` (low nibbles), ``qh[64]`` (2-bit high parts),
+``scales[16]`` (int8, one per 16 weights) and an fp16 ``d``; the weight is ``d * scale * (q - 32)`` with ``q`` in
+[0, 64). ggml multiplies the unsigned ``q`` with the Q8_K activation bytes into 8 int32 lanes -- lane ``l`` owns
+elements ``32c + 4l .. 32c + 4l + 3`` of every 32-element chunk ``c`` (``maddubs`` then ``madd`` with the
+16-weight scale) -- and takes the ``-32`` back with the activation block sums, lane ``l`` getting
+``32 * (bsums[2l]*scales[2l] + bsums[2l+1]*scales[2l+1])``. Per super-block: ``acc[l] = fma(d_x*d_w, lane, acc[l])``
+with the float32 product of the scales; the result is ``hsum8(acc)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from rocmforge.exact.q8_k_activations import Q8KBlocks, quantize_q8_k
+from rocmforge.exact.simd import fma32, hsum8
+
+BLOCK_BYTES = 210
+
+
+def split_q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw Q6_K rows ``[out, bytes]`` -> (``q`` uint8 in [0, 64) ``[out, nb, 256]``, scales int8 ``[out, nb, 16]``,
+    ``d`` float32 ``[out, nb]``).
+
+    >>> import numpy as np
+    >>> from gguf import GGMLQuantizationType as T
+    >>> from gguf.quants import dequantize
+    >>> raw = np.random.default_rng(0).integers(0, 256, (2, BLOCK_BYTES), dtype=np.uint8)
+    >>> raw[:, 208:] = np.array([0.01], np.float16).view(np.uint8)
+    >>> q, scales, d = split_q6_k(raw)
+    >>> w = d[..., None, None] * scales[..., None] * (q.reshape(2, 1, 16, 16) - 32.0)
+    >>> bool(np.array_equal(w.reshape(2, 256), dequantize(raw, T.Q6_K)))
+    True
+    """
+    blocks = np.asarray(raw).reshape(raw.shape[0], -1, BLOCK_BYTES)
+    ql, qh = blocks[..., :128], blocks[..., 128:192]
+    scales = blocks[..., 192:208].view(np.int8)
+    d = np.ascontiguousarray(blocks[..., 208:]).view(np.float16)[..., 0].astype(np.float32)
+    q = np.empty(blocks.shape[:2] + (256,), dtype=np.uint8)
+    for half in range(2):  # 128 weights from ql[64h:64h+64] and qh[32h:32h+32]
+        low, high, out = ql[..., 64 * half:64 * half + 64], qh[..., 32 * half:32 * half + 32], 128 * half
+        q[..., out:out + 32] = (low[..., :32] & 15) | ((high & 3) << 4)
+        q[..., out + 32:out + 64] = (low[..., 32:] & 15) | (((high >> 2) & 3) << 4)
+        q[..., out + 64:out + 96] = (low[..., :32] >> 4) | (((high >> 4) & 3) << 4)
+        q[..., out + 96:out + 128] = (low[..., 32:] >> 4) | (((high >> 6) & 3) << 4)
+    return q, np.ascontiguousarray(scales), d
+
+
+@njit(parallel=True, cache=True)
+def _matmul(wq, wsc, wd, xq, xd, xbsums, out):  # pragma: no cover - compiled
+    n_out, nb = wd.shape
+    n_rows = xq.shape[0]
+    for o in prange(n_out):
+        acc = np.empty(8, dtype=np.float32)
+        lanes = np.empty(8, dtype=np.int32)
+        for r in range(n_rows):
+            acc[:] = 0
+            for b in range(nb):
+                d = xd[r, b] * wd[o, b]
+                lanes[:] = 0
+                for group in range(16):  # 16 weights share a scale; in their 32-chunk they fill lanes 0-3 or 4-7
+                    scale = np.int32(wsc[o, b, group])
+                    first_lane = (group & 1) * 4
+                    for i in range(16):
+                        e = 16 * group + i
+                        lanes[first_lane + (i >> 2)] += scale * np.int32(wq[o, b, e]) * np.int32(xq[r, b, e])
+                for lane in range(8):
+                    offset = (np.int32(xbsums[r, b, 2 * lane]) * np.int32(wsc[o, b, 2 * lane])
+                              + np.int32(xbsums[r, b, 2 * lane + 1]) * np.int32(wsc[o, b, 2 * lane + 1]))
+                    acc[lane] = fma32(d, np.float32(lanes[lane] - 32 * offset), acc[lane])
+            out[r, o] = hsum8(acc)
+
+
+def matmul_q6_k(x: np.ndarray | Q8KBlocks, weight: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """float32 ``x`` ``[n, k]`` (or its Q8_K blocks) times a Q6_K weight (``split_q6_k`` of ``[out, k]``) -> ``[n, out]``.
+
+    >>> import numpy as np
+    >>> from gguf import GGMLQuantizationType as T
+    >>> from gguf.quants import dequantize
+    >>> raw = np.random.default_rng(0).integers(0, 256, (2, BLOCK_BYTES), dtype=np.uint8)
+    >>> raw[:, 208:] = np.array([0.01], np.float16).view(np.uint8)
+    >>> x = np.linspace(-1, 1, 256, dtype=np.float32)[None]
+    >>> y = matmul_q6_k(x, split_q6_k(raw))
+    >>> bool(np.allclose(y, x @ dequantize(raw, T.Q6_K).T, rtol=0.02))
+    True
+    """
+    blocks = x if isinstance(x, Q8KBlocks) else quantize_q8_k(x)
+    wq, wsc, wd = weight
+    out = np.empty((blocks.qs.shape[0], wd.shape[0]), dtype=np.float32)
+    _matmul(wq, wsc, wd, blocks.qs, blocks.d, blocks.bsums, out)
+    return out

@@ -1,0 +1,59 @@
+"""ggml's ``ggml_vec_geglu_f32`` (vec.h) on this build: ``GGML_GELU_FP16`` is defined, so GELU is not evaluated
+per element but looked up in ``ggml_table_gelu_f16`` -- the tanh-approximated GELU of every fp16 value, filled
+once by ``ggml_cpu_init`` and rounded to fp16 -- at the input rounded to fp16 (``_cvtss_sh``, half to even).
+Inputs at or below -10 give exactly 0, at or above 10 pass through; the result is ``gelu(gate) * up`` in float32.
+
+The table is rebuilt here as ggml-cpu.c builds it (GCC contracts ``GELU_COEF_A*x*x + 1`` into one fma):
+``(0.5*x) * (1 + tanhf((SQRT_2_OVER_PI*x) * fma(GELU_COEF_A*x, x, 1)))``, then rounded to fp16.
+"""
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import numpy as np
+from numba import njit
+
+from rocmforge.exact.simd import fma32
+
+_SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
+_GELU_COEF_A = np.float32(0.044715)
+
+
+@njit(cache=True)
+def _gelu_f32(x):  # pragma: no cover - compiled
+    out = np.empty_like(x)
+    one, half = np.float32(1), np.float32(0.5)
+    for i in range(x.size):
+        v = x[i]
+        inner = (_SQRT_2_OVER_PI * v) * fma32(_GELU_COEF_A * v, v, one)
+        out[i] = (half * v) * (np.float32(math.tanh(inner)) + one)
+    return out
+
+
+@cache
+def gelu_table() -> np.ndarray:
+    """``ggml_table_gelu_f16`` as float32 ``[65536]``, indexed by the fp16 bits of the input.
+
+    >>> import numpy as np
+    >>> float(gelu_table()[np.array([1.0], np.float16).view(np.uint16)[0]])
+    0.84130859375
+    """
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(all="ignore"):  # NaN/inf inputs: never looked up (|x| >= 10 bypasses the table)
+        return _gelu_f32(x).astype(np.float16).astype(np.float32)
+
+
+def geglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """``gelu(gate) * up`` as llama.cpp's CPU backend computes it (float32, same shapes).
+
+    >>> import numpy as np
+    >>> geglu(np.array([-11.0, 1.0, 12.0], np.float32), np.full(3, 2.0, np.float32)).tolist()
+    [0.0, 1.6826171875, 24.0]
+    """
+    gate = np.asarray(gate, dtype=np.float32)
+    up = np.asarray(up, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        looked_up = gelu_table()[gate.astype(np.float16).view(np.uint16)] * up
+    return np.where(gate <= np.float32(-10), np.float32(0),
+                    np.where(gate >= np.float32(10), gate * up, looked_up)).astype(np.float32)

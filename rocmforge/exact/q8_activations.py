@@ -1,0 +1,47 @@
+"""ggml's x86 ``quantize_row_q8_0`` / ``quantize_row_q8_1`` (arch/x86/quants.c, AVX2 branch): how a float32
+activation row is rounded to 8-bit blocks of 32 before it meets a Q8_0/Q4_0/Q5_0 (q8_0) or Q4_1/Q5_1 (q8_1)
+weight.
+
+Per block: ``amax`` = max |x|; scale ``d = amax / 127`` (float32 division) stored as fp16; the values are
+``rint(x * (127 / amax))`` (a float32 multiplier, round half to even as ``_mm256_round_ps``); q8_1 also stores
+``s = fp16(d * sum(q))`` with the float32 ``d`` (before its fp16 rounding). Every step is one IEEE float32
+operation, so numpy computes the same bits.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+BLOCK = 32
+
+
+class Q8Blocks(NamedTuple):
+    """Activations ``[n, k]`` as llama.cpp's 8-bit blocks: ``qs`` int8 ``[n, k/32, 32]``, ``d`` (the fp16 scale,
+    as float32) ``[n, k/32]``, ``s`` (q8_1 only: fp16 ``d*sum(qs)`` as float32, else None) ``[n, k/32]``."""
+
+    qs: np.ndarray
+    d: np.ndarray
+    s: np.ndarray | None
+
+
+def quantize_q8(x: np.ndarray, with_sum: bool) -> Q8Blocks:
+    """Round float32 rows ``x`` ``[n, k]`` (k a multiple of 32) to q8_1 blocks (``with_sum``) or q8_0 blocks.
+
+    >>> import numpy as np
+    >>> blocks = quantize_q8(np.linspace(-1, 2, 32, dtype=np.float32)[None], with_sum=True)
+    >>> int(blocks.qs[0, 0, -1]), float(blocks.d[0, 0]), int(blocks.qs[0, 0].sum())
+    (127, 0.0157470703125, 1007)
+    """
+    n, k = x.shape
+    blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(n, k // BLOCK, BLOCK)
+    amax = np.abs(blocks).max(axis=-1)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(blocks * inverse[..., None])
+    qs = q.astype(np.int8)
+    s = None
+    if with_sum:
+        s = (d * qs.sum(axis=-1, dtype=np.int32).astype(np.float32)).astype(np.float16).astype(np.float32)
+    return Q8Blocks(qs, d.astype(np.float16).astype(np.float32), s)
