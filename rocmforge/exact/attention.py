@@ -11,7 +11,7 @@ read the scores and the pattern; ``attention_scores`` applies the scale (``kq * 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from rocmforge.exact.dot_f32 import tinyblas_dot_f32, vec_dot_f32
 from rocmforge.exact.soft_max import soft_max
@@ -24,21 +24,21 @@ def _padded(n: int) -> int:
     return -(-n // _PAD) * _PAD
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _scores(q, keys, group, out):  # pragma: no cover - compiled
     t, n_heads, _ = q.shape
     n_keys = keys.shape[0]
-    for h in prange(n_heads):
+    for h in range(n_heads):
         for i in range(t):
             for j in range(n_keys):
                 out[h, i, j] = vec_dot_f32(keys[j, h // group], q[i, h])
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _mix(pattern, values_t, group, tinyblas, out):  # pragma: no cover - compiled
     n_heads, t, _ = pattern.shape
     d_v = values_t.shape[1]
-    for h in prange(n_heads):
+    for h in range(n_heads):
         for i in range(t):
             for c in range(d_v):
                 v = values_t[h // group, c]

@@ -11,7 +11,7 @@ add up separately in a float32 ``summs += m * s`` (GCC contracts it into an fma)
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from rocmforge.exact.q8_activations import Q8Blocks, quantize_q8
 from rocmforge.exact.simd import fma32, hsum8
@@ -20,32 +20,37 @@ BLOCK_BYTES = 20
 
 
 def split_q4_1(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Raw Q4_1 rows ``[out, bytes]`` -> (nibbles uint8 ``[out, nb, 16]`` (a view), d, m float32 ``[out, nb]``)."""
+    """Raw Q4_1 rows ``[out, bytes]`` -> (nibbles uint8 ``[out, nb, 16]``, d, m float32 ``[out, nb]``), contiguous
+    (the kernel reads them ~1.5x faster than strided views of the 20-byte blocks)."""
     blocks = np.asarray(raw).reshape(raw.shape[0], -1, BLOCK_BYTES)
     scales = np.ascontiguousarray(blocks[..., :4]).view(np.float16).astype(np.float32)
-    return blocks[..., 4:], scales[..., 0], scales[..., 1]
+    return np.ascontiguousarray(blocks[..., 4:]), scales[..., 0].copy(), scales[..., 1].copy()
 
 
-@njit(parallel=True, cache=True)
+@njit(inline="always")
+def _lane(w, x, first, shift):
+    # sum of 4 products: nibbles (low: shift 0, high: shift 4) of bytes first..first+3 times their activations
+    return (((np.int32(w[first]) >> shift) & 15) * np.int32(x[0])
+            + ((np.int32(w[first + 1]) >> shift) & 15) * np.int32(x[1])
+            + ((np.int32(w[first + 2]) >> shift) & 15) * np.int32(x[2])
+            + ((np.int32(w[first + 3]) >> shift) & 15) * np.int32(x[3]))
+
+
+@njit(cache=True)
 def _matmul(nibbles, wd, wm, xq, xd, xs, out):  # pragma: no cover - compiled
     n_out, nb = wd.shape
-    n_rows = xq.shape[0]
-    for o in prange(n_out):
-        acc = np.empty(8, dtype=np.float32)
-        isum = np.empty(8, dtype=np.int32)
-        for r in range(n_rows):
+    acc = np.empty(8, dtype=np.float32)
+    for o in range(n_out):
+        for r in range(xq.shape[0]):
             acc[:] = 0
             summs = np.float32(0)
             for b in range(nb):
                 summs = fma32(wm[o, b], xs[r, b], summs)
                 d = wd[o, b] * xd[r, b]
-                isum[:] = 0
-                for i in range(16):
-                    byte = np.int32(nibbles[o, b, i])
-                    isum[i >> 2] += (byte & 15) * np.int32(xq[r, b, i])
-                    isum[4 + (i >> 2)] += (byte >> 4) * np.int32(xq[r, b, 16 + i])
-                for lane in range(8):
-                    acc[lane] = fma32(d, np.float32(isum[lane]), acc[lane])
+                w, x = nibbles[o, b], xq[r, b]
+                for lane in range(4):
+                    acc[lane] = fma32(d, np.float32(_lane(w, x[4 * lane:], 4 * lane, 0)), acc[lane])
+                    acc[4 + lane] = fma32(d, np.float32(_lane(w, x[16 + 4 * lane:], 4 * lane, 4)), acc[4 + lane])
             out[r, o] = hsum8(acc) + summs
 
 

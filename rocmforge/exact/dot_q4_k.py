@@ -19,7 +19,7 @@ The integer sums are exact in both (int16 partial sums stay below 2^15), so only
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from rocmforge.exact.q8_k_activations import Q8KBlocks, quantize_q8_k
 from rocmforge.exact.simd import fma32
@@ -55,11 +55,11 @@ def split_q4_k(raw: np.ndarray) -> tuple[np.ndarray, ...]:
     return q, scales, mins, d_dmin[..., 0], d_dmin[..., 1]
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _matmul(wq, wsc, wmin, wd, wdmin, xq, xd, xbsums, n_gemm_rows, out):  # pragma: no cover - compiled
     n_out, nb = wd.shape
     n_rows = xq.shape[0]
-    for o in prange(n_out):
+    for o in range(n_out):
         for r in range(n_rows):
             chunk = 64 if r < n_gemm_rows else 256  # weights per fma: GEMM rows vs GEMV rows
             acc = np.float32(0)

@@ -12,7 +12,7 @@ with the float32 product of the scales; the result is ``hsum8(acc)``.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from rocmforge.exact.q8_k_activations import Q8KBlocks, quantize_q8_k
 from rocmforge.exact.simd import fma32, hsum8
@@ -48,11 +48,11 @@ def split_q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q, np.ascontiguousarray(scales), d
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _matmul(wq, wsc, wd, xq, xd, xbsums, out):  # pragma: no cover - compiled
     n_out, nb = wd.shape
     n_rows = xq.shape[0]
-    for o in prange(n_out):
+    for o in range(n_out):
         acc = np.empty(8, dtype=np.float32)
         lanes = np.empty(8, dtype=np.int32)
         for r in range(n_rows):

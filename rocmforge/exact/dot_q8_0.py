@@ -8,7 +8,7 @@ A Q8_0 block (34 bytes) is an fp16 scale and 32 int8 values.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from rocmforge.exact.q8_activations import Q8Blocks, quantize_q8
 from rocmforge.exact.simd import fma32, hsum8
@@ -17,28 +17,28 @@ BLOCK_BYTES = 34
 
 
 def split_q8_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Raw Q8_0 rows ``[out, bytes]`` -> (int8 values ``[out, nb, 32]`` (a view), scales float32 ``[out, nb]``)."""
+    """Raw Q8_0 rows ``[out, bytes]`` -> (int8 values ``[out, nb, 32]``, scales float32 ``[out, nb]``), both
+    contiguous (the kernel reads them ~1.5x faster than strided views of the 34-byte blocks)."""
     blocks = np.asarray(raw).reshape(raw.shape[0], -1, BLOCK_BYTES)
     scales = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float32)
-    return blocks[..., 2:].view(np.int8), scales
+    return np.ascontiguousarray(blocks[..., 2:]).view(np.int8), scales
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _matmul(wq, wd, xq, xd, out):  # pragma: no cover - compiled
     n_out, nb = wd.shape
-    n_rows = xq.shape[0]
-    for o in prange(n_out):
-        acc = np.empty(8, dtype=np.float32)
-        isum = np.empty(8, dtype=np.int32)
-        for r in range(n_rows):
+    acc = np.empty(8, dtype=np.float32)
+    for o in range(n_out):
+        for r in range(xq.shape[0]):
             acc[:] = 0
             for b in range(nb):
                 d = wd[o, b] * xd[r, b]
-                isum[:] = 0
-                for i in range(32):
-                    isum[i >> 2] += np.int32(wq[o, b, i]) * np.int32(xq[r, b, i])
+                w, x = wq[o, b], xq[r, b]
                 for lane in range(8):
-                    acc[lane] = fma32(d, np.float32(isum[lane]), acc[lane])
+                    i = 4 * lane
+                    isum = (np.int32(w[i]) * np.int32(x[i]) + np.int32(w[i + 1]) * np.int32(x[i + 1])
+                            + np.int32(w[i + 2]) * np.int32(x[i + 2]) + np.int32(w[i + 3]) * np.int32(x[i + 3]))
+                    acc[lane] = fma32(d, np.float32(isum), acc[lane])
             out[r, o] = hsum8(acc)
 
 

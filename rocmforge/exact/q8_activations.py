@@ -31,7 +31,7 @@ def quantize_q8(x: np.ndarray, with_sum: bool) -> Q8Blocks:
     >>> import numpy as np
     >>> blocks = quantize_q8(np.linspace(-1, 2, 32, dtype=np.float32)[None], with_sum=True)
     >>> int(blocks.qs[0, 0, -1]), float(blocks.d[0, 0]), int(blocks.qs[0, 0].sum())
-    (127, 0.0157470703125, 1007)
+    (127, 0.0157470703125, 1017)
     """
     n, k = x.shape
     blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(n, k // BLOCK, BLOCK)

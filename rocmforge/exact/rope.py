@@ -14,7 +14,7 @@ import ctypes.util
 from functools import lru_cache
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from rocmforge.exact.simd import fma32
 
@@ -41,11 +41,11 @@ def _cos_sin(position: int, base: float, n_dims: int, freq_scale: float,
     return cache
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _rotate(x, cos_sin, neox, n_dims, out):  # pragma: no cover - compiled
     n, n_heads, d = x.shape
     half = n_dims // 2
-    for t in prange(n):
+    for t in range(n):
         for h in range(n_heads):
             for i in range(half):
                 c = cos_sin[t, i, 0]

@@ -7,7 +7,7 @@ fma (no fastmath), so each expression below rounds exactly where the intrinsic i
 
 >>> import numpy as np
 >>> float(fma32(np.float32(0.1), np.float32(10.0), np.float32(-1.0)))  # one rounding: not 0.0 as 0.1*10 - 1 is
-1.4901161415892261e-08
+1.4901161193847656e-08
 """
 from __future__ import annotations
 

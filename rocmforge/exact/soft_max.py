@@ -10,16 +10,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from rocmforge.exact.simd import hsum8, v_expf
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _soft_max(scores, allowed, scale, out):  # pragma: no cover - compiled
     n_rows, n = scores.shape
     vector_end = n - n % 8
-    for r in prange(n_rows):
+    for r in range(n_rows):
         w = np.empty(n, dtype=np.float32)
         row_max = np.float32(-np.inf)
         for j in range(n):

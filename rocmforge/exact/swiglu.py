@@ -6,16 +6,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from rocmforge.exact.simd import v_expf
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _swiglu(gate, up, out):  # pragma: no cover - compiled
     n, d = gate.shape
     vector_end = d - d % 8
-    for r in prange(n):
+    for r in range(n):
         for i in range(vector_end):
             x = gate[r, i]
             out[r, i] = x / (np.float32(1) + v_expf(np.float32(0) - x)) * up[r, i]
