@@ -1,13 +1,18 @@
-"""``x @ W.T`` for a Q6_K weight exactly as ggml's AVX2 ``ggml_vec_dot_q6_K_q8_K`` computes each output
-(arch/x86/quants.c; Q6_K has no tinyBLAS or AVX2 repack path, so prefill and decode both use it).
+"""``x @ W.T`` for a Q6_K weight exactly as ggml's x86 CPU backend computes each output. Q6_K has no tinyBLAS or
+AVX2 repack path; which kernel runs depends on the number of activation rows ``n``:
+
+- ``n < 8``: ``ggml_vec_dot_q6_K_q8_K`` (arch/x86/quants.c, AVX2). ggml multiplies the unsigned ``q`` with the
+  Q8_K activation bytes into 8 int32 lanes -- lane ``l`` owns elements ``32c + 4l .. 32c + 4l + 3`` of every
+  32-element chunk ``c`` (``maddubs`` then ``madd`` with the 16-weight scale) -- and takes the ``-32`` back with
+  the activation block sums, lane ``l`` getting ``32 * (bsums[2l]*scales[2l] + bsums[2l+1]*scales[2l+1])``. Per
+  super-block ``acc[l] = fma(d_x*d_w, lane, acc[l])`` with the float32 product of the scales; result ``hsum8(acc)``.
+- ``n >= 8``: the tiled K-quant matmul (ggml-cpu/tiled, ``ggml_tiled_min_batch``; on by default). Per super-block
+  it forms the whole block's exact integer ``s = sum scale * (q - 32) * q8``, then
+  ``acc = fma(d_w * float(s), d_x, acc)`` (``tiled_run_microtile_avx2``'s epilogue), over the blocks in order.
 
 A Q6_K super-block of 256 weights (210 bytes) is ``ql[128]`` (low nibbles), ``qh[64]`` (2-bit high parts),
 ``scales[16]`` (int8, one per 16 weights) and an fp16 ``d``; the weight is ``d * scale * (q - 32)`` with ``q`` in
-[0, 64). ggml multiplies the unsigned ``q`` with the Q8_K activation bytes into 8 int32 lanes -- lane ``l`` owns
-elements ``32c + 4l .. 32c + 4l + 3`` of every 32-element chunk ``c`` (``maddubs`` then ``madd`` with the
-16-weight scale) -- and takes the ``-32`` back with the activation block sums, lane ``l`` getting
-``32 * (bsums[2l]*scales[2l] + bsums[2l+1]*scales[2l+1])``. Per super-block: ``acc[l] = fma(d_x*d_w, lane, acc[l])``
-with the float32 product of the scales; the result is ``hsum8(acc)``.
+[0, 64).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from rocmforge.exact.q8_k_activations import Q8KBlocks, quantize_q8_k
 from rocmforge.exact.simd import fma32, hsum8
 
 BLOCK_BYTES = 210
+TILED_MIN_ROWS = 8  # ggml_tiled_min_batch: from 8 rows on, the tiled kernel
 
 
 def split_q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -49,7 +55,7 @@ def split_q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @njit(cache=True)
-def _matmul(wq, wsc, wd, xq, xd, xbsums, out):  # pragma: no cover - compiled
+def _matmul(wq, wsc, wd, xq, xd, xbsums, tiled, out):  # pragma: no cover - compiled
     n_out, nb = wd.shape
     n_rows = xq.shape[0]
     for o in range(n_out):
@@ -58,7 +64,6 @@ def _matmul(wq, wsc, wd, xq, xd, xbsums, out):  # pragma: no cover - compiled
         for r in range(n_rows):
             acc[:] = 0
             for b in range(nb):
-                d = xd[r, b] * wd[o, b]
                 lanes[:] = 0
                 for group in range(16):  # 16 weights share a scale; in their 32-chunk they fill lanes 0-3 or 4-7
                     scale = np.int32(wsc[o, b, group])
@@ -67,10 +72,15 @@ def _matmul(wq, wsc, wd, xq, xd, xbsums, out):  # pragma: no cover - compiled
                         e = 16 * group + i
                         lanes[first_lane + (i >> 2)] += scale * np.int32(wq[o, b, e]) * np.int32(xq[r, b, e])
                 for lane in range(8):
-                    offset = (np.int32(xbsums[r, b, 2 * lane]) * np.int32(wsc[o, b, 2 * lane])
-                              + np.int32(xbsums[r, b, 2 * lane + 1]) * np.int32(wsc[o, b, 2 * lane + 1]))
-                    acc[lane] = fma32(d, np.float32(lanes[lane] - 32 * offset), acc[lane])
-            out[r, o] = hsum8(acc)
+                    lanes[lane] -= 32 * (np.int32(xbsums[r, b, 2 * lane]) * np.int32(wsc[o, b, 2 * lane])
+                                         + np.int32(xbsums[r, b, 2 * lane + 1]) * np.int32(wsc[o, b, 2 * lane + 1]))
+                if tiled:
+                    acc[0] = fma32(wd[o, b] * np.float32(lanes.sum()), xd[r, b], acc[0])
+                else:
+                    d = xd[r, b] * wd[o, b]
+                    for lane in range(8):
+                        acc[lane] = fma32(d, np.float32(lanes[lane]), acc[lane])
+            out[r, o] = acc[0] if tiled else hsum8(acc)
 
 
 def matmul_q6_k(x: np.ndarray | Q8KBlocks, weight: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
@@ -89,5 +99,6 @@ def matmul_q6_k(x: np.ndarray | Q8KBlocks, weight: tuple[np.ndarray, np.ndarray,
     blocks = x if isinstance(x, Q8KBlocks) else quantize_q8_k(x)
     wq, wsc, wd = weight
     out = np.empty((blocks.qs.shape[0], wd.shape[0]), dtype=np.float32)
-    _matmul(wq, wsc, wd, blocks.qs, blocks.d, blocks.bsums, out)
+    tiled = blocks.qs.shape[0] >= TILED_MIN_ROWS
+    _matmul(wq, wsc, wd, blocks.qs, blocks.d, blocks.bsums, tiled, out)
     return out
