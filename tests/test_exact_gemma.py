@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
 import rocmforge
+from rocmforge.errors import UnsupportedError
 from rocmforge.exact.dot_q4_k import matmul_q4_k, split_q4_k
 from rocmforge.exact.dot_q5_0 import split_q5_0
 from rocmforge.exact.dot_q6_k import matmul_q6_k, split_q6_k
@@ -213,6 +214,8 @@ def test_q4_k_gemm_rows_then_gemv_rows():
                 acc_min = _fma(imin, dmin * blocks.d[r, b], acc_min)
         assert out[r, o] == acc - acc_min, (r, o)
     assert np.array_equal(matmul_q4_k(x[4:5], split_q4_k(raw)), out[4:5])  # a lone row (decode) is a GEMV row
+    with pytest.raises(UnsupportedError, match="multiple of 8"):  # not repacked by ggml: another kernel
+        split_q4_k(raw[:6])
     _assert_close_to_float64(out, blocks, dequantize(raw, T.Q4_K))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from rocmforge.errors import UnsupportedError
 from rocmforge.exact.q8_k_activations import Q8KBlocks, quantize_q8_k
 from rocmforge.exact.simd import fma32
 
@@ -34,13 +35,16 @@ def split_q4_k(raw: np.ndarray) -> tuple[np.ndarray, ...]:
     >>> import numpy as np
     >>> from gguf import GGMLQuantizationType as T
     >>> from gguf.quants import dequantize
-    >>> raw = np.random.default_rng(0).integers(0, 256, (2, BLOCK_BYTES), dtype=np.uint8)
+    >>> raw = np.random.default_rng(0).integers(0, 256, (8, BLOCK_BYTES), dtype=np.uint8)
     >>> raw[:, :4] = np.array([0.01, 0.02], np.float16).view(np.uint8)
     >>> q, scales, mins, d, dmin = split_q4_k(raw)
-    >>> w = (d[..., None] * scales)[..., None] * q.reshape(2, 1, 8, 32) - (dmin[..., None] * mins)[..., None]
-    >>> bool(np.array_equal(w.reshape(2, 256), dequantize(raw, T.Q4_K)))
+    >>> w = (d[..., None] * scales)[..., None] * q.reshape(8, 1, 8, 32) - (dmin[..., None] * mins)[..., None]
+    >>> bool(np.array_equal(w.reshape(8, 256), dequantize(raw, T.Q4_K)))
     True
     """
+    if raw.shape[0] % 8:  # ggml repacks only then; otherwise vec_dot_q4_K_q8_K or the tiled matmul would run
+        raise UnsupportedError(f"device='cpu-exact' has no exact Q4_K matmul for {raw.shape[0]} output rows "
+                               "(llama.cpp repacks Q4_K only when the row count is a multiple of 8)")
     blocks = np.asarray(raw).reshape(raw.shape[0], -1, BLOCK_BYTES)
     d_dmin = np.ascontiguousarray(blocks[..., :4]).view(np.float16).astype(np.float32)
     packed = blocks[..., 4:16].astype(np.int32)
