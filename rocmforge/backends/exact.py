@@ -36,6 +36,10 @@ from rocmforge.kv_cache import Batch, KVCache, Segment
 from rocmforge.ops.embedding import quantized_embedding
 
 
+# llama.cpp computes a batch in ubatches of this many rows (n_ubatch: its default, and the fixtures' setting)
+UBATCH = 512
+
+
 @dataclass(frozen=True)
 class ExactWeight:
     """A weight kept as its raw GGUF blocks (``raw``) plus what its exact kernel reads (``prepared``)."""
@@ -75,7 +79,11 @@ class ExactCpuBackend(CpuBackend):
 
     def matmul(self, x: np.ndarray, weight: ExactWeight) -> np.ndarray:
         kernel = MATMULS[weight.ggml_type]
-        return kernel.multiply(self._quantized(x, kernel.quantize), weight.prepared)
+        if x.shape[0] <= UBATCH:
+            return kernel.multiply(self._quantized(x, kernel.quantize), weight.prepared)
+        # a kernel may depend on how many rows llama.cpp multiplies at once (K-quants: tiled from 8 rows on)
+        return np.concatenate([kernel.multiply(kernel.quantize(np.ascontiguousarray(x[start:start + UBATCH])),
+                                               weight.prepared) for start in range(0, x.shape[0], UBATCH)])
 
     def _quantized(self, x: np.ndarray, quantize: Any) -> Any:
         # q/k/v (and gate/up) read the same x: round it once per activation format
@@ -102,11 +110,18 @@ class ExactCpuBackend(CpuBackend):
     def attention(self, q: np.ndarray, cache: KVCache, layer: int, batch: Batch, scale: float,
                   window: int | None, softcap: float | None) -> np.ndarray:
         _refuse_softcap(softcap)
+        n = q.shape[0]
         z = np.empty(q.shape[:2] + (cache.v[layer].shape[-1],), dtype=np.float32)
         for seg in batch.segments:
-            z[seg.rows] = exact_attention.attention(q[seg.rows], cache.k[layer][seg.key_slots],
-                                                    cache.v[layer][seg.key_slots], seg.positions, scale, window,
-                                                    batch_rows=q.shape[0])
+            keys, values = cache.k[layer][seg.key_slots], cache.v[layer][seg.key_slots]
+            # each query row is computed as in its llama.cpp ubatch, whose row count picks the kqv kernel
+            cuts = [seg.rows.start, *range((seg.rows.start // UBATCH + 1) * UBATCH, seg.rows.stop, UBATCH),
+                    seg.rows.stop]
+            for start, stop in zip(cuts, cuts[1:]):
+                ubatch_rows = min(UBATCH, n - start // UBATCH * UBATCH)
+                positions = seg.positions[start - seg.rows.start:stop - seg.rows.start]
+                z[start:stop] = exact_attention.attention(q[start:stop], keys, values, positions, scale, window,
+                                                          batch_rows=ubatch_rows)
         return z
 
     def attention_scores(self, q: np.ndarray, cache: KVCache, layer: int, segment: Segment, scale: float,
