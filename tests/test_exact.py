@@ -161,7 +161,8 @@ def test_f32_dots_follow_ggmls_lanes():
     for i in range(64):
         acc[(i % 32) // 8, i % 8] = _fma(x[i], y[i], acc[(i % 32) // 8, i % 8])
     lanes = [(acc[0, k] + acc[2, k]) + (acc[1, k] + acc[3, k]) for k in range(8)]
-    assert vec_dot_f32(x, y) == ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+    halves = [lanes[i] + lanes[i + 4] for i in range(4)]
+    assert vec_dot_f32(x, y) == (halves[0] + halves[1]) + (halves[2] + halves[3])
     one = [f32(0)] * 8
     for i in range(64):
         one[i % 8] = _fma(x[i], y[i], one[i % 8])
@@ -200,12 +201,14 @@ def test_soft_max_and_swiglu():
     scores = (RNG.standard_normal((3, 40)) * 4).astype(f32)
     allowed = np.arange(40)[None] <= np.array([[5], [33], [39]])
     p = soft_max(scores, allowed, 0.125)
-    ref = np.where(allowed, np.exp(scores * 0.125 - np.where(allowed, scores * 0.125, -np.inf).max(1, keepdims=True)), 0)
+    scaled = np.where(allowed, scores.astype(np.float64) * 0.125, -np.inf)
+    ref = np.exp(scaled - scaled.max(1, keepdims=True))
     np.testing.assert_allclose(p, ref / ref.sum(1, keepdims=True), rtol=3e-6, atol=1e-9)
     assert np.all(p[~allowed] == 0)
     gate, up = (RNG.standard_normal((2, 16)) * 3).astype(f32), RNG.standard_normal((2, 16)).astype(f32)
     out = swiglu(gate, up)
-    assert all(out[r, i] == gate[r, i] / (f32(1) + _v_expf(f32(0) - gate[r, i])) * up[r, i] for r, i in np.ndindex(2, 16))
+    for r, i in np.ndindex(2, 16):
+        assert out[r, i] == gate[r, i] / (f32(1) + _v_expf(f32(0) - gate[r, i])) * up[r, i]
 
 
 def test_attention_matches_float64():

@@ -8,6 +8,7 @@ accumulators are laid out and in which order they are reduced.
 
 One op per module: ``simd`` (fma, bit casts, ggml's horizontal sums and ``ggml_v_expf``), the activation
 roundings (``q8_activations``, ``q8_k_activations``), one ``dot_<type>`` per weight type (``dot.MATMULS`` maps a
-GGUF type to its exact matmul), ``dot_f32`` and ``attention``, and the elementwise ops by name. ``rocmforge.backends.exact.ExactCpuBackend`` runs a model with them:
+GGUF type to its exact matmul), ``dot_f32`` and ``attention``, and the elementwise ops by name.
+``rocmforge.backends.exact.ExactCpuBackend`` runs a model with them:
 ``rocmforge.load(name, device="cpu-exact")``.
 """

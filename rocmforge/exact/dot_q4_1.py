@@ -64,7 +64,8 @@ def _matmul(nibbles, wd, wm, xq, xd, xs, out):  # pragma: no cover - compiled
 
 
 def matmul_q4_1(x: np.ndarray | Q8Blocks, weight: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-    """float32 ``x`` ``[n, k]`` (or its q8_1 blocks) times a Q4_1 weight (``split_q4_1`` of ``[out, k]``) -> ``[n, out]``.
+    """float32 ``x`` ``[n, k]`` (or its q8_1 blocks) times a Q4_1 weight (``split_q4_1`` of ``[out, k]``):
+    ``[n, out]``.
 
     >>> import numpy as np
     >>> from gguf import GGMLQuantizationType as T

@@ -51,7 +51,8 @@ def _matmul(wq, wd, xq, xd, out):  # pragma: no cover - compiled
 
 
 def matmul_q8_0(x: np.ndarray | Q8Blocks, weight: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """float32 ``x`` ``[n, k]`` (or its q8_0 blocks) times a Q8_0 weight (``split_q8_0`` of ``[out, k]``) -> ``[n, out]``.
+    """float32 ``x`` ``[n, k]`` (or its q8_0 blocks) times a Q8_0 weight (``split_q8_0`` of ``[out, k]``):
+    ``[n, out]``.
 
     >>> import numpy as np
     >>> from gguf import GGMLQuantizationType as T
