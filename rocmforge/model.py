@@ -223,7 +223,7 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", 
 
     ``device``: "auto" (the GPU when one is usable, else numpy), "cuda", "hip" or "cpu" (``$ROCMFORGE_DEVICE``
     sets it for "auto"), or "cpu-exact": numpy + numba kernels that reproduce llama.cpp's x86 CPU arithmetic bit
-    for bit (``rocmforge.backends.exact``; slower; llama weights in Q4_1/Q8_0). ``n_ctx``: context window per
+    for bit (``rocmforge.backends.exact``; slower; Q4_1/Q5_0/Q8_0/Q4_K/Q6_K weights). ``n_ctx``: context window per
     sequence (default: the model's, capped at 4096). ``n_parallel``: how many full-length sequences the KV pool holds.
     ``n_threads``: BLAS threads on CPU (default: half the cores, as llama-cpp-python; set for the whole process).
 
