@@ -5,8 +5,8 @@ A Q4_1 block (20 bytes) is fp16 ``d``, fp16 ``m``, 16 bytes of nibbles: element 
 byte ``i``, element ``16 + i`` its high nibble; the weight is ``d*q + m``. Against a q8_1 activation block
 (``dy``, ``s``, ``qy``) ggml keeps 8 float lanes; lane ``l`` owns elements ``4l..4l+3`` and per block does
 ``acc[l] = fma(d*dy, sum_4 q*qy, acc[l])`` (an exact integer sum, a float32 product ``d*dy``). The block minimums
-add up separately in a float32 ``summs += m * s`` (GCC contracts it into an fma); the result is
-``hsum8(acc) + summs``.
+add up separately in a float32 ``summs += m * s`` (both fp16 values, so ``m * s`` is exact in float32 and an fma
+gives the same bits as GCC's code with or without contraction); the result is ``hsum8(acc) + summs``.
 """
 from __future__ import annotations
 
