@@ -63,7 +63,8 @@ def _random_blocks(rows: int, n_blocks: int, block_bytes: int, fp16_fields: dict
     """Random GGUF blocks with sane fp16 scales at the given byte offsets (random bytes elsewhere)."""
     raw = RNG.integers(0, 256, (rows, n_blocks, block_bytes), dtype=np.uint8)
     for offset, scale in fp16_fields.items():
-        raw[..., offset:offset + 2] = (RNG.uniform(0.5, 1.5, (rows, n_blocks, 1)) * scale).astype(np.float16).view(np.uint8)
+        scales = (RNG.uniform(0.5, 1.5, (rows, n_blocks, 1)) * scale).astype(np.float16)
+        raw[..., offset:offset + 2] = scales.view(np.uint8)
     return raw.reshape(rows, -1)
 
 

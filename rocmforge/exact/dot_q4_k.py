@@ -61,25 +61,42 @@ def split_q4_k(raw: np.ndarray) -> tuple[np.ndarray, ...]:
 
 @njit(cache=True)
 def _matmul(wq, wsc, wmin, wd, wdmin, xq, xd, xbsums, n_gemm_rows, out):  # pragma: no cover - compiled
+    # Exact integer sums first, in flat loops LLVM vectorizes; then ggml's fma per 64 (GEMM) or 256 (GEMV) weights.
     n_out, nb = wd.shape
-    n_rows = xq.shape[0]
-    for o in range(n_out):
-        for r in range(n_rows):
-            chunk = 64 if r < n_gemm_rows else 256  # weights per fma: GEMM rows vs GEMV rows
+    k = nb * 256
+    weights, scales, mins = wq.reshape(n_out, k), wsc.reshape(n_out, nb * 8), wmin.reshape(n_out, nb * 8)
+    x = np.empty(k, np.int32)
+    x_sums = np.empty(nb * 8, np.int32)  # activation sum of each 32-weight sub-block
+    products = np.empty(k, np.int32)
+    isums = np.empty(nb * 8, np.int32)
+    imins = np.empty(nb * 8, np.int32)
+    for r in range(xq.shape[0]):
+        x[:] = xq[r].reshape(k)
+        for sub in range(nb * 8):
+            b, half = sub >> 3, 2 * (sub & 7)
+            x_sums[sub] = np.int32(xbsums[r, b, half]) + np.int32(xbsums[r, b, half + 1])
+        per_fma = 2 if r < n_gemm_rows else 8  # sub-blocks per fma: GEMM rows vs GEMV rows
+        for o in range(n_out):
+            w = weights[o]
+            for j in range(k):
+                products[j] = np.int32(w[j]) * x[j]
+            for sub in range(nb * 8):
+                part = np.int32(0)
+                for j in range(32 * sub, 32 * sub + 32):
+                    part += products[j]
+                isums[sub] = scales[o, sub] * part
+                imins[sub] = mins[o, sub] * x_sums[sub]
             acc = np.float32(0)
             acc_min = np.float32(0)
             for b in range(nb):
                 scale = wd[o, b] * xd[r, b]
                 scale_min = wdmin[o, b] * xd[r, b]
-                for start in range(0, 256, chunk):
+                for first in range(8 * b, 8 * b + 8, per_fma):
                     isum = np.int32(0)
                     imin = np.int32(0)
-                    for sub in range(start >> 5, (start + chunk) >> 5):
-                        part = np.int32(0)
-                        for i in range(32 * sub, 32 * sub + 32):
-                            part += np.int32(wq[o, b, i]) * np.int32(xq[r, b, i])
-                        isum += wsc[o, b, sub] * part
-                        imin += wmin[o, b, sub] * (np.int32(xbsums[r, b, 2 * sub]) + np.int32(xbsums[r, b, 2 * sub + 1]))
+                    for sub in range(first, first + per_fma):
+                        isum += isums[sub]
+                        imin += imins[sub]
                     acc = fma32(np.float32(isum), scale, acc)
                     acc_min = fma32(np.float32(imin), scale_min, acc_min)
             out[r, o] = acc - acc_min
@@ -103,5 +120,6 @@ def matmul_q4_k(x: np.ndarray | Q8KBlocks, weight: tuple[np.ndarray, ...]) -> np
     n = blocks.qs.shape[0]
     q, scales, mins, d, dmin = weight
     out = np.empty((n, d.shape[0]), dtype=np.float32)
-    _matmul(q, scales, mins, d, dmin, blocks.qs, blocks.d, blocks.bsums, n - n % 4, out)
+    _matmul(np.ascontiguousarray(q), np.ascontiguousarray(scales), np.ascontiguousarray(mins), d, dmin,
+            blocks.qs, blocks.d, blocks.bsums, n - n % 4, out)
     return out

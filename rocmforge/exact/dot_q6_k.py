@@ -56,35 +56,47 @@ def split_q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @njit(cache=True)
 def _matmul(wq, wsc, wd, xq, xd, xbsums, tiled, out):  # pragma: no cover - compiled
+    # Exact integer sums first, in flat loops LLVM vectorizes; then ggml's lanes and fma order.
     n_out, nb = wd.shape
-    n_rows = xq.shape[0]
-    for o in range(n_out):
-        acc = np.empty(8, dtype=np.float32)
-        lanes = np.empty(8, dtype=np.int32)
-        for r in range(n_rows):
+    k = nb * 256
+    weights, scales = wq.reshape(n_out, k), wsc.reshape(n_out, nb * 16)
+    x = np.empty(k, np.int32)
+    products = np.empty(k, np.int32)
+    chunks = np.empty(k // 4, np.int32)  # scale * (4 consecutive products): one int32 lane's share of a maddubs
+    lanes = np.empty(nb * 8, np.int32)
+    acc = np.empty(8, dtype=np.float32)
+    for r in range(xq.shape[0]):
+        x[:] = xq[r].reshape(k)
+        for o in range(n_out):
+            w, sc = weights[o], scales[o]
+            for j in range(k):
+                products[j] = np.int32(w[j]) * x[j]
+            for c in range(k // 4):  # 16 weights (4 chunks) share a scale
+                chunks[c] = (products[4 * c] + products[4 * c + 1] + products[4 * c + 2] + products[4 * c + 3]) \
+                    * np.int32(sc[c >> 2])
+            lanes[:] = 0
+            for b in range(nb):  # chunk c of block b feeds lane c % 8
+                for m in range(8):
+                    for lane in range(8):
+                        lanes[8 * b + lane] += chunks[64 * b + 8 * m + lane]
+                for lane in range(8):  # the -32 offset, through the activation sums of each 16
+                    g = 16 * b + 2 * lane
+                    lanes[8 * b + lane] -= 32 * (np.int32(xbsums[r, b, 2 * lane]) * np.int32(sc[g])
+                                                 + np.int32(xbsums[r, b, 2 * lane + 1]) * np.int32(sc[g + 1]))
             acc[:] = 0
             for b in range(nb):
-                lanes[:] = 0
-                for group in range(16):  # 16 weights share a scale; in their 32-chunk they fill lanes 0-3 or 4-7
-                    scale = np.int32(wsc[o, b, group])
-                    first_lane = (group & 1) * 4
-                    for i in range(16):
-                        e = 16 * group + i
-                        lanes[first_lane + (i >> 2)] += scale * np.int32(wq[o, b, e]) * np.int32(xq[r, b, e])
-                for lane in range(8):
-                    lanes[lane] -= 32 * (np.int32(xbsums[r, b, 2 * lane]) * np.int32(wsc[o, b, 2 * lane])
-                                         + np.int32(xbsums[r, b, 2 * lane + 1]) * np.int32(wsc[o, b, 2 * lane + 1]))
                 if tiled:
-                    acc[0] = fma32(wd[o, b] * np.float32(lanes.sum()), xd[r, b], acc[0])
+                    acc[0] = fma32(wd[o, b] * np.float32(lanes[8 * b:8 * b + 8].sum()), xd[r, b], acc[0])
                 else:
                     d = xd[r, b] * wd[o, b]
                     for lane in range(8):
-                        acc[lane] = fma32(d, np.float32(lanes[lane]), acc[lane])
+                        acc[lane] = fma32(d, np.float32(lanes[8 * b + lane]), acc[lane])
             out[r, o] = acc[0] if tiled else hsum8(acc)
 
 
 def matmul_q6_k(x: np.ndarray | Q8KBlocks, weight: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-    """float32 ``x`` ``[n, k]`` (or its Q8_K blocks) times a Q6_K weight (``split_q6_k`` of ``[out, k]``) -> ``[n, out]``.
+    """float32 ``x`` ``[n, k]`` (or its Q8_K blocks) times a Q6_K weight (``split_q6_k`` of ``[out, k]``):
+    ``[n, out]``.
 
     >>> import numpy as np
     >>> from gguf import GGMLQuantizationType as T
@@ -100,5 +112,5 @@ def matmul_q6_k(x: np.ndarray | Q8KBlocks, weight: tuple[np.ndarray, np.ndarray,
     wq, wsc, wd = weight
     out = np.empty((blocks.qs.shape[0], wd.shape[0]), dtype=np.float32)
     tiled = blocks.qs.shape[0] >= TILED_MIN_ROWS
-    _matmul(wq, wsc, wd, blocks.qs, blocks.d, blocks.bsums, tiled, out)
+    _matmul(np.ascontiguousarray(wq), wsc, wd, blocks.qs, blocks.d, blocks.bsums, tiled, out)
     return out
