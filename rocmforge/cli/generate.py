@@ -13,7 +13,8 @@ def _sampling_options(fn: Any) -> Any:
     options = [
         click.option("-m", "--model", "model_name", default=DEFAULT_MODEL, show_default=True,
                      help="Registry name or path to a .gguf file."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or hip."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto, cpu, cpu-exact (llama.cpp's CPU numbers bit for bit), cuda or hip."),
         click.option("-n", "--max-tokens", "max_tokens", default=128, show_default=True, help="Tokens to generate."),
         click.option("--temp", "temperature", default=0.8, show_default=True, help="Temperature (0: greedy)."),
         click.option("--top-k", default=40, show_default=True, help="Keep the k most likely tokens (0: off)."),

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
               help="Requests that may wait for a batch slot; beyond that the server answers 429.")
 @click.option("--n-ctx", default=2048, show_default=True, type=click.IntRange(16),
               help="Context window per sequence (capped at the model's).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or hip.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cpu-exact (llama.cpp's CPU numbers bit for bit), cuda or hip.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU: forwards run in parallel, each on one BLAS thread; a batch is split between them, at "
                    "least 16 tokens each [default: the number of cores].")
