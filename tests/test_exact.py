@@ -18,14 +18,18 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 import rocmforge
 from rocmforge.errors import UnsupportedError
-from rocmforge.exact import simd
+from rocmforge.exact import lanes, simd, threads
 from rocmforge.exact.attention import attention
 from rocmforge.exact.dot_f32 import tinyblas_dot_f32, vec_dot_f32
 from rocmforge.exact.dot_q4_1 import matmul_q4_1, split_q4_1
 from rocmforge.exact.dot_q8_0 import matmul_q8_0, split_q8_0
+from rocmforge.exact.lanes import lanes_reference
 from rocmforge.exact.q8_activations import quantize_q8
 from rocmforge.exact.rms_norm import rms_norm
 from rocmforge.exact.rope import _cos_sin, rope
@@ -152,6 +156,58 @@ def test_quantized_matmul_is_ggmls_dot(ggml_type):
     if ggml_type == T.Q4_1:  # llama.cpp adds m * fp16(d*sum(q)) instead of m * fp16(d)*sum(q)
         exact += (xb.s - xb.d * xb.qs.sum(-1)).astype(np.float64) @ scales[..., 1].T.astype(np.float64)
     np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-5)
+
+
+def _lane_sums_kernel(vnni: bool):
+    """A numba function storing ``lanes.lane_sums`` of one 32-byte block pair, VNNI or the portable IR."""
+
+    @intrinsic
+    def store_lane_sums(typingctx, q, x, out):
+        def codegen(context, builder, signature, args):
+            q_ptr, x_ptr, out_ptr = (lanes.data_pointer(context, builder, signature.args[i], args[i]) for i in range(3))
+            zero = ir.Constant(ir.IntType(64), 0)
+            sums = lanes.lane_sums(builder, lanes.load_vector(builder, q_ptr, zero, lanes.V32I8),
+                                   lanes.load_vector(builder, x_ptr, zero, lanes.V32I8), vnni=vnni)
+            builder.store(sums, builder.bitcast(out_ptr, lanes.V8I32.as_pointer()), align=1)
+            return context.get_dummy_value()
+
+        return types.none(q, x, out), codegen
+
+    @njit
+    def run(q, x, out):
+        store_lane_sums(q, x, out)
+
+    return run
+
+
+@pytest.mark.parametrize("vnni", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not lanes.HAS_VNNI, reason="no AVX-VNNI on this CPU"))])
+def test_lane_sums_are_exact_quads(vnni):
+    """ggml's int32 lanes (sum of 4 consecutive byte products) over the whole unsigned x signed byte range."""
+    run = _lane_sums_kernel(vnni)
+    q = RNG.integers(0, 256, (50, 32)).astype(np.uint8)
+    x = RNG.integers(-128, 128, (50, 32)).astype(np.int8)
+    q[0], x[0] = 255, -128  # the extremes
+    out = np.empty(8, np.int32)
+    for i in range(50):
+        run(q[i], x[i], out)
+        assert np.array_equal(out, lanes_reference(q[i], x[i])), i
+
+
+def test_large_matmul_split_over_threads_keeps_every_row():
+    """A call big enough for ``split_rows`` gives each output row (both sides of every split) ggml's dot."""
+    n_out = 4 * threads.N_THREADS * 64
+    k = max(threads.MIN_SPLIT_WORK // n_out + 32, 64) // 32 * 32
+    raw = quantize(RNG.standard_normal((n_out, k)).astype(f32), T.Q8_0)
+    x = RNG.standard_normal((1, k)).astype(f32)
+    y = matmul_q8_0(x, split_q8_0(raw))
+    xb = quantize_q8(x, with_sum=False)
+    blocks = raw.reshape(n_out, k // 32, 34)
+    bounds = [n_out * i // threads.N_THREADS for i in range(threads.N_THREADS + 1)]
+    for o in sorted({0, n_out - 1, *bounds[1:-1], *(b - 1 for b in bounds[1:-1])}):
+        ref = _q8_ref_dot(blocks[o, :, 2:].view(np.int8), blocks[o, :, :2].copy().view(np.float16)[:, 0], xb.qs[0],
+                          xb.d[0])
+        assert y[0, o] == ref, o
 
 
 # --- float32 ops ----------------------------------------------------------------------------------------------

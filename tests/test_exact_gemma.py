@@ -81,11 +81,12 @@ def _q5_0_ints(block: np.ndarray) -> list[int]:
 def test_q5_0_takes_the_q8_0_lane_path():
     w = RNG.standard_normal((3, 64)).astype(f32)
     raw = quantize(w, T.Q5_0)
-    values, scales = split_q5_0(raw)
-    assert np.array_equal((values * scales[..., None]).reshape(3, 64), dequantize(raw, T.Q5_0))
+    weight = split_q5_0(raw)
+    values = weight.q.astype(np.int32).reshape(3, 2, 32) - weight.offset
+    assert np.array_equal((values * weight.d[..., None]).reshape(3, 64), dequantize(raw, T.Q5_0))
     x = RNG.standard_normal((2, 64)).astype(f32)
     blocks = quantize_q8(x, with_sum=False)
-    out = matmul_q8_0(blocks, (values, scales))
+    out = matmul_q8_0(blocks, weight)
     for o, r in np.ndindex(3, 2):
         acc = [f32(0)] * 8
         for b in range(2):

@@ -6,9 +6,11 @@ that is "as accurate" as llama.cpp still picks a different token on near-ties. E
 operation order: which values are rounded to float32, which are fused multiply-adds, how 8-lane SIMD
 accumulators are laid out and in which order they are reduced.
 
-One op per module: ``simd`` (fma, bit casts, ggml's horizontal sums and ``ggml_v_expf``), the activation
-roundings (``q8_activations``, ``q8_k_activations``), one ``dot_<type>`` per weight type (``dot.MATMULS`` maps a
-GGUF type to its exact matmul), ``dot_f32`` and ``attention``, and the elementwise ops by name.
+One op per module: ``simd`` (fma, bit casts, ggml's horizontal sums and ``ggml_v_expf``), ``lanes`` (ggml's
+8-lane integer block sums as LLVM vector code: ``vpdpbusd``), ``threads`` (large matmuls split over the cores),
+the activation roundings (``q8_activations``, ``q8_k_activations``), one ``dot_<type>`` per weight type
+(``dot.MATMULS`` maps a GGUF type to its exact matmul), ``dot_f32`` and ``attention``, and the elementwise ops by
+name.
 ``rocmforge.backends.exact.ExactCpuBackend`` runs a model with them:
 ``rocmforge.load(name, device="cpu-exact")``.
 """

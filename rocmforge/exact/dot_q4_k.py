@@ -15,15 +15,20 @@ often they round:
 - GEMV (the last ``n % 4`` rows, so every row of a one-token decode step): one fma per super-block.
 
 The integer sums are exact in both (int16 partial sums stay below 2^15), so only that split matters.
+Here each 32 weights' products come from ``lanes.lane_sums`` (one ``vpdpbusd``), times the sub-block scale.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from rocmforge.errors import UnsupportedError
+from rocmforge.exact.lanes import V8I32, V32I8, data_pointer, fma_f32, lane_sums, load_vector, offset, reduce_add
 from rocmforge.exact.q8_k_activations import Q8KBlocks, quantize_q8_k
-from rocmforge.exact.simd import fma32
+from rocmforge.exact.threads import split_rows
 
 BLOCK_BYTES = 144
 
@@ -56,50 +61,79 @@ def split_q4_k(raw: np.ndarray) -> tuple[np.ndarray, ...]:
     mins[..., 4:] = (packed[..., 8:12] >> 4) | ((packed[..., 4:8] >> 6) << 4)
     nibbles = blocks[..., 16:].reshape(blocks.shape[:2] + (4, 32))  # 32 bytes hold 64 weights: low, then high
     q = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).reshape(blocks.shape[:2] + (256,))
-    return q, scales, mins, d_dmin[..., 0], d_dmin[..., 1]
+    return q, scales, mins, d_dmin[..., 0].copy(), d_dmin[..., 1].copy()
 
 
-@njit(cache=True)
-def _matmul(wq, wsc, wmin, wd, wdmin, xq, xd, xbsums, n_gemm_rows, out):  # pragma: no cover - compiled
-    # Exact integer sums first, in flat loops LLVM vectorizes; then ggml's fma per 64 (GEMM) or 256 (GEMV) weights.
-    n_out, nb = wd.shape
-    k = nb * 256
-    weights, scales, mins = wq.reshape(n_out, k), wsc.reshape(n_out, nb * 8), wmin.reshape(n_out, nb * 8)
-    x = np.empty(k, np.int32)
-    x_sums = np.empty(nb * 8, np.int32)  # activation sum of each 32-weight sub-block
-    products = np.empty(k, np.int32)
-    isums = np.empty(nb * 8, np.int32)
-    imins = np.empty(nb * 8, np.int32)
-    for r in range(xq.shape[0]):
-        x[:] = xq[r].reshape(k)
+def _row_dot(subs_per_fma: int):
+    """An intrinsic: one output's ``acc - acc_min`` over ``n_blocks`` super-blocks, one fma pair per
+    ``subs_per_fma`` sub-blocks of 32 (2: GEMM rows, 8: GEMV rows); arguments are 1-D arrays with start indices."""
+
+    @intrinsic
+    def row_dot(typingctx, q, q0, sc, mins, sc0, wd, wdmin, wd0, x, x0, xsums, xsums0, xd, xd0, n_blocks):
+        def codegen(context, builder, signature, args):
+            q_ptr, sc_ptr, min_ptr, wd_ptr, wdmin_ptr, x_ptr, xs_ptr, xd_ptr = (
+                data_pointer(context, builder, signature.args[i], args[i]) for i in (0, 2, 3, 5, 6, 8, 10, 12))
+            q0, sc0, wd0, x0, xs0, xd0 = (args[i] for i in (1, 4, 7, 9, 11, 13))
+            f32 = ir.FloatType()
+            acc = cgutils.alloca_once_value(builder, ir.Constant(f32, 0))
+            acc_min = cgutils.alloca_once_value(builder, ir.Constant(f32, 0))
+            with cgutils.for_range(builder, args[14]) as loop:
+                b = loop.index
+                scales = load_vector(builder, sc_ptr, offset(builder, sc0, b, 8), V8I32)
+                min_terms = builder.mul(load_vector(builder, min_ptr, offset(builder, sc0, b, 8), V8I32),
+                                        load_vector(builder, xs_ptr, offset(builder, xs0, b, 8), V8I32))
+                x_d = builder.load(builder.gep(xd_ptr, [builder.add(xd0, b)]))
+                scale = builder.fmul(builder.load(builder.gep(wd_ptr, [builder.add(wd0, b)])), x_d)
+                scale_min = builder.fmul(builder.load(builder.gep(wdmin_ptr, [builder.add(wd0, b)])), x_d)
+                q_block, x_block = offset(builder, q0, b, 256), offset(builder, x0, b, 256)
+                for first in range(0, 8, subs_per_fma):
+                    group = None
+                    for sub in range(first, first + subs_per_fma):
+                        sums = lane_sums(builder, load_vector(builder, q_ptr, q_block, V32I8, 32 * sub),
+                                         load_vector(builder, x_ptr, x_block, V32I8, 32 * sub))
+                        sub_scale = builder.shuffle_vector(scales, scales, ir.Constant(V8I32, [sub] * 8))
+                        term = builder.mul(sums, sub_scale)
+                        group = term if group is None else builder.add(group, term)
+                    subs = list(range(first, first + subs_per_fma))
+                    group_mins = builder.shuffle_vector(min_terms, min_terms,
+                                                        ir.Constant(ir.VectorType(ir.IntType(32), len(subs)), subs))
+                    imin = reduce_add(builder, group_mins)
+                    isum = reduce_add(builder, group)
+                    builder.store(fma_f32(builder, builder.sitofp(isum, f32), scale, builder.load(acc)), acc)
+                    builder.store(fma_f32(builder, builder.sitofp(imin, f32), scale_min, builder.load(acc_min)),
+                                  acc_min)
+            return builder.fsub(builder.load(acc), builder.load(acc_min))
+
+        return types.float32(q, q0, sc, mins, sc0, wd, wdmin, wd0, x, x0, xsums, xsums0, xd, xd0, n_blocks), codegen
+
+    return row_dot
+
+
+_gemm_row = _row_dot(subs_per_fma=2)
+_gemv_row = _row_dot(subs_per_fma=8)
+
+
+@njit(cache=True, nogil=True)
+def _matmul(wq, wsc, wmin, wd, wdmin, xq, xd, xbsums, n_gemm_rows, out, start, stop):  # pragma: no cover
+    # output rows start..stop; each weight row meets every activation row while it is in L1
+    nb = wd.shape[1]
+    n = xq.shape[0]
+    q, sc, mins = wq.reshape(-1), wsc.reshape(-1), wmin.reshape(-1)
+    wd_flat, wdmin_flat = wd.reshape(-1), wdmin.reshape(-1)
+    x, xd_flat = xq.reshape(-1), xd.reshape(-1)
+    x_sums = np.empty(n * nb * 8, np.int32)  # activation sum of each 32-weight sub-block
+    for r in range(n):
         for sub in range(nb * 8):
             b, half = sub >> 3, 2 * (sub & 7)
-            x_sums[sub] = np.int32(xbsums[r, b, half]) + np.int32(xbsums[r, b, half + 1])
-        per_fma = 2 if r < n_gemm_rows else 8  # sub-blocks per fma: GEMM rows vs GEMV rows
-        for o in range(n_out):
-            w = weights[o]
-            for j in range(k):
-                products[j] = np.int32(w[j]) * x[j]
-            for sub in range(nb * 8):
-                part = np.int32(0)
-                for j in range(32 * sub, 32 * sub + 32):
-                    part += products[j]
-                isums[sub] = scales[o, sub] * part
-                imins[sub] = mins[o, sub] * x_sums[sub]
-            acc = np.float32(0)
-            acc_min = np.float32(0)
-            for b in range(nb):
-                scale = wd[o, b] * xd[r, b]
-                scale_min = wdmin[o, b] * xd[r, b]
-                for first in range(8 * b, 8 * b + 8, per_fma):
-                    isum = np.int32(0)
-                    imin = np.int32(0)
-                    for sub in range(first, first + per_fma):
-                        isum += isums[sub]
-                        imin += imins[sub]
-                    acc = fma32(np.float32(isum), scale, acc)
-                    acc_min = fma32(np.float32(imin), scale_min, acc_min)
-            out[r, o] = acc - acc_min
+            x_sums[r * nb * 8 + sub] = np.int32(xbsums[r, b, half]) + np.int32(xbsums[r, b, half + 1])
+    for o in range(start, stop):
+        for r in range(n):
+            if r < n_gemm_rows:
+                out[r, o] = _gemm_row(q, o * nb * 256, sc, mins, o * nb * 8, wd_flat, wdmin_flat, o * nb,
+                                      x, r * nb * 256, x_sums, r * nb * 8, xd_flat, r * nb, nb)
+            else:
+                out[r, o] = _gemv_row(q, o * nb * 256, sc, mins, o * nb * 8, wd_flat, wdmin_flat, o * nb,
+                                      x, r * nb * 256, x_sums, r * nb * 8, xd_flat, r * nb, nb)
 
 
 def matmul_q4_k(x: np.ndarray | Q8KBlocks, weight: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -120,6 +154,6 @@ def matmul_q4_k(x: np.ndarray | Q8KBlocks, weight: tuple[np.ndarray, ...]) -> np
     n = blocks.qs.shape[0]
     q, scales, mins, d, dmin = weight
     out = np.empty((n, d.shape[0]), dtype=np.float32)
-    _matmul(np.ascontiguousarray(q), np.ascontiguousarray(scales), np.ascontiguousarray(mins), d, dmin,
-            blocks.qs, blocks.d, blocks.bsums, n - n % 4, out)
+    split_rows(_matmul, (q, scales, mins, d, dmin, blocks.qs, blocks.d, blocks.bsums, n - n % 4, out), d.shape[0],
+               work=n * q[0].size * d.shape[0])
     return out

@@ -15,25 +15,28 @@ from __future__ import annotations
 
 import numpy as np
 
+from rocmforge.exact.lanes import LaneWeight
+
 BLOCK_BYTES = 22
+OFFSET = 16  # (q | h<<4) - 16: the unsigned 5-bit value is the stored byte
 
 
-def split_q5_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Raw Q5_0 rows ``[out, bytes]`` -> (int8 values in [-16, 15] ``[out, nb, 32]``, scales float32 ``[out, nb]``),
-    the operands ``matmul_q8_0`` takes.
+def split_q5_0(raw: np.ndarray) -> LaneWeight:
+    """Raw Q5_0 rows ``[out, bytes]`` -> ``LaneWeight`` (unsigned 5-bit values ``[out, k]``, offset 16, scales
+    float32 ``[out, nb]``), what ``matmul_q8_0`` takes.
 
     >>> import numpy as np
     >>> from gguf import GGMLQuantizationType as T
     >>> from gguf.quants import quantize
     >>> w = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
-    >>> values, scales = split_q5_0(quantize(w, T.Q5_0))
-    >>> bool(np.abs(values * scales[..., None] - w.reshape(2, 1, 32)).max() < 0.04)
+    >>> q, scales, offset = split_q5_0(quantize(w, T.Q5_0))
+    >>> bool(np.abs((q.reshape(2, 1, 32).astype(int) - offset) * scales[..., None] - w.reshape(2, 1, 32)).max() < 0.04)
     True
     """
     blocks = np.asarray(raw).reshape(raw.shape[0], -1, BLOCK_BYTES)
     scales = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float32)
     high = np.ascontiguousarray(blocks[..., 2:6]).view(np.uint32)            # [out, nb, 1]
-    fifth = ((high >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int8)   # [out, nb, 32]
+    fifth = ((high >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # [out, nb, 32]
     nibbles = blocks[..., 6:]
-    low = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).astype(np.int8)
-    return low + (fifth << 4) - np.int8(16), scales
+    low = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).astype(np.uint8)
+    return LaneWeight((low | (fifth << 4)).reshape(raw.shape[0], -1), scales, OFFSET)

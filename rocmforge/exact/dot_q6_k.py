@@ -12,15 +12,20 @@ AVX2 repack path; which kernel runs depends on the number of activation rows ``n
 
 A Q6_K super-block of 256 weights (210 bytes) is ``ql[128]`` (low nibbles), ``qh[64]`` (2-bit high parts),
 ``scales[16]`` (int8, one per 16 weights) and an fp16 ``d``; the weight is ``d * scale * (q - 32)`` with ``q`` in
-[0, 64).
+[0, 64). Each 32-element chunk's lanes come from ``lanes.lane_sums`` (one ``vpdpbusd``), times its two scales.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
+from rocmforge.exact.lanes import (V8F32, V8I32, V32I8, data_pointer, fma_f32, fma_v8, hsum8_ir, lane_sums,
+                                   load_vector, offset, reduce_add, splat)
 from rocmforge.exact.q8_k_activations import Q8KBlocks, quantize_q8_k
-from rocmforge.exact.simd import fma32, hsum8
+from rocmforge.exact.threads import split_rows
 
 BLOCK_BYTES = 210
 TILED_MIN_ROWS = 8  # ggml_tiled_min_batch: from 8 rows on, the tiled kernel
@@ -54,44 +59,67 @@ def split_q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q, np.ascontiguousarray(scales), d
 
 
-@njit(cache=True)
-def _matmul(wq, wsc, wd, xq, xd, xbsums, tiled, out):  # pragma: no cover - compiled
-    # Exact integer sums first, in flat loops LLVM vectorizes; then ggml's lanes and fma order.
-    n_out, nb = wd.shape
-    k = nb * 256
-    weights, scales = wq.reshape(n_out, k), wsc.reshape(n_out, nb * 16)
-    x = np.empty(k, np.int32)
-    products = np.empty(k, np.int32)
-    chunks = np.empty(k // 4, np.int32)  # scale * (4 consecutive products): one int32 lane's share of a maddubs
-    lanes = np.empty(nb * 8, np.int32)
-    acc = np.empty(8, dtype=np.float32)
-    for r in range(xq.shape[0]):
-        x[:] = xq[r].reshape(k)
-        for o in range(n_out):
-            w, sc = weights[o], scales[o]
-            for j in range(k):
-                products[j] = np.int32(w[j]) * x[j]
-            for c in range(k // 4):  # 16 weights (4 chunks) share a scale
-                chunks[c] = (products[4 * c] + products[4 * c + 1] + products[4 * c + 2] + products[4 * c + 3]) \
-                    * np.int32(sc[c >> 2])
-            lanes[:] = 0
-            for b in range(nb):  # chunk c of block b feeds lane c % 8
-                for m in range(8):
-                    for lane in range(8):
-                        lanes[8 * b + lane] += chunks[64 * b + 8 * m + lane]
-                for lane in range(8):  # the -32 offset, through the activation sums of each 16
-                    g = 16 * b + 2 * lane
-                    lanes[8 * b + lane] -= 32 * (np.int32(xbsums[r, b, 2 * lane]) * np.int32(sc[g])
-                                                 + np.int32(xbsums[r, b, 2 * lane + 1]) * np.int32(sc[g + 1]))
-            acc[:] = 0
-            for b in range(nb):
+def _row_dot(tiled: bool):
+    """An intrinsic: one output's dot over ``n_blocks`` super-blocks, ggml's lanes (``tiled=False``) or the tiled
+    kernel's one fma per super-block; arguments are 1-D arrays with start indices."""
+
+    @intrinsic
+    def row_dot(typingctx, q, q0, sc, sc0, wd, wd0, x, x0, bsums, bsums0, xd, xd0, n_blocks):
+        def codegen(context, builder, signature, args):
+            q_ptr, sc_ptr, wd_ptr, x_ptr, bs_ptr, xd_ptr = (data_pointer(context, builder, signature.args[i], args[i])
+                                                            for i in range(0, 12, 2))
+            q0, sc0, wd0, x0, bs0, xd0 = args[1:12:2]
+            v16i32 = ir.VectorType(ir.IntType(32), 16)
+            even_odd = [ir.Constant(V8I32, [2 * i + k for i in range(8)]) for k in (0, 1)]
+            acc = cgutils.alloca_once_value(builder, ir.Constant(V8F32 if not tiled else ir.FloatType(), None))
+            with cgutils.for_range(builder, args[12]) as loop:
+                b = loop.index
+                scales = builder.sext(load_vector(builder, sc_ptr, offset(builder, sc0, b, 16),
+                                                  ir.VectorType(ir.IntType(8), 16)), v16i32)
+                pairs = builder.mul(scales, load_vector(builder, bs_ptr, offset(builder, bs0, b, 16), v16i32))
+                # lane l takes back 32 * (bsums[2l]*scales[2l] + bsums[2l+1]*scales[2l+1])
+                minus = builder.shl(builder.add(*(builder.shuffle_vector(pairs, pairs, m) for m in even_odd)),
+                                    ir.Constant(V8I32, [5] * 8))
+                lanes = builder.sub(ir.Constant(V8I32, [0] * 8), minus)
+                for m in range(8):  # 32-element chunk m: lanes 0-3 take scale 2m, lanes 4-7 scale 2m+1
+                    sums = lane_sums(builder, load_vector(builder, q_ptr, offset(builder, q0, b, 256), V32I8, 32 * m),
+                                     load_vector(builder, x_ptr, offset(builder, x0, b, 256), V32I8, 32 * m))
+                    mask = ir.Constant(V8I32, [2 * m] * 4 + [2 * m + 1] * 4)
+                    chunk_scales = builder.shuffle_vector(scales, scales, mask)
+                    lanes = builder.add(lanes, builder.mul(sums, chunk_scales))
+                w_d = builder.load(builder.gep(wd_ptr, [builder.add(wd0, b)]))
+                x_d = builder.load(builder.gep(xd_ptr, [builder.add(xd0, b)]))
                 if tiled:
-                    acc[0] = fma32(wd[o, b] * np.float32(lanes[8 * b:8 * b + 8].sum()), xd[r, b], acc[0])
+                    block = builder.fmul(w_d, builder.sitofp(reduce_add(builder, lanes), ir.FloatType()))
+                    builder.store(fma_f32(builder, block, x_d, builder.load(acc)), acc)
                 else:
-                    d = xd[r, b] * wd[o, b]
-                    for lane in range(8):
-                        acc[lane] = fma32(d, np.float32(lanes[8 * b + lane]), acc[lane])
-            out[r, o] = acc[0] if tiled else hsum8(acc)
+                    d = splat(builder, builder.fmul(x_d, w_d))
+                    builder.store(fma_v8(builder, d, builder.sitofp(lanes, V8F32), builder.load(acc)), acc)
+            return builder.load(acc) if tiled else hsum8_ir(builder, builder.load(acc))
+
+        return types.float32(q, q0, sc, sc0, wd, wd0, x, x0, bsums, bsums0, xd, xd0, n_blocks), codegen
+
+    return row_dot
+
+
+_vec_dot_row = _row_dot(tiled=False)
+_tiled_row = _row_dot(tiled=True)
+
+
+@njit(cache=True, nogil=True)
+def _matmul(wq, wsc, wd, xq, xd, xbsums, tiled, out, start, stop):  # pragma: no cover - compiled
+    # output rows start..stop; each weight row meets every activation row while it is in L1
+    nb = wd.shape[1]
+    q, sc, wd_flat = wq.reshape(-1), wsc.reshape(-1), wd.reshape(-1)
+    x, xd_flat, bsums = xq.reshape(-1), xd.reshape(-1), xbsums.reshape(-1)
+    for o in range(start, stop):
+        for r in range(xq.shape[0]):
+            if tiled:
+                out[r, o] = _tiled_row(q, o * nb * 256, sc, o * nb * 16, wd_flat, o * nb, x, r * nb * 256, bsums,
+                                       r * nb * 16, xd_flat, r * nb, nb)
+            else:
+                out[r, o] = _vec_dot_row(q, o * nb * 256, sc, o * nb * 16, wd_flat, o * nb, x, r * nb * 256, bsums,
+                                         r * nb * 16, xd_flat, r * nb, nb)
 
 
 def matmul_q6_k(x: np.ndarray | Q8KBlocks, weight: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
@@ -110,7 +138,9 @@ def matmul_q6_k(x: np.ndarray | Q8KBlocks, weight: tuple[np.ndarray, np.ndarray,
     """
     blocks = x if isinstance(x, Q8KBlocks) else quantize_q8_k(x)
     wq, wsc, wd = weight
-    out = np.empty((blocks.qs.shape[0], wd.shape[0]), dtype=np.float32)
-    tiled = blocks.qs.shape[0] >= TILED_MIN_ROWS
-    _matmul(np.ascontiguousarray(wq), wsc, wd, blocks.qs, blocks.d, blocks.bsums, tiled, out)
+    n, n_out = blocks.qs.shape[0], wd.shape[0]
+    out = np.empty((n, n_out), dtype=np.float32)
+    tiled = n >= TILED_MIN_ROWS
+    split_rows(_matmul, (wq, wsc, wd, blocks.qs, blocks.d, blocks.bsums, tiled, out), n_out,
+               work=n * n_out * wq[0].size)
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from numba import njit
 
 BLOCK = 32
 
@@ -34,14 +35,27 @@ def quantize_q8(x: np.ndarray, with_sum: bool) -> Q8Blocks:
     (127, 0.0157470703125, 1017)
     """
     n, k = x.shape
-    blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(n, k // BLOCK, BLOCK)
-    amax = np.abs(blocks).max(axis=-1)
-    d = amax / np.float32(127)
-    with np.errstate(divide="ignore"):
-        inverse = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-    q = np.rint(blocks * inverse[..., None])
-    qs = q.astype(np.int8)
-    s = None
-    if with_sum:
-        s = (d * qs.sum(axis=-1, dtype=np.int32).astype(np.float32)).astype(np.float16).astype(np.float32)
-    return Q8Blocks(qs, d.astype(np.float16).astype(np.float32), s)
+    qs = np.empty((n, k // BLOCK, BLOCK), dtype=np.int8)
+    d = np.empty((n, k // BLOCK), dtype=np.float32)
+    s = np.empty_like(d)
+    _quantize(np.ascontiguousarray(x, dtype=np.float32).reshape(n, k // BLOCK, BLOCK), qs, d, s)
+    to_fp16 = lambda v: v.astype(np.float16).astype(np.float32)  # noqa: E731
+    return Q8Blocks(qs, to_fp16(d), to_fp16(s) if with_sum else None)
+
+
+@njit(cache=True, nogil=True)
+def _quantize(blocks, qs, d, s):  # pragma: no cover - compiled
+    # float32 d and d*sum(q), rounded to fp16 by the caller (numba has no float16 arithmetic)
+    for r in range(blocks.shape[0]):
+        for b in range(blocks.shape[1]):
+            amax = np.float32(0)
+            for i in range(BLOCK):
+                amax = max(amax, abs(blocks[r, b, i]))
+            inverse = np.float32(127) / amax if amax != 0 else np.float32(0)
+            total = 0
+            for i in range(BLOCK):
+                q = np.int8(np.rint(blocks[r, b, i] * inverse))
+                qs[r, b, i] = q
+                total += q
+            d[r, b] = amax / np.float32(127)
+            s[r, b] = d[r, b] * np.float32(total)

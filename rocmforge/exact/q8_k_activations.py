@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from numba import njit
 
 BLOCK = 256
 
@@ -34,12 +35,27 @@ def quantize_q8_k(x: np.ndarray) -> Q8KBlocks:
     (-127, 0.015748031437397003, -1944)
     """
     n, k = x.shape
-    blocks = np.ascontiguousarray(x, dtype=np.float32).reshape(n, k // BLOCK, BLOCK)
-    first_max = np.abs(blocks).argmax(axis=-1)[..., None]              # argmax keeps the first of equal values
-    signed_max = np.take_along_axis(blocks, first_max, axis=-1)[..., 0]
-    with np.errstate(divide="ignore"):
-        iscale = np.where(signed_max != 0, np.float32(-127) / signed_max, np.float32(0)).astype(np.float32)
-        d = np.where(signed_max != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
-    qs = np.minimum(np.rint(blocks * iscale[..., None]), 127).astype(np.int8)
-    bsums = qs.reshape(n, k // BLOCK, 16, 16).sum(axis=-1, dtype=np.int32)
+    qs = np.empty((n, k // BLOCK, BLOCK), dtype=np.int8)
+    d = np.empty((n, k // BLOCK), dtype=np.float32)
+    bsums = np.empty((n, k // BLOCK, 16), dtype=np.int32)
+    _quantize(np.ascontiguousarray(x, dtype=np.float32).reshape(n, k // BLOCK, BLOCK), qs, d, bsums)
     return Q8KBlocks(qs, d, bsums)
+
+
+@njit(cache=True, nogil=True)
+def _quantize(blocks, qs, d, bsums):  # pragma: no cover - compiled
+    for r in range(blocks.shape[0]):
+        for b in range(blocks.shape[1]):
+            amax, signed_max = np.float32(0), np.float32(0)
+            for i in range(BLOCK):  # the first of equal magnitudes wins
+                if abs(blocks[r, b, i]) > amax:
+                    amax, signed_max = abs(blocks[r, b, i]), blocks[r, b, i]
+            iscale = np.float32(-127) / signed_max if signed_max != 0 else np.float32(0)
+            d[r, b] = np.float32(1) / iscale if signed_max != 0 else np.float32(0)
+            for group in range(16):
+                total = 0
+                for i in range(16 * group, 16 * group + 16):
+                    q = np.int8(min(np.rint(blocks[r, b, i] * iscale), np.float32(127)))
+                    qs[r, b, i] = q
+                    total += q
+                bsums[r, b, group] = total

@@ -1,5 +1,5 @@
 """The scalar building blocks of ggml's AVX2 code, for numba kernels: a real fused multiply-add, float32 <-> bits,
-the horizontal sums ggml uses to reduce 8-lane accumulators, and ``ggml_v_expf`` lane by lane.
+the horizontal sum ggml uses to reduce an 8-lane accumulator, and ``ggml_v_expf`` lane by lane.
 
 Everything stays float32: numba keeps ``float32 op float32`` in float32 without contracting ``a*b + c`` into an
 fma (no fastmath), so each expression below rounds exactly where the intrinsic it mirrors rounds. Constants are
@@ -70,20 +70,6 @@ def hsum8(a: np.ndarray) -> np.float32:
     t2 = a[2] + a[6]
     t3 = a[3] + a[7]
     return (t0 + t2) + (t1 + t3)
-
-
-@njit(inline="always")
-def reduce_4x8(s: np.ndarray) -> np.float32:
-    """``GGML_F32x8_REDUCE`` over four 8-lane accumulators ``s[4, 8]`` (simd-mappings.h): (s0+s2) + (s1+s3) lane
-    by lane, then the 128-bit halves, then two ``_mm_hadd_ps``: (t0+t1) + (t2+t3)."""
-    x0 = np.empty(8, dtype=np.float32)
-    for lane in range(8):
-        x0[lane] = (s[0, lane] + s[2, lane]) + (s[1, lane] + s[3, lane])
-    t0 = x0[0] + x0[4]
-    t1 = x0[1] + x0[5]
-    t2 = x0[2] + x0[6]
-    t3 = x0[3] + x0[7]
-    return (t0 + t1) + (t2 + t3)
 
 
 _R = np.float32(float.fromhex("0x1.8p23"))

@@ -1,0 +1,170 @@
+"""ggml's 8-lane integer dot of one 32-byte block, as LLVM vector code for the numba kernels: ``lane_dot`` runs a
+whole row of Q8_0-style blocks (Q8_0, Q5_0, Q4_1 weights against q8 activations) in ymm registers.
+
+ggml's AVX2 kernels multiply a block's 32 weight bytes with its 32 activation bytes into 8 int32 lanes, lane ``l``
+holding the exact sum of elements ``4l .. 4l+3`` (``maddubs`` then ``madd``), then per block
+``acc = fma(d_w*d_x, float(lanes), acc)`` on 8 float lanes and ``hsum8`` at the end. The integer sums are exact
+whichever instructions form them, so here the weights are stored as unsigned bytes ``q`` with the weight
+``q - offset`` (offset 128 for Q8_0, 16 for Q5_0, 0 for Q4_1), one ``vpdpbusd`` (AVX-VNNI: unsigned x signed
+bytes, 4 products per int32 lane, exactly ggml's lanes) forms ``sum q*x`` and the offset comes back as
+``offset * sum x`` per lane. Without VNNI the same sums come from widened multiplies that LLVM vectorizes.
+The float part is ggml's instruction for instruction: a float32 ``d_w*d_x``, one ``llvm.fma.v8f32`` per block.
+
+``lanes_reference`` is the same lane sum in numpy (tests compare against it).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import llvmlite.binding as llvm_binding
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_FEATURES = llvm_binding.get_host_cpu_features()
+# vpdpbusd on ymm: AVX-VNNI (VEX) or AVX512-VNNI with AVX512VL (EVEX); same intrinsic in LLVM
+HAS_VNNI = bool(_FEATURES.get("avxvnni") or (_FEATURES.get("avx512vnni") and _FEATURES.get("avx512vl")))
+
+_I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+V32I8, V8I32, V8F32 = ir.VectorType(_I8, 32), ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
+_CONCAT = ir.Constant(ir.VectorType(_I32, 32), list(range(32)))  # two 16-byte vectors -> one of 32
+
+
+def lanes_reference(q: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Unsigned bytes ``q`` and signed bytes ``x`` (same shape, last axis a multiple of 4) -> int32 sums of each 4
+    consecutive products (the lanes ``lane_sums`` builds).
+
+    >>> lanes_reference(np.arange(8, dtype=np.uint8), np.ones(8, np.int8)).tolist()
+    [6, 22]
+    """
+    products = q.astype(np.int32) * x.astype(np.int32)
+    return products.reshape(*q.shape[:-1], -1, 4).sum(axis=-1, dtype=np.int32)
+
+
+def lane_sums(builder: ir.IRBuilder, q: ir.Value, x: ir.Value, vnni: bool = HAS_VNNI) -> ir.Value:
+    """IR: ``<32 x i8>`` unsigned ``q`` and signed ``x`` -> ``<8 x i32>``, lane ``l`` = sum of products 4l..4l+3."""
+    if vnni:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V8I32, [V8I32] * 3),
+                                            "llvm.x86.avx512.vpdpbusd.256")
+        return builder.call(fn, [ir.Constant(V8I32, None), builder.bitcast(q, V8I32), builder.bitcast(x, V8I32)])
+    wide = ir.VectorType(_I32, 32)
+    products = builder.mul(builder.zext(q, wide), builder.sext(x, wide))
+    total = None
+    for k in range(4):
+        part = builder.shuffle_vector(products, products, ir.Constant(V8I32, [4 * i + k for i in range(8)]))
+        total = part if total is None else builder.add(total, part)
+    return total
+
+
+def data_pointer(context, builder: ir.IRBuilder, array_type, value: ir.Value) -> ir.Value:
+    """IR: the data pointer of a numba array argument."""
+    return context.make_array(array_type)(context, builder, value).data
+
+
+def load_vector(builder: ir.IRBuilder, pointer: ir.Value, index: ir.Value, vector_type: ir.VectorType,
+                plus: int = 0) -> ir.Value:
+    """IR: an unaligned vector load of ``pointer[index + plus:index + plus + len]``."""
+    if plus:
+        index = builder.add(index, ir.Constant(index.type, plus))
+    return builder.load(builder.bitcast(builder.gep(pointer, [index]), vector_type.as_pointer()), align=1)
+
+
+def offset(builder: ir.IRBuilder, start: ir.Value, index: ir.Value, stride: int) -> ir.Value:
+    """IR: ``start + index * stride``."""
+    return builder.add(start, builder.mul(index, ir.Constant(index.type, stride)))
+
+
+def splat(builder: ir.IRBuilder, value: ir.Value, vector_type: ir.VectorType = V8F32) -> ir.Value:
+    """IR: ``value`` in every lane."""
+    vector = builder.insert_element(ir.Constant(vector_type, None), value, ir.Constant(_I32, 0))
+    zeros = ir.Constant(ir.VectorType(_I32, vector_type.count), [0] * vector_type.count)
+    return builder.shuffle_vector(vector, vector, zeros)
+
+
+def fma_v8(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
+    """IR: ``llvm.fma.v8f32`` (``_mm256_fmadd_ps``)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V8F32, [V8F32] * 3), "llvm.fma.v8f32")
+    return builder.call(fn, [a, b, c])
+
+
+def fma_f32(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
+    """IR: ``llvm.fma.f32`` (one rounding)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32] * 3), "llvm.fma.f32")
+    return builder.call(fn, [a, b, c])
+
+
+def reduce_add(builder: ir.IRBuilder, vector: ir.Value) -> ir.Value:
+    """IR: the sum of an integer vector's lanes (exact in any order)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector.type.element, [vector.type]),
+                                        f"llvm.vector.reduce.add.v{vector.type.count}i{vector.type.element.width}")
+    return builder.call(fn, [vector])
+
+
+def hsum8_ir(builder: ir.IRBuilder, acc: ir.Value) -> ir.Value:
+    """IR of ``simd.hsum8`` on an ``<8 x float>``: ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7))."""
+    a = [builder.extract_element(acc, ir.Constant(_I32, i)) for i in range(8)]
+    t = [builder.fadd(a[i], a[i + 4]) for i in range(4)]
+    return builder.fadd(builder.fadd(t[0], t[2]), builder.fadd(t[1], t[3]))
+
+
+def split_nibbles(builder: ir.IRBuilder, packed: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """IR: bytes -> (their low nibbles, their high nibbles), same vector type."""
+    n = packed.type.count
+    low = builder.and_(packed, ir.Constant(packed.type, [15] * n))
+    return low, builder.lshr(packed, ir.Constant(packed.type, [4] * n))
+
+
+def _row_dot(nibbles: bool):
+    """``lane_dot`` (weights as bytes, offset corrections) or ``nibble_lane_dot`` (weights as ggml's 16 bytes of
+    nibbles per block: element ``i < 16`` the low nibble of byte ``i``, ``16 + i`` its high nibble; offset 0)."""
+
+    def codegen(context, builder, signature, args):
+        arrays = signature.args
+        q_ptr, wd_ptr, x_ptr, xd_ptr = (data_pointer(context, builder, arrays[i], args[i]) for i in (0, 2, 4, 6))
+        q0, wd0, x0, xd0 = (args[i] for i in (1, 3, 5, 7))
+        if not nibbles:
+            corr_ptr, corr0 = data_pointer(context, builder, arrays[8], args[8]), args[9]
+        acc = cgutils.alloca_once_value(builder, ir.Constant(V8F32, None))
+        with cgutils.for_range(builder, args[-1]) as loop:
+            b = loop.index
+            x_bytes = load_vector(builder, x_ptr, offset(builder, x0, b, 32), V32I8)
+            if nibbles:
+                low, high = split_nibbles(builder, load_vector(builder, q_ptr, offset(builder, q0, b, 16),
+                                                               ir.VectorType(_I8, 16)))
+                lanes = lane_sums(builder, builder.shuffle_vector(low, high, _CONCAT), x_bytes)
+            else:
+                q_bytes = load_vector(builder, q_ptr, offset(builder, q0, b, 32), V32I8)
+                correction = load_vector(builder, corr_ptr, offset(builder, corr0, b, 8), V8I32)
+                lanes = builder.sub(lane_sums(builder, q_bytes, x_bytes), correction)
+            d = builder.fmul(builder.load(builder.gep(wd_ptr, [builder.add(wd0, b)])),
+                             builder.load(builder.gep(xd_ptr, [builder.add(xd0, b)])))
+            builder.store(fma_v8(builder, splat(builder, d), builder.sitofp(lanes, V8F32), builder.load(acc)), acc)
+        return hsum8_ir(builder, builder.load(acc))
+
+    return codegen
+
+
+@intrinsic
+def lane_dot(typingctx, q, q_start, wd, wd_start, x, x_start, xd, xd_start, corr, corr_start, n_blocks):
+    """``hsum8`` of ggml's per-block ``acc = fma(wd[b]*xd[b], float(lanes_b - corr_b), acc)`` over ``n_blocks``
+    blocks of 32: ``q`` uint8 weights from ``q_start``, ``x`` int8 activations from ``x_start``, ``corr`` int32
+    (8 per block: ``offset * sum x`` of each lane) from ``corr_start``, scales ``wd``/``xd`` float32 (all 1-D)."""
+    return types.float32(q, q_start, wd, wd_start, x, x_start, xd, xd_start, corr, corr_start, n_blocks), \
+        _row_dot(nibbles=False)
+
+
+@intrinsic
+def nibble_lane_dot(typingctx, q, q_start, wd, wd_start, x, x_start, xd, xd_start, n_blocks):
+    """``lane_dot`` of weights packed as Q4_1's nibbles (16 bytes per block, values 0..15), no correction."""
+    return types.float32(q, q_start, wd, wd_start, x, x_start, xd, xd_start, n_blocks), _row_dot(nibbles=True)
+
+
+class LaneWeight(NamedTuple):
+    """A weight of 32-element blocks as ``lane_dot`` reads it: ``q`` uint8 ``[out, k]`` in element order (the weight
+    value is ``q - offset``), ``d`` the float32 block scales ``[out, k/32]``."""
+
+    q: np.ndarray
+    d: np.ndarray
+    offset: int
