@@ -14,6 +14,7 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -196,14 +197,15 @@ def test_lane_sums_are_exact_quads(vnni):
 
 def test_large_matmul_split_over_threads_keeps_every_row():
     """A call big enough for ``split_rows`` gives each output row (both sides of every split) ggml's dot."""
-    n_out = 4 * threads.N_THREADS * 64
+    n_threads = numba.get_num_threads()
+    n_out = 4 * n_threads * 64
     k = max(threads.MIN_SPLIT_WORK // n_out + 32, 64) // 32 * 32
     raw = quantize(RNG.standard_normal((n_out, k)).astype(f32), T.Q8_0)
     x = RNG.standard_normal((1, k)).astype(f32)
     y = matmul_q8_0(x, split_q8_0(raw))
     xb = quantize_q8(x, with_sum=False)
     blocks = raw.reshape(n_out, k // 32, 34)
-    bounds = [n_out * i // threads.N_THREADS for i in range(threads.N_THREADS + 1)]
+    bounds = [n_out * i // n_threads for i in range(n_threads + 1)]
     for o in sorted({0, n_out - 1, *bounds[1:-1], *(b - 1 for b in bounds[1:-1])}):
         ref = _q8_ref_dot(blocks[o, :, 2:].view(np.int8), blocks[o, :, :2].copy().view(np.float16)[:, 0], xb.qs[0],
                           xb.d[0])

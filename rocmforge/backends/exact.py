@@ -42,12 +42,15 @@ UBATCH = 512
 
 @dataclass(frozen=True)
 class ExactWeight:
-    """A weight kept as its raw GGUF blocks (``raw``) plus what its exact kernel reads (``prepared``)."""
+    """A weight kept as its raw GGUF blocks (``raw``) plus what its exact kernel reads (``prepared``). In a group
+    of weights that multiply the same activation, ``prepared`` is the whole group's and ``rows`` this weight's
+    outputs in it."""
 
     raw: np.ndarray
     prepared: Any
     ggml_type: GGMLQuantizationType
     shape: tuple[int, ...]
+    rows: slice | None = None
 
 
 class ExactCpuBackend(CpuBackend):
@@ -58,6 +61,7 @@ class ExactCpuBackend(CpuBackend):
     def __init__(self) -> None:
         super().__init__(round_activations=True)
         self._last_quantized: tuple[np.ndarray, Any, Any] | None = None  # (x, quantize function, result)
+        self._last_group: tuple[np.ndarray, Any, np.ndarray] | None = None  # (x, group's prepared weight, x @ W.T)
 
     def load_weight(self, tensor: TensorRef) -> ExactWeight:
         kernel = MATMULS.get(tensor.ggml_type)
@@ -68,7 +72,17 @@ class ExactCpuBackend(CpuBackend):
         return ExactWeight(tensor.raw, kernel.prepare(tensor.raw), tensor.ggml_type, tuple(tensor.shape))
 
     def load_weight_group(self, tensors: list[TensorRef]) -> list[ExactWeight]:
-        return [self.load_weight(t) for t in tensors]  # no shared float32 matrix: each weight keeps its blocks
+        """q/k/v (gate/up) of one type are prepared as one weight: a step multiplies them in one call, large
+        enough to split over the cores. Each output row is computed alone, so its bits do not change."""
+        if len({t.ggml_type for t in tensors}) > 1:
+            return [self.load_weight(t) for t in tensors]
+        stacked = TensorRef("+".join(t.name for t in tensors), tensors[0].ggml_type,
+                            (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]),
+                            np.concatenate([t.raw for t in tensors]), sum(t.n_bytes for t in tensors))
+        group = self.load_weight(stacked)
+        bounds = np.cumsum([0] + [t.shape[0] for t in tensors])
+        return [ExactWeight(t.raw, group.prepared, t.ggml_type, tuple(t.shape), slice(start, stop))
+                for t, start, stop in zip(tensors, bounds[:-1], bounds[1:])]
 
     def load_embedding(self, tensor: TensorRef, tied: bool) -> ExactWeight | TensorRef:
         return self.load_weight(tensor) if tied else tensor
@@ -78,6 +92,14 @@ class ExactCpuBackend(CpuBackend):
         return quantized_embedding(table.raw, table.ggml_type, tokens)
 
     def matmul(self, x: np.ndarray, weight: ExactWeight) -> np.ndarray:
+        if weight.rows is None:
+            return self._multiply(x, weight)
+        last = self._last_group
+        if last is None or last[0] is not x or last[1] is not weight.prepared:
+            last = self._last_group = (x, weight.prepared, self._multiply(x, weight))
+        return np.ascontiguousarray(last[2][:, weight.rows])
+
+    def _multiply(self, x: np.ndarray, weight: ExactWeight) -> np.ndarray:
         kernel = MATMULS[weight.ggml_type]
         if x.shape[0] <= UBATCH:
             return kernel.multiply(self._quantized(x, kernel.quantize), weight.prepared)

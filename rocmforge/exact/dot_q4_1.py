@@ -12,7 +12,7 @@ The low nibbles are lanes 0-3 and the high nibbles lanes 4-7 of ``lanes.nibble_l
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from rocmforge.exact.lanes import nibble_lane_dot
 from rocmforge.exact.q8_activations import Q8Blocks, quantize_q8
@@ -46,6 +46,12 @@ def _matmul(q, wd, wm, xq, xd, xs, out, start, stop):  # pragma: no cover - comp
                                         nb) + summs
 
 
+@njit(cache=True, parallel=True)
+def _matmul_parallel(args, n_rows, n_slices):  # pragma: no cover - compiled
+    for i in prange(n_slices):  # one slice of output rows per thread (threads.split_rows)
+        _matmul(*args, n_rows * i // n_slices, n_rows * (i + 1) // n_slices)
+
+
 def matmul_q4_1(x: np.ndarray | Q8Blocks, weight: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
     """float32 ``x`` ``[n, k]`` (or its q8_1 blocks) times a Q4_1 weight (``split_q4_1`` of ``[out, k]``):
     ``[n, out]``.
@@ -62,5 +68,6 @@ def matmul_q4_1(x: np.ndarray | Q8Blocks, weight: tuple[np.ndarray, np.ndarray, 
     nibbles, d, m = weight
     n, (n_out, k) = blocks.qs.shape[0], (nibbles.shape[0], 2 * nibbles.shape[1])
     out = np.empty((n, n_out), dtype=np.float32)
-    split_rows(_matmul, (nibbles, d, m, blocks.qs, blocks.d, blocks.s, out), n_out, work=n * k * n_out)
+    split_rows(_matmul_parallel, _matmul, (nibbles, d, m, blocks.qs, blocks.d, blocks.s, out), n_out,
+               work=n * k * n_out)
     return out

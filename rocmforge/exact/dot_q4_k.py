@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -136,6 +136,12 @@ def _matmul(wq, wsc, wmin, wd, wdmin, xq, xd, xbsums, n_gemm_rows, out, start, s
                                       x, r * nb * 256, x_sums, r * nb * 8, xd_flat, r * nb, nb)
 
 
+@njit(cache=True, parallel=True)
+def _matmul_parallel(args, n_rows, n_slices):  # pragma: no cover - compiled
+    for i in prange(n_slices):  # one slice of output rows per thread (threads.split_rows)
+        _matmul(*args, n_rows * i // n_slices, n_rows * (i + 1) // n_slices)
+
+
 def matmul_q4_k(x: np.ndarray | Q8KBlocks, weight: tuple[np.ndarray, ...]) -> np.ndarray:
     """float32 ``x`` ``[n, k]`` (or its Q8_K blocks) times a repacked Q4_K weight (``split_q4_k`` of ``[out, k]``,
     ``out`` a multiple of 8) -> ``[n, out]``.
@@ -154,6 +160,6 @@ def matmul_q4_k(x: np.ndarray | Q8KBlocks, weight: tuple[np.ndarray, ...]) -> np
     n = blocks.qs.shape[0]
     q, scales, mins, d, dmin = weight
     out = np.empty((n, d.shape[0]), dtype=np.float32)
-    split_rows(_matmul, (q, scales, mins, d, dmin, blocks.qs, blocks.d, blocks.bsums, n - n % 4, out), d.shape[0],
-               work=n * q[0].size * d.shape[0])
+    args = (q, scales, mins, d, dmin, blocks.qs, blocks.d, blocks.bsums, n - n % 4, out)
+    split_rows(_matmul_parallel, _matmul, args, d.shape[0], work=n * q[0].size * d.shape[0])
     return out

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -122,6 +122,12 @@ def _matmul(wq, wsc, wd, xq, xd, xbsums, tiled, out, start, stop):  # pragma: no
                                          r * nb * 16, xd_flat, r * nb, nb)
 
 
+@njit(cache=True, parallel=True)
+def _matmul_parallel(args, n_rows, n_slices):  # pragma: no cover - compiled
+    for i in prange(n_slices):  # one slice of output rows per thread (threads.split_rows)
+        _matmul(*args, n_rows * i // n_slices, n_rows * (i + 1) // n_slices)
+
+
 def matmul_q6_k(x: np.ndarray | Q8KBlocks, weight: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
     """float32 ``x`` ``[n, k]`` (or its Q8_K blocks) times a Q6_K weight (``split_q6_k`` of ``[out, k]``):
     ``[n, out]``.
@@ -141,6 +147,6 @@ def matmul_q6_k(x: np.ndarray | Q8KBlocks, weight: tuple[np.ndarray, np.ndarray,
     n, n_out = blocks.qs.shape[0], wd.shape[0]
     out = np.empty((n, n_out), dtype=np.float32)
     tiled = n >= TILED_MIN_ROWS
-    split_rows(_matmul, (wq, wsc, wd, blocks.qs, blocks.d, blocks.bsums, tiled, out), n_out,
+    split_rows(_matmul_parallel, _matmul, (wq, wsc, wd, blocks.qs, blocks.d, blocks.bsums, tiled, out), n_out,
                work=n * n_out * wq[0].size)
     return out

@@ -8,7 +8,7 @@ A Q8_0 block (34 bytes) is an fp16 scale and 32 int8 values.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from rocmforge.exact.lanes import LaneWeight, lane_dot
 from rocmforge.exact.q8_activations import Q8Blocks, quantize_q8
@@ -51,6 +51,12 @@ def _matmul(q, wd, offset, xq, xd, out, start, stop):  # pragma: no cover - comp
                                  corr, r * nb * 8, nb)
 
 
+@njit(cache=True, parallel=True)
+def _matmul_parallel(args, n_rows, n_slices):  # pragma: no cover - compiled
+    for i in prange(n_slices):  # one slice of output rows per thread (threads.split_rows)
+        _matmul(*args, n_rows * i // n_slices, n_rows * (i + 1) // n_slices)
+
+
 def matmul_q8_0(x: np.ndarray | Q8Blocks, weight: LaneWeight) -> np.ndarray:
     """float32 ``x`` ``[n, k]`` (or its q8_0 blocks) times a Q8_0 weight (``split_q8_0`` of ``[out, k]``; also
     Q5_0's ``split_q5_0``): ``[n, out]``.
@@ -66,6 +72,6 @@ def matmul_q8_0(x: np.ndarray | Q8Blocks, weight: LaneWeight) -> np.ndarray:
     blocks = x if isinstance(x, Q8Blocks) else quantize_q8(x, with_sum=False)
     n, k = blocks.qs.shape[0], weight.q.shape[1]
     out = np.empty((n, weight.d.shape[0]), dtype=np.float32)
-    split_rows(_matmul, (weight.q, weight.d, weight.offset, blocks.qs, blocks.d, out), weight.d.shape[0],
-               work=n * k * weight.d.shape[0])
+    args = (weight.q, weight.d, weight.offset, blocks.qs, blocks.d, out)
+    split_rows(_matmul_parallel, _matmul, args, weight.d.shape[0], work=n * k * weight.d.shape[0])
     return out
