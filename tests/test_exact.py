@@ -26,7 +26,7 @@ from numba.extending import intrinsic
 import rocmforge
 from rocmforge.errors import UnsupportedError
 from rocmforge.exact import lanes, simd, threads
-from rocmforge.exact.attention import attention
+from rocmforge.exact.attention import attention, attention_mix, attention_scores, attention_softmax
 from rocmforge.exact.dot_f32 import tinyblas_dot_f32, vec_dot_f32
 from rocmforge.exact.dot_q4_1 import matmul_q4_1, split_q4_1
 from rocmforge.exact.dot_q8_0 import matmul_q8_0, split_q8_0
@@ -279,6 +279,16 @@ def test_attention_matches_float64():
         p = np.exp(s - s.max(-1, keepdims=True))
         ref = np.einsum("htl,lhd->thd", p / p.sum(-1, keepdims=True), np.repeat(v, 2, axis=1))
         np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_fused_attention_is_the_three_steps(window):
+    """``attention`` (one pass) gives the bits of scores -> softmax -> mix, the steps hooks read."""
+    q, k, v = (RNG.standard_normal((n, h, 64)).astype(f32) for n, h in ((5, 6), (40, 2), (40, 2)))
+    pos = np.array([35, 36, 37, 38, 39])
+    for rows in (1, 5):
+        steps = attention_mix(attention_softmax(attention_scores(q, k, pos, 0.125, window)), v, batch_rows=rows)
+        assert np.array_equal(attention(q, k, v, pos, 0.125, window, batch_rows=rows), steps)
 
 
 def test_unsupported_weight_type_is_refused(tmp_path):

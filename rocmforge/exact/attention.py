@@ -4,8 +4,9 @@ the scale and the causal (and sliding-window) mask, then ``kqv = v . p`` per out
 batch has two or more query rows and by ``ggml_vec_dot_f32`` for one (see ``dot_f32``).
 
 The three steps are separate (``attention_scores`` -> ``attention_softmax`` -> ``attention_mix``) so hooks can
-read the scores and the pattern; ``attention_scores`` applies the scale (``kq * scale``, the same float32 product
-``soft_max_ext`` forms first) and the softmax then runs with scale 1. Keys are padded with zeros to a multiple of
+read the scores and the pattern; ``attention`` runs them fused, with the same arithmetic. ``attention_scores``
+applies the scale (``kq * scale``, the same float32 product ``soft_max_ext`` forms first) and the softmax then
+runs with scale 1. Keys are padded with zeros to a multiple of
 32, which changes no sum (ggml's own KV view is padded to 256 cells whose probabilities are exactly 0).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 from numba import njit
 
 from rocmforge.exact.dot_f32 import tinyblas_dot_f32, vec_dot_f32
-from rocmforge.exact.soft_max import soft_max
+from rocmforge.exact.soft_max import soft_max, soft_max_row
 from rocmforge.ops.attention import causal_mask
 
 _PAD = 32
@@ -43,6 +44,30 @@ def _mix(pattern, values_t, group, tinyblas, out):  # pragma: no cover - compile
             for c in range(d_v):
                 v = values_t[h // group, c]
                 out[i, h, c] = tinyblas_dot_f32(v, pattern[h, i]) if tinyblas else vec_dot_f32(v, pattern[h, i])
+
+
+@njit(cache=True)
+def _attention(q, keys, values, allowed, scale, group, tinyblas, out):  # pragma: no cover - compiled
+    # the three steps below in one pass per (head, query row): no [H, t, L] temporaries
+    t, n_heads, _ = q.shape
+    n_keys, n_kv_heads, d_v = values.shape
+    padded = -(-n_keys // _PAD) * _PAD
+    values_t = np.zeros((n_kv_heads, d_v, padded), dtype=np.float32)
+    for j in range(n_keys):
+        for kv in range(n_kv_heads):
+            for c in range(d_v):
+                values_t[kv, c, j] = values[j, kv, c]
+    w = np.full(padded, -np.inf, dtype=np.float32)
+    p = np.empty(padded, dtype=np.float32)
+    lanes = np.empty(8, dtype=np.float32)
+    for h in range(n_heads):
+        kv = h // group
+        for i in range(t):
+            for j in range(n_keys):
+                w[j] = vec_dot_f32(keys[j, kv], q[i, h]) * scale if allowed[i, j] else np.float32(-np.inf)
+            soft_max_row(w, lanes, p)  # the padding's -inf gives exactly 0
+            for c in range(d_v):
+                out[i, h, c] = tinyblas_dot_f32(values_t[kv, c], p) if tinyblas else vec_dot_f32(values_t[kv, c], p)
 
 
 def attention_scores(q: np.ndarray, keys: np.ndarray, q_positions: np.ndarray, scale: float,
@@ -93,5 +118,10 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, q_positions: 
     >>> attention(q, k, v, np.array([0, 1]), 0.5, None, batch_rows=2)[:, 0, 0].tolist()
     [1.0, 2.0]
     """
-    pattern = attention_softmax(attention_scores(q, keys, q_positions, scale, window))
-    return attention_mix(pattern, values, batch_rows)
+    t, n_heads, _ = q.shape
+    n_keys, n_kv_heads, d_v = values.shape
+    out = np.empty((t, n_heads, d_v), dtype=np.float32)
+    allowed = causal_mask(np.asarray(q_positions), n_keys, window)
+    _attention(*(np.ascontiguousarray(a, dtype=np.float32) for a in (q, keys, values)), allowed, np.float32(scale),
+               n_heads // n_kv_heads, batch_rows >= 2, out)
+    return out

@@ -15,31 +15,40 @@ from numba import njit
 from rocmforge.exact.simd import hsum8, v_expf
 
 
+@njit(inline="always")
+def soft_max_row(w: np.ndarray, lanes: np.ndarray, out: np.ndarray) -> None:
+    """``out`` = ggml's softmax of one row ``w`` already scaled and masked (-inf); ``lanes`` is 8 floats of
+    scratch."""
+    n = w.shape[0]
+    vector_end = n - n % 8
+    row_max = np.float32(-np.inf)
+    for j in range(n):
+        row_max = max(row_max, w[j])
+    total = 0.0
+    for j0 in range(0, vector_end, 8):
+        for lane in range(8):
+            e = v_expf(w[j0 + lane] - row_max)
+            out[j0 + lane] = e
+            lanes[lane] = e
+        total += np.float64(hsum8(lanes))
+    for j in range(vector_end, n):
+        e = np.float32(math.exp(w[j] - row_max))
+        out[j] = e
+        total += np.float64(e)
+    inverse = np.float32(1.0 / total)
+    for j in range(n):
+        out[j] *= inverse
+
+
 @njit(cache=True)
 def _soft_max(scores, allowed, scale, out):  # pragma: no cover - compiled
     n_rows, n = scores.shape
-    vector_end = n - n % 8
+    w = np.empty(n, dtype=np.float32)
+    lanes = np.empty(8, dtype=np.float32)
     for r in range(n_rows):
-        w = np.empty(n, dtype=np.float32)
-        row_max = np.float32(-np.inf)
         for j in range(n):
             w[j] = scores[r, j] * scale if allowed[r, j] else np.float32(-np.inf)
-            row_max = max(row_max, w[j])
-        lanes = np.empty(8, dtype=np.float32)
-        total = 0.0
-        for j0 in range(0, vector_end, 8):
-            for lane in range(8):
-                e = v_expf(w[j0 + lane] - row_max)
-                out[r, j0 + lane] = e
-                lanes[lane] = e
-            total += np.float64(hsum8(lanes))
-        for j in range(vector_end, n):
-            e = np.float32(math.exp(w[j] - row_max))
-            out[r, j] = e
-            total += np.float64(e)
-        inverse = np.float32(1.0 / total)
-        for j in range(n):
-            out[r, j] *= inverse
+        soft_max_row(w, lanes, out[r])
 
 
 def soft_max(scores: np.ndarray, allowed: np.ndarray, scale: float) -> np.ndarray:
