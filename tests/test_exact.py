@@ -283,10 +283,12 @@ def test_attention_matches_float64():
 
 @pytest.mark.parametrize("window", [None, 3])
 def test_fused_attention_is_the_three_steps(window):
-    """``attention`` (one pass) gives the bits of scores -> softmax -> mix, the steps hooks read."""
-    q, k, v = (RNG.standard_normal((n, h, 64)).astype(f32) for n, h in ((5, 6), (40, 2), (40, 2)))
-    pos = np.array([35, 36, 37, 38, 39])
-    for rows in (1, 5):
+    """``attention`` (one pass, heads split over threads when large) gives the bits of scores -> softmax -> mix,
+    the steps hooks read."""
+    q, k, v = (RNG.standard_normal((n, h, 64)).astype(f32) for n, h in ((40, 6), (60, 2), (60, 2)))
+    pos = np.arange(20, 60)
+    assert 40 * 60 * 128 * 6 >= threads.MIN_SPLIT_WORK
+    for rows in (1, 40):
         steps = attention_mix(attention_softmax(attention_scores(q, k, pos, 0.125, window)), v, batch_rows=rows)
         assert np.array_equal(attention(q, k, v, pos, 0.125, window, batch_rows=rows), steps)
 

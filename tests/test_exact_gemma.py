@@ -236,7 +236,9 @@ def test_gelu_table_is_llama_cpps():
 
 
 def test_geglu_looks_up_the_fp16_input_and_bypasses_large_ones():
-    gate = np.concatenate([RNG.uniform(-12, 12, 500), [-10, -10.001, 10, 9.999]]).astype(f32)
+    halves = np.sort(RNG.uniform(-10, 10, 300).astype(np.float16)).astype(np.float64)
+    ties = ((halves[:-1] + halves[1:]) / 2).astype(f32)  # halfway between fp16 values: rounded half to even
+    gate = np.concatenate([RNG.uniform(-12, 12, 500), [-10, -10.001, 10, 9.999], ties]).astype(f32)
     up = RNG.standard_normal(gate.size).astype(f32)
     out = geglu(gate, up)
     table = gelu_table()

@@ -12,10 +12,11 @@ runs with scale 1. Keys are padded with zeros to a multiple of
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from rocmforge.exact.dot_f32 import tinyblas_dot_f32, vec_dot_f32
 from rocmforge.exact.soft_max import soft_max, soft_max_row
+from rocmforge.exact.threads import split_rows
 from rocmforge.ops.attention import causal_mask
 
 _PAD = 32
@@ -46,21 +47,21 @@ def _mix(pattern, values_t, group, tinyblas, out):  # pragma: no cover - compile
                 out[i, h, c] = tinyblas_dot_f32(v, pattern[h, i]) if tinyblas else vec_dot_f32(v, pattern[h, i])
 
 
-@njit(cache=True)
-def _attention(q, keys, values, allowed, scale, group, tinyblas, out):  # pragma: no cover - compiled
-    # the three steps below in one pass per (head, query row): no [H, t, L] temporaries
-    t, n_heads, _ = q.shape
+@njit(cache=True, nogil=True)
+def _attention(q, keys, values, allowed, scale, group, tinyblas, out, start, stop):  # pragma: no cover - compiled
+    # heads start..stop; the three steps below in one pass per (head, query row): no [H, t, L] temporaries
+    t = q.shape[0]
     n_keys, n_kv_heads, d_v = values.shape
     padded = -(-n_keys // _PAD) * _PAD
     values_t = np.zeros((n_kv_heads, d_v, padded), dtype=np.float32)
     for j in range(n_keys):
-        for kv in range(n_kv_heads):
+        for kv in range(start // group, (stop - 1) // group + 1):
             for c in range(d_v):
                 values_t[kv, c, j] = values[j, kv, c]
     w = np.full(padded, -np.inf, dtype=np.float32)
     p = np.empty(padded, dtype=np.float32)
     lanes = np.empty(8, dtype=np.float32)
-    for h in range(n_heads):
+    for h in range(start, stop):
         kv = h // group
         for i in range(t):
             for j in range(n_keys):
@@ -68,6 +69,12 @@ def _attention(q, keys, values, allowed, scale, group, tinyblas, out):  # pragma
             soft_max_row(w, lanes, p)  # the padding's -inf gives exactly 0
             for c in range(d_v):
                 out[i, h, c] = tinyblas_dot_f32(values_t[kv, c], p) if tinyblas else vec_dot_f32(values_t[kv, c], p)
+
+
+@njit(cache=True, parallel=True)
+def _attention_parallel(args, n_heads, n_slices):  # pragma: no cover - compiled
+    for i in prange(n_slices):  # one slice of heads per thread (threads.split_rows)
+        _attention(*args, n_heads * i // n_slices, n_heads * (i + 1) // n_slices)
 
 
 def attention_scores(q: np.ndarray, keys: np.ndarray, q_positions: np.ndarray, scale: float,
@@ -122,6 +129,7 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, q_positions: 
     n_keys, n_kv_heads, d_v = values.shape
     out = np.empty((t, n_heads, d_v), dtype=np.float32)
     allowed = causal_mask(np.asarray(q_positions), n_keys, window)
-    _attention(*(np.ascontiguousarray(a, dtype=np.float32) for a in (q, keys, values)), allowed, np.float32(scale),
-               n_heads // n_kv_heads, batch_rows >= 2, out)
+    args = (*(np.ascontiguousarray(a, dtype=np.float32) for a in (q, keys, values)), allowed, np.float32(scale),
+            n_heads // n_kv_heads, batch_rows >= 2, out)
+    split_rows(_attention_parallel, _attention, args, n_heads, work=t * n_keys * (q.shape[2] + d_v) * n_heads)
     return out

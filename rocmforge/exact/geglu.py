@@ -12,7 +12,9 @@ import math
 from functools import cache
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from rocmforge.exact.simd import fma32
 
@@ -51,9 +53,27 @@ def geglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     >>> geglu(np.array([-11.0, 1.0, 12.0], np.float32), np.full(3, 2.0, np.float32)).tolist()
     [0.0, 1.6826171875, 24.0]
     """
-    gate = np.asarray(gate, dtype=np.float32)
-    up = np.asarray(up, dtype=np.float32)
-    with np.errstate(over="ignore"):
-        looked_up = gelu_table()[gate.astype(np.float16).view(np.uint16)] * up
-    return np.where(gate <= np.float32(-10), np.float32(0),
-                    np.where(gate >= np.float32(10), gate * up, looked_up)).astype(np.float32)
+    gate = np.ascontiguousarray(gate, dtype=np.float32)
+    out = np.empty_like(gate)
+    _geglu(gate.reshape(-1), np.ascontiguousarray(up, dtype=np.float32).reshape(-1), gelu_table(), out.reshape(-1))
+    return out
+
+
+@intrinsic
+def _fp16_bits(typingctx, x):
+    def codegen(context, builder, signature, args):  # fptrunc: round half to even, as _cvtss_sh
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@njit(cache=True)
+def _geglu(gate, up, table, out):  # pragma: no cover - compiled
+    for i in range(gate.size):
+        x = gate[i]
+        if x <= np.float32(-10):
+            out[i] = 0
+        elif x >= np.float32(10):
+            out[i] = x * up[i]
+        else:
+            out[i] = table[_fp16_bits(x)] * up[i]

@@ -32,9 +32,9 @@ MIN_SPLIT_WORK = 500_000
 
 
 def split_rows(driver: Callable[..., Any], kernel: Callable[..., Any], args: tuple, n_rows: int, work: int) -> None:
-    """Run ``kernel(*args, start, stop)`` over ``[0, n_rows)``: through ``driver(args, n_rows, n_slices)`` (an
-    ``@njit(parallel=True)`` loop calling ``kernel`` on slice ``i`` of ``n_slices``) with one slice per thread when
-    ``work`` (multiply-adds) is large, else in one call on this thread."""
+    """Run ``kernel(*args, start, stop)`` over ``[0, n_rows)`` (output rows, or heads): through
+    ``driver(args, n_rows, n_slices)`` (an ``@njit(parallel=True)`` loop calling ``kernel`` on slice ``i`` of
+    ``n_slices``) with one slice per thread when ``work`` (multiply-adds) is large, else in one call here."""
     n_threads = numba.get_num_threads()
     if n_threads == 1 or work < MIN_SPLIT_WORK or n_rows < 2 * n_threads:
         kernel(*args, 0, n_rows)
