@@ -84,10 +84,10 @@ def test_q5_0_takes_the_q8_0_lane_path():
     weight = split_q5_0(raw)
     values = weight.q.astype(np.int32).reshape(3, 2, 32) - weight.offset
     assert np.array_equal((values * weight.d[..., None]).reshape(3, 64), dequantize(raw, T.Q5_0))
-    x = RNG.standard_normal((2, 64)).astype(f32)
+    x = RNG.standard_normal((5, 64)).astype(f32)
     blocks = quantize_q8(x, with_sum=False)
     out = matmul_q8_0(blocks, weight)
-    for o, r in np.ndindex(3, 2):
+    for o, r in np.ndindex(3, 5):
         acc = [f32(0)] * 8
         for b in range(2):
             wq = _q5_0_ints(raw[o, 22 * b: 22 * b + 22])

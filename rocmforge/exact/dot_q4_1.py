@@ -38,12 +38,17 @@ def _matmul(q, wd, wm, xq, xd, xs, out, start, stop):  # pragma: no cover - comp
     n = xq.shape[0]
     q_flat, wd_flat, x_flat, xd_flat = q.reshape(-1), wd.reshape(-1), xq.reshape(-1), xd.reshape(-1)
     for o in range(start, stop):
+        for r in range(0, n - n % 4, 4):  # four activation rows per weight row pass (prefill)
+            out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = nibble_lane_dot(
+                q_flat, o * nb * 16, wd_flat, o * nb, x_flat, r * nb * 32, xd_flat, r * nb, nb, 4)
+        for r in range(n - n % 4, n):
+            out[r, o] = nibble_lane_dot(q_flat, o * nb * 16, wd_flat, o * nb, x_flat, r * nb * 32, xd_flat, r * nb,
+                                        nb, 1)
         for r in range(n):
             summs = np.float32(0)
             for b in range(nb):
                 summs = fma32(wm[o, b], xs[r, b], summs)
-            out[r, o] = nibble_lane_dot(q_flat, o * nb * 16, wd_flat, o * nb, x_flat, r * nb * 32, xd_flat, r * nb,
-                                        nb) + summs
+            out[r, o] += summs
 
 
 @njit(cache=True, parallel=True)

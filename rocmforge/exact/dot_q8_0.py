@@ -46,9 +46,12 @@ def _matmul(q, wd, offset, xq, xd, out, start, stop):  # pragma: no cover - comp
     q_flat, wd_flat, x_flat, xd_flat = q.reshape(-1), wd.reshape(-1), xq.reshape(-1), xd.reshape(-1)
     corr = _lane_corrections(xq, offset)
     for o in range(start, stop):
-        for r in range(n):
+        for r in range(0, n - n % 4, 4):  # four activation rows per weight row pass (prefill)
+            out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = lane_dot(
+                q_flat, o * nb * 32, wd_flat, o * nb, x_flat, r * nb * 32, xd_flat, r * nb, corr, r * nb * 8, nb, 4)
+        for r in range(n - n % 4, n):
             out[r, o] = lane_dot(q_flat, o * nb * 32, wd_flat, o * nb, x_flat, r * nb * 32, xd_flat, r * nb,
-                                 corr, r * nb * 8, nb)
+                                 corr, r * nb * 8, nb, 1)
 
 
 @njit(cache=True, parallel=True)
