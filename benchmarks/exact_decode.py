@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     parser.add_argument("--rounds", type=int, default=3, help="subprocess runs of each engine (alternating)")
-    parser.add_argument("--reps", type=int, default=1, help="measurements per subprocess")
+    parser.add_argument("--reps", type=int, default=2, help="measurements per subprocess (the first warms up)")
     parser.add_argument("--n-prompt", type=int, default=128)
     parser.add_argument("--n-gen", type=int, default=128)
     parser.add_argument("--worker", nargs=2, metavar=("ENGINE", "MODEL"), help=argparse.SUPPRESS)

@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from rocmforge.exact.dot_f32 import tinyblas_dot_f32, vec_dot_f32
+from rocmforge.exact.simd import fma32
 from rocmforge.exact.soft_max import soft_max, soft_max_row
 from rocmforge.exact.threads import split_rows
 from rocmforge.ops.attention import causal_mask
@@ -47,28 +48,51 @@ def _mix(pattern, values_t, group, tinyblas, out):  # pragma: no cover - compile
                 out[i, h, c] = tinyblas_dot_f32(v, pattern[h, i]) if tinyblas else vec_dot_f32(v, pattern[h, i])
 
 
+@njit(inline="always")
+def _mix_row(values, kv, p, n_keys, tinyblas, acc, out):
+    # out[c] = v[:, c] . p in ggml's lanes (key j in accumulator lane j % 32, or j % 8 for tinyBLAS), computed for
+    # all c at once from values[j, kv, :] (no transposed copy of the values); padded keys add fma(0, 0, acc)
+    d_v = values.shape[2]
+    n_lanes = 8 if tinyblas else 32
+    acc[:n_lanes] = 0
+    for j in range(p.shape[0]):
+        a, pj = j % n_lanes, p[j]
+        if j < n_keys:
+            for c in range(d_v):
+                acc[a, c] = fma32(values[j, kv, c], pj, acc[a, c])
+        else:
+            for c in range(d_v):
+                acc[a, c] = fma32(np.float32(0), pj, acc[a, c])
+    if tinyblas:  # hsum8
+        for c in range(d_v):
+            out[c] = ((acc[0, c] + acc[4, c]) + (acc[2, c] + acc[6, c])) \
+                + ((acc[1, c] + acc[5, c]) + (acc[3, c] + acc[7, c]))
+        return
+    for i in range(8):  # GGML_F32x8_REDUCE of the four 8-lane accumulators: lane by lane, into row i
+        for c in range(d_v):
+            acc[i, c] = (acc[i, c] + acc[16 + i, c]) + (acc[8 + i, c] + acc[24 + i, c])
+    for c in range(d_v):
+        out[c] = ((acc[0, c] + acc[4, c]) + (acc[1, c] + acc[5, c])) \
+            + ((acc[2, c] + acc[6, c]) + (acc[3, c] + acc[7, c]))
+
+
 @njit(cache=True, nogil=True)
 def _attention(q, keys, values, allowed, scale, group, tinyblas, out, start, stop):  # pragma: no cover - compiled
     # heads start..stop; the three steps below in one pass per (head, query row): no [H, t, L] temporaries
     t = q.shape[0]
-    n_keys, n_kv_heads, d_v = values.shape
+    n_keys = keys.shape[0]
     padded = -(-n_keys // _PAD) * _PAD
-    values_t = np.zeros((n_kv_heads, d_v, padded), dtype=np.float32)
-    for j in range(n_keys):
-        for kv in range(start // group, (stop - 1) // group + 1):
-            for c in range(d_v):
-                values_t[kv, c, j] = values[j, kv, c]
     w = np.full(padded, -np.inf, dtype=np.float32)
     p = np.empty(padded, dtype=np.float32)
     lanes = np.empty(8, dtype=np.float32)
+    acc = np.empty((32, values.shape[2]), dtype=np.float32)
     for h in range(start, stop):
         kv = h // group
         for i in range(t):
             for j in range(n_keys):
                 w[j] = vec_dot_f32(keys[j, kv], q[i, h]) * scale if allowed[i, j] else np.float32(-np.inf)
             soft_max_row(w, lanes, p)  # the padding's -inf gives exactly 0
-            for c in range(d_v):
-                out[i, h, c] = tinyblas_dot_f32(values_t[kv, c], p) if tinyblas else vec_dot_f32(values_t[kv, c], p)
+            _mix_row(values, kv, p, n_keys, tinyblas, acc, out[i, h])
 
 
 @njit(cache=True, parallel=True)
