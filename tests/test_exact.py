@@ -133,25 +133,27 @@ def _q8_ref_dot(w_int, w_d, x_int, x_d, minimums=None, x_s=None) -> np.float32:
 
 @pytest.mark.parametrize("ggml_type", [T.Q4_1, T.Q8_0])
 def test_quantized_matmul_is_ggmls_dot(ggml_type):
-    """Six activation rows: four through the kernel's four-row pass, two through its one-row pass."""
-    w = RNG.standard_normal((3, 96)).astype(f32)
+    """Six activation rows: four through the kernel's four-row pass, two through its one-row pass; one row alone
+    (decode) through its four-weight-row pass and the remainder."""
+    w = RNG.standard_normal((7, 96)).astype(f32)
     x = RNG.standard_normal((6, 96)).astype(f32)
     raw = quantize(w, ggml_type)
+    split, multiply = (split_q4_1, matmul_q4_1) if ggml_type == T.Q4_1 else (split_q8_0, matmul_q8_0)
+    y = multiply(x, split(raw))
     if ggml_type == T.Q4_1:
-        y = matmul_q4_1(x, split_q4_1(raw))
-        blocks = raw.reshape(3, 3, 20)
+        blocks = raw.reshape(7, 3, 20)
         scales = blocks[..., :4].copy().view(np.float16).astype(f32)
         nibbles = np.concatenate([blocks[..., 4:] & 15, blocks[..., 4:] >> 4], axis=-1)
         xb = quantize_q8(x, with_sum=True)
         ref = [[_q8_ref_dot(nibbles[o], scales[o, :, 0], xb.qs[r], xb.d[r], scales[o, :, 1], xb.s[r])
-                for o in range(3)] for r in range(6)]
+                for o in range(7)] for r in range(6)]
     else:
-        y = matmul_q8_0(x, split_q8_0(raw))
-        blocks = raw.reshape(3, 3, 34)
+        blocks = raw.reshape(7, 3, 34)
         xb = quantize_q8(x, with_sum=False)
         ref = [[_q8_ref_dot(blocks[o, :, 2:].view(np.int8), blocks[o, :, :2].copy().view(np.float16)[:, 0],
-                            xb.qs[r], xb.d[r]) for o in range(3)] for r in range(6)]
+                            xb.qs[r], xb.d[r]) for o in range(7)] for r in range(6)]
     assert np.array_equal(y, np.array(ref, dtype=f32))
+    assert np.array_equal(multiply(x[5:6], split(raw)), y[5:6])
     # and it is the product of the dequantized weight with the rounded activations, up to float32 sums
     rounded = (xb.qs * xb.d[..., None]).reshape(6, 96).astype(np.float64)
     exact = rounded @ dequantize(raw, ggml_type).astype(np.float64).T
