@@ -49,15 +49,16 @@ def serve(model_name: str, context_db: Path | None, host: str, port: int, api_ke
 
     from rocmforge.model import load
     from rocmforge.server.app import LockedEmbedder, create_app
-    from rocmforge.server.batch_invariant import use_batch_invariant_matmul
+    from rocmforge.server.batch_invariant import use_batch_invariant_backend
 
     # One BLAS thread per forward by default: a multi-threaded sgemm waits for its slowest thread, so whenever
     # anything else (the event loop, another process) takes a core every call stalls. Measured on 2 shared cores:
     # a lone stream decoded at 0.5 tok/s with 2 OpenBLAS threads, 7.9 tok/s with 1. Parallelism then comes from
     # splitting the batch; on cores nothing else uses, --blas-threads 2 runs a 16-sequence step ~1.7x faster.
     model = load(model_name, device=device, n_ctx=n_ctx, n_parallel=max_batch, n_threads=blas_threads)
-    if batch_invariant:
-        use_batch_invariant_matmul(model)
+    if batch_invariant and model.device in ("cpu", "cpu-exact") and not use_batch_invariant_backend(model):
+        log.warning("%s on %s has no batch-invariant backend (K-quant weights switch kernels with the row count): a "
+                    "request's text may differ alone and batched; device='cpu' has one", model.name, model.device)
     if model.device == "cpu" and os.environ.get("OPENBLAS_CORETYPE"):
         # measured here: 16 clients decode ~1.3x faster on OpenBLAS's own pick (SkylakeX) than on a forced Haswell
         log.warning("OPENBLAS_CORETYPE=%s forces that OpenBLAS kernel; unset it to let OpenBLAS pick this CPU's "

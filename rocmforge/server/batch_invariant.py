@@ -1,4 +1,5 @@
-"""A numpy backend whose matmul gives each row the same bits whatever else is in the batch.
+"""CPU backends whose forward gives each row the same bits whatever else is in the batch (``BatchInvariantCpuBackend``
+for ``device="cpu"``, ``BatchInvariantExactBackend`` for ``"cpu-exact"``).
 
 Why the server needs it: OpenBLAS picks its kernel, its blocking and its thread split from the shape of the
 call, so a row's result can depend on how many rows share the call and where it sits among them. Measured here
@@ -33,7 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from gguf import GGMLQuantizationType as T
+
 from rocmforge.backends.cpu import CpuBackend, CpuWeight
+from rocmforge.backends.exact import ExactCpuBackend, ExactWeight
+from rocmforge.errors import UnsupportedError
+from rocmforge.exact import attention as exact_attention
 from rocmforge.kv_cache import Batch, KVCache, Segment
 from rocmforge.ops.attention import attention
 from rocmforge.ops.softmax import softmax
@@ -123,8 +129,43 @@ def invariant_product(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return out
 
 
-def use_batch_invariant_matmul(model: Any) -> bool:
-    """Swap a CPU model's backend for ``BatchInvariantCpuBackend`` (same weights and cache); False if not on CPU."""
+class BatchInvariantExactBackend(ExactCpuBackend):
+    """``device="cpu-exact"`` with llama.cpp's one batch-dependent choice fixed, for the server.
+
+    Each output of the exact Q4_1/Q5_0/Q8_0 products is the same fma chain however many rows share the call, and
+    so are the norms, rope and gate. llama.cpp's kqv product is not: from 2 query rows in a ubatch on it runs
+    tinyBLAS's lane order, for 1 row ``ggml_vec_dot_f32``'s. Here every query takes the multi-row order, alone or
+    batched: a lone request may then differ from llama.cpp on a near-tie (its decode steps are 1-row ubatches
+    there), never from the same request batched. K-quant products switch kernels with the row count (Q4_K
+    GEMM/GEMV, Q6_K tiled from 8 rows), so models with them are not served batch-invariant on this backend."""
+
+    ROW_INDEPENDENT = frozenset({T.Q4_1, T.Q5_0, T.Q8_0})
+
+    def attention(self, q: np.ndarray, cache: KVCache, layer: int, batch: Batch, scale: float,
+                  window: int | None, softcap: float | None) -> np.ndarray:
+        if softcap is not None:
+            raise UnsupportedError("device='cpu-exact' has no exact attention logit soft-capping; use device='cpu'")
+        z = np.empty(q.shape[:2] + (cache.v[layer].shape[-1],), dtype=np.float32)
+        for seg in batch.segments:
+            z[seg.rows] = exact_attention.attention(q[seg.rows], cache.k[layer][seg.key_slots],
+                                                    cache.v[layer][seg.key_slots], seg.positions, scale, window,
+                                                    batch_rows=2)
+        return z
+
+
+def use_batch_invariant_backend(model: Any) -> bool:
+    """Swap a CPU model's backend for its batch-invariant twin (same weights and cache): ``BatchInvariantCpuBackend``
+    on ``device="cpu"``, ``BatchInvariantExactBackend`` on ``"cpu-exact"`` when every weight type allows it.
+    False (nothing changed) otherwise."""
+    if type(model.ops) is ExactCpuBackend:
+        types = {w.ggml_type for block in model.ctx.weights.blocks for w in block.values()
+                 if isinstance(w, ExactWeight)} | {model.ctx.weights.output.ggml_type}
+        if not types <= BatchInvariantExactBackend.ROW_INDEPENDENT:
+            return False
+        exact = BatchInvariantExactBackend.__new__(BatchInvariantExactBackend)
+        exact.__dict__.update(vars(model.ops))
+        model.ops = model.ctx.ops = exact
+        return True
     if type(model.ops) is not CpuBackend:
         return False
     backend = BatchInvariantCpuBackend.__new__(BatchInvariantCpuBackend)
