@@ -12,7 +12,8 @@ column count does not: 1 column goes to GEMV, and the SkylakeX kernels round sma
 product runs on tiles of exactly ``TILE`` = 16 rows, the last one zero-padded. Attention runs prompt chunks one
 sequence at a time and decode queries on keys padded to a length their own sequence decides
 (``BatchInvariantCpuBackend.attention``), and the scheduler cuts prompts at fixed chunk boundaries, so with this
-backend a whole forward is batch-invariant: "same seed, same text, alone or batched" holds bit for bit (tests/test_server.py).
+backend a whole forward is batch-invariant: "same seed, same text, alone or batched" holds bit for bit
+(tests/test_server.py).
 
 Why weight-left tiles of 16: OpenBLAS then streams each weight once for a whole 16-sequence decode step, and
 its SkylakeX kernel multiplies a 16-column weight-left product about 2x faster than 8 activation-left rows
