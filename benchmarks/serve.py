@@ -157,7 +157,8 @@ def main() -> None:
     ours = [python, "-m", "rocmforge.cli.main", "serve", "-m", path, "--max-batch", str(max(concurrency)),
             "--n-ctx", str(args.n_ctx), "--no-embeddings"]
     ours += ["--threads", str(args.rocmforge_threads), "--blas-threads", str(args.rocmforge_blas_threads)]
-    servers = {"rocmforge": ours, "rocmforge --no-batch-invariant": [*ours, "--no-batch-invariant"]}
+    servers = {"rocmforge": ours, "rocmforge --no-batch-invariant": [*ours, "--no-batch-invariant"],
+               "rocmforge --device cpu-exact": [*ours, "--device", "cpu-exact"]}
     if not args.skip_llama_cpp:
         # interrupt_requests False: queue concurrent requests instead of cutting the running stream off
         servers["llama-cpp-python"] = [python, "-m", "llama_cpp.server", "--model", path, "--n_ctx", str(args.n_ctx),
