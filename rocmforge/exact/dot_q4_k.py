@@ -64,53 +64,64 @@ def split_q4_k(raw: np.ndarray) -> tuple[np.ndarray, ...]:
     return q, scales, mins, d_dmin[..., 0].copy(), d_dmin[..., 1].copy()
 
 
-def _row_dot(subs_per_fma: int):
-    """An intrinsic: one output's ``acc - acc_min`` over ``n_blocks`` super-blocks, one fma pair per
-    ``subs_per_fma`` sub-blocks of 32 (2: GEMM rows, 8: GEMV rows); arguments are 1-D arrays with start indices."""
+def _row_dot(subs_per_fma: int, n_rows: int):
+    """An intrinsic: one output's ``acc - acc_min`` over ``n_blocks`` super-blocks for ``n_rows`` consecutive
+    activation rows (each weight sub-block loaded once for all), one fma pair per ``subs_per_fma`` sub-blocks of 32
+    (2: GEMM rows, 8: GEMV rows); arguments are 1-D arrays with start indices. A float32, or a tuple per row."""
 
     @intrinsic
     def row_dot(typingctx, q, q0, sc, mins, sc0, wd, wdmin, wd0, x, x0, xsums, xsums0, xd, xd0, n_blocks):
         def codegen(context, builder, signature, args):
             q_ptr, sc_ptr, min_ptr, wd_ptr, wdmin_ptr, x_ptr, xs_ptr, xd_ptr = (
                 data_pointer(context, builder, signature.args[i], args[i]) for i in (0, 2, 3, 5, 6, 8, 10, 12))
-            q0, sc0, wd0, x0, xs0, xd0 = (args[i] for i in (1, 4, 7, 9, 11, 13))
+            q0, sc0, wd0, x0, xs0, xd0, n = (args[i] for i in (1, 4, 7, 9, 11, 13, 14))
             f32 = ir.FloatType()
-            acc = cgutils.alloca_once_value(builder, ir.Constant(f32, 0))
-            acc_min = cgutils.alloca_once_value(builder, ir.Constant(f32, 0))
-            with cgutils.for_range(builder, args[14]) as loop:
+            rows = range(n_rows)
+            acc = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0)) for _ in rows]
+            acc_min = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0)) for _ in rows]
+            with cgutils.for_range(builder, n) as loop:
                 b = loop.index
+                rb = [builder.add(builder.mul(n, ir.Constant(n.type, r)), b) for r in rows]  # block b of row r
                 scales = load_vector(builder, sc_ptr, offset(builder, sc0, b, 8), V8I32)
-                min_terms = builder.mul(load_vector(builder, min_ptr, offset(builder, sc0, b, 8), V8I32),
-                                        load_vector(builder, xs_ptr, offset(builder, xs0, b, 8), V8I32))
-                x_d = builder.load(builder.gep(xd_ptr, [builder.add(xd0, b)]))
-                scale = builder.fmul(builder.load(builder.gep(wd_ptr, [builder.add(wd0, b)])), x_d)
-                scale_min = builder.fmul(builder.load(builder.gep(wdmin_ptr, [builder.add(wd0, b)])), x_d)
-                q_block, x_block = offset(builder, q0, b, 256), offset(builder, x0, b, 256)
+                mins_b = load_vector(builder, min_ptr, offset(builder, sc0, b, 8), V8I32)
+                min_terms = [builder.mul(mins_b, load_vector(builder, xs_ptr, offset(builder, xs0, rb[r], 8), V8I32))
+                             for r in rows]
+                x_d = [builder.load(builder.gep(xd_ptr, [builder.add(xd0, rb[r])])) for r in rows]
+                w_d = builder.load(builder.gep(wd_ptr, [builder.add(wd0, b)]))
+                w_dmin = builder.load(builder.gep(wdmin_ptr, [builder.add(wd0, b)]))
+                scale = [builder.fmul(w_d, x_d[r]) for r in rows]
+                scale_min = [builder.fmul(w_dmin, x_d[r]) for r in rows]
+                q_block = offset(builder, q0, b, 256)
+                x_block = [offset(builder, x0, rb[r], 256) for r in rows]
                 for first in range(0, 8, subs_per_fma):
-                    group = None
+                    group = [None] * n_rows
                     for sub in range(first, first + subs_per_fma):
-                        sums = lane_sums(builder, load_vector(builder, q_ptr, q_block, V32I8, 32 * sub),
-                                         load_vector(builder, x_ptr, x_block, V32I8, 32 * sub))
+                        q_bytes = load_vector(builder, q_ptr, q_block, V32I8, 32 * sub)
                         sub_scale = builder.shuffle_vector(scales, scales, ir.Constant(V8I32, [sub] * 8))
-                        term = builder.mul(sums, sub_scale)
-                        group = term if group is None else builder.add(group, term)
-                    subs = list(range(first, first + subs_per_fma))
-                    group_mins = builder.shuffle_vector(min_terms, min_terms,
-                                                        ir.Constant(ir.VectorType(ir.IntType(32), len(subs)), subs))
-                    imin = reduce_add(builder, group_mins)
-                    isum = reduce_add(builder, group)
-                    builder.store(fma_f32(builder, builder.sitofp(isum, f32), scale, builder.load(acc)), acc)
-                    builder.store(fma_f32(builder, builder.sitofp(imin, f32), scale_min, builder.load(acc_min)),
-                                  acc_min)
-            return builder.fsub(builder.load(acc), builder.load(acc_min))
+                        for r in rows:
+                            sums = lane_sums(builder, q_bytes, load_vector(builder, x_ptr, x_block[r], V32I8, 32 * sub))
+                            term = builder.mul(sums, sub_scale)
+                            group[r] = term if group[r] is None else builder.add(group[r], term)
+                    subs = ir.Constant(ir.VectorType(ir.IntType(32), subs_per_fma),
+                                       list(range(first, first + subs_per_fma)))
+                    for r in rows:
+                        imin = reduce_add(builder, builder.shuffle_vector(min_terms[r], min_terms[r], subs))
+                        isum = reduce_add(builder, group[r])
+                        builder.store(fma_f32(builder, builder.sitofp(isum, f32), scale[r], builder.load(acc[r])),
+                                      acc[r])
+                        builder.store(fma_f32(builder, builder.sitofp(imin, f32), scale_min[r],
+                                              builder.load(acc_min[r])), acc_min[r])
+            results = [builder.fsub(builder.load(acc[r]), builder.load(acc_min[r])) for r in rows]
+            return results[0] if n_rows == 1 else context.make_tuple(builder, signature.return_type, results)
 
-        return types.float32(q, q0, sc, mins, sc0, wd, wdmin, wd0, x, x0, xsums, xsums0, xd, xd0, n_blocks), codegen
+        result = types.float32 if n_rows == 1 else types.UniTuple(types.float32, n_rows)
+        return result(q, q0, sc, mins, sc0, wd, wdmin, wd0, x, x0, xsums, xsums0, xd, xd0, n_blocks), codegen
 
     return row_dot
 
 
-_gemm_row = _row_dot(subs_per_fma=2)
-_gemv_row = _row_dot(subs_per_fma=8)
+_gemm_rows = _row_dot(subs_per_fma=2, n_rows=4)
+_gemv_row = _row_dot(subs_per_fma=8, n_rows=1)
 
 
 @njit(cache=True, nogil=True)
@@ -127,13 +138,13 @@ def _matmul(wq, wsc, wmin, wd, wdmin, xq, xd, xbsums, n_gemm_rows, out, start, s
             b, half = sub >> 3, 2 * (sub & 7)
             x_sums[r * nb * 8 + sub] = np.int32(xbsums[r, b, half]) + np.int32(xbsums[r, b, half + 1])
     for o in range(start, stop):
-        for r in range(n):
-            if r < n_gemm_rows:
-                out[r, o] = _gemm_row(q, o * nb * 256, sc, mins, o * nb * 8, wd_flat, wdmin_flat, o * nb,
-                                      x, r * nb * 256, x_sums, r * nb * 8, xd_flat, r * nb, nb)
-            else:
-                out[r, o] = _gemv_row(q, o * nb * 256, sc, mins, o * nb * 8, wd_flat, wdmin_flat, o * nb,
-                                      x, r * nb * 256, x_sums, r * nb * 8, xd_flat, r * nb, nb)
+        for r in range(0, n_gemm_rows, 4):  # ggml's GEMM takes the rows in groups of 4
+            out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = _gemm_rows(
+                q, o * nb * 256, sc, mins, o * nb * 8, wd_flat, wdmin_flat, o * nb, x, r * nb * 256, x_sums,
+                r * nb * 8, xd_flat, r * nb, nb)
+        for r in range(n_gemm_rows, n):
+            out[r, o] = _gemv_row(q, o * nb * 256, sc, mins, o * nb * 8, wd_flat, wdmin_flat, o * nb,
+                                  x, r * nb * 256, x_sums, r * nb * 8, xd_flat, r * nb, nb)
 
 
 @njit(cache=True, parallel=True)

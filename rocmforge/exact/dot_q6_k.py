@@ -59,9 +59,10 @@ def split_q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q, np.ascontiguousarray(scales), d
 
 
-def _row_dot(tiled: bool):
-    """An intrinsic: one output's dot over ``n_blocks`` super-blocks, ggml's lanes (``tiled=False``) or the tiled
-    kernel's one fma per super-block; arguments are 1-D arrays with start indices."""
+def _row_dot(tiled: bool, n_rows: int):
+    """An intrinsic: one output's dot over ``n_blocks`` super-blocks for ``n_rows`` consecutive activation rows
+    (each weight chunk loaded once for all), ggml's lanes (``tiled=False``) or the tiled kernel's one fma per
+    super-block; arguments are 1-D arrays with start indices. A float32, or a tuple per row."""
 
     @intrinsic
     def row_dot(typingctx, q, q0, sc, sc0, wd, wd0, x, x0, bsums, bsums0, xd, xd0, n_blocks):
@@ -69,57 +70,77 @@ def _row_dot(tiled: bool):
             q_ptr, sc_ptr, wd_ptr, x_ptr, bs_ptr, xd_ptr = (data_pointer(context, builder, signature.args[i], args[i])
                                                             for i in range(0, 12, 2))
             q0, sc0, wd0, x0, bs0, xd0 = args[1:12:2]
+            n = args[12]
+            rows = range(n_rows)
             v16i32 = ir.VectorType(ir.IntType(32), 16)
             even_odd = [ir.Constant(V8I32, [2 * i + k for i in range(8)]) for k in (0, 1)]
-            acc = cgutils.alloca_once_value(builder, ir.Constant(V8F32 if not tiled else ir.FloatType(), None))
-            with cgutils.for_range(builder, args[12]) as loop:
+            acc = [cgutils.alloca_once_value(builder, ir.Constant(V8F32 if not tiled else ir.FloatType(), None))
+                   for _ in rows]
+            with cgutils.for_range(builder, n) as loop:
                 b = loop.index
+                rb = [builder.add(builder.mul(n, ir.Constant(n.type, r)), b) for r in rows]  # block b of row r
                 scales = builder.sext(load_vector(builder, sc_ptr, offset(builder, sc0, b, 16),
                                                   ir.VectorType(ir.IntType(8), 16)), v16i32)
-                pairs = builder.mul(scales, load_vector(builder, bs_ptr, offset(builder, bs0, b, 16), v16i32))
-                # lane l takes back 32 * (bsums[2l]*scales[2l] + bsums[2l+1]*scales[2l+1])
-                minus = builder.shl(builder.add(*(builder.shuffle_vector(pairs, pairs, m) for m in even_odd)),
-                                    ir.Constant(V8I32, [5] * 8))
-                lanes = builder.sub(ir.Constant(V8I32, [0] * 8), minus)
+                lanes = []
+                for r in rows:
+                    pairs = builder.mul(scales, load_vector(builder, bs_ptr, offset(builder, bs0, rb[r], 16), v16i32))
+                    # lane l takes back 32 * (bsums[2l]*scales[2l] + bsums[2l+1]*scales[2l+1])
+                    minus = builder.shl(builder.add(*(builder.shuffle_vector(pairs, pairs, m) for m in even_odd)),
+                                        ir.Constant(V8I32, [5] * 8))
+                    lanes.append(builder.sub(ir.Constant(V8I32, [0] * 8), minus))
+                q_block = offset(builder, q0, b, 256)
                 for m in range(8):  # 32-element chunk m: lanes 0-3 take scale 2m, lanes 4-7 scale 2m+1
-                    sums = lane_sums(builder, load_vector(builder, q_ptr, offset(builder, q0, b, 256), V32I8, 32 * m),
-                                     load_vector(builder, x_ptr, offset(builder, x0, b, 256), V32I8, 32 * m))
-                    mask = ir.Constant(V8I32, [2 * m] * 4 + [2 * m + 1] * 4)
-                    chunk_scales = builder.shuffle_vector(scales, scales, mask)
-                    lanes = builder.add(lanes, builder.mul(sums, chunk_scales))
+                    q_bytes = load_vector(builder, q_ptr, q_block, V32I8, 32 * m)
+                    chunk_scales = builder.shuffle_vector(scales, scales,
+                                                          ir.Constant(V8I32, [2 * m] * 4 + [2 * m + 1] * 4))
+                    for r in rows:
+                        x_bytes = load_vector(builder, x_ptr, offset(builder, x0, rb[r], 256), V32I8, 32 * m)
+                        lanes[r] = builder.add(lanes[r], builder.mul(lane_sums(builder, q_bytes, x_bytes),
+                                                                     chunk_scales))
                 w_d = builder.load(builder.gep(wd_ptr, [builder.add(wd0, b)]))
-                x_d = builder.load(builder.gep(xd_ptr, [builder.add(xd0, b)]))
-                if tiled:
-                    block = builder.fmul(w_d, builder.sitofp(reduce_add(builder, lanes), ir.FloatType()))
-                    builder.store(fma_f32(builder, block, x_d, builder.load(acc)), acc)
-                else:
-                    d = splat(builder, builder.fmul(x_d, w_d))
-                    builder.store(fma_v8(builder, d, builder.sitofp(lanes, V8F32), builder.load(acc)), acc)
-            return builder.load(acc) if tiled else hsum8_ir(builder, builder.load(acc))
+                for r in rows:
+                    x_d = builder.load(builder.gep(xd_ptr, [builder.add(xd0, rb[r])]))
+                    if tiled:
+                        block = builder.fmul(w_d, builder.sitofp(reduce_add(builder, lanes[r]), ir.FloatType()))
+                        builder.store(fma_f32(builder, block, x_d, builder.load(acc[r])), acc[r])
+                    else:
+                        d = splat(builder, builder.fmul(x_d, w_d))
+                        builder.store(fma_v8(builder, d, builder.sitofp(lanes[r], V8F32), builder.load(acc[r])),
+                                      acc[r])
+            results = [builder.load(a) if tiled else hsum8_ir(builder, builder.load(a)) for a in acc]
+            return results[0] if n_rows == 1 else context.make_tuple(builder, signature.return_type, results)
 
-        return types.float32(q, q0, sc, sc0, wd, wd0, x, x0, bsums, bsums0, xd, xd0, n_blocks), codegen
+        result = types.float32 if n_rows == 1 else types.UniTuple(types.float32, n_rows)
+        return result(q, q0, sc, sc0, wd, wd0, x, x0, bsums, bsums0, xd, xd0, n_blocks), codegen
 
     return row_dot
 
 
-_vec_dot_row = _row_dot(tiled=False)
-_tiled_row = _row_dot(tiled=True)
+_vec_dot_row = _row_dot(tiled=False, n_rows=1)
+_tiled_row = _row_dot(tiled=True, n_rows=1)
+_tiled_rows = _row_dot(tiled=True, n_rows=4)
 
 
 @njit(cache=True, nogil=True)
 def _matmul(wq, wsc, wd, xq, xd, xbsums, tiled, out, start, stop):  # pragma: no cover - compiled
     # output rows start..stop; each weight row meets every activation row while it is in L1
     nb = wd.shape[1]
+    n = xq.shape[0]
     q, sc, wd_flat = wq.reshape(-1), wsc.reshape(-1), wd.reshape(-1)
     x, xd_flat, bsums = xq.reshape(-1), xd.reshape(-1), xbsums.reshape(-1)
     for o in range(start, stop):
-        for r in range(xq.shape[0]):
-            if tiled:
-                out[r, o] = _tiled_row(q, o * nb * 256, sc, o * nb * 16, wd_flat, o * nb, x, r * nb * 256, bsums,
-                                       r * nb * 16, xd_flat, r * nb, nb)
-            else:
+        if not tiled:
+            for r in range(n):
                 out[r, o] = _vec_dot_row(q, o * nb * 256, sc, o * nb * 16, wd_flat, o * nb, x, r * nb * 256, bsums,
                                          r * nb * 16, xd_flat, r * nb, nb)
+            continue
+        for r in range(0, n - n % 4, 4):  # four activation rows per pass over a weight row
+            out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = _tiled_rows(
+                q, o * nb * 256, sc, o * nb * 16, wd_flat, o * nb, x, r * nb * 256, bsums, r * nb * 16, xd_flat,
+                r * nb, nb)
+        for r in range(n - n % 4, n):
+            out[r, o] = _tiled_row(q, o * nb * 256, sc, o * nb * 16, wd_flat, o * nb, x, r * nb * 256, bsums,
+                                   r * nb * 16, xd_flat, r * nb, nb)
 
 
 @njit(cache=True, parallel=True)
