@@ -198,8 +198,9 @@ def test_lane_sums_are_exact_quads(vnni):
         assert np.array_equal(out, lanes_reference(q[i], x[i])), i
 
 
-def test_large_matmul_split_over_threads_keeps_every_row():
+def test_large_matmul_split_over_threads_keeps_every_row(monkeypatch):
     """A call big enough for ``split_rows`` gives each output row (both sides of every split) ggml's dot."""
+    monkeypatch.setattr(threads, "_kinds", {})  # no timings yet: the first calls of a kind are parallel
     n_threads = numba.get_num_threads()
     n_out = 4 * n_threads * 64
     k = max(threads.MIN_SPLIT_WORK // n_out + 32, 64) // 32 * 32

@@ -22,7 +22,10 @@ True
 """
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numba
@@ -31,12 +34,46 @@ import numba
 MIN_SPLIT_WORK = 500_000
 
 
+@dataclass
+class _Kind:
+    """What calls of one kernel and size have taken lately (seconds per multiply-add), each way."""
+
+    serial: deque[float] = field(default_factory=lambda: deque(maxlen=4))
+    parallel: deque[float] = field(default_factory=lambda: deque(maxlen=4))
+    explore_every: int = 16   # calls between tries of the slower way; doubled while it stays slower
+    calls: int = 0
+
+
+_kinds: dict[tuple[Any, int], _Kind] = {}
+
+
 def split_rows(driver: Callable[..., Any], kernel: Callable[..., Any], args: tuple, n_rows: int, work: int) -> None:
-    """Run ``kernel(*args, start, stop)`` over ``[0, n_rows)`` (output rows, or heads): through
-    ``driver(args, n_rows, n_slices)`` (an ``@njit(parallel=True)`` loop calling ``kernel`` on slice ``i`` of
-    ``n_slices``) with one slice per thread when ``work`` (multiply-adds) is large, else in one call here."""
+    """Run ``kernel(*args, start, stop)`` over ``[0, n_rows)`` (output rows, or heads): in one call on this thread,
+    or through ``driver(args, n_rows, n_slices)`` (an ``@njit(parallel=True)`` loop calling ``kernel`` on slice
+    ``i`` of ``n_slices``) with one slice per thread, when ``work`` (multiply-adds) is large and that has been the
+    faster way for calls of this kind and size lately.
+
+    On a busy machine a parallel call waits for a thread the OS has not scheduled (one other busy process on the
+    2 cores made calls 25x slower and decode 4x), so the way is chosen by the best of the last few timings of each
+    (one stall does not count), and the slower way is tried again after 16, 32, ... 1024 calls."""
     n_threads = numba.get_num_threads()
     if n_threads == 1 or work < MIN_SPLIT_WORK or n_rows < 2 * n_threads:
         kernel(*args, 0, n_rows)
+        return
+    kind = _kinds.setdefault((driver, work.bit_length()), _Kind())
+    kind.calls += 1
+    warming_up = len(kind.parallel) < 2 or not kind.serial  # the first parallel call also starts the thread pool
+    if warming_up:
+        use_parallel = faster = len(kind.parallel) < 2
     else:
+        faster = min(kind.parallel) <= min(kind.serial)
+        use_parallel = faster != (kind.calls % kind.explore_every == 0)
+    start = time.perf_counter()
+    if use_parallel:
         driver(args, n_rows, n_threads)
+    else:
+        kernel(*args, 0, n_rows)
+    (kind.parallel if use_parallel else kind.serial).append((time.perf_counter() - start) / work)
+    if not warming_up and use_parallel != faster:  # a try of the slower way
+        still_slower = (min(kind.parallel) <= min(kind.serial)) == faster
+        kind.explore_every = min(2 * kind.explore_every, 1024) if still_slower else 16
