@@ -1,7 +1,8 @@
 """Split a kernel's output rows over the machine's cores: numba's parallel loop (OpenMP or TBB thread pool) runs
 ``kernel(*args, start, stop)`` on one slice of rows per thread. Only calls with enough work are split (a decode
-step's smallest matmuls lose more to the hand-off than they gain). Every output is computed by one thread in
-ggml's order, so the bits do not depend on the split.
+step's smallest matmuls lose more to the hand-off than they gain), and only while splitting is the faster way
+(not on a machine whose other jobs keep a core busy). Every output is computed by one thread in ggml's order, so
+the bits do not depend on the split.
 
 llama.cpp splits its matmuls over ``n_threads`` the same way (by output rows); on the 2-core machines this project
 measures on, that is 2. numba's thread count (``NUMBA_NUM_THREADS``, default: the cores) sets the split here.
