@@ -133,8 +133,8 @@ def _q8_ref_dot(w_int, w_d, x_int, x_d, minimums=None, x_s=None) -> np.float32:
 
 @pytest.mark.parametrize("ggml_type", [T.Q4_1, T.Q8_0])
 def test_quantized_matmul_is_ggmls_dot(ggml_type):
-    """Six activation rows: four through the kernel's four-row pass, two through its one-row pass; one row alone
-    (decode) through its four-weight-row pass and the remainder."""
+    """Six activation rows: four through the kernel's four-row pass, two through its one-row pass; and one row
+    alone (decode)."""
     w = RNG.standard_normal((7, 96)).astype(f32)
     x = RNG.standard_normal((6, 96)).astype(f32)
     raw = quantize(w, ggml_type)

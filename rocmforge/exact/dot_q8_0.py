@@ -45,19 +45,13 @@ def _matmul(q, wd, offset, xq, xd, out, start, stop):  # pragma: no cover - comp
     n = xq.shape[0]
     q_flat, wd_flat, x_flat, xd_flat = q.reshape(-1), wd.reshape(-1), xq.reshape(-1), xd.reshape(-1)
     corr = _lane_corrections(xq, offset)
-    first = start
-    if n == 1:  # decode: four weight rows at once (independent fma chains)
-        for o in range(start, stop - (stop - start) % 4, 4):
-            out[0, o], out[0, o + 1], out[0, o + 2], out[0, o + 3] = lane_dot(
-                q_flat, o * nb * 32, wd_flat, o * nb, x_flat, 0, xd_flat, 0, corr, 0, nb, 1, 4)
-        first = stop - (stop - start) % 4
-    for o in range(first, stop):
+    for o in range(start, stop):
         for r in range(0, n - n % 4, 4):  # four activation rows per pass over a weight row (prefill)
             out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = lane_dot(
-                q_flat, o * nb * 32, wd_flat, o * nb, x_flat, r * nb * 32, xd_flat, r * nb, corr, r * nb * 8, nb, 4, 1)
+                q_flat, o * nb * 32, wd_flat, o * nb, x_flat, r * nb * 32, xd_flat, r * nb, corr, r * nb * 8, nb, 4)
         for r in range(n - n % 4, n):
             out[r, o] = lane_dot(q_flat, o * nb * 32, wd_flat, o * nb, x_flat, r * nb * 32, xd_flat, r * nb,
-                                 corr, r * nb * 8, nb, 1, 1)
+                                 corr, r * nb * 8, nb, 1)
 
 
 @njit(cache=True, parallel=True)
