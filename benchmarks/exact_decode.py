@@ -94,6 +94,7 @@ def main() -> None:
         return
 
     started = datetime.now(timezone.utc)
+    idle_load = os.getloadavg()[0]
     loads = []
     best: dict[tuple[str, str], dict[str, float]] = {}
     for name in args.models:
@@ -108,15 +109,17 @@ def main() -> None:
                 old = best.setdefault((name, engine), run)
                 best[(name, engine)] = {key: max(value, old[key]) for key, value in run.items()}
     pp, tg = f"pp{args.n_prompt}", f"tg{args.n_gen}"
-    print(f"{started:%Y-%m-%d %H:%M} UTC, {_cpu_model()}, {os.cpu_count()} cores, load average "
-          f"{min(loads):.2f}-{max(loads):.2f} during the run; best of {args.rounds * args.reps}.\n")
-    print(f"| model | engine | {pp} tok/s | {tg} tok/s | {tg} / llama.cpp |")
-    print("|---|---|---|---|---|")
+    print(f"{started:%Y-%m-%d %H:%M} UTC, {_cpu_model()}, {os.cpu_count()} cores, 1-minute load average "
+          f"{idle_load:.2f} before the run, {min(loads):.2f}-{max(loads):.2f} during it (the run's own processes "
+          f"count); best of {args.rounds} processes x {args.reps} runs.\n")
+    print(f"| model | engine | {pp} tok/s | {tg} tok/s | {pp} / llama.cpp | {tg} / llama.cpp |")
+    print("|---|---|---|---|---|---|")
     for name in args.models:
-        reference = best[(name, "llama.cpp")]["tg"]
+        reference = best[(name, "llama.cpp")]
         for engine in ENGINES:
             speed = best[(name, engine)]
-            print(f"| {name} | {engine} | {speed['pp']:.1f} | {speed['tg']:.1f} | {speed['tg'] / reference:.2f}x |")
+            print(f"| {name} | {engine} | {speed['pp']:.1f} | {speed['tg']:.1f} | {speed['pp'] / reference['pp']:.2f}x "
+                  f"| {speed['tg'] / reference['tg']:.2f}x |")
 
 
 if __name__ == "__main__":
