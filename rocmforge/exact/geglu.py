@@ -12,11 +12,9 @@ import math
 from functools import cache
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
 
-from rocmforge.exact.simd import fma32
+from rocmforge.exact.simd import fma32, fp16_bits
 
 _SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
 _GELU_COEF_A = np.float32(0.044715)
@@ -59,14 +57,6 @@ def geglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return out
 
 
-@intrinsic
-def _fp16_bits(typingctx, x):
-    def codegen(context, builder, signature, args):  # fptrunc: round half to even, as _cvtss_sh
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-    return types.uint16(types.float32), codegen
-
-
 @njit(cache=True)
 def _geglu(gate, up, table, out):  # pragma: no cover - compiled
     for i in range(gate.size):
@@ -76,4 +66,4 @@ def _geglu(gate, up, table, out):  # pragma: no cover - compiled
         elif x >= np.float32(10):
             out[i] = x * up[i]
         else:
-            out[i] = table[_fp16_bits(x)] * up[i]
+            out[i] = table[fp16_bits(x)] * up[i]

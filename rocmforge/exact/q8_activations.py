@@ -14,6 +14,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
+from rocmforge.exact.simd import round_fp16
+
 BLOCK = 32
 
 
@@ -39,13 +41,11 @@ def quantize_q8(x: np.ndarray, with_sum: bool) -> Q8Blocks:
     d = np.empty((n, k // BLOCK), dtype=np.float32)
     s = np.empty_like(d)
     _quantize(np.ascontiguousarray(x, dtype=np.float32).reshape(n, k // BLOCK, BLOCK), qs, d, s)
-    to_fp16 = lambda v: v.astype(np.float16).astype(np.float32)  # noqa: E731
-    return Q8Blocks(qs, to_fp16(d), to_fp16(s) if with_sum else None)
+    return Q8Blocks(qs, d, s if with_sum else None)
 
 
 @njit(cache=True, nogil=True)
 def _quantize(blocks, qs, d, s):  # pragma: no cover - compiled
-    # float32 d and d*sum(q), rounded to fp16 by the caller (numba has no float16 arithmetic)
     for r in range(blocks.shape[0]):
         for b in range(blocks.shape[1]):
             amax = np.float32(0)
@@ -57,5 +57,6 @@ def _quantize(blocks, qs, d, s):  # pragma: no cover - compiled
                 q = np.int8(np.rint(blocks[r, b, i] * inverse))
                 qs[r, b, i] = q
                 total += q
-            d[r, b] = amax / np.float32(127)
-            s[r, b] = d[r, b] * np.float32(total)
+            scale = amax / np.float32(127)
+            d[r, b] = round_fp16(scale)
+            s[r, b] = round_fp16(scale * np.float32(total))

@@ -1,5 +1,6 @@
 """The scalar building blocks of ggml's AVX2 code, for numba kernels: a real fused multiply-add, float32 <-> bits,
-the horizontal sum ggml uses to reduce an 8-lane accumulator, and ``ggml_v_expf`` lane by lane.
+fp16 rounding (F16C), the horizontal sum ggml uses to reduce an 8-lane accumulator, and ``ggml_v_expf`` lane by
+lane.
 
 Everything stays float32: numba keeps ``float32 op float32`` in float32 without contracting ``a*b + c`` into an
 fma (no fastmath), so each expression below rounds exactly where the intrinsic it mirrors rounds. Constants are
@@ -41,6 +42,34 @@ def _from_bits(typingctx, x):
         return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _fp16_bits(typingctx, x):
+    def codegen(context, builder, signature, args):  # fptrunc rounds half to even, as _cvtss_sh and numpy
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _round_fp16(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.float32), codegen
+
+
+@njit(inline="always")
+def fp16_bits(x: np.float32) -> int:
+    """The IEEE half-precision bits of ``x`` rounded to fp16 (``GGML_CPU_FP32_TO_FP16``)."""
+    return _fp16_bits(np.float32(x))
+
+
+@njit(inline="always")
+def round_fp16(x: np.float32) -> np.float32:
+    """``x`` rounded to fp16 and back: the value of a float stored as ``ggml_fp16_t``."""
+    return _round_fp16(np.float32(x))
 
 
 @njit(inline="always")
