@@ -96,6 +96,15 @@ def test_fma32_rounds_once():
     assert simd.fma32(f32(0.1), f32(10), f32(-1)) != f32(0.1) * f32(10) - f32(1)  # not two roundings
 
 
+def test_fp16_rounding_is_half_to_even():
+    halves = np.unique(np.abs(RNG.standard_normal(300) * 10.0 ** RNG.uniform(-7, 4, 300)).astype(np.float16))
+    ties = ((halves[:-1].astype(np.float64) + halves[1:]) / 2).astype(f32)  # exactly between two fp16 values
+    for x in np.concatenate([ties, -ties, RNG.standard_normal(100).astype(f32), [f32(7e4), f32(1e-8)]]):
+        with np.errstate(over="ignore"):  # 7e4 overflows to inf, as in ggml
+            assert simd.round_fp16(x) == f32(np.float16(x)), x
+            assert simd.fp16_bits(x) == np.array([x], np.float16).view(np.uint16)[0], x
+
+
 def test_v_expf_is_ggmls_polynomial_and_close_to_exp():
     xs = np.concatenate([RNG.uniform(-20, 20, 200), RNG.uniform(-104, -86, 50), [0.0, -0.0, 88.0]]).astype(f32)
     for x in xs:
