@@ -13,4 +13,7 @@ the activation roundings (``q8_activations``, ``q8_k_activations``), one ``dot_<
 name.
 ``rocmforge.backends.exact.ExactCpuBackend`` runs a model with them:
 ``rocmforge.load(name, device="cpu-exact")``.
+
+The kernels are cached by numba (``cache=True``), which re-checks only the file of the cached function: after
+editing ``simd``, ``lanes`` or ``dot_f32`` (inlined into the others), delete ``rocmforge/exact/__pycache__/*.nb[ic]``.
 """
