@@ -142,29 +142,29 @@ def _q8_ref_dot(w_int, w_d, x_int, x_d, minimums=None, x_s=None) -> np.float32:
 
 @pytest.mark.parametrize("ggml_type", [T.Q4_1, T.Q8_0])
 def test_quantized_matmul_is_ggmls_dot(ggml_type):
-    """Six activation rows: four through the kernel's four-row pass, two through its one-row pass; and one row
-    alone (decode)."""
-    w = RNG.standard_normal((7, 96)).astype(f32)
-    x = RNG.standard_normal((6, 96)).astype(f32)
+    """Ten activation rows: eight through the kernel's four-row pass (interleaved, two rows per register), two
+    through its one-row pass; 21 outputs: a full tile of 16 and a part; and one row alone (decode)."""
+    w = RNG.standard_normal((21, 96)).astype(f32)
+    x = RNG.standard_normal((10, 96)).astype(f32)
     raw = quantize(w, ggml_type)
     split, multiply = (split_q4_1, matmul_q4_1) if ggml_type == T.Q4_1 else (split_q8_0, matmul_q8_0)
     y = multiply(x, split(raw))
     if ggml_type == T.Q4_1:
-        blocks = raw.reshape(7, 3, 20)
+        blocks = raw.reshape(21, 3, 20)
         scales = blocks[..., :4].copy().view(np.float16).astype(f32)
         nibbles = np.concatenate([blocks[..., 4:] & 15, blocks[..., 4:] >> 4], axis=-1)
         xb = quantize_q8(x, with_sum=True)
         ref = [[_q8_ref_dot(nibbles[o], scales[o, :, 0], xb.qs[r], xb.d[r], scales[o, :, 1], xb.s[r])
-                for o in range(7)] for r in range(6)]
+                for o in range(21)] for r in range(10)]
     else:
-        blocks = raw.reshape(7, 3, 34)
+        blocks = raw.reshape(21, 3, 34)
         xb = quantize_q8(x, with_sum=False)
         ref = [[_q8_ref_dot(blocks[o, :, 2:].view(np.int8), blocks[o, :, :2].copy().view(np.float16)[:, 0],
-                            xb.qs[r], xb.d[r]) for o in range(7)] for r in range(6)]
+                            xb.qs[r], xb.d[r]) for o in range(21)] for r in range(10)]
     assert np.array_equal(y, np.array(ref, dtype=f32))
     assert np.array_equal(multiply(x[5:6], split(raw)), y[5:6])
     # and it is the product of the dequantized weight with the rounded activations, up to float32 sums
-    rounded = (xb.qs * xb.d[..., None]).reshape(6, 96).astype(np.float64)
+    rounded = (xb.qs * xb.d[..., None]).reshape(10, 96).astype(np.float64)
     exact = rounded @ dequantize(raw, ggml_type).astype(np.float64).T
     if ggml_type == T.Q4_1:  # llama.cpp adds m * fp16(d*sum(q)) instead of m * fp16(d)*sum(q)
         exact += (xb.s - xb.d * xb.qs.sum(-1)).astype(np.float64) @ scales[..., 1].T.astype(np.float64)
@@ -203,6 +203,37 @@ def test_lane_sums_are_exact_quads(vnni):
     q[0], x[0] = 255, -128  # the extremes
     out = np.empty(8, np.int32)
     for i in range(50):
+        run(q[i], x[i], out)
+        assert np.array_equal(out, lanes_reference(q[i], x[i])), i
+
+
+@pytest.mark.parametrize("vnni_512", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not lanes.HAS_VNNI_512, reason="no AVX512-VNNI on this CPU"))])
+def test_lane_sums_of_a_block_pair_are_each_blocks_lanes(vnni_512):
+    """Two rows' blocks in one 64-byte vector (``lane_dot_x4``): lanes 0-7 are the first block's, 8-15 the
+    second's."""
+
+    @intrinsic
+    def store_pair(typingctx, q, x, out):
+        def codegen(context, builder, signature, args):
+            q_ptr, x_ptr, out_ptr = (lanes.data_pointer(context, builder, signature.args[i], args[i]) for i in range(3))
+            zero = ir.Constant(ir.IntType(64), 0)
+            sums = lanes.lane_sums_pair(builder, lanes.load_vector(builder, q_ptr, zero, lanes.V64I8),
+                                        lanes.load_vector(builder, x_ptr, zero, lanes.V64I8), vnni_512=vnni_512)
+            builder.store(sums, builder.bitcast(out_ptr, lanes.V16I32.as_pointer()), align=1)
+            return context.get_dummy_value()
+
+        return types.none(q, x, out), codegen
+
+    @njit
+    def run(q, x, out):
+        store_pair(q, x, out)
+
+    q = RNG.integers(0, 256, (20, 64)).astype(np.uint8)
+    x = RNG.integers(-128, 128, (20, 64)).astype(np.int8)
+    q[0], x[0] = 255, -128
+    out = np.empty(16, np.int32)
+    for i in range(20):
         run(q[i], x[i], out)
         assert np.array_equal(out, lanes_reference(q[i], x[i])), i
 
@@ -294,16 +325,20 @@ def test_attention_matches_float64():
         np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("window", [None, 3])
-def test_fused_attention_is_the_three_steps(window):
-    """``attention`` (one pass, heads split over threads when large) gives the bits of scores -> softmax -> mix,
-    the steps hooks read."""
-    q, k, v = (RNG.standard_normal((n, h, 64)).astype(f32) for n, h in ((40, 6), (60, 2), (60, 2)))
-    pos = np.arange(20, 60)
-    assert 40 * 60 * 128 * 6 >= threads.MIN_SPLIT_WORK
-    for rows in (1, 40):
-        steps = attention_mix(attention_softmax(attention_scores(q, k, pos, 0.125, window)), v, batch_rows=rows)
-        assert np.array_equal(attention(q, k, v, pos, 0.125, window, batch_rows=rows), steps)
+@pytest.mark.parametrize(("window", "d", "loud"), [(None, 64, 1), (3, 64, 1), (None, 256, 1), (10, 256, 30),
+                                                   (None, 32, 40)])
+def test_fused_attention_is_the_three_steps(window, d, loud):
+    """``attention`` (one pass, rows split over threads when large; from 8 query rows the lane kernels on re-laid
+    keys and values) gives the bits of scores -> softmax -> mix, the steps hooks read. ``loud`` queries push
+    scores below exp's fast range (ggml_v_expf's slow path)."""
+    q, k, v = (RNG.standard_normal((n, h, d)).astype(f32) for n, h in ((40, 6), (61, 2), (61, 2)))
+    q *= loud
+    assert 40 * 61 * 2 * d * 6 >= threads.MIN_SPLIT_WORK
+    for pos in (np.arange(21, 61), np.array([60])):
+        for rows in (1, 40):
+            steps = attention_mix(attention_softmax(attention_scores(q[:len(pos)], k, pos, 0.125, window)), v,
+                                  batch_rows=rows)
+            assert np.array_equal(attention(q[:len(pos)], k, v, pos, 0.125, window, batch_rows=rows), steps)
 
 
 def test_unsupported_weight_type_is_refused(tmp_path):

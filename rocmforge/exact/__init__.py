@@ -7,13 +7,14 @@ operation order: which values are rounded to float32, which are fused multiply-a
 accumulators are laid out and in which order they are reduced.
 
 One op per module: ``simd`` (fma, bit casts, ggml's horizontal sums and ``ggml_v_expf``), ``lanes`` (ggml's
-8-lane integer block sums as LLVM vector code: ``vpdpbusd``), ``threads`` (large matmuls split over the cores),
-the activation roundings (``q8_activations``, ``q8_k_activations``), one ``dot_<type>`` per weight type
-(``dot.MATMULS`` maps a GGUF type to its exact matmul), ``dot_f32`` and ``attention``, and the elementwise ops by
-name.
+8-lane integer block sums as LLVM vector code: ``vpdpbusd``), ``expf_lanes`` (``ggml_v_expf`` on 8 lanes),
+``threads`` (large matmuls split over the cores), the activation roundings (``q8_activations``,
+``q8_k_activations``), one ``dot_<type>`` per weight type (``dot.MATMULS`` maps a GGUF type to its exact matmul),
+``dot_f32``, ``attention`` (its prefill inner loops in ``attention_lanes``), and the elementwise ops by name.
 ``rocmforge.backends.exact.ExactCpuBackend`` runs a model with them:
 ``rocmforge.load(name, device="cpu-exact")``.
 
 The kernels are cached by numba (``cache=True``), which re-checks only the file of the cached function: after
-editing ``simd``, ``lanes`` or ``dot_f32`` (inlined into the others), delete ``rocmforge/exact/__pycache__/*.nb[ic]``.
+editing ``simd``, ``lanes``, ``expf_lanes``, ``attention_lanes`` or ``dot_f32`` (inlined into the others), delete
+``rocmforge/exact/__pycache__/*.nb[ic]``.
 """

@@ -14,13 +14,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from rocmforge.exact.attention_lanes import kq_16, kqv_lane
 from rocmforge.exact.dot_f32 import tinyblas_dot_f32, vec_dot_f32
+from rocmforge.exact.expf_lanes import exp_8
 from rocmforge.exact.simd import fma32
-from rocmforge.exact.soft_max import soft_max, soft_max_row
+from rocmforge.exact.soft_max import soft_max
 from rocmforge.exact.threads import split_rows
 from rocmforge.ops.attention import causal_mask
 
 _PAD = 32
+_MANY_ROWS = 8  # from this many query rows the keys and values are re-laid for the lane kernels
 
 
 def _padded(n: int) -> int:
@@ -49,20 +52,17 @@ def _mix(pattern, values_t, group, tinyblas, out):  # pragma: no cover - compile
 
 
 @njit(inline="always")
-def _mix_row(values, kv, p, n_keys, tinyblas, acc, out):
+def _mix_row(values, kv, p, j_start, j_stop, tinyblas, acc, out):
     # out[c] = v[:, c] . p in ggml's lanes (key j in accumulator lane j % 32, or j % 8 for tinyBLAS), computed for
-    # all c at once from values[j, kv, :] (no transposed copy of the values); padded keys add fma(0, 0, acc)
+    # all c at once from values[j, kv, :] (no transposed copy of the values); keys outside j_start..j_stop have
+    # p = 0, and fma(v, 0, acc) is acc: they are skipped
     d_v = values.shape[2]
     n_lanes = 8 if tinyblas else 32
     acc[:n_lanes] = 0
-    for j in range(p.shape[0]):
+    for j in range(j_start, j_stop):
         a, pj = j % n_lanes, p[j]
-        if j < n_keys:
-            for c in range(d_v):
-                acc[a, c] = fma32(values[j, kv, c], pj, acc[a, c])
-        else:
-            for c in range(d_v):
-                acc[a, c] = fma32(np.float32(0), pj, acc[a, c])
+        for c in range(d_v):
+            acc[a, c] = fma32(values[j, kv, c], pj, acc[a, c])
     if tinyblas:  # hsum8
         for c in range(d_v):
             out[c] = ((acc[0, c] + acc[4, c]) + (acc[2, c] + acc[6, c])) \
@@ -77,28 +77,59 @@ def _mix_row(values, kv, p, n_keys, tinyblas, acc, out):
 
 
 @njit(cache=True, nogil=True)
-def _attention(q, keys, values, allowed, scale, group, tinyblas, out, start, stop):  # pragma: no cover - compiled
-    # heads start..stop; the three steps below in one pass per (head, query row): no [H, t, L] temporaries
-    t = q.shape[0]
-    n_keys = keys.shape[0]
-    padded = -(-n_keys // _PAD) * _PAD
-    w = np.full(padded, -np.inf, dtype=np.float32)
+def _attention(q, keys, key_tiles, values, value_lanes, first, last, scale, group, tinyblas, out, start,
+               stop):  # pragma: no cover - compiled
+    # rows start..stop of (query, head) pairs, queries in the order 0, t-1, 1, t-2, ... so that equal slices of
+    # rows get equal causal work; the three steps in one pass per row, only over the keys the row may read
+    # (first[i]..last[i]): a masked key's probability is exactly 0 and adds nothing anywhere.
+    # key_tiles / value_lanes (prefill; empty for a few rows) are the cache re-laid for the lane kernels
+    t, n_heads, d = q.shape
+    n_kv_heads, d_v = values.shape[1], values.shape[2]
+    padded = -(-keys.shape[0] // _PAD) * _PAD
+    q_flat, tiles_flat, lanes_flat = q.reshape(-1), key_tiles.reshape(-1), value_lanes.reshape(-1)
+    kq = np.empty(padded, dtype=np.float32)
+    w = np.empty(padded, dtype=np.float32)
     p = np.empty(padded, dtype=np.float32)
-    lanes = np.empty(8, dtype=np.float32)
-    acc = np.empty((32, values.shape[2]), dtype=np.float32)
-    for h in range(start, stop):
+    key_lanes = np.empty(8 * d_v, dtype=np.float32)
+    acc = np.empty((32, d_v), dtype=np.float32)
+    for r in range(start, stop):
+        m, h = r // n_heads, r % n_heads
+        i = m // 2 if m % 2 == 0 else t - 1 - m // 2
         kv = h // group
-        for i in range(t):
-            for j in range(n_keys):
-                w[j] = vec_dot_f32(keys[j, kv], q[i, h]) * scale if allowed[i, j] else np.float32(-np.inf)
-            soft_max_row(w, lanes, p)  # the padding's -inf gives exactly 0
-            _mix_row(values, kv, p, n_keys, tinyblas, acc, out[i, h])
+        lo, hi = first[i], last[i]
+        b0, b1 = lo // 16 * 16, -(-hi // 16) * 16  # whole blocks of 16 keys (padded is a multiple of 32)
+        if key_tiles.size:
+            for j0 in range(b0, b1, 16):
+                kq_16(tiles_flat, (kv * padded + j0) * d, 16, q_flat, (i * n_heads + h) * d, d, kq, j0)
+        else:
+            for j in range(lo, hi):
+                kq[j] = vec_dot_f32(keys[j, kv], q[i, h])
+        row_max = np.float32(-np.inf)
+        for j in range(b0, b1):
+            w[j] = kq[j] * scale if lo <= j < hi else np.float32(-np.inf)
+            row_max = max(row_max, w[j])
+        total = 0.0  # ggml_vec_soft_max_f32: hsum8 of each 8 exps added to a double
+        for j0 in range(b0, b1, 8):
+            total += np.float64(exp_8(w, j0, row_max, p))
+        inverse = np.float32(1.0 / total)
+        for j in range(b0, b1):
+            p[j] *= inverse
+        if not value_lanes.size:
+            _mix_row(values, kv, p, lo, hi, tinyblas, acc, out[i, h])
+            continue
+        for lane in range(8):  # tinyBLAS: key j in lane j % 8
+            j = lo + (lane - lo) % 8
+            kqv_lane(lanes_flat, ((kv * 8 + lane) * (padded // 8) + j // 8) * d_v, d_v, p, j,
+                     max(0, -(-(hi - j) // 8)), d_v, key_lanes, lane * d_v)
+        a = key_lanes.reshape(8, d_v)
+        for c in range(d_v):  # hsum8 of the 8 lanes
+            out[i, h, c] = ((a[0, c] + a[4, c]) + (a[2, c] + a[6, c])) + ((a[1, c] + a[5, c]) + (a[3, c] + a[7, c]))
 
 
 @njit(cache=True, parallel=True)
-def _attention_parallel(args, n_heads, n_slices):  # pragma: no cover - compiled
-    for i in prange(n_slices):  # one slice of heads per thread (threads.split_rows)
-        _attention(*args, n_heads * i // n_slices, n_heads * (i + 1) // n_slices)
+def _attention_parallel(args, n_rows, n_slices):  # pragma: no cover - compiled
+    for i in prange(n_slices):  # one slice of (query, head) rows per thread (threads.split_rows)
+        _attention(*args, n_rows * i // n_slices, n_rows * (i + 1) // n_slices)
 
 
 def attention_scores(q: np.ndarray, keys: np.ndarray, q_positions: np.ndarray, scale: float,
@@ -149,11 +180,26 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, q_positions: 
     >>> attention(q, k, v, np.array([0, 1]), 0.5, None, batch_rows=2)[:, 0, 0].tolist()
     [1.0, 2.0]
     """
-    t, n_heads, _ = q.shape
+    t, n_heads, d = q.shape
     n_keys, n_kv_heads, d_v = values.shape
     out = np.empty((t, n_heads, d_v), dtype=np.float32)
     allowed = causal_mask(np.asarray(q_positions), n_keys, window)
-    args = (*(np.ascontiguousarray(a, dtype=np.float32) for a in (q, keys, values)), allowed, np.float32(scale),
+    first = np.argmax(allowed, axis=1)
+    last = n_keys - np.argmax(allowed[:, ::-1], axis=1)
+    if not np.array_equal(allowed.sum(axis=1), last - first) or not allowed[np.arange(t), first].all():
+        raise ValueError("each query must read one contiguous, non-empty range of keys")
+    padded = _padded(n_keys)
+    key_tiles = value_lanes = np.empty((0, 0, 0, 0), dtype=np.float32)  # unused (few rows)
+    if t >= _MANY_ROWS:  # [kv head, block of 16 keys, element, key]: kq_16 reads a block front to back
+        keys_p = np.zeros((padded, n_kv_heads, d), dtype=np.float32)
+        keys_p[:n_keys] = keys
+        key_tiles = np.ascontiguousarray(keys_p.reshape(padded // 16, 16, n_kv_heads, d).transpose(2, 0, 3, 1))
+        if batch_rows >= 2 and d_v % 64 == 0:  # [kv head, lane, key // 8, feature]: each lane's keys in a row
+            values_p = np.zeros((padded, n_kv_heads, d_v), dtype=np.float32)
+            values_p[:n_keys] = values
+            value_lanes = np.ascontiguousarray(values_p.reshape(padded // 8, 8, n_kv_heads, d_v).transpose(2, 1, 0, 3))
+    args = (np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(keys, dtype=np.float32), key_tiles,
+            np.ascontiguousarray(values, dtype=np.float32), value_lanes, first, last, np.float32(scale),
             n_heads // n_kv_heads, batch_rows >= 2, out)
-    split_rows(_attention_parallel, _attention, args, n_heads, work=t * n_keys * (q.shape[2] + d_v) * n_heads)
+    split_rows(_attention_parallel, _attention, args, t * n_heads, work=t * n_keys * (d + d_v) * n_heads)
     return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from rocmforge.exact.lanes import nibble_lane_dot
+from rocmforge.exact.lanes import OUT_TILE, interleave4, nibble_lane_dot, nibble_lane_dot_x4
 from rocmforge.exact.q8_activations import Q8Blocks, quantize_q8
 from rocmforge.exact.simd import fma32
 from rocmforge.exact.threads import split_rows
@@ -32,23 +32,35 @@ def split_q4_1(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @njit(cache=True, nogil=True)
-def _matmul(q, wd, wm, xq, xd, xs, out, start, stop):  # pragma: no cover - compiled
-    # output rows start..stop: ggml's 8 lanes through lane_dot, the minimums' fma chain beside them
+def _matmul(q, wd, wm, xq, xd, xs_t, xi, xdi, out, start, stop):  # pragma: no cover - compiled
+    # output rows start..stop, OUT_TILE at a time (their weight rows stay in L1 while all activation rows pass, and
+    # each activation row's outputs are written as one cache line): ggml's 8 lanes through lane_dot (rows 4 at
+    # a time from their interleaved copies xi, xdi: lanes.interleave4; the rest one by one), then the minimums'
+    # fma chain added
     n_out, nb = wd.shape
     n = xq.shape[0]
     q_flat, wd_flat, x_flat, xd_flat = q.reshape(-1), wd.reshape(-1), xq.reshape(-1), xd.reshape(-1)
-    for o in range(start, stop):
-        for r in range(0, n - n % 4, 4):  # four activation rows per pass over a weight row (prefill)
-            out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = nibble_lane_dot(
-                q_flat, o * nb * 16, wd_flat, o * nb, x_flat, r * nb * 32, xd_flat, r * nb, nb, 4)
-        for r in range(n - n % 4, n):
-            out[r, o] = nibble_lane_dot(q_flat, o * nb * 16, wd_flat, o * nb, x_flat, r * nb * 32, xd_flat, r * nb,
-                                        nb, 1)
-        for r in range(n):
-            summs = np.float32(0)
+    xi_flat, xdi_flat = xi.reshape(-1), xdi.reshape(-1)
+    summs = np.empty((OUT_TILE, n), dtype=np.float32)
+    for o0 in range(start, stop, OUT_TILE):
+        o1 = min(o0 + OUT_TILE, stop)
+        for o in range(o0, o1):  # each row's chain over the blocks, all rows side by side (vectorized)
+            summs[o - o0] = 0
             for b in range(nb):
-                summs = fma32(wm[o, b], xs[r, b], summs)
-            out[r, o] += summs
+                for r in range(n):
+                    summs[o - o0, r] = fma32(wm[o, b], xs_t[b, r], summs[o - o0, r])
+        for g in range(xi.shape[0]):
+            r = 4 * g
+            for o in range(o0, o1):
+                out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = nibble_lane_dot_x4(
+                    q_flat, o * nb * 16, wd_flat, o * nb, xi_flat, g * nb * 128, xdi_flat, g * nb * 4, nb)
+        for r in range(4 * xi.shape[0], n):
+            for o in range(o0, o1):
+                out[r, o] = nibble_lane_dot(q_flat, o * nb * 16, wd_flat, o * nb, x_flat, r * nb * 32, xd_flat,
+                                            r * nb, nb, 1)
+        for r in range(n):
+            for o in range(o0, o1):
+                out[r, o] += summs[o - o0, r]
 
 
 @njit(cache=True, parallel=True)
@@ -73,6 +85,7 @@ def matmul_q4_1(x: np.ndarray | Q8Blocks, weight: tuple[np.ndarray, np.ndarray, 
     nibbles, d, m = weight
     n, (n_out, k) = blocks.qs.shape[0], (nibbles.shape[0], 2 * nibbles.shape[1])
     out = np.empty((n, n_out), dtype=np.float32)
-    split_rows(_matmul_parallel, _matmul, (nibbles, d, m, blocks.qs, blocks.d, blocks.s, out), n_out,
-               work=n * k * n_out)
+    sums_t = np.ascontiguousarray(blocks.s.T)  # [block, row]: the minimums' chains run over rows side by side
+    args = (nibbles, d, m, blocks.qs, blocks.d, sums_t, interleave4(blocks.qs), interleave4(blocks.d), out)
+    split_rows(_matmul_parallel, _matmul, args, n_out, work=n * k * n_out)
     return out

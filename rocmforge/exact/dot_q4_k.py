@@ -26,7 +26,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from rocmforge.errors import UnsupportedError
-from rocmforge.exact.lanes import V8I32, V32I8, data_pointer, fma_f32, lane_sums, load_vector, offset, reduce_add
+from rocmforge.exact.lanes import (OUT_TILE, V8I32, V32I8, data_pointer, fma_f32, lane_sums, load_vector, offset,
+                                   reduce_add)
 from rocmforge.exact.q8_k_activations import Q8KBlocks, quantize_q8_k
 from rocmforge.exact.threads import split_rows
 
@@ -126,7 +127,7 @@ _gemv_row = _row_dot(subs_per_fma=8, n_rows=1)
 
 @njit(cache=True, nogil=True)
 def _matmul(wq, wsc, wmin, wd, wdmin, xq, xd, xbsums, n_gemm_rows, out, start, stop):  # pragma: no cover
-    # output rows start..stop; each weight row meets every activation row while it is in L1
+    # output rows start..stop
     nb = wd.shape[1]
     n = xq.shape[0]
     q, sc, mins = wq.reshape(-1), wsc.reshape(-1), wmin.reshape(-1)
@@ -137,14 +138,17 @@ def _matmul(wq, wsc, wmin, wd, wdmin, xq, xd, xbsums, n_gemm_rows, out, start, s
         for sub in range(nb * 8):
             b, half = sub >> 3, 2 * (sub & 7)
             x_sums[r * nb * 8 + sub] = np.int32(xbsums[r, b, half]) + np.int32(xbsums[r, b, half + 1])
-    for o in range(start, stop):
+    for o0 in range(start, stop, OUT_TILE):  # OUT_TILE weight rows stay in L1 while all activation rows pass
+        o1 = min(o0 + OUT_TILE, stop)
         for r in range(0, n_gemm_rows, 4):  # ggml's GEMM takes the rows in groups of 4
-            out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = _gemm_rows(
-                q, o * nb * 256, sc, mins, o * nb * 8, wd_flat, wdmin_flat, o * nb, x, r * nb * 256, x_sums,
-                r * nb * 8, xd_flat, r * nb, nb)
+            for o in range(o0, o1):
+                out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = _gemm_rows(
+                    q, o * nb * 256, sc, mins, o * nb * 8, wd_flat, wdmin_flat, o * nb, x, r * nb * 256, x_sums,
+                    r * nb * 8, xd_flat, r * nb, nb)
         for r in range(n_gemm_rows, n):
-            out[r, o] = _gemv_row(q, o * nb * 256, sc, mins, o * nb * 8, wd_flat, wdmin_flat, o * nb,
-                                  x, r * nb * 256, x_sums, r * nb * 8, xd_flat, r * nb, nb)
+            for o in range(o0, o1):
+                out[r, o] = _gemv_row(q, o * nb * 256, sc, mins, o * nb * 8, wd_flat, wdmin_flat, o * nb,
+                                      x, r * nb * 256, x_sums, r * nb * 8, xd_flat, r * nb, nb)
 
 
 @njit(cache=True, parallel=True)

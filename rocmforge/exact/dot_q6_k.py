@@ -22,7 +22,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from rocmforge.exact.lanes import (V8F32, V8I32, V32I8, data_pointer, fma_f32, fma_v8, hsum8_ir, lane_sums,
+from rocmforge.exact.lanes import (OUT_TILE, V8F32, V8I32, V32I8, data_pointer, fma_f32, fma_v8, hsum8_ir, lane_sums,
                                    load_vector, offset, reduce_add, splat)
 from rocmforge.exact.q8_k_activations import Q8KBlocks, quantize_q8_k
 from rocmforge.exact.threads import split_rows
@@ -123,24 +123,28 @@ _tiled_rows = _row_dot(tiled=True, n_rows=4)
 
 @njit(cache=True, nogil=True)
 def _matmul(wq, wsc, wd, xq, xd, xbsums, tiled, out, start, stop):  # pragma: no cover - compiled
-    # output rows start..stop; each weight row meets every activation row while it is in L1
+    # output rows start..stop
     nb = wd.shape[1]
     n = xq.shape[0]
     q, sc, wd_flat = wq.reshape(-1), wsc.reshape(-1), wd.reshape(-1)
     x, xd_flat, bsums = xq.reshape(-1), xd.reshape(-1), xbsums.reshape(-1)
-    for o in range(start, stop):
+    for o0 in range(start, stop, OUT_TILE):  # OUT_TILE weight rows stay in L1 while all activation rows pass
+        o1 = min(o0 + OUT_TILE, stop)
         if not tiled:
             for r in range(n):
-                out[r, o] = _vec_dot_row(q, o * nb * 256, sc, o * nb * 16, wd_flat, o * nb, x, r * nb * 256, bsums,
-                                         r * nb * 16, xd_flat, r * nb, nb)
+                for o in range(o0, o1):
+                    out[r, o] = _vec_dot_row(q, o * nb * 256, sc, o * nb * 16, wd_flat, o * nb, x, r * nb * 256,
+                                             bsums, r * nb * 16, xd_flat, r * nb, nb)
             continue
         for r in range(0, n - n % 4, 4):  # four activation rows per pass over a weight row
-            out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = _tiled_rows(
-                q, o * nb * 256, sc, o * nb * 16, wd_flat, o * nb, x, r * nb * 256, bsums, r * nb * 16, xd_flat,
-                r * nb, nb)
+            for o in range(o0, o1):
+                out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = _tiled_rows(
+                    q, o * nb * 256, sc, o * nb * 16, wd_flat, o * nb, x, r * nb * 256, bsums, r * nb * 16, xd_flat,
+                    r * nb, nb)
         for r in range(n - n % 4, n):
-            out[r, o] = _tiled_row(q, o * nb * 256, sc, o * nb * 16, wd_flat, o * nb, x, r * nb * 256, bsums,
-                                   r * nb * 16, xd_flat, r * nb, nb)
+            for o in range(o0, o1):
+                out[r, o] = _tiled_row(q, o * nb * 256, sc, o * nb * 16, wd_flat, o * nb, x, r * nb * 256, bsums,
+                                       r * nb * 16, xd_flat, r * nb, nb)
 
 
 @njit(cache=True, parallel=True)

@@ -1,7 +1,8 @@
 """``x @ W.T`` for a Q8_0 weight as ggml computes it on AVX2: ``ggml_vec_dot_q8_0_q8_0`` for one activation row
 (decode) and llamafile's ``tinyBLAS_Q0_AVX`` for two or more (prefill). Both give each output the same bits:
 8 float lanes, lane ``l`` owning elements ``4l..4l+3`` of every block, ``acc[l] = fma(dw*dx, sum_4 qw*qx, acc[l])``
-with the float32 product of the two fp16 scales, then ``hsum8``. So one kernel serves both: ``lanes.lane_dot``.
+with the float32 product of the two fp16 scales, then ``hsum8``. So one kernel serves both: ``lanes.lane_dot``
+(``lane_dot_x4`` for four activation rows at once).
 
 A Q8_0 block (34 bytes) is an fp16 scale and 32 int8 values.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from rocmforge.exact.lanes import LaneWeight, lane_dot
+from rocmforge.exact.lanes import OUT_TILE, LaneWeight, interleave4, lane_dot, lane_dot_x4
 from rocmforge.exact.q8_activations import Q8Blocks, quantize_q8
 from rocmforge.exact.threads import split_rows
 
@@ -39,19 +40,26 @@ def _lane_corrections(xq, offset):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _matmul(q, wd, offset, xq, xd, out, start, stop):  # pragma: no cover - compiled
-    # output rows start..stop; each weight row meets every activation row while it is in L1
+def _matmul(q, wd, xq, xd, corr, xi, xdi, corri, out, start, stop):  # pragma: no cover - compiled
+    # output rows start..stop, OUT_TILE at a time (their weight rows stay in L1 while all activation rows pass, and
+    # each activation row's outputs are written as one cache line): activation rows 4 at a time from their
+    # interleaved copies (xi, xdi, corri: lanes.interleave4), the rest one by one
     n_out, nb = wd.shape
     n = xq.shape[0]
     q_flat, wd_flat, x_flat, xd_flat = q.reshape(-1), wd.reshape(-1), xq.reshape(-1), xd.reshape(-1)
-    corr = _lane_corrections(xq, offset)
-    for o in range(start, stop):
-        for r in range(0, n - n % 4, 4):  # four activation rows per pass over a weight row (prefill)
-            out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = lane_dot(
-                q_flat, o * nb * 32, wd_flat, o * nb, x_flat, r * nb * 32, xd_flat, r * nb, corr, r * nb * 8, nb, 4)
-        for r in range(n - n % 4, n):
-            out[r, o] = lane_dot(q_flat, o * nb * 32, wd_flat, o * nb, x_flat, r * nb * 32, xd_flat, r * nb,
-                                 corr, r * nb * 8, nb, 1)
+    xi_flat, xdi_flat, corri_flat = xi.reshape(-1), xdi.reshape(-1), corri.reshape(-1)
+    for o0 in range(start, stop, OUT_TILE):
+        o1 = min(o0 + OUT_TILE, stop)
+        for g in range(xi.shape[0]):
+            r = 4 * g
+            for o in range(o0, o1):
+                out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = lane_dot_x4(
+                    q_flat, o * nb * 32, wd_flat, o * nb, xi_flat, g * nb * 128, xdi_flat, g * nb * 4, corri_flat,
+                    g * nb * 32, nb)
+        for r in range(4 * xi.shape[0], n):
+            for o in range(o0, o1):
+                out[r, o] = lane_dot(q_flat, o * nb * 32, wd_flat, o * nb, x_flat, r * nb * 32, xd_flat, r * nb,
+                                     corr, r * nb * 8, nb, 1)
 
 
 @njit(cache=True, parallel=True)
@@ -75,6 +83,8 @@ def matmul_q8_0(x: np.ndarray | Q8Blocks, weight: LaneWeight) -> np.ndarray:
     blocks = x if isinstance(x, Q8Blocks) else quantize_q8(x, with_sum=False)
     n, k = blocks.qs.shape[0], weight.q.shape[1]
     out = np.empty((n, weight.d.shape[0]), dtype=np.float32)
-    args = (weight.q, weight.d, weight.offset, blocks.qs, blocks.d, out)
+    corr = _lane_corrections(blocks.qs, weight.offset)
+    args = (weight.q, weight.d, blocks.qs, blocks.d, corr, interleave4(blocks.qs), interleave4(blocks.d),
+            interleave4(corr.reshape(n, -1, 8)), out)
     split_rows(_matmul_parallel, _matmul, args, weight.d.shape[0], work=n * k * weight.d.shape[0])
     return out

@@ -8,7 +8,7 @@ import math
 import numpy as np
 from numba import njit
 
-from rocmforge.exact.simd import v_expf
+from rocmforge.exact.expf_lanes import swiglu_8
 
 
 @njit(cache=True)
@@ -16,9 +16,8 @@ def _swiglu(gate, up, out):  # pragma: no cover - compiled
     n, d = gate.shape
     vector_end = d - d % 8
     for r in range(n):
-        for i in range(vector_end):
-            x = gate[r, i]
-            out[r, i] = x / (np.float32(1) + v_expf(np.float32(0) - x)) * up[r, i]
+        for i in range(0, vector_end, 8):
+            swiglu_8(gate[r], up[r], i, out[r])
         for i in range(vector_end, d):
             x = gate[r, i]
             out[r, i] = x / (np.float32(1) + np.float32(math.exp(-x))) * up[r, i]
