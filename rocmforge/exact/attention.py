@@ -183,11 +183,10 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, q_positions: 
     t, n_heads, d = q.shape
     n_keys, n_kv_heads, d_v = values.shape
     out = np.empty((t, n_heads, d_v), dtype=np.float32)
-    allowed = causal_mask(np.asarray(q_positions), n_keys, window)
-    first = np.argmax(allowed, axis=1)
-    last = n_keys - np.argmax(allowed[:, ::-1], axis=1)
-    if not np.array_equal(allowed.sum(axis=1), last - first) or not allowed[np.arange(t), first].all():
-        raise ValueError("each query must read one contiguous, non-empty range of keys")
+    # causal_mask's keys of query i, as a range: positions first[i] .. last[i] - 1
+    positions = np.asarray(q_positions, dtype=np.int64)
+    last = np.minimum(positions + 1, n_keys)
+    first = np.zeros_like(last) if window is None else np.maximum(positions - window + 1, 0)
     padded = _padded(n_keys)
     key_tiles = value_lanes = np.empty((0, 0, 0, 0), dtype=np.float32)  # unused (few rows)
     if t >= _MANY_ROWS:  # [kv head, block of 16 keys, element, key]: kq_16 reads a block front to back

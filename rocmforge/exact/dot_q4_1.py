@@ -44,7 +44,7 @@ def _matmul(q, wd, wm, xq, xd, xs_t, xi, xdi, out, start, stop):  # pragma: no c
     summs = np.empty((OUT_TILE, n), dtype=np.float32)
     for o0 in range(start, stop, OUT_TILE):
         o1 = min(o0 + OUT_TILE, stop)
-        for o in range(o0, o1):  # each row's chain over the blocks, all rows side by side (vectorized)
+        for o in range(o0, o1 if n >= 4 else o0):  # prefill: the rows' chains side by side (vectorized)
             summs[o - o0] = 0
             for b in range(nb):
                 for r in range(n):
@@ -60,6 +60,10 @@ def _matmul(q, wd, wm, xq, xd, xs_t, xi, xdi, out, start, stop):  # pragma: no c
                                             r * nb, nb, 1)
         for r in range(n):
             for o in range(o0, o1):
+                if n < 4:  # decode: one chain per output
+                    summs[o - o0, r] = 0
+                    for b in range(nb):
+                        summs[o - o0, r] = fma32(wm[o, b], xs_t[b, r], summs[o - o0, r])
                 out[r, o] += summs[o - o0, r]
 
 
