@@ -12,9 +12,10 @@ import math
 from functools import cache
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from rocmforge.exact.simd import fma32, fp16_bits
+from rocmforge.exact.threads import ELEMENT_WORK, split_rows
 
 _SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
 _GELU_COEF_A = np.float32(0.044715)
@@ -53,17 +54,26 @@ def geglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """
     gate = np.ascontiguousarray(gate, dtype=np.float32)
     out = np.empty_like(gate)
-    _geglu(gate.reshape(-1), np.ascontiguousarray(up, dtype=np.float32).reshape(-1), gelu_table(), out.reshape(-1))
+    rows = gate.reshape(-1, gate.shape[-1])
+    args = (rows, np.ascontiguousarray(up, dtype=np.float32).reshape(rows.shape), gelu_table(), out.reshape(rows.shape))
+    split_rows(_geglu_parallel, _geglu, args, rows.shape[0], work=rows.size * ELEMENT_WORK)
     return out
 
 
-@njit(cache=True)
-def _geglu(gate, up, table, out):  # pragma: no cover - compiled
-    for i in range(gate.size):
-        x = gate[i]
-        if x <= np.float32(-10):
-            out[i] = 0
-        elif x >= np.float32(10):
-            out[i] = x * up[i]
-        else:
-            out[i] = table[fp16_bits(x)] * up[i]
+@njit(cache=True, nogil=True)
+def _geglu(gate, up, table, out, start, stop):  # pragma: no cover - compiled
+    for r in range(start, stop):
+        for i in range(gate.shape[1]):
+            x = gate[r, i]
+            if x <= np.float32(-10):
+                out[r, i] = 0
+            elif x >= np.float32(10):
+                out[r, i] = x * up[r, i]
+            else:
+                out[r, i] = table[fp16_bits(x)] * up[r, i]
+
+
+@njit(cache=True, parallel=True)
+def _geglu_parallel(args, n_rows, n_slices):  # pragma: no cover - compiled
+    for i in prange(n_slices):  # one slice of rows per thread (threads.split_rows)
+        _geglu(*args, n_rows * i // n_slices, n_rows * (i + 1) // n_slices)

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from rocmforge.exact.simd import round_fp16
+from rocmforge.exact.threads import ELEMENT_WORK, split_rows
 
 BLOCK = 32
 
@@ -40,13 +41,14 @@ def quantize_q8(x: np.ndarray, with_sum: bool) -> Q8Blocks:
     qs = np.empty((n, k // BLOCK, BLOCK), dtype=np.int8)
     d = np.empty((n, k // BLOCK), dtype=np.float32)
     s = np.empty_like(d)
-    _quantize(np.ascontiguousarray(x, dtype=np.float32).reshape(n, k // BLOCK, BLOCK), qs, d, s)
+    args = (np.ascontiguousarray(x, dtype=np.float32).reshape(n, k // BLOCK, BLOCK), qs, d, s)
+    split_rows(_quantize_parallel, _quantize, args, n, work=n * k * ELEMENT_WORK)
     return Q8Blocks(qs, d, s if with_sum else None)
 
 
 @njit(cache=True, nogil=True)
-def _quantize(blocks, qs, d, s):  # pragma: no cover - compiled
-    for r in range(blocks.shape[0]):
+def _quantize(blocks, qs, d, s, start, stop):  # pragma: no cover - compiled
+    for r in range(start, stop):
         for b in range(blocks.shape[1]):
             amax = np.float32(0)
             for i in range(BLOCK):
@@ -60,3 +62,9 @@ def _quantize(blocks, qs, d, s):  # pragma: no cover - compiled
             scale = amax / np.float32(127)
             d[r, b] = round_fp16(scale)
             s[r, b] = round_fp16(scale * np.float32(total))
+
+
+@njit(cache=True, parallel=True)
+def _quantize_parallel(args, n_rows, n_slices):  # pragma: no cover - compiled
+    for i in prange(n_slices):  # one slice of rows per thread (threads.split_rows)
+        _quantize(*args, n_rows * i // n_slices, n_rows * (i + 1) // n_slices)

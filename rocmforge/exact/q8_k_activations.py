@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
+
+from rocmforge.exact.threads import ELEMENT_WORK, split_rows
 
 BLOCK = 256
 
@@ -38,13 +40,14 @@ def quantize_q8_k(x: np.ndarray) -> Q8KBlocks:
     qs = np.empty((n, k // BLOCK, BLOCK), dtype=np.int8)
     d = np.empty((n, k // BLOCK), dtype=np.float32)
     bsums = np.empty((n, k // BLOCK, 16), dtype=np.int32)
-    _quantize(np.ascontiguousarray(x, dtype=np.float32).reshape(n, k // BLOCK, BLOCK), qs, d, bsums)
+    args = (np.ascontiguousarray(x, dtype=np.float32).reshape(n, k // BLOCK, BLOCK), qs, d, bsums)
+    split_rows(_quantize_parallel, _quantize, args, n, work=n * k * ELEMENT_WORK)
     return Q8KBlocks(qs, d, bsums)
 
 
 @njit(cache=True, nogil=True)
-def _quantize(blocks, qs, d, bsums):  # pragma: no cover - compiled
-    for r in range(blocks.shape[0]):
+def _quantize(blocks, qs, d, bsums, start, stop):  # pragma: no cover - compiled
+    for r in range(start, stop):
         for b in range(blocks.shape[1]):
             amax, signed_max = np.float32(0), np.float32(0)
             for i in range(BLOCK):  # the first of equal magnitudes wins
@@ -59,3 +62,9 @@ def _quantize(blocks, qs, d, bsums):  # pragma: no cover - compiled
                     qs[r, b, i] = q
                     total += q
                 bsums[r, b, group] = total
+
+
+@njit(cache=True, parallel=True)
+def _quantize_parallel(args, n_rows, n_slices):  # pragma: no cover - compiled
+    for i in prange(n_slices):  # one slice of rows per thread (threads.split_rows)
+        _quantize(*args, n_rows * i // n_slices, n_rows * (i + 1) // n_slices)

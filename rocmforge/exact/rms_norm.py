@@ -5,13 +5,15 @@ arithmetic): each square is a float32 product, the squares add up one after anot
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
+
+from rocmforge.exact.threads import ELEMENT_WORK, split_rows
 
 
-@njit(cache=True)
-def _rms_norm(x, weight, eps, out):  # pragma: no cover - compiled
-    n, d = x.shape
-    for r in range(n):
+@njit(cache=True, nogil=True)
+def _rms_norm(x, weight, eps, out, start, stop):  # pragma: no cover - compiled
+    d = x.shape[1]
+    for r in range(start, stop):
         total = 0.0
         for i in range(d):
             total += np.float64(x[r, i] * x[r, i])
@@ -19,6 +21,12 @@ def _rms_norm(x, weight, eps, out):  # pragma: no cover - compiled
         scale = np.float32(1) / np.sqrt(mean + eps)
         for i in range(d):
             out[r, i] = (x[r, i] * scale) * weight[i]
+
+
+@njit(cache=True, parallel=True)
+def _rms_norm_parallel(args, n_rows, n_slices):  # pragma: no cover - compiled
+    for i in prange(n_slices):  # one slice of rows per thread (threads.split_rows)
+        _rms_norm(*args, n_rows * i // n_slices, n_rows * (i + 1) // n_slices)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -30,5 +38,6 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """
     rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
     out = np.empty_like(rows)
-    _rms_norm(rows, np.ascontiguousarray(weight, dtype=np.float32), np.float32(eps), out)
+    args = (rows, np.ascontiguousarray(weight, dtype=np.float32), np.float32(eps), out)
+    split_rows(_rms_norm_parallel, _rms_norm, args, rows.shape[0], work=rows.size * ELEMENT_WORK)
     return out.reshape(x.shape)

@@ -14,9 +14,10 @@ import ctypes.util
 from functools import lru_cache
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from rocmforge.exact.simd import fma32
+from rocmforge.exact.threads import ELEMENT_WORK, split_rows
 
 _libm = ctypes.CDLL(ctypes.util.find_library("m"))
 for _name in ("cosf", "sinf", "powf"):
@@ -41,11 +42,11 @@ def _cos_sin(position: int, base: float, n_dims: int, freq_scale: float,
     return cache
 
 
-@njit(cache=True)
-def _rotate(x, cos_sin, neox, n_dims, out):  # pragma: no cover - compiled
-    n, n_heads, d = x.shape
+@njit(cache=True, nogil=True)
+def _rotate(x, cos_sin, neox, n_dims, out, start, stop):  # pragma: no cover - compiled
+    n_heads, d = x.shape[1], x.shape[2]
     half = n_dims // 2
-    for t in range(n):
+    for t in range(start, stop):
         for h in range(n_heads):
             for i in range(half):
                 c = cos_sin[t, i, 0]
@@ -60,6 +61,12 @@ def _rotate(x, cos_sin, neox, n_dims, out):  # pragma: no cover - compiled
                 out[t, h, i] = x[t, h, i]
 
 
+@njit(cache=True, parallel=True)
+def _rotate_parallel(args, n_rows, n_slices):  # pragma: no cover - compiled
+    for i in prange(n_slices):  # one slice of rows per thread (threads.split_rows)
+        _rotate(*args, n_rows * i // n_slices, n_rows * (i + 1) // n_slices)
+
+
 def rope(x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
          freq_factors: np.ndarray | None = None, freq_scale: float = 1.0) -> np.ndarray:
     """Rotate float32 ``x`` ``[n, heads, d_head]`` for ``positions`` ``[n]`` (first ``n_rot`` dims) as ggml does.
@@ -72,5 +79,6 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, n_rot: 
     cos_sin = np.stack([_cos_sin(int(p), float(theta), int(n_rot), float(freq_scale), factors) for p in positions])
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty_like(x)
-    _rotate(x, cos_sin, bool(neox), int(n_rot), out)
+    split_rows(_rotate_parallel, _rotate, (x, cos_sin, bool(neox), int(n_rot), out), x.shape[0],
+               work=x.size * ELEMENT_WORK)
     return out

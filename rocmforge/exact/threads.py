@@ -33,6 +33,8 @@ import numba
 
 # below this many multiply-adds a call runs on the calling thread alone (~15 us of kernel time)
 MIN_SPLIT_WORK = 500_000
+# an elementwise op's work per element in those units (a rounding, table lookup or rotation: ~0.5 ns)
+ELEMENT_WORK = 16
 
 
 @dataclass
