@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from rocmforge.exact.attention_lanes import kq_16, kqv_lane
+from rocmforge.exact.attention_lanes import kq_32, kqv_lane, kqv_lane_wide
 from rocmforge.exact.dot_f32 import tinyblas_dot_f32, vec_dot_f32
 from rocmforge.exact.expf_lanes import exp_8
 from rocmforge.exact.simd import fma32
@@ -97,10 +97,10 @@ def _attention(q, keys, key_tiles, values, value_lanes, first, last, scale, grou
         i = m // 2 if m % 2 == 0 else t - 1 - m // 2
         kv = h // group
         lo, hi = first[i], last[i]
-        b0, b1 = lo // 16 * 16, -(-hi // 16) * 16  # whole blocks of 16 keys (padded is a multiple of 32)
+        b0, b1 = lo // 32 * 32, -(-hi // 32) * 32  # whole blocks of 32 keys (padded is a multiple of 32)
         if key_tiles.size:
-            for j0 in range(b0, b1, 16):
-                kq_16(tiles_flat, (kv * padded + j0) * d, 16, q_flat, (i * n_heads + h) * d, d, kq, j0)
+            for j0 in range(b0, b1, 32):
+                kq_32(tiles_flat, (kv * padded + j0) * d, 32, q_flat, (i * n_heads + h) * d, d, kq, j0)
         else:
             for j in range(lo, hi):
                 kq[j] = vec_dot_f32(keys[j, kv], q[i, h])
@@ -119,8 +119,11 @@ def _attention(q, keys, key_tiles, values, value_lanes, first, last, scale, grou
             continue
         for lane in range(8):  # tinyBLAS: key j in lane j % 8
             j = lo + (lane - lo) % 8
-            kqv_lane(lanes_flat, ((kv * 8 + lane) * (padded // 8) + j // 8) * d_v, d_v, p, j,
-                     max(0, -(-(hi - j) // 8)), d_v, key_lanes, lane * d_v)
+            start_v, count = ((kv * 8 + lane) * (padded // 8) + j // 8) * d_v, max(0, -(-(hi - j) // 8))
+            if d_v % 128 == 0:
+                kqv_lane_wide(lanes_flat, start_v, d_v, p, j, count, d_v, key_lanes, lane * d_v)
+            else:
+                kqv_lane(lanes_flat, start_v, d_v, p, j, count, d_v, key_lanes, lane * d_v)
         a = key_lanes.reshape(8, d_v)
         for c in range(d_v):  # hsum8 of the 8 lanes
             out[i, h, c] = ((a[0, c] + a[4, c]) + (a[2, c] + a[6, c])) + ((a[1, c] + a[5, c]) + (a[3, c] + a[7, c]))
@@ -189,10 +192,10 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, q_positions: 
     first = np.zeros_like(last) if window is None else np.maximum(positions - window + 1, 0)
     padded = _padded(n_keys)
     key_tiles = value_lanes = np.empty((0, 0, 0, 0), dtype=np.float32)  # unused (few rows)
-    if t >= _MANY_ROWS:  # [kv head, block of 16 keys, element, key]: kq_16 reads a block front to back
+    if t >= _MANY_ROWS:  # [kv head, block of 32 keys, element, key]: kq_32 reads a block front to back
         keys_p = np.zeros((padded, n_kv_heads, d), dtype=np.float32)
         keys_p[:n_keys] = keys
-        key_tiles = np.ascontiguousarray(keys_p.reshape(padded // 16, 16, n_kv_heads, d).transpose(2, 0, 3, 1))
+        key_tiles = np.ascontiguousarray(keys_p.reshape(padded // 32, 32, n_kv_heads, d).transpose(2, 0, 3, 1))
         if batch_rows >= 2 and d_v % 64 == 0:  # [kv head, lane, key // 8, feature]: each lane's keys in a row
             values_p = np.zeros((padded, n_kv_heads, d_v), dtype=np.float32)
             values_p[:n_keys] = values
