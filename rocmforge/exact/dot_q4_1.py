@@ -60,11 +60,13 @@ def _matmul(q, wd, wm, xq, xd, xs_t, xi, xdi, out, start, stop):  # pragma: no c
                                             r * nb, nb, 1)
         for r in range(n):
             for o in range(o0, o1):
-                if n < 4:  # decode: one chain per output
-                    summs[o - o0, r] = 0
+                if n >= 4:
+                    minimums = summs[o - o0, r]
+                else:  # decode: one chain per output
+                    minimums = np.float32(0)
                     for b in range(nb):
-                        summs[o - o0, r] = fma32(wm[o, b], xs_t[b, r], summs[o - o0, r])
-                out[r, o] += summs[o - o0, r]
+                        minimums = fma32(wm[o, b], xs_t[b, r], minimums)
+                out[r, o] += minimums
 
 
 @njit(cache=True, parallel=True)

@@ -245,12 +245,18 @@ def nibble_lane_dot_x4(typingctx, q, q_start, wd, wd_start, x, x_start, xd, xd_s
     return sig, _row_dot_x4(nibbles=True)
 
 
+_NO_GROUPS: dict[tuple, np.ndarray] = {}
+
+
 def interleave4(a: np.ndarray) -> np.ndarray:
     """Rows ``[n, nb, ...]`` -> ``[n // 4, nb, 4, ...]`` (the first ``n - n % 4`` rows): block ``b`` of 4
     consecutive rows side by side, as ``lane_dot_x4`` reads them."""
     groups = a.shape[0] // 4
-    if groups == 0:  # decode: nothing to lay out (and no numpy reshuffling per call)
-        return np.empty((0, a.shape[1], 4, *a.shape[2:]), dtype=a.dtype)
+    if groups == 0:  # decode: nothing to lay out (one shared empty array: no numpy work per call)
+        key = (a.dtype, a.shape[2:])
+        if key not in _NO_GROUPS:
+            _NO_GROUPS[key] = np.empty((0, 0, 4, *a.shape[2:]), dtype=a.dtype)
+        return _NO_GROUPS[key]
     moved = a[:4 * groups].reshape(groups, 4, *a.shape[1:])
     return np.ascontiguousarray(np.moveaxis(moved, 1, 2))
 

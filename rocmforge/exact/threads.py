@@ -59,8 +59,11 @@ def split_rows(driver: Callable[..., Any], kernel: Callable[..., Any], args: tup
     On a busy machine a parallel call waits for a thread the OS has not scheduled (one other busy process on the
     2 cores made calls 25x slower and decode 4x), so the way is chosen by the best of the last few timings of each
     (one stall does not count), and the slower way is tried again after 16, 32, ... 1024 calls."""
+    if work < MIN_SPLIT_WORK or n_rows < 4:  # decode-sized calls: no thread bookkeeping at all (~1 us a call)
+        kernel(*args, 0, n_rows)
+        return
     n_threads = numba.get_num_threads()
-    if n_threads == 1 or work < MIN_SPLIT_WORK or n_rows < 2 * n_threads:
+    if n_threads == 1 or n_rows < 2 * n_threads:
         kernel(*args, 0, n_rows)
         return
     kind = _kinds.setdefault((driver, work.bit_length()), _Kind())
