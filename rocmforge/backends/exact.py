@@ -5,8 +5,8 @@ The default CPU backend is as accurate as llama.cpp but not identical to it (BLA
 x86 build's (AVX2, FMA, F16C, llamafile, 2 threads, F32 KV cache, flash attention off) operation order instead:
 quantized weights stay as their raw GGUF blocks and multiply 8-bit activations through ``rocmforge.exact.dot``,
 and norm, rope, attention and the SwiGLU gate use the ``rocmforge.exact`` kernels. Decode runs at about
-llama.cpp's own speed (integer SIMD lanes, 2 threads; ~2x the default CPU path), prefill a little below the default
-CPU path's BLAS (BENCHMARKS.md).
+llama.cpp's own speed (integer SIMD lanes, 2 threads; ~2x the default CPU path), prefill 1.2-1.9x llama.cpp's
+(attention on many keys per SIMD pass, two activation rows per AVX-512 register; BENCHMARKS.md).
 
 Only what differs from ``CpuBackend`` is overridden here (adds, scaling, the KV cache and lookups are already
 exact in numpy). A weight type without an exact kernel in ``rocmforge.exact.dot.MATMULS`` is refused at load
