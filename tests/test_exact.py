@@ -2,8 +2,8 @@
 against llama.cpp's stored fixtures (tests/fixtures/make_model_fixtures.py).
 
 The references are pure Python, one IEEE operation at a time in ggml's order, with a fused multiply-add computed
-from exact rationals (``_fma``) rather than by the kernels' LLVM intrinsic; the integer parts are checked against
-float64 products, and every approximating op (exp, rotation, softmax) also against float64 math.
+from exact rationals (``ggml_order.fma``) rather than by the kernels' LLVM intrinsic; the integer parts are checked
+against float64 products, and every approximating op (exp, rotation, softmax) also against float64 math.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import json
 import math
 import struct
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import numba
@@ -24,6 +23,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 import rocmforge
+from ggml_order import fma, hsum8
 from rocmforge.errors import UnsupportedError
 from rocmforge.exact import lanes, simd, threads
 from rocmforge.exact.attention import attention, attention_mix, attention_scores, attention_softmax
@@ -42,27 +42,6 @@ f32 = np.float32
 RNG = np.random.default_rng(7)
 
 
-def _round_f32(q: Fraction) -> np.float32:
-    """A rational rounded once to the nearest float32 (ties to even), for normal-range values."""
-    if q == 0:
-        return f32(0.0)
-    a = abs(q)
-    e = a.numerator.bit_length() - a.denominator.bit_length()
-    if Fraction(2) ** e > a:
-        e -= 1
-    n = round(a / Fraction(2) ** (e - 23))  # Fraction rounds half to even
-    return f32(math.copysign(float(n * Fraction(2) ** (e - 23)), q))
-
-
-def _fma(a, b, c) -> np.float32:
-    return _round_f32(Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c)))
-
-
-def _hsum8(a) -> np.float32:
-    t = [f32(a[i]) + f32(a[i + 4]) for i in range(4)]
-    return (t[0] + t[2]) + (t[1] + t[3])
-
-
 def _bits(x) -> int:
     return struct.unpack("<I", struct.pack("<f", float(x)))[0]
 
@@ -76,23 +55,23 @@ def _v_expf(x) -> np.float32:
     c = {k: f32(float.fromhex(v)) for k, v in dict(r="0x1.8p23", l2e="0x1.715476p+0", hi="0x1.62e4p-1",
                                                     lo="0x1.7f7d1cp-20", p0="0x1.0e4020p-7", p1="0x1.573e2ep-5",
                                                     p2="0x1.555e66p-3", p3="0x1.fffdb6p-2", p4="0x1.ffffecp-1").items()}
-    z = _fma(x, c["l2e"], c["r"])
+    z = fma(x, c["l2e"], c["r"])
     n = z - c["r"]
-    b = _fma(-n, c["lo"], _fma(-n, c["hi"], x))
+    b = fma(-n, c["lo"], fma(-n, c["hi"], x))
     e = (_bits(z) << 23) & 0xFFFFFFFF
     k = _from_bits(e + 0x3F800000)
-    j = _fma(_fma(_fma(c["p0"], b, c["p1"]), b * b, _fma(c["p2"], b, c["p3"])), b * b, c["p4"] * b)
+    j = fma(fma(fma(c["p0"], b, c["p1"]), b * b, fma(c["p2"], b, c["p3"])), b * b, c["p4"] * b)
     if not abs(n) > 126:
-        return _fma(j, k, k)
+        return fma(j, k, k)
     g = 0x82000000 if n <= 0 else 0
     s1, s2 = _from_bits(g + 0x7F000000), _from_bits(e - g)
-    return s1 * s1 if abs(n) > 192 else _fma(s2, j, s2) * s1
+    return s1 * s1 if abs(n) > 192 else fma(s2, j, s2) * s1
 
 
 # --- primitives -----------------------------------------------------------------------------------------------
 def test_fma32_rounds_once():
     a, b, c = (RNG.standard_normal(300) * 10 ** RNG.uniform(-3, 3, 300)).astype(f32).reshape(3, 100)
-    assert all(simd.fma32(x, y, z) == _fma(x, y, z) for x, y, z in zip(a, b, c))
+    assert all(simd.fma32(x, y, z) == fma(x, y, z) for x, y, z in zip(a, b, c))
     assert simd.fma32(f32(0.1), f32(10), f32(-1)) != f32(0.1) * f32(10) - f32(1)  # not two roundings
 
 
@@ -133,11 +112,11 @@ def _q8_ref_dot(w_int, w_d, x_int, x_d, minimums=None, x_s=None) -> np.float32:
     acc, summs = [f32(0)] * 8, f32(0)
     for b in range(len(w_d)):
         if minimums is not None:
-            summs = _fma(minimums[b], x_s[b], summs)
+            summs = fma(minimums[b], x_s[b], summs)
         d = f32(w_d[b]) * f32(x_d[b])
         lanes = (w_int[b].astype(np.int64) * x_int[b]).reshape(8, 4).sum(axis=1)
-        acc = [_fma(d, f32(lanes[lane]), acc[lane]) for lane in range(8)]
-    return _hsum8(acc) + summs if minimums is not None else _hsum8(acc)
+        acc = [fma(d, f32(lanes[lane]), acc[lane]) for lane in range(8)]
+    return hsum8(acc) + summs if minimums is not None else hsum8(acc)
 
 
 @pytest.mark.parametrize("ggml_type", [T.Q4_1, T.Q8_0])
@@ -261,14 +240,14 @@ def test_f32_dots_follow_ggmls_lanes():
     x, y = RNG.standard_normal((2, 64)).astype(f32)
     acc = np.zeros((4, 8), f32)
     for i in range(64):
-        acc[(i % 32) // 8, i % 8] = _fma(x[i], y[i], acc[(i % 32) // 8, i % 8])
+        acc[(i % 32) // 8, i % 8] = fma(x[i], y[i], acc[(i % 32) // 8, i % 8])
     lanes = [(acc[0, k] + acc[2, k]) + (acc[1, k] + acc[3, k]) for k in range(8)]
     halves = [lanes[i] + lanes[i + 4] for i in range(4)]
     assert vec_dot_f32(x, y) == (halves[0] + halves[1]) + (halves[2] + halves[3])
     one = [f32(0)] * 8
     for i in range(64):
-        one[i % 8] = _fma(x[i], y[i], one[i % 8])
-    assert tinyblas_dot_f32(x, y) == _hsum8(one)
+        one[i % 8] = fma(x[i], y[i], one[i % 8])
+    assert tinyblas_dot_f32(x, y) == hsum8(one)
     assert abs(vec_dot_f32(x, y) - x.astype(np.float64) @ y) < 1e-5
 
 
@@ -295,8 +274,8 @@ def test_rope_rotation_and_angles(neox):
         for h, i in np.ndindex(2, 4):
             a, b = (i, i + 4) if neox else (2 * i, 2 * i + 1)
             c, s = cs[i]
-            assert out[t, h, a] == _fma(x[t, h, a], c, -(x[t, h, b] * s))
-            assert out[t, h, b] == _fma(x[t, h, a], s, x[t, h, b] * c)
+            assert out[t, h, a] == fma(x[t, h, a], c, -(x[t, h, b] * s))
+            assert out[t, h, b] == fma(x[t, h, a], s, x[t, h, b] * c)
 
 
 def test_soft_max_and_swiglu():

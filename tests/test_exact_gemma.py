@@ -3,15 +3,14 @@ Q8_K activations, Q6_K by ``vec_dot`` and by the tiled matmul, repacked Q4_K by 
 table) each against an independent reference, and the real Gemma-3-270M against llama.cpp's stored fixtures.
 
 References unpack the GGUF bytes as ggml's ``dequantize_row_*`` C code does, in pure Python, and replay ggml's
-order one IEEE operation at a time, with a fused multiply-add rounded once from exact rationals (``_fma``); the
-integer parts are also checked against plain integer dot products.
+order one IEEE operation at a time, with a fused multiply-add rounded once from exact rationals
+(``ggml_order.fma``); the integer parts are also checked against plain integer dot products.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
 import rocmforge
+from ggml_order import fma, hsum8
 from rocmforge.errors import UnsupportedError
 from rocmforge.exact.dot_q4_k import matmul_q4_k, split_q4_k
 from rocmforge.exact.dot_q5_0 import split_q5_0
@@ -32,27 +32,6 @@ from rocmforge.exact.q8_k_activations import quantize_q8_k
 FIXTURES = Path(__file__).parent / "fixtures"
 f32 = np.float32
 RNG = np.random.default_rng(11)
-
-
-def _round_f32(q: Fraction) -> np.float32:
-    """A rational rounded once to the nearest float32 (ties to even), for normal-range values."""
-    if q == 0:
-        return f32(0.0)
-    a = abs(q)
-    e = a.numerator.bit_length() - a.denominator.bit_length()
-    if Fraction(2) ** e > a:
-        e -= 1
-    n = round(a / Fraction(2) ** (e - 23))  # Fraction rounds half to even
-    return f32(math.copysign(float(n * Fraction(2) ** (e - 23)), q))
-
-
-def _fma(a, b, c) -> np.float32:
-    return _round_f32(Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c)))
-
-
-def _hsum8(a) -> np.float32:
-    t = [f32(a[i]) + f32(a[i + 4]) for i in range(4)]
-    return (t[0] + t[2]) + (t[1] + t[3])
 
 
 def _fp16(raw: np.ndarray, at: int) -> np.float32:
@@ -93,8 +72,8 @@ def test_q5_0_takes_the_q8_0_lane_path():
             wq = _q5_0_ints(raw[o, 22 * b: 22 * b + 22])
             lanes = [sum(wq[i] * int(blocks.qs[r, b, i]) for i in range(4 * lane, 4 * lane + 4)) for lane in range(8)]
             d = _fp16(raw[o], 22 * b) * blocks.d[r, b]
-            acc = [_fma(d, lanes[lane], acc[lane]) for lane in range(8)]
-        assert out[r, o] == _hsum8(acc), (r, o)
+            acc = [fma(d, lanes[lane], acc[lane]) for lane in range(8)]
+        assert out[r, o] == hsum8(acc), (r, o)
 
 
 # --- Q8_K activations -------------------------------------------------------------------------------------------
@@ -170,10 +149,10 @@ def test_q6_k_vec_dot_lanes_and_tiled_blocks(n_rows):
             lanes = [lanes[i] - 32 * (bsums[2 * i] * sc[2 * i] + bsums[2 * i + 1] * sc[2 * i + 1]) for i in range(8)]
             assert sum(lanes) == sum(scale[e] * (q[e] - 32) * xq[e] for e in range(256))
             if n_rows >= 8:
-                acc[0] = _fma(d * f32(sum(lanes)), blocks.d[r, b], acc[0])
+                acc[0] = fma(d * f32(sum(lanes)), blocks.d[r, b], acc[0])
             else:
-                acc = [_fma(blocks.d[r, b] * d, lanes[i], acc[i]) for i in range(8)]
-        assert out[r, o] == (acc[0] if n_rows >= 8 else _hsum8(acc)), (r, o)
+                acc = [fma(blocks.d[r, b] * d, lanes[i], acc[i]) for i in range(8)]
+        assert out[r, o] == (acc[0] if n_rows >= 8 else hsum8(acc)), (r, o)
     _assert_close_to_float64(out, blocks, dequantize(raw, T.Q6_K))
 
 
@@ -212,8 +191,8 @@ def test_q4_k_gemm_rows_then_gemv_rows():
                 subs = range(start // 32, (start + per_fma) // 32)
                 isum = sum(scales[s] * sum(q[e] * xq[e] for e in range(32 * s, 32 * s + 32)) for s in subs)
                 imin = sum(mins[s] * sum(xq[32 * s: 32 * s + 32]) for s in subs)
-                acc = _fma(isum, d * blocks.d[r, b], acc)
-                acc_min = _fma(imin, dmin * blocks.d[r, b], acc_min)
+                acc = fma(isum, d * blocks.d[r, b], acc)
+                acc_min = fma(imin, dmin * blocks.d[r, b], acc_min)
         assert out[r, o] == acc - acc_min, (r, o)
     assert np.array_equal(matmul_q4_k(x[4:5], split_q4_k(raw)), out[4:5])  # a lone row (decode) is a GEMV row
     with pytest.raises(UnsupportedError, match="multiple of 8"):  # not repacked by ggml: another kernel
