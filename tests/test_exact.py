@@ -1,5 +1,5 @@
 """``device="cpu-exact"``: each ``rocmforge.exact`` kernel against an independent reference, and the real SmolLM2
-against llama.cpp's stored fixtures (tests/fixtures/make_model_fixtures.py).
+and Gemma-3-270M against llama.cpp's stored fixtures (tests/fixtures/make_model_fixtures.py).
 
 The references are pure Python, one IEEE operation at a time in ggml's order, with a fused multiply-add computed
 from exact rationals (``ggml_order.fma``) rather than by the kernels' LLVM intrinsic; the integer parts are checked
@@ -346,11 +346,12 @@ def _greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
 
 
 @pytest.mark.slow
-def test_smollm2_exact_mode_reproduces_llama_cpp(smollm2_path):
+@pytest.mark.parametrize("name, path_fixture", [("smollm2-135m", "smollm2_path"), ("gemma3-270m", "gemma3_path")])
+def test_exact_mode_reproduces_llama_cpp(name, path_fixture, request):
     """Greedy continuations identical on >= 19 of 20 prompts (the issue's 95%), and the logits and log-probs equal
-    to the fixtures' 5 stored decimals."""
-    ref = json.loads((FIXTURES / "smollm2-135m.json").read_text())
-    model = rocmforge.load(smollm2_path, device="cpu-exact", n_ctx=1024)
+    to the fixtures' 5 stored decimals, for both real models."""
+    ref = json.loads((FIXTURES / f"{name}.json").read_text())
+    model = rocmforge.load(request.getfixturevalue(path_fixture), device="cpu-exact", n_ctx=1024)
     identical = 0
     for case in ref["prompts"]:
         greedy, first = _greedy(model, case["ids"], len(case["greedy"]))
