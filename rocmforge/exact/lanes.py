@@ -143,6 +143,16 @@ def split_nibbles(builder: ir.IRBuilder, packed: ir.Value) -> tuple[ir.Value, ir
     return low, builder.lshr(packed, ir.Constant(packed.type, [4] * n))
 
 
+def weight_bytes(builder: ir.IRBuilder, q_ptr: ir.Value, q0: ir.Value, block: ir.Value, nibbles: bool) -> ir.Value:
+    """The 32 weight bytes of ``block``: 16 packed Q4_1 bytes split into low then high nibbles (element ``i`` and
+    ``16 + i``), or 32 stored bytes."""
+    if nibbles:
+        low, high = split_nibbles(builder, load_vector(builder, q_ptr, offset(builder, q0, block, 16),
+                                                       ir.VectorType(_I8, 16)))
+        return builder.shuffle_vector(low, high, _CONCAT)
+    return load_vector(builder, q_ptr, offset(builder, q0, block, 32), V32I8)
+
+
 def _row_dot(nibbles: bool, n_rows: int):
     """``lane_dot`` (weights as bytes, offset corrections) or ``nibble_lane_dot`` (weights as ggml's 16 bytes of
     nibbles per block: element ``i < 16`` the low nibble of byte ``i``, ``16 + i`` its high nibble; offset 0), for
@@ -161,12 +171,7 @@ def _row_dot(nibbles: bool, n_rows: int):
         accs = [cgutils.alloca_once_value(builder, ir.Constant(V8F32, None)) for _ in range(n_rows)]
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
-            if nibbles:
-                low, high = split_nibbles(builder, load_vector(builder, q_ptr, offset(builder, q0, b, 16),
-                                                               ir.VectorType(_I8, 16)))
-                q_bytes = builder.shuffle_vector(low, high, _CONCAT)
-            else:
-                q_bytes = load_vector(builder, q_ptr, offset(builder, q0, b, 32), V32I8)
+            q_bytes = weight_bytes(builder, q_ptr, q0, b, nibbles)
             w_d = builder.load(builder.gep(wd_ptr, [builder.add(wd0, b)]))
             for r, acc in enumerate(accs):
                 rb = builder.add(row[r], b)  # block b of row r
@@ -198,12 +203,7 @@ def _row_dot_x4(nibbles: bool):
         index = n_blocks.type
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
-            if nibbles:
-                low, high = split_nibbles(builder, load_vector(builder, q_ptr, offset(builder, q0, b, 16),
-                                                               ir.VectorType(_I8, 16)))
-                q_bytes = builder.shuffle_vector(low, high, _CONCAT)
-            else:
-                q_bytes = load_vector(builder, q_ptr, offset(builder, q0, b, 32), V32I8)
+            q_bytes = weight_bytes(builder, q_ptr, q0, b, nibbles)
             q_pair = builder.shuffle_vector(q_bytes, q_bytes, ir.Constant(ir.VectorType(_I32, 64), list(range(32)) * 2))
             w_d = splat(builder, builder.load(builder.gep(wd_ptr, [builder.add(wd0, b)])), ir.VectorType(_F32, 4))
             # the four float32 products d_w * d_x, one per row
