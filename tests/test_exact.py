@@ -150,17 +150,17 @@ def test_quantized_matmul_is_ggmls_dot(ggml_type):
     np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-5)
 
 
-def _lane_sums_kernel(vnni: bool):
-    """A numba function storing ``lanes.lane_sums`` of one 32-byte block pair, VNNI or the portable IR."""
+def _lane_sums_kernel(sums, in_type, out_type):
+    """A numba function storing ``sums(builder, q, x)`` (a ``lanes`` IR generator) of one vector of bytes each."""
 
     @intrinsic
     def store_lane_sums(typingctx, q, x, out):
         def codegen(context, builder, signature, args):
             q_ptr, x_ptr, out_ptr = (lanes.data_pointer(context, builder, signature.args[i], args[i]) for i in range(3))
             zero = ir.Constant(ir.IntType(64), 0)
-            sums = lanes.lane_sums(builder, lanes.load_vector(builder, q_ptr, zero, lanes.V32I8),
-                                   lanes.load_vector(builder, x_ptr, zero, lanes.V32I8), vnni=vnni)
-            builder.store(sums, builder.bitcast(out_ptr, lanes.V8I32.as_pointer()), align=1)
+            result = sums(builder, lanes.load_vector(builder, q_ptr, zero, in_type),
+                          lanes.load_vector(builder, x_ptr, zero, in_type))
+            builder.store(result, builder.bitcast(out_ptr, out_type.as_pointer()), align=1)
             return context.get_dummy_value()
 
         return types.none(q, x, out), codegen
@@ -176,7 +176,7 @@ def _lane_sums_kernel(vnni: bool):
     not lanes.HAS_VNNI, reason="no AVX-VNNI on this CPU"))])
 def test_lane_sums_are_exact_quads(vnni):
     """ggml's int32 lanes (sum of 4 consecutive byte products) over the whole unsigned x signed byte range."""
-    run = _lane_sums_kernel(vnni)
+    run = _lane_sums_kernel(lambda builder, q, x: lanes.lane_sums(builder, q, x, vnni=vnni), lanes.V32I8, lanes.V8I32)
     q = RNG.integers(0, 256, (50, 32)).astype(np.uint8)
     x = RNG.integers(-128, 128, (50, 32)).astype(np.int8)
     q[0], x[0] = 255, -128  # the extremes
@@ -191,23 +191,8 @@ def test_lane_sums_are_exact_quads(vnni):
 def test_lane_sums_of_a_block_pair_are_each_blocks_lanes(vnni_512):
     """Two rows' blocks in one 64-byte vector (``lane_dot_x4``): lanes 0-7 are the first block's, 8-15 the
     second's."""
-
-    @intrinsic
-    def store_pair(typingctx, q, x, out):
-        def codegen(context, builder, signature, args):
-            q_ptr, x_ptr, out_ptr = (lanes.data_pointer(context, builder, signature.args[i], args[i]) for i in range(3))
-            zero = ir.Constant(ir.IntType(64), 0)
-            sums = lanes.lane_sums_pair(builder, lanes.load_vector(builder, q_ptr, zero, lanes.V64I8),
-                                        lanes.load_vector(builder, x_ptr, zero, lanes.V64I8), vnni_512=vnni_512)
-            builder.store(sums, builder.bitcast(out_ptr, lanes.V16I32.as_pointer()), align=1)
-            return context.get_dummy_value()
-
-        return types.none(q, x, out), codegen
-
-    @njit
-    def run(q, x, out):
-        store_pair(q, x, out)
-
+    run = _lane_sums_kernel(lambda builder, q, x: lanes.lane_sums_pair(builder, q, x, vnni_512=vnni_512),
+                            lanes.V64I8, lanes.V16I32)
     q = RNG.integers(0, 256, (20, 64)).astype(np.uint8)
     x = RNG.integers(-128, 128, (20, 64)).astype(np.int8)
     q[0], x[0] = 255, -128
