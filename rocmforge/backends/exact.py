@@ -132,7 +132,7 @@ class ExactCpuBackend(CpuBackend):
 
     def attention(self, q: np.ndarray, cache: KVCache, layer: int, batch: Batch, scale: float,
                   window: int | None, softcap: float | None) -> np.ndarray:
-        _refuse_softcap(softcap)
+        refuse_softcap(softcap)
         n = q.shape[0]
         z = np.empty(q.shape[:2] + (cache.v[layer].shape[-1],), dtype=np.float32)
         for seg in batch.segments:
@@ -149,7 +149,7 @@ class ExactCpuBackend(CpuBackend):
 
     def attention_scores(self, q: np.ndarray, cache: KVCache, layer: int, segment: Segment, scale: float,
                          window: int | None, softcap: float | None) -> np.ndarray:
-        _refuse_softcap(softcap)
+        refuse_softcap(softcap)
         return exact_attention.attention_scores(q, cache.k[layer][segment.key_slots], segment.positions, scale,
                                                 window)
 
@@ -160,6 +160,7 @@ class ExactCpuBackend(CpuBackend):
         return exact_attention.attention_mix(pattern, cache.v[layer][segment.key_slots], batch_rows=pattern.shape[1])
 
 
-def _refuse_softcap(softcap: float | None) -> None:
+def refuse_softcap(softcap: float | None) -> None:
+    """UnsupportedError when attention logit soft-capping is asked for: cpu-exact has no kernel for it."""
     if softcap is not None:
         raise UnsupportedError("device='cpu-exact' has no exact attention logit soft-capping; use device='cpu'")

@@ -38,8 +38,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from rocmforge.backends.cpu import CpuBackend, CpuWeight
-from rocmforge.backends.exact import ExactCpuBackend, ExactWeight
-from rocmforge.errors import UnsupportedError
+from rocmforge.backends.exact import ExactCpuBackend, ExactWeight, refuse_softcap
 from rocmforge.exact import attention as exact_attention
 from rocmforge.kv_cache import Batch, KVCache, Segment
 from rocmforge.ops.attention import attention
@@ -144,8 +143,7 @@ class BatchInvariantExactBackend(ExactCpuBackend):
 
     def attention(self, q: np.ndarray, cache: KVCache, layer: int, batch: Batch, scale: float,
                   window: int | None, softcap: float | None) -> np.ndarray:
-        if softcap is not None:
-            raise UnsupportedError("device='cpu-exact' has no exact attention logit soft-capping; use device='cpu'")
+        refuse_softcap(softcap)
         z = np.empty(q.shape[:2] + (cache.v[layer].shape[-1],), dtype=np.float32)
         for seg in batch.segments:
             z[seg.rows] = exact_attention.attention(q[seg.rows], cache.k[layer][seg.key_slots],
