@@ -62,7 +62,7 @@ def serve(model_name: str, context_db: Path | None, host: str, port: int, api_ke
     if model.device == "cpu" and os.environ.get("OPENBLAS_CORETYPE"):
         # measured here: 16 clients decode ~1.3x faster on OpenBLAS's own pick (SkylakeX) than on a forced Haswell
         log.warning("OPENBLAS_CORETYPE=%s forces that OpenBLAS kernel; unset it to let OpenBLAS pick this CPU's "
-                    "own (faster batched decode; BENCHMARKS.md, \"Server\")", os.environ["OPENBLAS_CORETYPE"])
+                    "own (faster batched decode; BENCHMARKS.md, \"Server on CPU\")", os.environ["OPENBLAS_CORETYPE"])
     embedder = store = None
     if not no_embeddings or context_db is not None:
         from rocmforge.embedder import default_embedder

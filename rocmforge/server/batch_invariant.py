@@ -17,7 +17,7 @@ backend a whole forward is batch-invariant: "same seed, same text, alone or batc
 
 Why weight-left tiles of 16: OpenBLAS then streams each weight once for a whole 16-sequence decode step, and
 its SkylakeX kernel multiplies a 16-column weight-left product about 2x faster than 8 activation-left rows
-(BENCHMARKS.md, "Server"). A lone stream pays for 16 rows, which costs little more than one: the step is bound
+(BENCHMARKS.md, "Server on CPU"). A lone stream pays for 16 rows, which costs little more than one: the step is bound
 by reading the weights.
 
 >>> import numpy as np
