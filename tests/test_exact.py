@@ -305,6 +305,24 @@ def test_fused_attention_is_the_three_steps(window, d, loud):
             assert np.array_equal(attention(q[:len(pos)], k, v, pos, 0.125, window, batch_rows=rows), steps)
 
 
+def test_unsupported_types_names_what_has_no_exact_kernel(tmp_path):
+    """The coverage check ``device="auto"`` asks: matrices of a type without a kernel, a separate token_embd of
+    any type (only looked up), a tied one counted (it is also the output matrix)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_gguf import write_model
+    from rocmforge.exact.dot import unsupported_types
+    from rocmforge.gguf_file import GGUFFile
+
+    covered = write_model(tmp_path / "q8.gguf", weight_type=T.Q8_0, extra_types={"token_embd.weight": T.MXFP4})
+    assert unsupported_types(GGUFFile(covered)) == []
+    mixed = write_model(tmp_path / "mixed.gguf", weight_type=T.Q8_0,
+                        extra_types={"blk.1.ffn_down.weight": T.MXFP4, "output.weight": T.MXFP4})
+    assert unsupported_types(GGUFFile(mixed)) == ["MXFP4"]
+    tied = write_model(tmp_path / "tied.gguf", weight_type=T.Q8_0, skip=("output.weight",),
+                       extra_types={"token_embd.weight": T.MXFP4})
+    assert unsupported_types(GGUFFile(tied)) == ["MXFP4"]
+
+
 def test_unsupported_weight_type_is_refused(tmp_path):
     sys.path.insert(0, str(FIXTURES.parent))
     from make_model_fixtures import write_tiny_model

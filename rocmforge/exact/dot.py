@@ -5,9 +5,14 @@ the kernel that multiplies the two. A type missing here has no exact kernel: ``E
 To add a type, write its kernel module beside ``dot_q4_1.py`` and add one line. Q5_0 needs no kernel of its own:
 unpacked to signed bytes it takes the Q8_0 kernel's exact path (``dot_q5_0``).
 
+``unsupported_types(gguf)`` says which matrices of a file have no exact kernel (what ``device="auto"`` asks
+before it picks cpu-exact).
+
 >>> from gguf import GGMLQuantizationType as T
 >>> sorted(t.name for t in MATMULS)
 ['Q4_1', 'Q4_K', 'Q5_0', 'Q6_K', 'Q8_0']
+>>> supports(T.Q8_0), supports(T.IQ2_XXS)
+(True, False)
 """
 from __future__ import annotations
 
@@ -45,3 +50,17 @@ MATMULS: dict[T, ExactMatmul] = {
     T.Q4_K: ExactMatmul(split_q4_k, quantize_q8_k, matmul_q4_k),
     T.Q6_K: ExactMatmul(split_q6_k, quantize_q8_k, matmul_q6_k),
 }
+
+
+def supports(ggml_type: T) -> bool:
+    """Whether weights of ``ggml_type`` have a llama.cpp-exact matmul."""
+    return ggml_type in MATMULS
+
+
+def unsupported_types(gguf: Any) -> list[str]:
+    """The type names (sorted) of the matrices in ``gguf`` (a ``GGUFFile``) that ``device="cpu-exact"`` cannot
+    multiply; empty when it runs the whole file. A separate ``token_embd`` is only looked up (any type gguf can
+    dequantize); a tied one is also the output matrix, so its type counts."""
+    tied = "output.weight" not in gguf.tensors
+    return sorted({ref.ggml_type.name for name, ref in gguf.tensors.items()
+                   if len(ref.shape) > 1 and (tied or name != "token_embd.weight") and not supports(ref.ggml_type)})
