@@ -27,6 +27,7 @@ from gguf import GGMLQuantizationType
 from rocmforge.backends.cpu import CpuBackend
 from rocmforge.errors import UnsupportedError
 from rocmforge.exact import attention as exact_attention
+from rocmforge.exact.compile_cache import compile_once
 from rocmforge.exact.dot import MATMULS
 from rocmforge.exact.geglu import geglu
 from rocmforge.exact.rms_norm import rms_norm
@@ -63,6 +64,23 @@ class ExactCpuBackend(CpuBackend):
         super().__init__(round_activations=True)
         self._last_quantized: tuple[np.ndarray, Any, Any] | None = None  # (x, quantize function, result)
         self._last_group: tuple[np.ndarray, Any, np.ndarray] | None = None  # (x, group's prepared weight, x @ W.T)
+
+    def warm_up(self, model: Any) -> None:
+        """Compile the kernels ``model`` needs before its first request, once per set of weight types (a line and
+        a progress bar on a terminal; ``rocmforge.exact.compile_cache``): an 8-row prefill (the tiled and lane
+        kernels) and a one-row decode step."""
+        types = sorted({ref.ggml_type.name for ref in model.gguf.tensors.values()})
+
+        def run() -> None:
+            seq = model.kv.new_sequence()
+            try:
+                for ids in ([0] * 8, [0]):
+                    batch = model.kv.prepare([(seq, ids)])
+                    model.arch.forward(model.ctx, batch, rows=batch.last_rows)
+            finally:
+                model.kv.free(seq)
+
+        compile_once([type(self).__name__, model.cfg.architecture, *types], run)
 
     def load_weight(self, tensor: TensorRef) -> ExactWeight:
         kernel = MATMULS.get(tensor.ggml_type)

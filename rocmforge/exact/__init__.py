@@ -14,7 +14,11 @@ One op per module: ``simd`` (fma, bit casts, ggml's horizontal sums and ``ggml_v
 ``rocmforge.backends.exact.ExactCpuBackend`` runs a model with them:
 ``rocmforge.load(name, device="cpu-exact")``.
 
-The kernels are cached by numba (``cache=True``), which re-checks only the file of the cached function: after
-editing ``simd``, ``lanes``, ``expf_lanes``, ``attention_lanes`` or ``dot_f32`` (inlined into the others), delete
-``rocmforge/exact/__pycache__/*.nb[ic]``.
+The kernels are cached by numba (``cache=True``; ``compile_cache``: beside the sources, or under
+``$ROCMFORGE_HOME/numba`` when the package directory is read-only), which re-checks only the file of the cached
+function: after editing ``simd``, ``lanes``, ``expf_lanes``, ``attention_lanes`` or ``dot_f32`` (inlined into the
+others), delete ``rocmforge/exact/__pycache__/*.nb[ic]``.
 """
+from rocmforge.exact.compile_cache import configure
+
+configure()  # before any kernel module defines a cached kernel

@@ -1,0 +1,107 @@
+"""Where the cpu-exact kernels' compiled code is cached, and the one-time compile a new user watches.
+
+numba caches each ``cache=True`` kernel beside its source (``rocmforge/exact/__pycache__``). A non-editable
+install may sit in a directory the user cannot write: then the cache goes under ``$ROCMFORGE_HOME/numba``
+(``configure()``, run when ``rocmforge.exact`` is first imported, before any kernel is defined).
+
+The first load of a model compiles its kernels (seconds); ``compile_once`` does that up front with one line and a
+progress bar on a terminal, and leaves a marker so later loads of a model with the same weight types skip it.
+
+>>> from rocmforge.exact import compile_cache
+>>> compile_cache.cache_dir().name in ("__pycache__", "numba")
+True
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numba
+from numba.core import event
+
+log = logging.getLogger("rocmforge.exact")
+
+PACKAGE_DIR = Path(__file__).parent
+MESSAGE = "compiling cpu-exact kernels (once; cached in {})..."
+
+
+def _writable(directory: Path) -> bool:
+    return os.access(directory, os.W_OK)
+
+
+def cache_dir() -> Path:
+    """The directory numba caches the kernels in: the package's ``__pycache__`` when the package directory is
+    writable, else ``$ROCMFORGE_HOME/numba`` (``~/.cache/rocmforge/numba``)."""
+    in_tree = PACKAGE_DIR / "__pycache__"
+    if _writable(in_tree if in_tree.is_dir() else PACKAGE_DIR):
+        return in_tree
+    from rocmforge.registry import home
+
+    return home() / "numba"
+
+
+def configure() -> None:
+    """Point numba's cache at ``cache_dir()`` when the package directory is not writable (numba's own fallback
+    would be a user-wide directory outside ``$ROCMFORGE_HOME``). A ``NUMBA_CACHE_DIR`` the user set wins."""
+    directory = cache_dir()
+    if directory.name == "numba" and not numba.config.CACHE_DIR:
+        directory.mkdir(parents=True, exist_ok=True)
+        numba.config.CACHE_DIR = str(directory)
+
+
+def _marker(key: Iterable[str]) -> Path:
+    # the kernels' sources and numba's version are part of the key: an upgrade compiles (and shows it) again
+    sources = sorted(PACKAGE_DIR.glob("*.py"))
+    digest = hashlib.sha256("\n".join([numba.__version__, *key, *(f"{p.name}:{p.stat().st_mtime_ns}:"
+                                                                     f"{p.stat().st_size}" for p in sources)])
+                            .encode()).hexdigest()[:16]
+    directory = Path(numba.config.CACHE_DIR) if numba.config.CACHE_DIR else cache_dir()
+    return directory / f"rocmforge-warm-{digest}"
+
+
+class _Progress(event.Listener):
+    """A numba compile-event listener: counts the rocmforge.exact kernels compiled while it is installed."""
+
+    def __init__(self):
+        self.count, self.bar = 0, None
+
+    def on_start(self, ev: event.Event) -> None:
+        pass
+
+    def on_end(self, ev: event.Event) -> None:
+        if ev.data["dispatcher"].py_func.__module__.startswith("rocmforge.exact"):
+            self.count += 1
+            if self.bar is not None:
+                self.bar.update(1)
+
+
+def compile_once(key: Iterable[str], run: Callable[[], object], show: bool | None = None) -> int:
+    """Run ``run`` (a few forward steps that call every kernel a model needs) unless a previous call with the
+    same ``key`` (e.g. the model's weight types) already did with these kernel sources; returns how many kernels
+    were compiled (0 when skipped or all were cached). ``show`` (default: stderr is a terminal) prints one line
+    and a progress bar while it compiles."""
+    marker = _marker(key)
+    if marker.exists():
+        return 0
+    show = sys.stderr.isatty() if show is None else show
+    progress = _Progress()
+    if show:
+        from tqdm import tqdm
+
+        print(MESSAGE.format(marker.parent), file=sys.stderr, flush=True)
+        progress.bar = tqdm(desc="kernels", unit=" kernel", file=sys.stderr, leave=False)
+    try:
+        with event.install_listener("numba:compile", progress):
+            run()
+    finally:
+        if progress.bar is not None:
+            progress.bar.close()
+    if progress.count:
+        log.info("compiled %d cpu-exact kernels into %s", progress.count, marker.parent)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return progress.count
