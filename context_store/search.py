@@ -12,6 +12,9 @@ import numpy as np
 
 RRF_K = 60  # Cormack et al. (2009): 1 / (60 + rank) — damps the head of each list
 
+# Below this many candidate chunks a filtered vector search is exact (a matrix product beats HNSW).
+EXACT_SEARCH_LIMIT = 4096
+
 
 def where_clause(filters: dict[str, Any] | None) -> tuple[str, list]:
     """Filters -> SQL over ``chunks c`` / ``documents d`` / ``collections col``.

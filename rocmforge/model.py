@@ -134,7 +134,7 @@ class Model(HookedModel):
         from context_store.prompt import DEFAULT_TEMPLATE, build_context_prompt
 
         if isinstance(context, (str, os.PathLike)):
-            from context_store.store import ContextStore
+            from context_store import ContextStore
             from rocmforge.embedder import default_embedder
 
             with ContextStore(context, embed=default_embedder()) as store:

@@ -1,6 +1,7 @@
 """Shared fixtures: each real model is fetched once per test session (into $ROCMFORGE_HOME) and shared."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -31,3 +32,30 @@ def gemma3_path() -> Path:
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     return _fetch("minilm-l6").parent
+
+
+@pytest.fixture(scope="session")
+def local_postgres():
+    """A throwaway PostgreSQL + pgvector (the pgserver wheel's binaries) for the whole session."""
+    from context_store.local_postgres import LocalPostgres, LocalPostgresError
+
+    missing = [m for m in ("psycopg", "pgvector", "pgserver") if importlib.util.find_spec(m) is None]
+    if missing:
+        reason = f"PostgreSQL store tests need {', '.join(missing)}: pip install -e '.[distributed]'"
+        if os.environ.get("CI"):  # CI installs the extra, so a missing one is a failure there
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        server = LocalPostgres()
+    except LocalPostgresError as exc:
+        pytest.fail(f"the throwaway PostgreSQL did not start: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_location(request, tmp_path: Path) -> str | Path:
+    """Where a ContextStore lives, once per backend: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "ctx.db"
+    return request.getfixturevalue("local_postgres").new_database()

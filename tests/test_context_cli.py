@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -103,3 +104,44 @@ def test_store_built_by_another_embedder_is_refused(run) -> None:
 def test_bundled_docs_ship_with_the_package() -> None:
     names = sorted(p.name for p in bundled_docs_dir().glob("*.md"))
     assert "context-store.md" in names and len(names) >= 4
+
+
+def test_migrate_copies_a_sqlite_store_into_postgres(run, local_postgres) -> None:
+    run("add", "--bundled-docs", "--chunk-size", "60", "--overlap", "10", "-m", "team=docs")
+    run("add", "-c", "a note in another collection", "--collection", "notes")
+    run("rm", "2")  # a gap in the ids must survive the copy
+    url = local_postgres.new_database()
+    assert "copied" in run("migrate", "--to", url).output
+    embed = HashedNgramEmbedder()
+    with ContextStore(run.db, embed=embed) as lite, ContextStore(url, embed=embed) as pg:
+        assert [d.__dict__ for d in pg.list()] == [d.__dict__ for d in lite.list()]
+        for doc in lite.list():
+            assert pg.chunks(doc.id) == lite.chunks(doc.id)
+        for query in ("reciprocal rank fusion", "how are deletes compacted", "GELU"):
+            want = lite.search(query, k=5, mode="vector")
+            got = pg.search(query, k=5, mode="vector")
+            assert [h.chunk_id for h in got] == [h.chunk_id for h in want]
+            np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-6)
+        assert pg.search("note", k=3, filters={"collection": "notes"})[0].collection == "notes"
+        added = pg.add_text("written after the copy", source="new.txt")  # ids continue after the copied ones
+        assert added.document_id > max(d.id for d in lite.list())
+    again = run("migrate", "--to", url, ok=False)
+    assert again.exit_code == 1 and "already holds documents" in again.output
+
+
+def test_the_cli_works_on_a_postgres_store(local_postgres) -> None:
+    url = local_postgres.new_database()
+
+    def invoke(*args: str) -> str:
+        result = CliRunner().invoke(cli, ["context", "--db", url, "--embedder", "hashed", *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "added 2 document(s)" in invoke("add", "-c", "owls hunt at night", "-c", "bees dance for nectar")
+    hits = [json.loads(line) for line in invoke("search", "nectar", "--json").splitlines()]
+    assert hits[0]["text"] == "bees dance for nectar"
+    stats = json.loads(invoke("stats", "--json"))
+    assert stats["documents"] == 2 and stats["location"] == url
+    assert "index rebuilt: 2 vectors" in invoke("reindex")
+    refused = CliRunner().invoke(cli, ["context", "--db", url, "--embedder", "hashed", "migrate", "--to", url])
+    assert refused.exit_code == 1 and "copies a SQLite --db" in refused.output

@@ -1,10 +1,10 @@
-"""ContextStore behaviour: dedupe, deletes that really delete, BM25, fusion, filters, HNSW recall, repair."""
+"""ContextStore behaviour on both backends (SQLite + HNSW, PostgreSQL + pgvector): dedupe, deletes that really
+delete, keyword ranking, fusion, filters, HNSW recall; and the SQLite index's repair."""
 from __future__ import annotations
 
 import json
 import math
 import re
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ from context_store import ContextStore, ContextStoreError
 from context_store.chunk import chunk_text
 from context_store.search import cosine_top_k, reciprocal_rank_fusion
 from rocmforge.embedder import HashedNgramEmbedder
+from store_backends import is_sqlite, query, stored_chunk_ids
 
 ANIMALS = {
     "cats.txt": "Cats purr when they are content and sleep most of the afternoon in the sun.",
@@ -37,8 +38,8 @@ class LookupEmbed:
 
 
 @pytest.fixture()
-def store(tmp_path: Path):
-    with ContextStore(tmp_path / "ctx.db", embed=HashedNgramEmbedder(), chunk_size=12, chunk_overlap=3) as s:
+def store(store_location):
+    with ContextStore(store_location, embed=HashedNgramEmbedder(), chunk_size=12, chunk_overlap=3) as s:
         for source, text in ANIMALS.items():
             s.add_text(text, source=source, metadata={"kind": "animal", "legs": 4 if source in ("cats.txt", "dogs.txt") else 2})
         yield s
@@ -75,11 +76,14 @@ def test_keyword_search_ranks_by_bm25(store: ContextStore) -> None:
     assert hits[0].source == "bees.txt"
     assert "nectar" in hits[0].text
     assert hits[0].scores["keyword"] == hits[0].score > 0
-    # compare with SQLite's own bm25 for the same query
-    conn = sqlite3.connect(store.path)
-    (expected,) = conn.execute("SELECT -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? "
-                               "ORDER BY bm25(chunks_fts) LIMIT 1", ['"nectar" OR "flowers"']).fetchone()
-    conn.close()
+    # compare with the database's own ranking for the same query: SQLite's bm25, PostgreSQL's ts_rank
+    if is_sqlite(store):
+        ((expected,),) = query(store, "SELECT -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? "
+                                      "ORDER BY bm25(chunks_fts) LIMIT 1", ('"nectar" OR "flowers"',))
+    else:
+        ((expected,),) = query(store, "SELECT ts_rank(to_tsvector('english', text), "
+                                      "to_tsquery('english', 'nectar | flowers'), 1) AS r "
+                                      "FROM context_store.chunks ORDER BY r DESC LIMIT 1")
     assert hits[0].score == pytest.approx(expected)
     assert store.search("zebra", mode="keyword") == []
 
@@ -131,9 +135,8 @@ def test_metadata_collection_and_source_filters(store: ContextStore) -> None:
         == {"cats.txt", "dogs.txt"}
 
 
-def test_delete_really_deletes_and_vacuum_shrinks(tmp_path: Path) -> None:
-    path = tmp_path / "ctx.db"
-    with ContextStore(path, embed=HashedNgramEmbedder(), chunk_size=50, chunk_overlap=10) as s:
+def test_delete_really_deletes_and_vacuum_shrinks(store_location) -> None:
+    with ContextStore(store_location, embed=HashedNgramEmbedder(), chunk_size=50, chunk_overlap=10) as s:
         rng = np.random.default_rng(0)
         words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa"]
         ids = [s.add_text(" ".join(rng.choice(words, 400)) + f" marker{i}", source=f"d{i}").document_id
@@ -145,24 +148,28 @@ def test_delete_really_deletes_and_vacuum_shrinks(tmp_path: Path) -> None:
         assert s.get(victim) is None
         assert s.search("marker7", k=5, mode="keyword") == []
         assert all(h.document_id != victim for h in s.search("marker7 alpha", k=200, mode="vector"))
-        assert not (set(victim_chunks) & s.index.live)
+        assert not (set(victim_chunks) & stored_chunk_ids(s))
+        if is_sqlite(s):
+            assert not (set(victim_chunks) & s.backend.index.live)
         for i in ids[:20]:
             s.delete(i)
         sizes = s.vacuum()
         assert sizes["bytes_after"] < sizes["bytes_before"] * 0.6
-        assert len(s.index.deleted) == 0 and len(s.index) == len(s)
-    conn = sqlite3.connect(path)
-    assert conn.execute("SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH 'marker7'").fetchone()[0] == 0
-    assert conn.execute("SELECT count(*) FROM deleted_chunks").fetchone()[0] == 0
-    conn.close()
+        assert len(stored_chunk_ids(s)) == len(s) == sum(d.n_chunks for d in s.list())
+        if is_sqlite(s):
+            assert len(s.backend.index.deleted) == 0 and len(s.backend.index) == len(s)
+            assert query(s, "SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH 'marker7'") == [(0,)]
+            assert query(s, "SELECT count(*) FROM deleted_chunks") == [(0,)]
+        else:
+            assert query(s, "SELECT count(*) FROM context_store.chunks WHERE tsv @@ 'marker7'") == [(0,)]
 
 
-def test_hnsw_recall_against_brute_force(tmp_path: Path) -> None:
+def test_hnsw_recall_against_brute_force(store_location) -> None:
     rng = np.random.default_rng(1)
     n, dim, k = 3000, 32, 10
     vectors = rng.standard_normal((n + 50, dim)).astype(np.float32)
     embed = LookupEmbed(vectors)
-    with ContextStore(tmp_path / "ctx.db", embed=embed, ef=100) as s:
+    with ContextStore(store_location, embed=embed, ef=100) as s:
         s.add_texts([f"v{i}" for i in range(n)], sources=[f"s{i}" for i in range(n)])
         ids = list(range(1, n + 1))  # chunk ids are 1..n in insertion order
         recalls = []
@@ -187,7 +194,7 @@ def test_index_files_deleted_or_corrupted_are_rebuilt(tmp_path: Path, caplog) ->
     with ContextStore(path, embed=HashedNgramEmbedder()) as s:
         assert "damaged" in caplog.text
         assert [h.chunk_id for h in s.search("cats purr", k=4, mode="vector")] == expected
-        assert len(s.index) == len(s) == 4
+        assert len(s.backend.index) == len(s) == 4
     for p in path.parent.glob("ctx.db.hnsw*"):
         p.unlink()  # delete them
     with ContextStore(path, embed=HashedNgramEmbedder()) as s:
@@ -205,15 +212,15 @@ def test_stale_saved_index_catches_up_on_open(tmp_path: Path) -> None:
         doomed = s.add_text(ANIMALS["owls.txt"], source="owls.txt").document_id
         s.delete(doomed)
         # simulate a crash: put the old saved state back, as if close() never ran
-        s.index.dirty = False
+        s.backend.index.dirty = False
     Path(str(path) + ".hnsw.json").write_text(json.dumps(saved))
     with ContextStore(path, embed=HashedNgramEmbedder()) as s:
-        assert s.index.last_add_seq == max(c["id"] for d in s.list() for c in s.chunks(d.id))
+        assert s.backend.index.last_add_seq == max(c["id"] for d in s.list() for c in s.chunks(d.id))
         assert {h.source for h in s.search("dogs bark", k=5, mode="vector")} == {"cats.txt", "dogs.txt"}
 
 
-def test_wrong_embedder_is_refused_and_reembed_switches(tmp_path: Path) -> None:
-    path = tmp_path / "ctx.db"
+def test_wrong_embedder_is_refused_and_reembed_switches(store_location) -> None:
+    path = store_location
     with ContextStore(path, embed=HashedNgramEmbedder()) as s:
         s.add_text(ANIMALS["bees.txt"], source="bees.txt")
     other = HashedNgramEmbedder(dim=128)
@@ -233,7 +240,10 @@ def test_bad_inputs_raise_clear_errors(store: ContextStore) -> None:
     with pytest.raises(ContextStoreError, match="cannot read"):
         store.add_document("/no/such/file.txt")
     assert math.isclose(len(store.search("cats", k=2)), 2)
-    not_a_db = store.path.parent / "notes.txt"
+
+
+def test_a_file_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
+    not_a_db = tmp_path / "notes.txt"
     not_a_db.write_text("just some text, long enough to fill SQLite's 100-byte header check. " * 3)
     with pytest.raises(ContextStoreError, match="is not a context store"):
         ContextStore(not_a_db, embed=HashedNgramEmbedder())

@@ -5,7 +5,7 @@ import pytest
 
 import rocmforge
 from context_store.prompt import build_context_prompt
-from context_store.store import ContextStore
+from context_store import ContextStore
 from rocmforge.embedder import HashedNgramEmbedder
 
 DOCS = {

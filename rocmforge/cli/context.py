@@ -1,7 +1,9 @@
-"""``rocmforge context ...``: add, search, list, show, rm, stats, reindex, vacuum on a context store.
+"""``rocmforge context ...``: add, search, list, show, rm, stats, reindex, vacuum, migrate on a context store.
 
     rocmforge context add docs/ notes.txt -c "a quick note"   # files, folders (by glob), text, or - for stdin
     rocmforge context search "how are deletes compacted" -k 3 --mode hybrid --json
+    rocmforge context --db postgresql://me@dbhost/rocmforge search "..."   # a store shared by many machines
+    rocmforge context --db ctx.db migrate --to postgresql://me@dbhost/rocmforge
 """
 from __future__ import annotations
 
@@ -55,14 +57,15 @@ def _store(ctx: click.Context, **options) -> Iterator[ContextStore]:
 
 
 @click.group("context")
-@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Store file [default: $ROCMFORGE_HOME/context.db].")
+@click.option("--db", default=None,
+              help="Store: a SQLite file, or a postgresql:// URL (PostgreSQL + pgvector) "
+                   "[default: $ROCMFORGE_HOME/context.db].")
 @click.option("--embedder", type=click.Choice(["auto", "minilm", "hashed"]), default="auto", show_default=True,
               envvar="ROCMFORGE_EMBEDDER",
               help="auto: all-MiniLM-L6-v2, or the lexical hashed n-gram fallback when it cannot be fetched.")
 @click.pass_context
-def context(ctx: click.Context, db: Path | None, embedder: str) -> None:
-    """A searchable store of documents (SQLite + HNSW) for retrieval into prompts."""
+def context(ctx: click.Context, db: str | None, embedder: str) -> None:
+    """A searchable store of documents (SQLite + HNSW, or PostgreSQL + pgvector) for retrieval into prompts."""
     ctx.ensure_object(dict)
     ctx.obj.update(db=db or default_db(), embedder=embedder)
 
@@ -141,7 +144,7 @@ def add(ctx: click.Context, paths: tuple[str, ...], texts: tuple[str, ...], glob
 @click.pass_context
 def search(ctx: click.Context, query: str, k: int, mode: str, collection: str | None, source: str | None,
            where: tuple[str, ...], ef: int, as_json: bool) -> None:
-    """Search the store: vector (HNSW), keyword (BM25) or hybrid (reciprocal-rank fusion)."""
+    """Search the store: vector (HNSW), keyword (BM25 / ts_rank) or hybrid (reciprocal-rank fusion)."""
     filters: dict[str, str] = _parse_meta(where)
     if collection:
         filters["collection"] = collection
@@ -224,18 +227,35 @@ def stats(ctx: click.Context, as_json: bool) -> None:
 @click.option("--reembed", is_flag=True, help="Re-embed every chunk with the current embedder first.")
 @click.pass_context
 def reindex(ctx: click.Context, reembed: bool) -> None:
-    """Rebuild the HNSW index from SQLite."""
+    """Rebuild the HNSW index from the stored vectors."""
     with _store(ctx, reembed=reembed) as store:
-        if not reembed:  # opening with reembed=True has already re-embedded and rebuilt
-            store.reindex()
-        count = len(store.index)
+        # opening with reembed=True has already re-embedded and rebuilt
+        count = len(store) if reembed else store.reindex()
     click.echo(f"index rebuilt: {count} vectors")
 
 
 @context.command()
 @click.pass_context
 def vacuum(ctx: click.Context) -> None:
-    """Compact: drop deleted vectors from the index and reclaim SQLite space."""
+    """Compact: drop deleted vectors from the index and reclaim space."""
     with _store(ctx) as store:
         sizes = store.vacuum()
     click.echo(f"{sizes['bytes_before']} -> {sizes['bytes_after']} bytes")
+
+
+@context.command()
+@click.option("--to", "url", required=True, help="The PostgreSQL store: postgresql://USER@HOST/DATABASE.")
+@click.pass_context
+def migrate(ctx: click.Context, url: str) -> None:
+    """Copy the --db SQLite store into an empty PostgreSQL store (ids and vectors as they are; no re-embedding)."""
+    from context_store.migrate import migrate_to_postgres
+    from context_store.postgres import redact
+    from context_store.store import is_postgres_url
+
+    if is_postgres_url(ctx.obj["db"]) or not is_postgres_url(url):
+        raise click.ClickException("migrate copies a SQLite --db into a postgresql:// store given by --to")
+    try:
+        n = migrate_to_postgres(ctx.obj["db"], url)
+    except ContextStoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"copied {n} document(s) from {ctx.obj['db']} to {redact(url)}")

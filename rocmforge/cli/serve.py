@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import click
 
@@ -18,8 +17,9 @@ log = logging.getLogger(__name__)
 @click.command()
 @click.option("-m", "--model", "model_name", default=DEFAULT_MODEL, show_default=True,
               help="Registry name or path to a .gguf file.")
-@click.option("--context", "context_db", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Context store (SQLite file, created if missing) for /v1/context and \"context\" requests.")
+@click.option("--context", "context_db", default=None,
+              help="Context store for /v1/context and \"context\" requests: a SQLite file (created if missing) or a "
+                   "postgresql:// URL.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", envvar="ROCMFORGE_API_KEY", default=None,
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 @click.option("--batch-invariant/--no-batch-invariant", default=True, show_default=True,
               help="CPU: bit-identical text for a request alone or batched (a lone stream decodes slower).")
 @click.option("--no-embeddings", is_flag=True, help="Do not load the MiniLM embedder (no /v1/embeddings).")
-def serve(model_name: str, context_db: Path | None, host: str, port: int, api_key: str | None, max_batch: int,
+def serve(model_name: str, context_db: str | None, host: str, port: int, api_key: str | None, max_batch: int,
           max_queue: int, n_ctx: int, device: str, threads: int | None, blas_threads: int,
           batch_invariant: bool, no_embeddings: bool) -> None:
     """Serve MODEL over HTTP with /v1/completions, /v1/chat/completions, /v1/embeddings and /v1/context."""
