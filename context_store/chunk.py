@@ -6,14 +6,25 @@ may offer its own ``token_spans(text)`` (MiniLM does) so chunk sizes match the m
 >>> from context_store.chunk import chunk_text
 >>> [c.text for c in chunk_text("one two three four five", size=3, overlap=1)]
 ['one two three', 'three four five']
+
+``chunk_headings`` gives each chunk the line that says where it sits: the document's title and the headings
+(markdown ``#`` or reST-style underlined) above the chunk's start.
+
+>>> text = "Setup\\n=====\\nInstall it.\\n\\nUsage\\n=====\\nRun it."
+>>> chunk_headings(text, chunk_text(text, size=8, overlap=2), title="guide.md")
+['guide.md — Setup', 'guide.md — Setup — Usage', 'guide.md — Usage']
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import PurePath
+from typing import Any, Callable
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+_MARKDOWN_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$", re.M)
+_UNDERLINED_HEADING = re.compile(r"^([^\s].*)\n([=\-*~^#+])\2{2,}[ \t]*$", re.M)
+HEADING_SEPARATOR = " — "
 
 TokenSpans = Callable[[str], list[tuple[int, int]]]
 
@@ -74,3 +85,52 @@ def chunk_text(text: str, size: int = 200, overlap: int = 40,
                 following += 1
         first = following
     return chunks
+
+
+def headings(text: str) -> list[tuple[int, int, str]]:
+    """(character offset, level, title) of every heading: markdown ``#`` levels, and reST-style underlines whose
+    levels follow the order in which the underline characters first appear (as reST reads them)."""
+    found = [(m.start(), len(m.group(1)), m.group(2).strip()) for m in _MARKDOWN_HEADING.finditer(text)]
+    order: list[str] = []
+    for m in _UNDERLINED_HEADING.finditer(text):
+        title, mark = m.group(1).strip(), m.group(2)
+        if abs(len(m.group(0).splitlines()[1].strip()) - len(title)) > 3:
+            continue  # a rule under a paragraph line, not a heading
+        if mark not in order:
+            order.append(mark)
+        found.append((m.start(), order.index(mark) + 1, title))
+    return sorted(found)
+
+
+def chunk_headings(text: str, chunks: list[Chunk], title: str = "") -> list[str]:
+    """For each chunk: the title, then the heading path in force where the chunk starts and any heading inside it,
+    joined by HEADING_SEPARATOR (empty when there is neither)."""
+    marks = headings(text)
+    out = []
+    for chunk in chunks:
+        path: list[tuple[int, str]] = []
+        inside = []
+        for offset, level, name in marks:
+            if offset <= chunk.start:
+                path = [(lv, n) for lv, n in path if lv < level] + [(level, name)]
+            elif offset < chunk.end:
+                inside.append(name)
+        parts = [title] if title else []
+        for name in [n for _, n in path] + inside:
+            if name and name not in parts:
+                parts.append(name)
+        out.append(HEADING_SEPARATOR.join(parts))
+    return out
+
+
+def document_title(source: str, metadata: dict[str, Any]) -> str:
+    """``metadata["title"]`` when given, else the file name of a path-like source (``notes/wal.md`` -> ``wal.md``)."""
+    title = metadata.get("title")
+    if isinstance(title, str) and title.strip():
+        return title.strip()
+    return "" if source.startswith("<") else PurePath(source).name
+
+
+def embedding_text(text: str, heading: str) -> str:
+    """What the embedder sees for a chunk: its heading line, then its text."""
+    return f"{heading}\n{text}" if heading else text

@@ -1,8 +1,9 @@
 """The SQLite side of the store: the source of truth that the HNSW index is derived from.
 
 Tables: ``meta`` (dim, embedder, generation, epoch), ``collections``, ``documents`` (source, content,
-content hash, metadata JSON, timestamps), ``chunks`` (text, offsets, float32 embedding blob),
-``chunks_fts`` (FTS5 over chunk text, kept in step by triggers) and ``deleted_chunks`` (a log of
+content hash, metadata JSON, timestamps), ``chunks`` (text, offsets, float32 embedding blob, heading: the
+document's title and section path), ``chunks_fts`` (FTS5 over text and heading, Porter-stemmed, kept in step by
+triggers; older stores are migrated on open) and ``deleted_chunks`` (a log of
 deleted chunk ids, so other processes can drop them from their index).
 
 Chunk ids come from ``AUTOINCREMENT``: never reused, and since writers are serialised they are
@@ -49,21 +50,29 @@ CREATE TABLE IF NOT EXISTS chunks (
     start INTEGER NOT NULL,
     "end" INTEGER NOT NULL,
     n_tokens INTEGER NOT NULL,
-    embedding BLOB NOT NULL);
+    embedding BLOB NOT NULL,
+    heading TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS chunks_document ON chunks(document_id);
 CREATE TABLE IF NOT EXISTS deleted_chunks (seq INTEGER PRIMARY KEY AUTOINCREMENT, chunk_id INTEGER NOT NULL);
-CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
-    text, content='chunks', content_rowid='id', tokenize='porter unicode61');
-CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
-    INSERT INTO chunks_fts(rowid, text) VALUES (new.id, new.text);
-END;
-CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
-    INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
-END;
 """
 
+# The keyword index: chunk text and heading (title and section path), Porter-stemmed. A store made with another
+# definition (older stores indexed text alone, some without stemming) gets this one on open, rebuilt from chunks.
+_FTS = """
+CREATE VIRTUAL TABLE chunks_fts USING fts5(
+    text, heading, content='chunks', content_rowid='id', tokenize='porter unicode61');
+CREATE TRIGGER chunks_ai AFTER INSERT ON chunks BEGIN
+    INSERT INTO chunks_fts(rowid, text, heading) VALUES (new.id, new.text, new.heading);
+END;
+CREATE TRIGGER chunks_ad AFTER DELETE ON chunks BEGIN
+    INSERT INTO chunks_fts(chunks_fts, rowid, text, heading) VALUES ('delete', old.id, old.text, old.heading);
+END;
+"""
+# BM25 column weights (text, heading): a heading word says what the whole chunk is about.
+FTS_WEIGHTS = (1.0, 2.0)
+
 # Columns of a search hit, joined from chunks and documents.
-HIT_COLUMNS = """c.id AS chunk_id, c.document_id, c.ordinal, c.text, c.start, c."end",
+HIT_COLUMNS = """c.id AS chunk_id, c.document_id, c.ordinal, c.text, c.start, c."end", c.heading,
     d.source, d.metadata, col.name AS collection"""
 _DOC_JOIN = "JOIN documents d ON d.id = c.document_id JOIN collections col ON col.id = d.collection_id"
 _HIT_JOIN = f"chunks c {_DOC_JOIN}"
@@ -80,6 +89,7 @@ class StoreDB:
         with self.transaction() as db:
             for statement in _split_sql(_SCHEMA):
                 db.execute(statement)
+            _migrate(db)
             for key, value in (("generation", "0"), ("epoch", "0")):
                 db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
@@ -160,7 +170,8 @@ class StoreDB:
         return row[0] if row else None
 
     def insert_document(self, db: sqlite_utils.Database, collection: str, source: str, content: str,
-                        content_hash: str, metadata: dict, chunks: list, embeddings: np.ndarray) -> int:
+                        content_hash: str, metadata: dict, chunks: list, headings: list[str],
+                        embeddings: np.ndarray) -> int:
         now = time.time()
         doc_id = db["documents"].insert({
             "collection_id": self.collection_id(db, collection), "source": source, "content": content,
@@ -168,8 +179,9 @@ class StoreDB:
             "created_at": now, "updated_at": now}).last_pk
         db["chunks"].insert_all(
             {"document_id": doc_id, "ordinal": i, "text": c.text, "start": c.start, "end": c.end,
-             "n_tokens": c.n_tokens, "embedding": np.ascontiguousarray(vec, dtype=np.float32).tobytes()}
-            for i, (c, vec) in enumerate(zip(chunks, embeddings)))
+             "n_tokens": c.n_tokens, "embedding": np.ascontiguousarray(vec, dtype=np.float32).tobytes(),
+             "heading": heading}
+            for i, (c, heading, vec) in enumerate(zip(chunks, headings, embeddings)))
         self.bump(db)
         return doc_id
 
@@ -227,10 +239,27 @@ class StoreDB:
 
     def keyword(self, match: str, where: str, params: list, limit: int) -> list[tuple[int, float]]:
         """FTS5 BM25 ranking: (chunk id, bm25) best first (SQLite's bm25 is lower-is-better)."""
-        sql = f"""SELECT c.id, bm25(chunks_fts) AS rank FROM chunks_fts
+        weights = ", ".join(str(w) for w in FTS_WEIGHTS)
+        sql = f"""SELECT c.id, bm25(chunks_fts, {weights}) AS rank FROM chunks_fts
                   JOIN chunks c ON c.id = chunks_fts.rowid {_DOC_JOIN}
                   WHERE chunks_fts MATCH ? AND {where} ORDER BY rank LIMIT ?"""
         return [(r[0], r[1]) for r in self.db.execute(sql, [match, *params, limit])]
+
+
+def _migrate(db: sqlite_utils.Database) -> None:
+    """Bring an older store's schema up to date (inside the opening transaction, so one process does it)."""
+    if "heading" not in {row[1] for row in db.execute("PRAGMA table_info(chunks)")}:
+        db.execute("ALTER TABLE chunks ADD COLUMN heading TEXT NOT NULL DEFAULT ''")
+    row = db.execute("SELECT sql FROM sqlite_master WHERE name = 'chunks_fts'").fetchone()
+    wanted = _split_sql(_FTS)
+    if row is not None and " ".join(row[0].split()) == " ".join(wanted[0].split()):
+        return
+    for trigger in ("chunks_ai", "chunks_ad"):
+        db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    db.execute("DROP TABLE IF EXISTS chunks_fts")
+    for statement in wanted:
+        db.execute(statement)
+    db.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('rebuild')")
 
 
 def _split_sql(script: str) -> list[str]:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from context_store.chunk import embedding_text
 from context_store.records import ContextStoreError, Document, NewDocument, StoredDocument
 from context_store.search import EXACT_SEARCH_LIMIT
 
@@ -49,7 +50,9 @@ CREATE TABLE IF NOT EXISTS context_store.chunks (
     document_id BIGINT NOT NULL REFERENCES context_store.documents(id) ON DELETE CASCADE,
     ordinal INTEGER NOT NULL, text TEXT NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL,
     n_tokens INTEGER NOT NULL, embedding vector({dim}) NOT NULL,
-    tsv TSVECTOR GENERATED ALWAYS AS (to_tsvector('english', text)) STORED);
+    tsv TSVECTOR GENERATED ALWAYS AS (to_tsvector('english', text)) STORED,
+    heading TEXT NOT NULL DEFAULT '');
+ALTER TABLE context_store.chunks ADD COLUMN IF NOT EXISTS heading TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS chunks_document ON context_store.chunks (document_id);
 CREATE INDEX IF NOT EXISTS chunks_tsv ON context_store.chunks USING gin (tsv);
 """
@@ -58,7 +61,8 @@ _HNSW = ("CREATE INDEX IF NOT EXISTS chunks_embedding ON context_store.chunks "
 
 _HIT_JOIN = """context_store.chunks c JOIN context_store.documents d ON d.id = c.document_id
                JOIN context_store.collections col ON col.id = d.collection_id"""
-_HIT_COLUMNS = """c.id AS chunk_id, c.document_id, c.ordinal, c.text, c.start, c."end", d.source, d.metadata,
+_HIT_COLUMNS = """c.id AS chunk_id, c.document_id, c.ordinal, c.text, c.start, c."end", c.heading, d.source,
+                  d.metadata,
                   col.name AS collection"""
 
 
@@ -231,15 +235,16 @@ class PostgresBackend:
             doc_ids.append(cur.fetchone()[0])
             if not cur.nextset():
                 break
-        columns = ["id", "document_id", "ordinal", "text", "start", '"end"', "n_tokens", "embedding"]
-        types = ["int8", "int8", "int4", "text", "int4", "int4", "int4", "vector"]
+        columns = ["id", "document_id", "ordinal", "text", "start", '"end"', "n_tokens", "heading", "embedding"]
+        types = ["int8", "int8", "int4", "text", "int4", "int4", "int4", "text", "vector"]
         if stored is None:
             columns, types = columns[1:], types[1:]
         with cur.copy(f"COPY context_store.chunks ({', '.join(columns)}) FROM STDIN WITH (FORMAT BINARY)") as copy:
             copy.set_types(types)
             for doc, doc_id, k in zip(docs, doc_ids, keep):
-                for i, (chunk, vector) in enumerate(zip(doc.chunks, doc.embeddings)):
-                    row = [doc_id, i, chunk.text, chunk.start, chunk.end, chunk.n_tokens,
+                headings = doc.headings or [""] * len(doc.chunks)
+                for i, (chunk, heading, vector) in enumerate(zip(doc.chunks, headings, doc.embeddings)):
+                    row = [doc_id, i, chunk.text, chunk.start, chunk.end, chunk.n_tokens, heading,
                            np.ascontiguousarray(vector, dtype=np.float32)]
                     copy.write_row([k.chunks[i]["id"], *row] if k else row)
         return doc_ids
@@ -265,7 +270,8 @@ class PostgresBackend:
             def flush() -> None:
                 self._insert(cur, [NewDocument(k.collection, k.source, k.content, k.content_hash, k.metadata,
                                                [Chunk(c["text"], c["start"], c["end"], c["n_tokens"])
-                                                for c in k.chunks], k.embeddings) for k in part], part)
+                                                for c in k.chunks], k.embeddings,
+                                               [c.get("heading", "") for c in k.chunks]) for k in part], part)
 
             for d in docs:
                 part.append(d)
@@ -316,16 +322,28 @@ class PostgresBackend:
             cur.execute("SELECT set_config('enable_indexscan', 'off', true)")  # exact: no HNSW
             return [(int(i), float(s)) for i, s in cur.execute(sql, [query, *params, query, k]).fetchall()]
 
-    def keyword(self, query: str, k: int, filters: dict[str, Any] | None) -> list[tuple[int, float]]:
-        """``tsvector`` matches of any query word, ranked by ``ts_rank`` (normalisation 1), best first."""
+    def keyword(self, query: str, k: int, filters: dict[str, Any] | None,
+                among: list[int] | None = None) -> list[tuple[int, float]]:
+        """``tsvector`` matches of any query word, ranked by ``ts_rank`` (normalisation 1), best first; ``among``:
+        only these chunk ids."""
         words = re.findall(r"\w+", query.lower())
         if not words:
             return []
         where, params = where_clause(filters)
+        if among is not None:
+            where, params = f"{where} AND c.id = ANY(%s)", [*params, list(among)]
         sql = f"""SELECT c.id, ts_rank(c.tsv, q, 1) AS rank
                   FROM {_HIT_JOIN}, websearch_to_tsquery('english', %s) q
                   WHERE c.tsv @@ q AND {where} ORDER BY rank DESC, c.id LIMIT %s"""
         return [(int(i), float(r)) for i, r in self._rows(sql, [" or ".join(words), *params, k])]
+
+    def embeddings(self, chunk_ids: list[int]) -> tuple[list[int], np.ndarray]:
+        """(the ids still stored, their vectors [n, dim])."""
+        rows = self._rows("SELECT id, embedding FROM context_store.chunks WHERE id = ANY(%s)", (list(chunk_ids),))
+        # text results come back as numpy arrays, binary ones (a pipelined connection) as pgvector's Vector
+        as_array = lambda v: np.asarray(v.to_numpy() if hasattr(v, "to_numpy") else v, dtype=np.float32)  # noqa: E731
+        vectors = np.stack([as_array(r[1]) for r in rows]) if rows else np.zeros((0, 0))
+        return [int(r[0]) for r in rows], vectors
 
     def hits(self, chunk_ids: list[int]) -> dict[int, dict[str, Any]]:
         cur = self.conn.cursor(row_factory=self._psycopg.rows.dict_row)
@@ -351,7 +369,7 @@ class PostgresBackend:
 
     def chunks(self, document_id: int) -> list[dict[str, Any]]:
         cur = self.conn.cursor(row_factory=self._psycopg.rows.dict_row)
-        return cur.execute('SELECT id, ordinal, text, start, "end", n_tokens FROM context_store.chunks '
+        return cur.execute('SELECT id, ordinal, text, start, "end", n_tokens, heading FROM context_store.chunks '
                            "WHERE document_id = %s ORDER BY ordinal", (document_id,)).fetchall()
 
     def count_chunks(self) -> int:
@@ -383,12 +401,12 @@ class PostgresBackend:
             cur.execute("DROP INDEX context_store.chunks_embedding")
             cur.execute("ALTER TABLE context_store.chunks ALTER COLUMN embedding DROP NOT NULL")
             cur.execute(f"ALTER TABLE context_store.chunks ALTER COLUMN embedding TYPE vector({int(dim)}) USING NULL")
-            rows = cur.execute("SELECT id, text FROM context_store.chunks ORDER BY id").fetchall()
+            rows = cur.execute("SELECT id, text, heading FROM context_store.chunks ORDER BY id").fetchall()
             for start in range(0, len(rows), 256):
                 part = rows[start:start + 256]
-                vectors = embed([text for _, text in part])
+                vectors = embed([embedding_text(text, heading) for _, text, heading in part])
                 cur.executemany("UPDATE context_store.chunks SET embedding = %s WHERE id = %s",
-                                [(v, i) for (i, _), v in zip(part, vectors)])
+                                [(v, i) for (i, _, _), v in zip(part, vectors)])
             cur.execute("ALTER TABLE context_store.chunks ALTER COLUMN embedding SET NOT NULL")
             cur.execute(index_sql)
             cur.execute("UPDATE context_store.meta SET value = CASE key WHEN 'dim' THEN %s ELSE %s END "

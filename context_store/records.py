@@ -28,10 +28,11 @@ class Hit:
     text: str
     start: int  # character offsets of the chunk within its document
     end: int
-    score: float  # the mode's own score: cosine (vector), keyword rank (keyword), fused RRF (hybrid)
+    score: float  # the mode's own score: cosine (vector), keyword rank (keyword), fused score (hybrid, rrf)
     scores: dict[str, float] = field(default_factory=dict)  # every score this hit got
     metadata: dict[str, Any] = field(default_factory=dict)
     collection: str = "default"
+    heading: str = ""  # the document's title and the section path where the chunk starts
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -60,6 +61,7 @@ class NewDocument:
     metadata: dict[str, Any]
     chunks: list[Chunk]
     embeddings: np.ndarray  # [len(chunks), dim] float32
+    headings: list[str] = field(default_factory=list)  # one per chunk (title and section path), or none
 
 
 @dataclass(frozen=True)
@@ -74,5 +76,5 @@ class StoredDocument:
     metadata: dict[str, Any]
     created_at: float
     updated_at: float
-    chunks: list[dict[str, Any]]  # id, ordinal, text, start, end, n_tokens
+    chunks: list[dict[str, Any]]  # id, ordinal, text, start, end, n_tokens, heading
     embeddings: np.ndarray

@@ -1,7 +1,12 @@
-"""Pieces of search that need no store: filters as SQL, FTS5 queries, exact cosine, rank fusion.
+"""Pieces of search that need no store: filters as SQL, FTS5 queries, exact cosine, fusion of the two lists.
+
+Every store backend (SQLite here, PostgreSQL beside it) gathers the same candidates (the vector and the
+keyword top lists, each candidate scored by both) and ranks them with ``fuse``, so their modes agree.
 
 >>> reciprocal_rank_fusion([[1, 2, 3], [3, 1]], k=60)[:2]
 [(1, 0.03252247488101534), (3, 0.032266458495966696)]
+>>> [i for i, _ in score_fusion({1: 0.9, 2: 0.5, 3: 0.4}, {2: 7.0, 3: 1.0})]
+[1, 2, 3]
 """
 from __future__ import annotations
 
@@ -40,10 +45,30 @@ def _json_path(key: str) -> str:
     return '$."' + key.replace('"', "") + '"'
 
 
+# Words too common to say what a question is about (the usual English stopword list, trimmed of the words
+# that are names in technical text: "not", "no", "all", "any", "each").
+STOPWORDS = frozenset("""
+a about above after again against am an and are as at be because been before being below between both but by
+can could did do does doing down during few for from further had has have having he her here hers herself him
+himself his how i if in into is it its itself just me more most my myself nor of off on once only or other our
+ours ourselves out over own same she should so some such than that the their theirs them themselves then there
+these they this those through to too under until up very was we were what when where which while who whom why
+will with would you your yours yourself yourselves
+""".split())
+
+
 def fts_query(text: str) -> str | None:
-    """Free text -> an FTS5 query: every word quoted (so no FTS syntax leaks in), any word may match."""
-    words = re.findall(r"\w+", text.lower())
-    return " OR ".join(f'"{w}"' for w in words) if words else None
+    """Free text -> an FTS5 query: words quoted (so no FTS syntax leaks in), stopwords dropped, any word may match.
+
+    A query of stopwords only keeps them (better some match than none). FTS5 stems the quoted words with the
+    table's porter tokenizer, so "sorting" matches "sorted".
+
+    >>> fts_query("How do I sort a list?")
+    '"sort" OR "list"'
+    """
+    words = list(dict.fromkeys(re.findall(r"\w+", text.lower())))
+    content = [w for w in words if w not in STOPWORDS] or words
+    return " OR ".join(f'"{w}"' for w in content) if content else None
 
 
 def cosine_top_k(query: np.ndarray, ids: list[int], vectors: np.ndarray, k: int) -> list[tuple[int, float]]:
@@ -63,4 +88,28 @@ def reciprocal_rank_fusion(rankings: Iterable[list[int]], k: int = RRF_K) -> lis
     for ranking in rankings:
         for rank, item in enumerate(ranking, start=1):
             scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+# Hybrid ranking (chosen on tests/fixtures/retrieval/pydoc with `rocmforge context eval`, checked on the held-out
+# manpages set): each candidate's cosine, min-max scaled over the candidates, and its BM25 divided by the best
+# BM25, mixed with these weights. A dense hit far ahead of the rest keeps its lead even when BM25 never saw it,
+# which rank fusion cannot do (it gives rank 1 the same credit however clear the win).
+VECTOR_WEIGHT = 0.6
+POOL = 40  # candidates taken from each list
+
+
+def score_fusion(cosines: dict[int, float], keyword: dict[int, float],
+                 vector_weight: float = VECTOR_WEIGHT) -> list[tuple[int, float]]:
+    """Rank candidates by ``w * scaled cosine + (1 - w) * bm25 / best bm25`` (ties: smaller id first).
+
+    ``cosines`` must score every candidate; ``keyword`` (higher-is-better BM25) only those the keyword query
+    matched, the others count 0."""
+    if not cosines:
+        return []
+    low, high = min(cosines.values()), max(cosines.values())
+    span = high - low if high > low else 1.0
+    best = max((s for s in keyword.values() if s > 0), default=1.0)
+    scores = {i: vector_weight * (c - low) / span + (1 - vector_weight) * max(keyword.get(i, 0.0), 0.0) / best
+              for i, c in cosines.items()}
     return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))

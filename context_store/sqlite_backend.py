@@ -19,6 +19,7 @@ import numpy as np
 import sqlite_utils
 from filelock import FileLock
 
+from context_store.chunk import embedding_text
 from context_store.db import StoreDB
 from context_store.index import VectorIndex
 from context_store.records import ContextStoreError, Document, NewDocument, StoredDocument
@@ -81,7 +82,8 @@ class SQLiteBackend:
 
     def _insert(self, tx: sqlite_utils.Database, doc: NewDocument) -> int:
         return self.db.insert_document(tx, doc.collection, doc.source, doc.content, doc.content_hash,
-                                       doc.metadata, doc.chunks, doc.embeddings)
+                                       doc.metadata, doc.chunks, doc.headings or [""] * len(doc.chunks),
+                                       doc.embeddings)
 
     def delete_document(self, document_id: int) -> bool:
         with self._writing(), self.db.transaction() as tx:
@@ -107,13 +109,24 @@ class SQLiteBackend:
             ids = sorted(allowed) if allowed is not None else self.db.filtered_chunk_ids("1 = 1", [])
             return cosine_top_k(query, ids, self.db.embeddings_of(ids), k)
 
-    def keyword(self, query: str, k: int, filters: dict[str, Any] | None) -> list[tuple[int, float]]:
-        """FTS5 BM25, flipped so higher is better like every other score here."""
+    def keyword(self, query: str, k: int, filters: dict[str, Any] | None,
+                among: list[int] | None = None) -> list[tuple[int, float]]:
+        """FTS5 BM25 (text and heading), flipped so higher is better like every other score here; ``among``: only
+        these chunk ids."""
         match = fts_query(query)
         if not match:
             return []
         where, params = where_clause(filters)
+        if among is not None:
+            where, params = f"{where} AND c.id IN ({','.join('?' * len(among))})", [*params, *among]
         return [(i, -bm25) for i, bm25 in self.db.keyword(match, where, params, k)]
+
+    def embeddings(self, chunk_ids: list[int]) -> tuple[list[int], np.ndarray]:
+        """(the ids still stored, their vectors [n, dim])."""
+        rows = self.db.db.execute(f"SELECT id, embedding FROM chunks WHERE id IN ({','.join('?' * len(chunk_ids))})",
+                                  chunk_ids).fetchall()
+        vectors = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]) if rows else np.zeros((0, 0))
+        return [r[0] for r in rows], vectors
 
     def hits(self, chunk_ids: list[int]) -> dict[int, dict[str, Any]]:
         rows = self.db.hits(chunk_ids)
@@ -138,7 +151,7 @@ class SQLiteBackend:
                          r["created_at"], r["n_chunks"], r["content"]) for r in self.db.db.query(sql, params)]
 
     def chunks(self, document_id: int) -> list[dict[str, Any]]:
-        return list(self.db.db.query('SELECT id, ordinal, text, start, "end", n_tokens FROM chunks '
+        return list(self.db.db.query('SELECT id, ordinal, text, start, "end", n_tokens, heading FROM chunks '
                                      "WHERE document_id = ? ORDER BY ordinal", [document_id]))
 
     def count_chunks(self) -> int:
@@ -162,10 +175,11 @@ class SQLiteBackend:
         with self.db.snapshot() as db:
             for d in list(db.query("""SELECT d.*, col.name AS collection FROM documents d
                                       JOIN collections col ON col.id = d.collection_id ORDER BY d.id""")):
-                rows = db.execute('SELECT id, ordinal, text, start, "end", n_tokens, embedding FROM chunks '
+                rows = db.execute('SELECT id, ordinal, text, start, "end", n_tokens, heading, embedding FROM chunks '
                                   "WHERE document_id = ? ORDER BY ordinal", (d["id"],)).fetchall()
-                chunks = [dict(zip(("id", "ordinal", "text", "start", "end", "n_tokens"), r[:6])) for r in rows]
-                vectors = np.stack([np.frombuffer(r[6], dtype=np.float32) for r in rows])
+                names = ("id", "ordinal", "text", "start", "end", "n_tokens", "heading")
+                chunks = [dict(zip(names, r[:7])) for r in rows]
+                vectors = np.stack([np.frombuffer(r[7], dtype=np.float32) for r in rows])
                 yield StoredDocument(d["id"], d["collection"], d["source"], d["content"], d["content_hash"],
                                      json.loads(d["metadata"]), d["created_at"], d["updated_at"], chunks, vectors)
 
@@ -174,12 +188,12 @@ class SQLiteBackend:
         """Re-embed every chunk, record the new embedder, rebuild the index."""
         with self._writing():
             with self.db.transaction() as tx:
-                rows = tx.execute("SELECT id, text FROM chunks ORDER BY id").fetchall()
+                rows = tx.execute("SELECT id, text, heading FROM chunks ORDER BY id").fetchall()
                 for start in range(0, len(rows), 256):
                     part = rows[start:start + 256]
-                    vectors = embed([text for _, text in part])
+                    vectors = embed([embedding_text(text, heading) for _, text, heading in part])
                     tx.conn.executemany("UPDATE chunks SET embedding = ? WHERE id = ?",
-                                        [(v.tobytes(), i) for (i, _), v in zip(part, vectors)])
+                                        [(v.tobytes(), i) for (i, _, _), v in zip(part, vectors)])
                 self.db.set_meta(tx, dim=dim, embedder=name)
                 self.db.bump(tx, "epoch")  # every vector changed: other processes must rebuild
             self.index.rebuild()

@@ -3,7 +3,7 @@
 Two backends behind one API: a file path keeps the store in SQLite with an HNSW index beside it
 (``sqlite_backend.py``; one machine, any number of threads and processes); a ``postgresql://`` URL keeps it
 in PostgreSQL with pgvector's HNSW and ``tsvector`` ranking (``postgres.py``; many machines share one store).
-Chunking, embedding, dedupe, rank fusion and hit shapes are the same for both, here.
+Chunking, headings, embedding, dedupe, fusion (``search.py``) and hit shapes are the same for both, here.
 
 Every document is one transaction committed before ``add_text`` returns, so an acknowledged write survives
 ``kill -9`` and an interrupted one leaves nothing behind.
@@ -26,14 +26,15 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from context_store.chunk import TokenSpans, chunk_text
+from context_store.chunk import TokenSpans, chunk_headings, chunk_text, document_title, embedding_text
 from context_store.records import AddResult, ContextStoreError, Document, Hit, NewDocument
-from context_store.search import reciprocal_rank_fusion
+from context_store.search import POOL, cosine_top_k, reciprocal_rank_fusion, score_fusion
 
 log = logging.getLogger(__name__)
 
 Embed = Callable[[list[str]], np.ndarray]
-Mode = Literal["hybrid", "vector", "keyword"]
+Mode = Literal["hybrid", "rrf", "vector", "keyword"]
+MODES = ("hybrid", "rrf", "vector", "keyword")
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
@@ -117,12 +118,14 @@ class ContextStore:
         for i, chunks in chunked.items():
             if not chunks:
                 raise ContextStoreError(f"{sources[i]}: nothing to index (empty or whitespace only)")
-        flat = [c.text for i in chunked for c in chunked[i]]
+        headings = {i: chunk_headings(texts[i], chunks, document_title(sources[i], metadatas[i]))
+                    for i, chunks in chunked.items()}
+        flat = [embedding_text(c.text, h) for i in chunked for c, h in zip(chunked[i], headings[i])]
         vectors = self._embed(flat) if flat else np.zeros((0, self.dim), np.float32)  # slow: before any lock
         docs, offset = [], 0
         for i, chunks in chunked.items():
             docs.append(NewDocument(collection, sources[i], texts[i], hashes[i], metadatas[i], chunks,
-                                    vectors[offset:offset + len(chunks)]))
+                                    vectors[offset:offset + len(chunks)], headings[i]))
             offset += len(chunks)
         inserted = self.backend.insert_documents(docs)  # None: another writer added it while we embedded
         results = {i: AddResult(doc_id, len(chunked[i]), skipped=False)
@@ -150,21 +153,29 @@ class ContextStore:
     # -- reading -----------------------------------------------------------------------------------
     def search(self, query: str, k: int = 5, mode: Mode = "hybrid",
                filters: dict[str, Any] | None = None) -> list[Hit]:
-        """The k best chunks for ``query``. Filters: collection, source (glob), document_id, metadata keys."""
-        if mode not in ("hybrid", "vector", "keyword"):
-            raise ContextStoreError(f"unknown search mode {mode!r}; use hybrid, vector or keyword")
+        """The k best chunks for ``query``. Filters: collection, source (glob), document_id, metadata keys.
+
+        Modes: ``hybrid`` (the candidates of both lists, each scored by cosine and by keyword rank, ranked by
+        ``search.score_fusion``), ``rrf`` (reciprocal-rank fusion of the two lists), ``vector``, ``keyword``.
+        """
+        if mode not in MODES:
+            raise ContextStoreError(f"unknown search mode {mode!r}; use {', '.join(MODES)}")
         if k < 1:
             return []
-        pool = k if mode != "hybrid" else max(4 * k, 20)
-        vector = self.backend.nearest(self._embed([query])[0], pool, filters) if mode != "keyword" else []
+        pool = k if mode in ("vector", "keyword") else max(k, POOL)
+        query_vector = self._embed([query])[0] if mode != "keyword" else None
+        vector = self.backend.nearest(query_vector, pool, filters) if mode != "keyword" else []
         keyword = self.backend.keyword(query, pool, filters) if mode != "vector" else []
+        cosines, keyword_scores = dict(vector), dict(keyword)
         if mode == "vector":
             ranked = vector
         elif mode == "keyword":
             ranked = keyword
-        else:
+        elif mode == "rrf":
             ranked = reciprocal_rank_fusion([[i for i, _ in vector], [i for i, _ in keyword]])
-        cosines, keyword_scores = dict(vector), dict(keyword)
+        else:
+            self._complete_scores(query, query_vector, cosines, keyword_scores)
+            ranked = score_fusion(cosines, keyword_scores)
         rows = self.backend.hits([i for i, _ in ranked])
         hits = []
         for chunk_id, score in ranked:
@@ -172,12 +183,24 @@ class ContextStore:
             if row is None:  # deleted after the index answered
                 continue
             scores = {"vector": cosines.get(chunk_id), "keyword": keyword_scores.get(chunk_id)}
-            if mode == "hybrid":
-                scores["rrf"] = score
+            if mode in ("hybrid", "rrf"):
+                scores[mode] = score
             hits.append(Hit(chunk_id, row["document_id"], row["source"], row["text"], row["start"], row["end"],
                             float(score), {n: s for n, s in scores.items() if s is not None},
-                            row["metadata"], row["collection"]))
+                            row["metadata"], row["collection"], row["heading"]))
         return hits[:k]
+
+    def _complete_scores(self, query: str, query_vector: np.ndarray, cosines: dict[int, float],
+                         keyword_scores: dict[int, float]) -> None:
+        """Give every candidate both scores: the cosine of keyword-only ones (from their stored vectors), the
+        keyword rank of vector-only ones (absent when none of the query's words is in them)."""
+        keyword_only = [i for i in keyword_scores if i not in cosines]
+        if keyword_only:
+            ids, vectors = self.backend.embeddings(keyword_only)
+            cosines.update(cosine_top_k(query_vector, ids, vectors, len(ids)))
+        vector_only = [i for i in cosines if i not in keyword_scores]
+        if vector_only:
+            keyword_scores.update(self.backend.keyword(query, len(vector_only), None, among=vector_only))
 
     def get(self, document_id: int, with_content: bool = True) -> Document | None:
         """One document (with its full text unless ``with_content=False``), or None."""
@@ -189,7 +212,7 @@ class ContextStore:
         return self.backend.documents(collection=collection, limit=limit)
 
     def chunks(self, document_id: int) -> list[dict[str, Any]]:
-        """A document's chunks in order: id, ordinal, text, start, end, n_tokens."""
+        """A document's chunks in order: id, ordinal, text, start, end, n_tokens, heading."""
         return self.backend.chunks(document_id)
 
     def stats(self) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import pytest
 
 from context_store import ContextStore, ContextStoreError
 from context_store.chunk import chunk_text
-from context_store.search import cosine_top_k, reciprocal_rank_fusion
+from context_store.db import FTS_WEIGHTS
+from context_store.search import cosine_top_k, reciprocal_rank_fusion, score_fusion
 from rocmforge.embedder import HashedNgramEmbedder
 from store_backends import is_sqlite, query, stored_chunk_ids
 
@@ -34,7 +35,7 @@ class LookupEmbed:
         self.dim = vectors.shape[1]
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        return self.vectors[[int(t[1:]) for t in texts]]
+        return self.vectors[[int(t.splitlines()[-1][1:]) for t in texts]]  # the last line: past the heading
 
 
 @pytest.fixture()
@@ -78,8 +79,9 @@ def test_keyword_search_ranks_by_bm25(store: ContextStore) -> None:
     assert hits[0].scores["keyword"] == hits[0].score > 0
     # compare with the database's own ranking for the same query: SQLite's bm25, PostgreSQL's ts_rank
     if is_sqlite(store):
-        ((expected,),) = query(store, "SELECT -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? "
-                                      "ORDER BY bm25(chunks_fts) LIMIT 1", ('"nectar" OR "flowers"',))
+        weights = ", ".join(map(str, FTS_WEIGHTS))
+        ((expected,),) = query(store, f"SELECT -bm25(chunks_fts, {weights}) FROM chunks_fts WHERE chunks_fts MATCH ? "
+                                      f"ORDER BY bm25(chunks_fts, {weights}) LIMIT 1", ('"nectar" OR "flowers"',))
     else:
         ((expected,),) = query(store, "SELECT ts_rank(to_tsvector('english', text), "
                                       "to_tsquery('english', 'nectar | flowers'), 1) AS r "
@@ -95,17 +97,18 @@ def test_vector_hits_carry_text_source_offsets_and_cosine(store: ContextStore) -
     doc = store.get(top.document_id)
     assert doc.content[top.start:top.end] == top.text
     embed = HashedNgramEmbedder()
-    q, v = embed(["owls hunt at night", top.text])
+    q, v = embed(["owls hunt at night", f"{top.heading}\n{top.text}"])  # the chunk is embedded under its heading
+    assert top.heading == "owls.txt"
     assert top.score == pytest.approx(float(q @ v), abs=1e-5)
     assert hits[0].score >= hits[1].score
 
 
-def test_hybrid_is_reciprocal_rank_fusion_of_both_lists(store: ContextStore) -> None:
+def test_rrf_is_reciprocal_rank_fusion_of_both_lists(store: ContextStore) -> None:
     query = "silent flight of owls at night"
-    pool = 20
+    pool = 40
     vector = [h.chunk_id for h in store.search(query, k=pool, mode="vector")]
     keyword = [h.chunk_id for h in store.search(query, k=pool, mode="keyword")]
-    hybrid = store.search(query, k=5, mode="hybrid")
+    hybrid = store.search(query, k=5, mode="rrf")
     expected = reciprocal_rank_fusion([vector, keyword])[:5]
     assert [h.chunk_id for h in hybrid] == [i for i, _ in expected]
     for hit, (_, score) in zip(hybrid, expected):
@@ -113,6 +116,27 @@ def test_hybrid_is_reciprocal_rank_fusion_of_both_lists(store: ContextStore) -> 
         rank_v = vector.index(hit.chunk_id) + 1 if hit.chunk_id in vector else None
         rank_k = keyword.index(hit.chunk_id) + 1 if hit.chunk_id in keyword else None
         assert score == pytest.approx(sum(1 / (60 + r) for r in (rank_v, rank_k) if r))
+
+
+def test_hybrid_scores_every_candidate_by_both_and_fuses_them(store: ContextStore) -> None:
+    query = "silent flight of owls at night"
+    cosines = {h.chunk_id: h.score for h in store.search(query, k=100, mode="vector")}  # every chunk's cosine
+    keyword_scores = {h.chunk_id: h.score for h in store.search(query, k=100, mode="keyword")}
+    hybrid = store.search(query, k=5, mode="hybrid")
+    expected = score_fusion(cosines, keyword_scores)[:5]
+    assert [h.chunk_id for h in hybrid] == [i for i, _ in expected]
+    for hit, (_, score) in zip(hybrid, expected):
+        assert hit.score == pytest.approx(score) and hit.scores["hybrid"] == pytest.approx(score)
+        assert hit.scores["vector"] == pytest.approx(cosines[hit.chunk_id], abs=1e-5)
+    assert hybrid[0].source == "owls.txt" and hybrid[0].heading == "owls.txt"
+
+
+def test_score_fusion_keeps_a_confident_dense_hit() -> None:
+    # chunk 1 is far ahead by cosine and has no keyword match; 2 and 3 are middling on both lists
+    cosines, keyword_scores = {1: 0.9, 2: 0.42, 3: 0.40, 4: 0.2}, {2: 5.0, 3: 5.5, 4: 1.0}
+    assert score_fusion(cosines, keyword_scores)[0][0] == 1
+    assert reciprocal_rank_fusion([[1, 2, 3, 4], [3, 2, 4]])[0][0] != 1  # rank fusion drops it
+    assert score_fusion({}, {}) == []
 
 
 def test_rrf_by_hand() -> None:
@@ -229,7 +253,8 @@ def test_wrong_embedder_is_refused_and_reembed_switches(store_location) -> None:
     with ContextStore(path, embed=other, reembed=True) as s:
         hit = s.search("bees dance", k=1, mode="vector")[0]
         assert s.stats()["embedder"] == "hashed-ngram-128"
-        assert hit.score == pytest.approx(float(np.dot(*other(["bees dance", hit.text]))), abs=1e-5)
+        embedded = f"{hit.heading}\n{hit.text}"  # re-embedded under its heading, like a new chunk
+        assert hit.score == pytest.approx(float(np.dot(*other(["bees dance", embedded]))), abs=1e-5)
 
 
 def test_bad_inputs_raise_clear_errors(store: ContextStore) -> None:
@@ -276,3 +301,24 @@ def test_save_leaves_exactly_the_file_the_json_names(tmp_path: Path) -> None:
         s.add_text(ANIMALS["bees.txt"])
     named = json.loads(Path(str(path) + ".hnsw.json").read_text())["file"]
     assert [p.name for p in tmp_path.glob("ctx.db.hnsw.*.bin")] == [named]
+
+
+def test_old_sqlite_store_gets_stemmed_keyword_index_and_headings_on_open(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with ContextStore(path, embed=HashedNgramEmbedder()) as s:
+        s.add_text("The walrus was swimming slowly.", source="notes/walrus.md")
+    conn = sqlite3.connect(path)  # make it look like a store from before: unstemmed, text-only FTS, no heading
+    conn.executescript("""
+        DROP TRIGGER chunks_ai; DROP TRIGGER chunks_ad; DROP TABLE chunks_fts;
+        ALTER TABLE chunks DROP COLUMN heading;
+        CREATE VIRTUAL TABLE chunks_fts USING fts5(text, content='chunks', content_rowid='id', tokenize='unicode61');
+        INSERT INTO chunks_fts(chunks_fts) VALUES ('rebuild');""")
+    assert conn.execute("SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH 'swim'").fetchone()[0] == 0
+    conn.close()
+    with ContextStore(path, embed=HashedNgramEmbedder()) as s:
+        hits = s.search("swim", mode="keyword")  # porter: "swimming" -> "swim"
+        assert [h.source for h in hits] == ["notes/walrus.md"] and hits[0].heading == ""
+        s.add_text("Seals are swimming too.", source="notes/seals.md")
+        assert {h.heading for h in s.search("swims", k=5, mode="keyword")} == {"", "seals.md"}
