@@ -1,6 +1,6 @@
 """Text embedders for the context store: callables ``texts -> float32 [n, dim]`` with unit-length rows.
 
-* ``MiniLMEmbedder``: all-MiniLM-L6-v2 (384 dims) run by rocmforge's numpy BERT encoder.
+* ``MiniLMEmbedder``: all-MiniLM-L6-v2 (384 dims) run by rocmforge's BERT encoder, on the CPU or a GPU.
 * ``HashedNgramEmbedder``: a lexical fallback. Each text becomes a bag of words and character
   3-grams, each hashed (crc32, stable across processes) into one of ``dim`` signed buckets, then
   L2-normalised. It finds texts that share words and spellings, not meaning; it needs no download.
@@ -31,7 +31,8 @@ _WORD = re.compile(r"\w+")
 
 
 class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 sentence embeddings, batched, sorted by length so padding stays small.
+    """all-MiniLM-L6-v2 sentence embeddings. Texts are sorted by length and packed into batches of about
+    ``batch_tokens`` tokens (no padding); ``device`` is "cpu", "cuda", "hip" or "auto" (``$ROCMFORGE_DEVICE``).
 
     >>> embed = MiniLMEmbedder()            # doctest: +SKIP
     >>> embed(["hello world"]).shape        # doctest: +SKIP
@@ -40,20 +41,30 @@ class MiniLMEmbedder:
 
     name = "minilm-l6"
 
-    def __init__(self, folder: str | Path | None = None, batch_size: int = 32, max_tokens: int = 256):
+    def __init__(self, folder: str | Path | None = None, batch_tokens: int | None = None, max_tokens: int = 256,
+                 device: str | None = "cpu"):
         folder = Path(folder) if folder is not None else registry.resolve("minilm-l6").parent
-        self.encoder = BertEncoder.from_dir(folder, max_tokens=max_tokens)
+        self.encoder = BertEncoder.from_dir(folder, max_tokens=max_tokens, device=device)
         self.dim = self.encoder.dim
-        self.batch_size = batch_size
+        # CPU: a few thousand tokens keep the activations in cache; a GPU wants tens of thousands per launch
+        self.batch_tokens = batch_tokens or (65536 if self.encoder.on_gpu else 4096)
         self.max_tokens = self.encoder.max_tokens
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         texts = list(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            out[batch] = self.encoder.encode([texts[i] for i in batch])
+        batch: list[int] = []
+        budget = 0
+        for i in order:
+            cost = min(len(texts[i]) // 3 + 2, self.max_tokens)  # ~3 characters a word piece: a cheap estimate
+            if batch and budget + cost > self.batch_tokens:
+                out[batch] = self.encoder.encode([texts[j] for j in batch])
+                batch, budget = [], 0
+            batch.append(i)
+            budget += cost
+        if batch:
+            out[batch] = self.encoder.encode([texts[j] for j in batch])
         return out
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
@@ -93,12 +104,12 @@ class HashedNgramEmbedder:
         return out / np.maximum(norms, 1e-12)
 
 
-def default_embedder(progress: bool = False) -> MiniLMEmbedder | HashedNgramEmbedder:
-    """MiniLM if it is cached or can be fetched; otherwise the hashed n-gram fallback (and a warning)."""
+def default_embedder(progress: bool = False, device: str | None = "cpu") -> MiniLMEmbedder | HashedNgramEmbedder:
+    """MiniLM (on ``device``) if it is cached or can be fetched; otherwise the hashed n-gram fallback (and a warning)."""
     try:
         if not registry.is_cached("minilm-l6"):
             registry.pull("minilm-l6", progress=progress)
-        return MiniLMEmbedder(registry.model_dir("minilm-l6"))
+        return MiniLMEmbedder(registry.model_dir("minilm-l6"), device=device)
     except (FetchError, ModelFileError) as exc:
         log.warning("all-MiniLM-L6-v2 is unavailable (%s); using the lexical hashed n-gram embedder, "
                     "which matches shared words, not meaning", exc)

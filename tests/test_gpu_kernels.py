@@ -19,7 +19,10 @@ from rocmforge.gguf_file import TensorRef
 from rocmforge.kv_cache import KVCache
 from rocmforge.ops.add import add
 from rocmforge.ops.attention import attention
+from rocmforge.ops.encoder_attention import encoder_attention
 from rocmforge.ops.geglu import geglu
+from rocmforge.ops.gelu import gelu
+from rocmforge.ops.layer_norm import layer_norm
 from rocmforge.ops.matmul import round_activations
 from rocmforge.ops.rms_norm import rms_norm
 from rocmforge.ops.rope import rope
@@ -301,3 +304,26 @@ def test_decode_qkv_rope_and_cache_store_in_one_launch(gpu):
     slot = batch.slots[0]
     assert np.array_equal(gpu.to_host(cache.k[0])[slot], host["k_rot"][0])
     assert np.array_equal(gpu.to_host(cache.v[0])[slot], host["v"][0])
+
+
+@pytest.mark.parametrize("rows,d", [(1, 384), (300, 384), (7, 1000)])
+def test_layer_norm(gpu, rows, d):
+    x, w, b = f32(rows, d) * 3 + 5, f32(d), f32(d)
+    got = gpu.to_host(gpu.layer_norm(gpu.from_host(x), gpu.from_host(w), gpu.from_host(b), 1e-12))
+    assert rel_err(got, layer_norm(x, w, b, 1e-12)) < 2e-6
+
+
+@pytest.mark.parametrize("n", [1, 1536, 100_003])
+def test_gelu(gpu, n):
+    x = f32(3, n) * 4
+    assert rel_err(gpu.to_host(gpu.gelu(gpu.from_host(x))), gelu(x)) < 1e-6
+
+
+@pytest.mark.parametrize("d_head", [32, 64])
+@pytest.mark.parametrize("lengths", [[1], [5, 64, 65, 1, 256], [200] * 9])
+def test_encoder_attention(gpu, d_head, lengths):
+    heads = 3
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    q, k, v = (f32(int(offsets[-1]), heads * d_head) for _ in range(3))
+    got = gpu.to_host(gpu.encoder_attention(gpu.from_host(q), gpu.from_host(k), gpu.from_host(v), offsets, heads, 0.2))
+    assert rel_err(got, encoder_attention(q, k, v, offsets, heads, 0.2)) < 2e-6

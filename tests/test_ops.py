@@ -11,7 +11,10 @@ from gguf.quants import dequantize, quantize
 from rocmforge.gguf_file import GGUFFile
 from rocmforge.ops.attention import attention, attention_mix, attention_scores
 from rocmforge.ops.embedding import embedding, quantized_embedding
+from rocmforge.ops.encoder_attention import encoder_attention
 from rocmforge.ops.geglu import geglu
+from rocmforge.ops.gelu import gelu
+from rocmforge.ops.layer_norm import layer_norm
 from rocmforge.ops.matmul import matmul, quantized_matmul
 from rocmforge.ops.rms_norm import rms_norm
 from rocmforge.ops.rope import rope
@@ -189,3 +192,36 @@ def test_embedding_rows_quantized_and_dense(rng):
     assert np.array_equal(embedding(table, tokens), table[tokens])
     raw = quantize(table, T.Q8_0)
     np.testing.assert_array_equal(quantized_embedding(raw, T.Q8_0, tokens), dequantize(raw, T.Q8_0)[tokens])
+
+
+def test_layer_norm_matches_float64(rng):
+    x = (rng.standard_normal((37, 384)) * 3 + 5).astype(np.float32)  # an offset mean: the two-pass variance matters
+    w, b = rng.standard_normal(384).astype(np.float32), rng.standard_normal(384).astype(np.float32)
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-12) * w + b
+    got = layer_norm(x, w, b, 1e-12)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_gelu_is_exact_erf_gelu(rng):
+    x = (rng.standard_normal(10_000) * 4).astype(np.float32)
+    ref = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    np.testing.assert_allclose(gelu(x), ref, rtol=1e-6, atol=1e-7)
+    tanh_form = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    assert np.abs(gelu(x) - tanh_form).max() > 1e-4  # not the tanh approximation
+
+
+def test_encoder_attention_matches_padded_masked_attention(rng):
+    lengths, heads, d_head = [5, 1, 17, 9], 3, 8
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    q, k, v = (rng.standard_normal((offsets[-1], heads * d_head)).astype(np.float32) for _ in range(3))
+    got = encoder_attention(q, k, v, offsets, heads, 0.25)
+    for s, t in enumerate(lengths):  # each text alone, in float64, by the textbook formula
+        rows = slice(offsets[s], offsets[s + 1])
+        for h in range(heads):
+            cols = slice(h * d_head, (h + 1) * d_head)
+            scores = q[rows, cols].astype(np.float64) @ k[rows, cols].T * 0.25
+            p = np.exp(scores - scores.max(1, keepdims=True))
+            ref = (p / p.sum(1, keepdims=True)) @ v[rows, cols]
+            np.testing.assert_allclose(got[rows, cols], ref, rtol=1e-5, atol=1e-6)

@@ -1,15 +1,19 @@
-"""BERT encoder in numpy, for sentence embedders such as all-MiniLM-L6-v2.
+"""BERT encoder on any rocmforge backend (numpy/numba on the CPU, the kernels on a GPU), for sentence embedders
+such as all-MiniLM-L6-v2.
 
 Reads like Devlin et al. (2019), post-norm Transformer encoder:
 
     h = LayerNorm(word_emb[ids] + pos_emb[positions] + type_emb[0])
     for each layer:
-        h = LayerNorm(h + Attention(h) W_o)           # multi-head self-attention, padding masked
+        h = LayerNorm(h + Attention(h) W_o)           # multi-head self-attention within each text
         h = LayerNorm(h + GELU(h W_in) W_out)         # feed-forward
-    sentence = normalize(mean of h over real tokens)  # sentence-transformers pooling for MiniLM
+    sentence = normalize(mean of h over the text's tokens)  # sentence-transformers pooling for MiniLM
 
-Weights come straight from the HF ``model.safetensors`` (``safetensors.numpy``), text goes through
-the model's own ``tokenizer.json`` (``tokenizers``), truncated at 256 tokens like sentence-transformers.
+Texts are packed, not padded: a batch is one ``[n_tokens, hidden]`` matrix with every text's tokens one after
+another (``offsets`` says where each starts), so the matrix products do no work on padding and attention
+(``Backend.encoder_attention``) stays within each text. Weights come straight from the HF ``model.safetensors``,
+text goes through the model's own ``tokenizer.json``, truncated at 256 tokens like sentence-transformers (the
+file itself says 128).
 
 >>> from rocmforge.arch.bert import BertEncoder
 >>> enc = BertEncoder.from_dir("~/.cache/rocmforge/models/minilm-l6")  # doctest: +SKIP
@@ -21,13 +25,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from gguf import GGMLQuantizationType
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from rocmforge.errors import ModelFileError
-from rocmforge.ops.softmax import softmax
+from rocmforge.gguf_file import TensorRef
+
+# A GPU batch's token count is rounded up to this, so the device memory pool sees few distinct sizes.
+GPU_TOKEN_STEP = 512
 
 
 @dataclass(frozen=True)
@@ -48,41 +57,42 @@ class BertConfig:
                    raw["intermediate_size"], raw["layer_norm_eps"], raw["max_position_embeddings"])
 
 
-def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * weight + bias
+def _backend(device: str | None) -> Any:
+    """The backend for ``device``; on the CPU without llama.cpp's activation rounding (BERT's weights are float32)."""
+    from rocmforge.backends.select import choose_device, select_backend
+    from rocmforge.backends.cpu import CpuBackend
 
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7): numpy has no erf and float32 needs no better."""
-    sign = np.sign(x)
-    a = np.abs(x)
-    t = 1.0 / (1.0 + 0.3275911 * a)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    return sign * (1.0 - poly * np.exp(-a * a))
-
-
-def gelu(x: np.ndarray) -> np.ndarray:
-    """The exact (erf) GELU that BERT uses, not the tanh approximation."""
-    return 0.5 * x * (1.0 + erf(x * np.float32(1.0 / np.sqrt(2.0))))
+    name, _ = choose_device(device)
+    return CpuBackend(round_activations=False) if name in ("cpu", "cpu-exact") else select_backend(name)
 
 
 class BertEncoder:
-    """A BERT encoder with mean pooling and L2 normalisation (sentence-transformers style)."""
+    """A BERT encoder with mean pooling and L2 normalisation (sentence-transformers style) on ``device``."""
 
     def __init__(self, weights: dict[str, np.ndarray], config: BertConfig, tokenizer: Tokenizer,
-                 max_tokens: int = 256):
-        self.w = {k: v.astype(np.float32) for k, v in weights.items() if v.dtype.kind == "f"}
+                 max_tokens: int = 256, device: str | None = "cpu"):
+        w = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items() if v.dtype.kind == "f"}
+        w = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in w.items()}
         self.config = config
         self.tokenizer = tokenizer
         self.max_tokens = min(max_tokens, config.max_positions)
         self.tokenizer.enable_truncation(self.max_tokens)
-        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest in the batch
+        self.tokenizer.no_padding()  # packed batches: no padding tokens at all
         self.dim = config.hidden_size
+        self.ops = _backend(device)
+        self.on_gpu = self.ops.name != "cpu"
+        # the embedding tables stay on the host: a batch's lookups are summed there and uploaded once
+        self.word, self.position = w["embeddings.word_embeddings.weight"], w["embeddings.position_embeddings.weight"]
+        self.token_type = w["embeddings.token_type_embeddings.weight"][0]
+        self.w = {name: self._load(name, value) for name, value in w.items() if not name.startswith("embeddings.")
+                  or "LayerNorm" in name}
+
+    def _load(self, name: str, value: np.ndarray) -> Any:
+        tensor = TensorRef(name, GGMLQuantizationType.F32, value.shape, value, value.nbytes)
+        return self.ops.load_weight(tensor) if value.ndim == 2 else self.ops.load_vector(tensor)
 
     @classmethod
-    def from_dir(cls, folder: str | Path, max_tokens: int = 256) -> "BertEncoder":
+    def from_dir(cls, folder: str | Path, max_tokens: int = 256, device: str | None = "cpu") -> "BertEncoder":
         """Load ``model.safetensors``, ``config.json`` and ``tokenizer.json`` from one folder."""
         folder = Path(folder).expanduser()
         files = {name: folder / name for name in ("model.safetensors", "config.json", "tokenizer.json")}
@@ -91,63 +101,51 @@ class BertEncoder:
             raise ModelFileError(f"{folder}: missing {', '.join(missing)}")
         weights = load_file(str(files["model.safetensors"]))
         return cls(weights, BertConfig.from_json(files["config.json"]),
-                   Tokenizer.from_file(str(files["tokenizer.json"])), max_tokens)
+                   Tokenizer.from_file(str(files["tokenizer.json"])), max_tokens, device)
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Texts -> (token ids [n, t], attention mask [n, t]), padded to the longest text."""
+        """Texts -> (token ids of all texts one after another [n_tokens], offsets [n_texts + 1])."""
         encodings = self.tokenizer.encode_batch(list(texts))
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.float32)
-        return ids, mask
+        lengths = np.array([len(e.ids) for e in encodings], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int64, count=int(offsets[-1]))
+        return ids, offsets
 
-    def hidden_states(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Token ids [n, t] -> last hidden states [n, t, hidden]."""
-        w, cfg = self.w, self.config
-        n, t = ids.shape
-        h = (w["embeddings.word_embeddings.weight"][ids]
-             + w["embeddings.position_embeddings.weight"][:t]
-             + w["embeddings.token_type_embeddings.weight"][0])
-        h = layer_norm(h, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], cfg.layer_norm_eps)
-        # Padding keys get -inf-like scores so real tokens never attend to them.
-        key_bias = ((1.0 - mask) * np.float32(-1e9))[:, None, None, :]
+    def hidden_states(self, ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Packed token ids [n] with their texts' offsets -> last hidden states [n, hidden] (host float32)."""
+        ops, w, cfg = self.ops, self.w, self.config
+        n = len(ids)
+        positions = np.arange(n) - np.repeat(offsets[:-1], np.diff(offsets))
+        rows = -(-n // GPU_TOKEN_STEP) * GPU_TOKEN_STEP if self.on_gpu else n
+        x = np.zeros((rows, self.dim), dtype=np.float32)  # rows past n: zeros the GPU works on and drops
+        x[:n] = self.word[ids] + self.position[positions] + self.token_type
+        h = ops.layer_norm(ops.from_host(x), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"],
+                           cfg.layer_norm_eps)
         for i in range(cfg.num_layers):
-            h = self._layer(h, key_bias, f"encoder.layer.{i}.")
-        return h
+            h = self._layer(h, offsets, f"encoder.layer.{i}.")
+        return ops.to_host(h)[:n]
 
-    def _layer(self, h: np.ndarray, key_bias: np.ndarray, p: str) -> np.ndarray:
-        w, cfg = self.w, self.config
-        n, t, d = h.shape
-        heads, head_dim = cfg.num_heads, d // cfg.num_heads
+    def _linear(self, x: Any, name: str) -> Any:
+        return self.ops.add(self.ops.matmul(x, self.w[name + ".weight"]), self.w[name + ".bias"])
 
-        def linear(x: np.ndarray, name: str) -> np.ndarray:
-            # One 2-D GEMM over all tokens: numpy's stacked 3-D matmul is several times slower here.
-            weight = w[p + name + ".weight"]
-            y = x.reshape(-1, x.shape[-1]) @ weight.T + w[p + name + ".bias"]
-            return y.reshape(*x.shape[:-1], weight.shape[0])
-
-        def split_heads(x: np.ndarray) -> np.ndarray:
-            # Contiguous copies: batched matmul on the strided view is ~20x slower.
-            return np.ascontiguousarray(x.reshape(n, t, heads, head_dim).transpose(0, 2, 1, 3))
-
-        q = split_heads(linear(h, "attention.self.query"))
-        k = split_heads(linear(h, "attention.self.key"))
-        v = split_heads(linear(h, "attention.self.value"))
-        scores = q @ k.transpose(0, 1, 3, 2) * np.float32(1.0 / np.sqrt(head_dim)) + key_bias
-        context = (softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(n, t, d)
-        h = layer_norm(h + linear(context, "attention.output.dense"),
-                       w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"],
-                       cfg.layer_norm_eps)
-        ffn = linear(gelu(linear(h, "intermediate.dense")), "output.dense")
-        return layer_norm(h + ffn, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"],
-                          cfg.layer_norm_eps)
+    def _layer(self, h: Any, offsets: np.ndarray, p: str) -> Any:
+        ops, w, cfg = self.ops, self.w, self.config
+        q, k, v = (self._linear(h, p + f"attention.self.{name}") for name in ("query", "key", "value"))
+        context = ops.encoder_attention(q, k, v, offsets, cfg.num_heads,
+                                        1.0 / float(np.sqrt(cfg.hidden_size // cfg.num_heads)))
+        h = ops.layer_norm(ops.add(h, self._linear(context, p + "attention.output.dense")),
+                           w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"],
+                           cfg.layer_norm_eps)
+        ffn = self._linear(ops.gelu(self._linear(h, p + "intermediate.dense")), p + "output.dense")
+        return ops.layer_norm(ops.add(h, ffn), w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"],
+                              cfg.layer_norm_eps)
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """Texts -> unit-length sentence vectors [n, hidden] (float32): mean over real tokens, then L2."""
+        """Texts -> unit-length sentence vectors [n, hidden] (float32): mean over each text's tokens, then L2."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        ids, mask = self.tokenize(texts)
-        h = self.hidden_states(ids, mask)
-        summed = (h * mask[:, :, None]).sum(1)
-        mean = summed / np.maximum(mask.sum(1, keepdims=True), 1e-9)
+        ids, offsets = self.tokenize(texts)
+        h = self.hidden_states(ids, offsets)
+        mean = np.add.reduceat(h, offsets[:-1], axis=0) / np.diff(offsets)[:, None].astype(np.float32)
         norm = np.linalg.norm(mean, axis=1, keepdims=True)
         return (mean / np.maximum(norm, 1e-12)).astype(np.float32)

@@ -58,6 +58,13 @@ class Backend(Protocol):
     def geglu(self, gate: Array, up: Array) -> Array: ...
     def softcap(self, x: Array, cap: float) -> Array: ...
     def take_rows(self, x: Array, rows: np.ndarray | slice) -> Array: ...
+    def layer_norm(self, x: Array, weight: Array, bias: Array, eps: float) -> Array:
+        """Encoders (BERT): zero mean, unit variance over the last axis, then ``* weight + bias``."""
+    def gelu(self, x: Array) -> Array:
+        """The exact (erf) GELU, elementwise."""
+    def encoder_attention(self, q: Array, k: Array, v: Array, offsets: np.ndarray, n_heads: int,
+                          scale: float) -> Array:
+        """Bidirectional attention over packed sequences (``offsets``: where each starts) -> ``[n, heads * d]``."""
     def concat_rows(self, parts: list[Array]) -> Array: ...
 
     # --- attention over the paged KV cache ------------------------------------------------------------------

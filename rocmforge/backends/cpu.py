@@ -22,7 +22,10 @@ from rocmforge.kv_cache import Batch, KVCache, Segment
 from rocmforge.ops.add import add
 from rocmforge.ops.attention import attention, attention_mix, attention_scores
 from rocmforge.ops.embedding import embedding, quantized_embedding
+from rocmforge.ops.encoder_attention import encoder_attention
 from rocmforge.ops.geglu import geglu
+from rocmforge.ops.gelu import gelu
+from rocmforge.ops.layer_norm import layer_norm
 from rocmforge.ops.matmul import ACTIVATION_FORMAT, dequantize_weight, matmul, round_activations
 from rocmforge.ops.rms_norm import rms_norm
 from rocmforge.ops.rope import rope_tables, rotate
@@ -159,6 +162,16 @@ class CpuBackend:
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         return rms_norm(x, weight, eps)
+
+    def layer_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+        return layer_norm(x, weight, bias, eps)
+
+    def gelu(self, x: np.ndarray) -> np.ndarray:
+        return gelu(x)
+
+    def encoder_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, offsets: np.ndarray, n_heads: int,
+                          scale: float) -> np.ndarray:
+        return encoder_attention(q, k, v, offsets, n_heads, scale)
 
     def rope(self, x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
              freq_factors: np.ndarray | None = None, freq_scale: float = 1.0) -> np.ndarray:

@@ -383,6 +383,31 @@ class GpuBackend:
         self._launch("softmax", "softmax", (x.size // d,), 256, [ptr(x.address), ptr(out.address), i32(d)])
         return out
 
+    # --- encoder (BERT) ops -----------------------------------------------------------------------------------
+    def layer_norm(self, x: DeviceArray, weight: DeviceArray, bias: DeviceArray, eps: float) -> DeviceArray:
+        d = x.shape[-1]
+        out = self._empty(x.shape)
+        self._launch("layer_norm", "layer_norm", (x.size // d,), 128,
+                     [ptr(x.address), ptr(weight.address), ptr(bias.address), ptr(out.address), i32(d), f32(eps)])
+        return out
+
+    def gelu(self, x: DeviceArray) -> DeviceArray:
+        out = self._empty(x.shape)
+        self._launch("gelu", "gelu", self._elementwise_grid(x.size), 256, [ptr(x.address), ptr(out.address), i64(x.size)])
+        return out
+
+    def encoder_attention(self, q: DeviceArray, k: DeviceArray, v: DeviceArray, offsets: np.ndarray, n_heads: int,
+                          scale: float) -> DeviceArray:
+        d_head = q.shape[-1] // n_heads
+        if d_head not in (32, 64):
+            raise UnsupportedError(f"encoder attention has kernels for heads of 32 or 64 values, not {d_head}")
+        longest = int(np.max(np.diff(offsets)))
+        out = self._empty(q.shape)
+        self._launch("encoder_attention", f"encoder_attention_{d_head}", (len(offsets) - 1, n_heads, -(-longest // 64)),
+                     64, [ptr(q.address), ptr(k.address), ptr(v.address), ptr(self._ints(offsets).address),
+                          i32(n_heads), f32(scale), ptr(out.address)])
+        return out
+
     # --- tokens in, tokens out ------------------------------------------------------------------------------
     def embedding(self, table: GpuWeight, tokens: np.ndarray) -> DeviceArray:
         ids = self._ints(tokens)

@@ -1,7 +1,8 @@
-"""``rocmforge context ...``: add, search, list, show, rm, stats, reindex, vacuum, migrate on a context store.
+"""``rocmforge context ...``: add, search, eval, list, show, rm, stats, reindex, vacuum, migrate on a context store.
 
     rocmforge context add docs/ notes.txt -c "a quick note"   # files, folders (by glob), text, or - for stdin
     rocmforge context search "how are deletes compacted" -k 3 --mode hybrid --json
+    rocmforge context eval tests/fixtures/retrieval/pydoc      # MRR@10, nDCG@10, R@1/5/10 for each mode
     rocmforge context --db postgresql://me@dbhost/rocmforge search "..."   # a store shared by many machines
     rocmforge context --db ctx.db migrate --to postgresql://me@dbhost/rocmforge
 """
@@ -17,9 +18,11 @@ import click
 from tqdm import tqdm
 
 from context_store import ContextStore, ContextStoreError
+from context_store.store import MODES
 from rocmforge import registry
 
 DEFAULT_GLOBS = ("*.md", "*.txt", "*.rst")
+ADD_BATCH = 16  # documents per embedder call when adding
 
 
 def bundled_docs_dir() -> Path:
@@ -31,21 +34,21 @@ def default_db() -> Path:
     return registry.home() / "context.db"
 
 
-def _make_embedder(kind: str):
+def _make_embedder(kind: str, device: str | None):
     from rocmforge.embedder import HashedNgramEmbedder, MiniLMEmbedder, default_embedder
 
     if kind == "hashed":
         return HashedNgramEmbedder()
     if kind == "minilm":
-        return MiniLMEmbedder()
-    return default_embedder(progress=sys.stderr.isatty())
+        return MiniLMEmbedder(device=device)
+    return default_embedder(progress=sys.stderr.isatty(), device=device)
 
 
 @contextmanager
 def _store(ctx: click.Context, **options) -> Iterator[ContextStore]:
     """Open the store named by --db; store errors become one-line click errors (exit 1)."""
     try:
-        store = ContextStore(ctx.obj["db"], embed=_make_embedder(ctx.obj["embedder"]), **options)
+        store = ContextStore(ctx.obj["db"], embed=_make_embedder(ctx.obj["embedder"], ctx.obj["device"]), **options)
     except ContextStoreError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
@@ -63,11 +66,13 @@ def _store(ctx: click.Context, **options) -> Iterator[ContextStore]:
 @click.option("--embedder", type=click.Choice(["auto", "minilm", "hashed"]), default="auto", show_default=True,
               envvar="ROCMFORGE_EMBEDDER",
               help="auto: all-MiniLM-L6-v2, or the lexical hashed n-gram fallback when it cannot be fetched.")
+@click.option("--device", default="cpu", show_default=True, envvar="ROCMFORGE_EMBED_DEVICE",
+              help="Where MiniLM runs: cpu, cuda, hip or auto.")
 @click.pass_context
-def context(ctx: click.Context, db: str | None, embedder: str) -> None:
+def context(ctx: click.Context, db: str | None, embedder: str, device: str) -> None:
     """A searchable store of documents (SQLite + HNSW, or PostgreSQL + pgvector) for retrieval into prompts."""
     ctx.ensure_object(dict)
-    ctx.obj.update(db=db or default_db(), embedder=embedder)
+    ctx.obj.update(db=db or default_db(), embedder=embedder, device=device)
 
 
 def _expand(paths: tuple[str, ...], globs: tuple[str, ...]) -> list[Path]:
@@ -120,22 +125,33 @@ def add(ctx: click.Context, paths: tuple[str, ...], texts: tuple[str, ...], glob
     if not items:
         raise click.ClickException("nothing to add: give files, folders, -c TEXT or -")
     added = skipped = chunks = 0
-    with _store(ctx, chunk_size=chunk_size, chunk_overlap=overlap) as store:
-        for kind, item in tqdm(items, desc="adding", unit="doc", disable=len(items) < 2, file=sys.stderr):
-            if kind == "file":
-                result = store.add_document(item, metadata=metadata, collection=collection)
-            else:
-                result = store.add_text(item, source=f"<{kind}>", metadata=metadata, collection=collection)
-            skipped += result.skipped
-            added += not result.skipped
-            chunks += result.n_chunks
+    with _store(ctx, chunk_size=chunk_size, chunk_overlap=overlap) as store, \
+            tqdm(total=len(items), desc="adding", unit="doc", disable=len(items) < 2, file=sys.stderr) as bar:
+        # a few documents per store call: one embedder batch (and one transaction) for all of them
+        for start in range(0, len(items), ADD_BATCH):
+            part = items[start:start + ADD_BATCH]
+            texts = [_read(item) if kind == "file" else item for kind, item in part]
+            sources = [str(Path(item).resolve()) if kind == "file" else f"<{kind}>" for kind, item in part]
+            for result in store.add_texts(texts, sources, [dict(metadata) for _ in part], collection):
+                skipped += result.skipped
+                added += not result.skipped
+                chunks += result.n_chunks
+            bar.update(len(part))
+            bar.set_postfix(chunks=chunks)
     click.echo(f"added {added} document(s), {chunks} chunk(s); skipped {skipped} already stored")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"cannot read {path}: {exc}") from exc
 
 
 @context.command()
 @click.argument("query")
 @click.option("-k", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--mode", type=click.Choice(["hybrid", "vector", "keyword"]), default="hybrid", show_default=True)
+@click.option("--mode", type=click.Choice(MODES), default="hybrid", show_default=True)
 @click.option("--collection", default=None, help="Only this collection.")
 @click.option("--source", default=None, help="Only sources matching this glob.")
 @click.option("-w", "--where", "where", multiple=True, help="key=value metadata filter (repeatable).")
@@ -144,7 +160,8 @@ def add(ctx: click.Context, paths: tuple[str, ...], texts: tuple[str, ...], glob
 @click.pass_context
 def search(ctx: click.Context, query: str, k: int, mode: str, collection: str | None, source: str | None,
            where: tuple[str, ...], ef: int, as_json: bool) -> None:
-    """Search the store: vector (HNSW), keyword (BM25 / ts_rank) or hybrid (reciprocal-rank fusion)."""
+    """Search the store: hybrid (cosine and keyword score of both lists' candidates, mixed), rrf (reciprocal-rank
+    fusion), vector (HNSW) or keyword (BM25 / ts_rank)."""
     filters: dict[str, str] = _parse_meta(where)
     if collection:
         filters["collection"] = collection
@@ -159,6 +176,48 @@ def search(ctx: click.Context, query: str, k: int, mode: str, collection: str | 
             preview = " ".join(hit.text.split())
             click.echo(f"{rank}. {hit.score:.4f}  {hit.source} [{hit.start}:{hit.end}] (doc {hit.document_id})")
             click.echo(f"   {preview[:200]}{'…' if len(preview) > 200 else ''}")
+
+
+@context.command("eval")
+@click.argument("datasets", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--modes", default=",".join(MODES), show_default=True, help="Comma-separated search modes.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per set and mode per line.")
+@click.pass_context
+def eval_(ctx: click.Context, datasets: tuple[Path, ...], modes: str, as_json: bool) -> None:
+    """Retrieval quality on labelled sets in BEIR's format (corpus.jsonl, queries.jsonl, qrels/test.tsv).
+
+    Each set goes into its own collection of the store (--db; a temporary file when not given, and passages
+    already stored are not embedded again), then every query is searched in every mode. Prints MRR@10,
+    nDCG@10 and R@1/5/10 (share of queries with a relevant passage in the first k) per mode.
+    """
+    import tempfile
+
+    from context_store.evaluate import Evaluation, RetrievalSet, format_table
+
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in MODES]
+    if unknown or not chosen:
+        raise click.ClickException(f"unknown mode(s) {', '.join(unknown) or '(none)'}; use {', '.join(MODES)}")
+    try:
+        sets = [RetrievalSet.load(folder) for folder in datasets]
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    with tempfile.TemporaryDirectory() as scratch:
+        if ctx.parent.params.get("db") is None:  # no --db: a scratch store
+            ctx.obj["db"] = Path(scratch) / "eval.db"
+        with _store(ctx) as store:
+            for dataset in sets:
+                progress = lambda batches: tqdm(batches, desc=f"adding {dataset.name}", unit="batch",  # noqa: E731
+                                                file=sys.stderr, disable=not sys.stderr.isatty())
+                evaluation = Evaluation(store, dataset, collection=f"eval-{dataset.name}", progress=progress)
+                results = {mode: evaluation.run(mode) for mode in chosen}
+                if as_json:
+                    for mode, metrics in results.items():
+                        click.echo(json.dumps({"set": dataset.name, "mode": mode, "queries": len(dataset.queries),
+                                               "passages": len(dataset.corpus), **metrics}))
+                else:
+                    click.echo(format_table(results, f"{dataset.name}: {len(dataset.corpus)} passages, "
+                                                     f"{len(dataset.queries)} queries"))
 
 
 @context.command("list")
