@@ -233,3 +233,38 @@ RF_ATTENTION_KERNELS(d64, 64, true)
 RF_ATTENTION_KERNELS(d128, 128, true)
 RF_ATTENTION_KERNELS(d256, 256, true)
 RF_ATTENTION_KERNELS(any, 256, false)
+
+// The hooked path: scores and pattern materialized for one sequence, so hooks can read and edit them on the
+// device (the fused kernels above never write them). Twins: attention_scores / attention_mix in ops/attention.py.
+// attn_scores: out [H, T, L] = scale * q[t, h] . K[key_slots[l], h / (H / Hkv)], capped, masked to -inf.
+//   grid = (ceil(L / blockDim.x), T, H); the block's query row sits in shared memory (D <= 256).
+extern "C" __global__ void attn_scores(const float* q, const float* Kc, const int* key_slots, const int* positions,
+                                       float* out, int T, int L, int H, int Hkv, int D, float scale, float softcap,
+                                       int window) {
+    __shared__ float qs[256];
+    const int t = blockIdx.y, h = blockIdx.z, kvh = h / (H / Hkv);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) qs[d] = q[((long)t * H + h) * D + d];
+    __syncthreads();
+    const int l = blockIdx.x * blockDim.x + threadIdx.x;
+    if (l >= L) return;
+    float s = RF_NEG_INF;
+    if (visible(l, positions[t], window)) {
+        const float* k = Kc + ((long)key_slots[l] * Hkv + kvh) * D;
+        float dot = 0.0f;
+        for (int d = 0; d < D; d++) dot += qs[d] * k[d];
+        s = capped(dot * scale, softcap);
+    }
+    out[((long)h * T + t) * L + l] = s;
+}
+
+// attn_mix: z [T, H, D] = sum_l pattern[h, t, l] * V[key_slots[l], h / (H / Hkv)]. grid = (T, H), a thread per d.
+extern "C" __global__ void attn_mix(const float* pattern, const float* Vc, const int* key_slots, float* z, int T,
+                                    int L, int H, int Hkv, int D) {
+    const int t = blockIdx.x, h = blockIdx.y, kvh = h / (H / Hkv);
+    const float* p = pattern + ((long)h * T + t) * L;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int l = 0; l < L; l++) acc += p[l] * Vc[((long)key_slots[l] * Hkv + kvh) * D + d];
+        z[((long)t * H + h) * D + d] = acc;
+    }
+}

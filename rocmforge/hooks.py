@@ -2,9 +2,13 @@
 
 Every architecture's forward passes each intermediate through ``hooks(name, x)``. With nothing
 registered that call is one attribute check (``hooks.active``) and returns ``x`` untouched, so the
-forward runs at full speed. A registered hook is ``fn(act, hook) -> None | array``: it sees the
-activation as a host numpy array, and an array it returns replaces the activation downstream.
-Return the replacement rather than editing ``act`` in place: on a GPU backend ``act`` is a host copy.
+forward runs at full speed. A registered hook is ``fn(act, hook) -> None | array``, and an array it
+returns replaces the activation downstream. Two kinds:
+- a host hook (the default) sees ``act`` as a numpy array: on a GPU backend a host copy;
+- a device hook (``add(name, fn, on_device=True)``, or ``fn.on_device = True`` as the built-in edits in
+  ``rocmforge.edits`` have) sees the backend's own array (a DLPack ``DeviceArray`` on a GPU, numpy on the
+  CPU) and may return any DLPack array (torch, CuPy, JAX), used on the device without a copy.
+Return the replacement rather than editing ``act`` in place: others (a cache) may hold it.
 
 >>> import numpy as np
 >>> hooks = Hooks()
@@ -18,10 +22,8 @@ False
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, Union
@@ -128,8 +130,9 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None,
 
 @dataclass(frozen=True)
 class HookPoint:
-    """What a hook function receives as its second argument: which point fired."""
+    """What a hook function receives as its second argument: which point fired (and the backend it runs on)."""
     name: str
+    ops: Any = None
 
     @property
     def layer(self) -> int | None:
@@ -142,7 +145,7 @@ NameOrFilter = Union[str, Callable[[str], bool]]
 
 
 class HostTransfer(Protocol):
-    """The two backend methods hooks need: device arrays cross to the host only when hooked."""
+    """The backend methods hooks need: device arrays cross to the host only for host hooks."""
     def to_host(self, x: Any) -> np.ndarray: ...
     def from_host(self, a: np.ndarray) -> Any: ...
 
@@ -153,6 +156,7 @@ class HookHandle:
     match: NameOrFilter
     fn: HookFn
     registry: "Hooks"
+    on_device: bool = False
 
     def matches(self, name: str) -> bool:
         return self.match == name if isinstance(self.match, str) else bool(self.match(name))
@@ -183,19 +187,40 @@ class Hooks:
         handles = self._matching(name)
         if not handles:
             return x
-        point = self._points.get(name) or self._points.setdefault(name, HookPoint(name))
-        act = self.backend.to_host(x) if self.backend is not None else x
-        replaced = False
+        point = self._points.get(name) or self._points.setdefault(name, HookPoint(name, self.backend))
+        device, host, replaced = x, None, False  # the activation on each side, made when a hook needs it
         for handle in handles:
-            out = handle.fn(act, point)
-            if out is not None:
-                out = np.asarray(out, dtype=act.dtype)
-                if out.shape != act.shape:
-                    raise ValueError(f"hook on {name} returned shape {out.shape}, expected {act.shape}")
-                act, replaced = out, True
+            if handle.on_device:
+                if device is None:
+                    device = self._up(host)
+                if getattr(handle.fn, "reads_values", True) and self.backend is not None:
+                    self.backend.flush()  # launch work held back for fusion before a user's code reads x
+                out = handle.fn(device, point)
+                if out is not None:
+                    device, host, replaced = self._device_result(out, device.shape), None, True
+            else:
+                if host is None:
+                    host = self.backend.to_host(device) if self.backend is not None else device
+                out = handle.fn(host, point)
+                if out is not None:
+                    out = np.asarray(out, dtype=host.dtype)
+                    if out.shape != host.shape:
+                        raise ValueError(f"hook on {name} returned shape {out.shape}, expected {host.shape}")
+                    host, device, replaced = out, None, True
         if not replaced:
             return x
-        return self.backend.from_host(act) if self.backend is not None else act
+        return device if device is not None else self._up(host)
+
+    def _up(self, host: np.ndarray) -> Any:
+        return self.backend.from_host(host) if self.backend is not None else host
+
+    def _device_result(self, out: Any, shape: tuple[int, ...]) -> Any:
+        if self.backend is not None and hasattr(self.backend, "as_array"):
+            return self.backend.as_array(out, shape)
+        out = np.asarray(np.from_dlpack(out) if hasattr(out, "__dlpack__") else out, dtype=np.float32)
+        if out.shape != tuple(shape):
+            raise ValueError(f"a hook returned shape {out.shape}, expected {tuple(shape)}")
+        return out
 
     def wants(self, name: str) -> bool:
         """Whether a hook would fire at ``name`` (lets a forward skip building an activation)."""
@@ -207,13 +232,17 @@ class Hooks:
             handles = self._resolved[name] = tuple(h for h in self._handles if h.matches(name))
         return handles
 
-    def add(self, name_or_filter: NameOrFilter, fn: HookFn) -> HookHandle:
-        """Register ``fn`` at one hook name, or at every name for which a filter returns True."""
+    def add(self, name_or_filter: NameOrFilter, fn: HookFn, on_device: bool | None = None) -> HookHandle:
+        """Register ``fn`` at one hook name, or at every name for which a filter returns True.
+
+        ``on_device`` (default: ``fn.on_device`` if set, else False) makes it a device hook (module docstring)."""
         if isinstance(name_or_filter, str) and self.valid_names is not None and name_or_filter not in self.valid_names:
             raise KeyError(f"no hook point named {name_or_filter!r}; model.hook_names() lists them")
         if not (isinstance(name_or_filter, str) or callable(name_or_filter)):
             raise TypeError(f"hook target must be a name or a filter callable, not {type(name_or_filter).__name__}")
-        handle = HookHandle(name_or_filter, fn, self)
+        if on_device is None:
+            on_device = bool(getattr(fn, "on_device", False))
+        handle = HookHandle(name_or_filter, fn, self, on_device)
         self._handles.append(handle)
         self._changed()
         return handle
@@ -259,178 +288,14 @@ def caching_hook(store: dict[str, np.ndarray]) -> HookFn:
     return cache
 
 
-class ActivationCache(Mapping[str, np.ndarray]):
-    """Activations of one run by hook name, indexable the TransformerLens way.
+def device_caching_hook(store: dict[str, list[Any]], backend: Any) -> HookFn:
+    """A device hook that keeps ``backend.snapshot(act)`` of every firing, in order, under its name.
 
-    ``unembed`` maps a residual stream ``[..., d_model]`` through the final norm and the
-    unembedding to logits (for ``logit_lens``), without firing hooks.
-
-    >>> import numpy as np
-    >>> cache = ActivationCache({"blocks.0.attn.hook_pattern": np.eye(2)[None]}, n_layers=1)
-    >>> cache["pattern", 0].shape, cache["blocks.0.attn.hook_pattern"].shape
-    ((1, 2, 2), (1, 2, 2))
+    On a GPU the snapshot is the array itself (no copy, nothing leaves the device); on the CPU a copy. A list
+    per name, because in a batched forward the attention scores and pattern fire once per prompt.
     """
-
-    def __init__(self, activations: dict[str, np.ndarray], n_layers: int,
-                 unembed: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-        self._acts = activations
-        self.n_layers = n_layers
-        self._unembed = unembed
-
-    def __getitem__(self, key: str | tuple) -> np.ndarray:
-        if isinstance(key, tuple):
-            key = act_name(*key, n_layers=self.n_layers)  # type: ignore[misc]
-        elif key not in self._acts and key in ("embed", "logits", "ln_final"):
-            key = act_name(key)
-        try:
-            return self._acts[key]
-        except KeyError:
-            raise KeyError(f"{key!r} is not in this cache (cached: {len(self._acts)} names; "
-                           "was it filtered out by names_filter or past stop_at_layer?)") from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._acts)
-
-    def __len__(self) -> int:
-        return len(self._acts)
-
-    def __repr__(self) -> str:
-        return f"ActivationCache({len(self)} activations, n_layers={self.n_layers})"
-
-    def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False) -> np.ndarray:
-        """The residual stream as it grows: ``[component, pos, d_model]``.
-
-        Component ``i`` is the input to layer ``i`` (``resid_pre``; with ``incl_mid`` also each
-        ``resid_mid`` after it); the last is the final ``resid_post`` when ``layer`` is None.
-        Stops before layer ``layer`` otherwise.
-        """
-        stop = self.n_layers if layer is None else layer
-        parts: list[np.ndarray] = []
-        for i in range(stop):
-            parts.append(self[f"blocks.{i}.hook_resid_pre"])
-            if incl_mid:
-                parts.append(self[f"blocks.{i}.hook_resid_mid"])
-        if layer is None or layer >= self.n_layers:
-            parts.append(self[f"blocks.{self.n_layers - 1}.hook_resid_post"])
-        return np.stack(parts)
-
-    def logit_lens(self, pos: int | slice | None = None) -> np.ndarray:
-        """Each layer's residual read out as logits: ``[n_layers + 1, pos, d_vocab]``.
-
-        Row ``i < n_layers`` decodes the input to layer ``i``; the last row decodes the final
-        residual and equals the model's logits. ``pos`` picks positions first (the logits of
-        every position of every layer are large: 31 x 49,152 floats per token on SmolLM2).
-        """
-        if self._unembed is None:
-            raise ValueError("this cache has no unembedding; make it with model.run_with_cache")
-        resid = self.accumulated_resid()
-        if pos is not None:
-            resid = resid[:, pos]
-        # one layer at a time: the same matrix shapes as the forward's own unembedding, so the same bits
-        return np.stack([self._unembed(component) for component in resid])
-
-
-NamesFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
-
-
-def _as_filter(names_filter: NamesFilter) -> Callable[[str], bool]:
-    if names_filter is None:
-        return lambda name: True
-    if isinstance(names_filter, str):
-        return lambda name: name == names_filter
-    if callable(names_filter):
-        return names_filter
-    wanted = frozenset(names_filter)
-    return lambda name: name in wanted
-
-
-class HookedModel:
-    """The hook API of ``rocmforge.model.Model`` (mixed into it), as TransformerLens' ``HookedTransformer`` has it.
-
-    Expects ``hook_registry`` (the ``Hooks`` the forward context calls), ``cfg``, ``arch``, ``ctx``, ``kv``,
-    ``ops`` and ``forward(ids)``. Hooks fire in every forward: ``forward``, ``run_with_*`` and generation
-    (``prefill``, ``step``, ``step_layer``).
-
-    >>> import rocmforge  # doctest: +SKIP
-    >>> model = rocmforge.load("smollm2-135m")  # doctest: +SKIP
-    >>> logits, cache = model.run_with_cache(model.tokenize("Hello world"))  # doctest: +SKIP
-    >>> cache["pattern", 0].shape  # [head, query_pos, key_pos]  # doctest: +SKIP
-    (9, 3, 3)
-    >>> with model.hooks([("blocks.0.hook_attn_out", lambda act, hook: act * 0)]):  # doctest: +SKIP
-    ...     ablated = model.forward(model.tokenize("Hello world"))
-    """
-
-    hook_registry: Hooks
-
-    def hook_names(self) -> list[str]:
-        """Every hook point in forward order; ``rocmforge.hooks.hook_shape(name)`` gives its shape."""
-        return hook_names(self.cfg.n_layers)
-
-    def add_hook(self, name_or_filter: NameOrFilter, fn: HookFn) -> HookHandle:
-        """Register a hook that stays until ``handle.remove()`` or ``reset_hooks()``."""
-        return self.hook_registry.add(name_or_filter, fn)
-
-    def reset_hooks(self) -> None:
-        """Remove every hook, temporary or not."""
-        self.hook_registry.reset()
-
-    def hooks(self, fwd_hooks: Iterable[tuple[NameOrFilter, HookFn]]) -> "contextlib.AbstractContextManager[Hooks]":
-        """``with model.hooks([(name_or_filter, fn), ...]):`` hooks removed on leaving, even on an exception."""
-        return self.hook_registry.temporary(fwd_hooks)
-
-    def run_with_hooks(self, ids: Sequence[int], fwd_hooks: Iterable[tuple[NameOrFilter, HookFn]] = ()) -> np.ndarray:
-        """Logits ``[pos, d_vocab]`` of ``ids`` with ``fwd_hooks`` in place for this one run."""
-        with self.hooks(fwd_hooks):
-            return self.forward(ids)
-
-    def run_with_cache(self, ids: Sequence[int], names_filter: NamesFilter = None,
-                       stop_at_layer: int | None = None) -> tuple[np.ndarray, ActivationCache]:
-        """Run ``ids`` and keep every activation whose name passes ``names_filter`` (a name, names or callable).
-
-        Returns ``(logits [pos, d_vocab], cache)``; with ``stop_at_layer=n`` only blocks ``0..n-1`` run
-        (negative counts from the end) and the first item is the residual stream ``[pos, d_model]`` after them.
-        """
-        store: dict[str, np.ndarray] = {}
-        with self.hooks([(_as_filter(names_filter), caching_hook(store))]):
-            if stop_at_layer is None:
-                out = self.forward(ids)
-            else:
-                stop = stop_at_layer % self.cfg.n_layers if stop_at_layer < 0 else stop_at_layer
-                out = self._run([ids], 0, None, stop_at_layer=stop)[0]
-        return out, ActivationCache(store, self.cfg.n_layers, self.unembed_quietly)
-
-    def forward_many(self, prompts: Sequence[Sequence[int]], start_at_layer: int = 0,
-                     resid: np.ndarray | None = None) -> list[np.ndarray]:
-        """Logits ``[pos, d_vocab]`` of several prompts run as ONE batched forward (one sequence each).
-
-        Hooks see the batch as one flat ``[sum of pos, ...]`` array, prompt after prompt, except the
-        attention scores and pattern, which fire once per prompt. With ``start_at_layer=n`` the blocks
-        before ``n`` are skipped and ``resid`` (``[sum of pos, d_model]``, the input of block ``n``) is used
-        instead: each layer's attention reads only its own layer's keys and values, so nothing is lost.
-        """
-        logits, rows = self._run(prompts, start_at_layer, resid, stop_at_layer=None)
-        return [logits[r] for r in rows]
-
-    def _run(self, prompts: Sequence[Sequence[int]], start_at_layer: int, resid: np.ndarray | None,
-             stop_at_layer: int | None) -> tuple[np.ndarray, list[slice]]:
-        """Blocks ``start_at_layer..stop_at_layer-1`` on fresh sequences, then (only without a stop) the
-        unembedding; returns the host result and each prompt's rows in it."""
-        stop = self.cfg.n_layers if stop_at_layer is None else min(stop_at_layer, self.cfg.n_layers)
-        seqs = [self.kv.new_sequence() for _ in prompts]
-        try:
-            batch = self.kv.prepare([(seq, list(ids)) for seq, ids in zip(seqs, prompts)])
-            x = self.arch.embed(self.ctx, batch.tokens) if start_at_layer == 0 else self.ops.from_host(resid)
-            for layer in range(start_at_layer, stop):
-                x = self.arch.block(self.ctx, layer, x, batch)
-            out = self.arch.unembed(self.ctx, x) if stop_at_layer is None else x
-            return self.ops.to_host(out), [seg.rows for seg in batch.segments]
-        finally:
-            for seq in seqs:
-                self.kv.free(seq)
-
-    def unembed_quietly(self, resid: np.ndarray) -> np.ndarray:
-        """Residual stream ``[..., d_model]`` -> logits ``[..., d_vocab]`` through the final norm, firing no hooks."""
-        resid = np.asarray(resid, np.float32)
-        ctx = dataclasses.replace(self.ctx, hooks=Hooks())
-        logits = self.ops.to_host(self.arch.unembed(ctx, self.ops.from_host(resid.reshape(-1, resid.shape[-1]))))
-        return logits.reshape(resid.shape[:-1] + (logits.shape[-1],))
+    def cache(act: Any, hook: HookPoint) -> None:
+        store.setdefault(hook.name, []).append(backend.snapshot(act))
+    cache.on_device = True          # type: ignore[attr-defined]
+    cache.reads_values = False      # type: ignore[attr-defined]  (a reference needs no flushed values)
+    return cache

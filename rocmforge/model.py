@@ -28,7 +28,8 @@ from rocmforge.backends.select import backend_for_model
 from rocmforge.chat import apply_chat_template
 from rocmforge.engine import Generation
 from rocmforge.gguf_file import GGUFFile
-from rocmforge.hooks import HookedModel, Hooks, hook_names
+from rocmforge.hooked_model import HookedModel
+from rocmforge.hooks import Hooks, hook_names
 from rocmforge.kv_cache import KVCache
 from rocmforge.registry import DEFAULT_MODEL, resolve
 from rocmforge.sampler import SamplingParams

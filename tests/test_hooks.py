@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rocmforge.hooks import ActivationCache, HookPoint, Hooks, act_name, caching_hook, hook_names, hook_shape
+from rocmforge.activation_cache import ActivationCache
+from rocmforge.hooks import HookPoint, Hooks, act_name, caching_hook, hook_names, hook_shape
 
 # --- a tiny transformer that names its intermediates like the real forward -------------------------
 

@@ -21,6 +21,7 @@ from rocmforge.gguf_file import TensorRef
 from rocmforge.kv_cache import Batch, KVCache, Segment
 from rocmforge.ops.add import add
 from rocmforge.ops.attention import attention, attention_mix, attention_scores
+from rocmforge.ops.edit_rows import edit_rows
 from rocmforge.ops.embedding import embedding, quantized_embedding
 from rocmforge.ops.encoder_attention import encoder_attention
 from rocmforge.ops.geglu import geglu
@@ -100,6 +101,33 @@ class CpuBackend:
 
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return x
+
+    # --- what hooks need (the GPU's twins are in gpu_hooks.py) ----------------------------------------------
+    def flush(self) -> None:
+        """Nothing is held back on the CPU."""
+
+    def snapshot(self, x: np.ndarray) -> np.ndarray:
+        """A copy: the forward may update a buffer (the residual stream) in place later."""
+        return np.array(x, copy=True)
+
+    def copy(self, x: np.ndarray) -> np.ndarray:
+        return np.array(x, copy=True)
+
+    def fresh_zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float32)
+
+    def edit_rows(self, x: np.ndarray, rows: np.ndarray, col0: int, n_cols: int, keep: float,
+                  src: np.ndarray | None = None, src_rows: np.ndarray | None = None, src_col0: int = 0,
+                  take: float = 1.0) -> np.ndarray:
+        return edit_rows(x, rows, col0, n_cols, keep, src, rows if src_rows is None else src_rows, src_col0, take)
+
+    def as_array(self, obj: object, shape: tuple[int, ...]) -> np.ndarray:
+        """A hook's result (numpy, or any CPU DLPack array such as a torch tensor) as float32 ``shape``."""
+        array = np.from_dlpack(obj) if hasattr(obj, "__dlpack__") else np.asarray(obj)
+        array = np.asarray(array, dtype=np.float32)
+        if array.shape != tuple(shape):
+            raise ValueError(f"a hook returned shape {array.shape}, expected {tuple(shape)}")
+        return array
 
     def load_weight(self, tensor: TensorRef) -> CpuWeight:
         matrix = self._arena.empty(tensor.shape)

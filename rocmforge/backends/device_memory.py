@@ -2,7 +2,9 @@
 
 ``DeviceArray`` is what GPU ops take and return: an address, a shape and a dtype, plus the block of memory it
 views (reshapes and row slices are views of the same block). Blocks from the pool go back to their pool when
-the last view of them is gone; arena slices live as long as the arena.
+the last view of them is gone; arena slices live as long as the arena. A ``DeviceArray`` speaks DLPack
+(``torch.from_dlpack(a)``, ``cupy.from_dlpack(a)`` read it without a copy; ``rocmforge.backends.dlpack``) and
+``a.numpy()`` copies it to the host.
 
 >>> from rocmforge.backends.device_memory import ALIGN
 >>> ALIGN
@@ -28,10 +30,11 @@ def align(n: int) -> int:
 class Block:
     """One piece of device memory; handed back to its pool when the last array viewing it goes away."""
 
-    __slots__ = ("pool", "address", "size")
+    __slots__ = ("pool", "address", "size", "runtime")
 
-    def __init__(self, pool: "Pool | None", address: int, size: int):
+    def __init__(self, pool: "Pool | None", address: int, size: int, runtime: Runtime | None = None):
         self.pool, self.address, self.size = pool, address, size
+        self.runtime = pool.runtime if pool is not None else runtime
 
     def __del__(self) -> None:
         if self.pool is not None:
@@ -56,7 +59,7 @@ class Arena:
 
     def __init__(self, runtime: Runtime, nbytes: int):
         self.base, self.size, self.used = runtime.alloc(nbytes), nbytes, 0
-        self.block = Block(None, self.base, nbytes)
+        self.block = Block(None, self.base, nbytes, runtime)
 
     def take(self, nbytes: int) -> int | None:
         if self.used + nbytes > self.size:
@@ -96,6 +99,25 @@ class DeviceArray:
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def numpy(self) -> np.ndarray:
+        """A host copy (waits for the work queued before it)."""
+        host = np.empty(self.shape, self.dtype)
+        self.block.runtime.copy_to_host(host, self.address)
+        return host
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        host = self.numpy()
+        return host if dtype is None else host.astype(dtype)
+
+    def __dlpack__(self, stream: Any = None, max_version: Any = None, dl_device: Any = None,
+                   copy: bool | None = None) -> Any:
+        from rocmforge.backends import dlpack
+        return dlpack.export(self)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        from rocmforge.backends import dlpack
+        return dlpack.device_of(self)
 
     def __repr__(self) -> str:
         return f"DeviceArray(shape={self.shape}, dtype={self.dtype.name})"

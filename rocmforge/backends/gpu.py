@@ -30,13 +30,14 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from rocmforge.backends.device_memory import MB, Arena, Block, DeviceArray, Pool
+from rocmforge.backends.gpu_hooks import GpuHookOps
 from rocmforge.backends.gpu_records import (ACT_NONE, KERNEL_TYPES, MATVEC_WARPS, DecodeGraph, GpuWeight,
                                             PendingMatmuls, PendingNorm, PendingRope, activation_rounding,
                                             memory_needed, same_view)
 from rocmforge.backends.runtime import Runtime, f32, i32, i64, ptr
 from rocmforge.errors import DeviceError, UnsupportedError
 from rocmforge.gguf_file import TensorRef
-from rocmforge.kv_cache import Batch, KVCache, Segment
+from rocmforge.kv_cache import Batch, KVCache
 
 def gpu_available() -> bool:
     """True when a HIP or CUDA device can be opened."""
@@ -44,7 +45,7 @@ def gpu_available() -> bool:
     return hip.available()[0] or cuda.available()[0]
 
 
-class GpuBackend:
+class GpuBackend(GpuHookOps):
     """``Backend`` on a GPU runtime. Arrays are ``DeviceArray``; weights are ``GpuWeight``."""
 
     def __init__(self, runtime: Runtime, round_activations: bool = True):
@@ -503,19 +504,6 @@ class GpuBackend:
                          [*head, ptr(outs.address), ptr(pos.address), ptr(slots.address), i32(t), *common, i32(bkv)],
                          shared)
         return out
-
-    # The hook path (scores and pattern materialized) is for inspection, not speed: it runs the numpy twins
-    # on host copies of the one sequence's cached keys/values.
-    def attention_scores(self, q: DeviceArray, cache: KVCache, layer: int, segment: Segment, scale: float,
-                         window: int | None, softcap: float | None) -> DeviceArray:
-        from rocmforge.ops.attention import attention_scores
-        keys = self.to_host(cache.k[layer])[segment.key_slots]
-        return self.from_host(attention_scores(self.to_host(q), keys, segment.positions, scale, window, softcap))
-
-    def attention_mix(self, pattern: DeviceArray, cache: KVCache, layer: int, segment: Segment) -> DeviceArray:
-        from rocmforge.ops.attention import attention_mix
-        values = self.to_host(cache.v[layer])[segment.key_slots]
-        return self.from_host(attention_mix(self.to_host(pattern), values))
 
     # --- decode graphs --------------------------------------------------------------------------------------
     def graph_step(self, batch: Batch, step: Callable[[], DeviceArray]) -> DeviceArray:
