@@ -33,17 +33,17 @@ def test_the_pair_disagrees(pair):
 
 def test_patching_the_clean_run_into_itself_gives_the_clean_metric_everywhere(model, pair):
     clean, _, _, metric, clean_metric, _ = pair
-    grid = patch_residual(model, clean, clean, metric, layers=[20, 29])  # later layers: shorter runs
+    grid = patch_residual(model, clean, clean, metric, layers=[20, 29], max_batch=1)  # later layers: shorter runs
     assert grid.shape == (2, len(clean))
     assert np.all(grid == clean_metric)  # bit for bit: each patched run has the clean run's shapes
-    heads = patch_heads(model, clean, clean, metric, layers=[27, 29])
+    heads = patch_heads(model, clean, clean, metric, layers=[27, 29], max_batch=1)
     assert heads.shape == (2, model.cfg.n_heads)
     assert np.all(heads == clean_metric)
 
 
 def test_at_layer_0_only_the_differing_token_matters(model, pair):
     clean, corrupted, differ, metric, clean_metric, corrupted_metric = pair
-    row = patch_residual(model, clean, corrupted, metric, layers=[0])[0]
+    row = patch_residual(model, clean, corrupted, metric, layers=[0], max_batch=1)[0]
     # The embeddings differ only there: patching it IS the clean run; patching elsewhere changes nothing.
     assert row[differ] == clean_metric
     assert np.all(np.delete(row, differ) == corrupted_metric)
@@ -52,15 +52,16 @@ def test_at_layer_0_only_the_differing_token_matters(model, pair):
 def test_the_last_residual_at_the_last_position_decides_the_logits(model, pair):
     clean, corrupted, _, metric, clean_metric, corrupted_metric = pair
     last = model.cfg.n_layers - 1
-    grid = patch_residual(model, clean, corrupted, metric, activation="resid_post", layers=[last], positions=[-1, 0])
+    grid = patch_residual(model, clean, corrupted, metric, activation="resid_post", layers=[last], positions=[-1, 0],
+                          max_batch=1)
     assert grid[0].tolist() == [clean_metric, corrupted_metric]
 
 
 def test_starting_at_the_patched_layer_equals_a_full_hooked_run(model, pair):
     clean, corrupted, _, metric, _, _ = pair
     layer, pos, head = 23, 4, 4
-    grid = patch_residual(model, clean, corrupted, metric, layers=[layer], positions=[pos - 1, pos])
-    heads = patch_heads(model, clean, corrupted, metric, layers=[layer], heads=[head])
+    grid = patch_residual(model, clean, corrupted, metric, layers=[layer], positions=[pos - 1, pos], max_batch=1)
+    heads = patch_heads(model, clean, corrupted, metric, layers=[layer], heads=[head], max_batch=1)
     names = [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z"]
     _, cache = model.run_with_cache(clean, names_filter=names)
 
@@ -113,3 +114,28 @@ def test_steering_adds_the_direction_in_prefill_and_every_decode_step(model):
         pass
     assert plain.state.tokens != steered_tokens
     plain.close()
+
+
+@pytest.fixture(scope="module")
+def smooth_model(smollm2_path):
+    """SmolLM2 without llama.cpp's 8-bit activation rounding, which turns last-bit differences between two
+    computation orders into logit changes of up to ~0.2; without it they stay float32 noise."""
+    import rocmforge
+    m = rocmforge.load(smollm2_path, device="cpu", n_ctx=256, n_parallel=4)
+    m.ops.round_activations = False
+    return m
+
+
+def test_batched_sweeps_equal_one_patch_at_a_time(smooth_model, pair):
+    # Batched: every position (head) of a layer in one forward, positions before a patch reused from the corrupted
+    # run (its keys and values); one at a time: each patch its own full run from the patched layer.
+    model = smooth_model
+    clean, corrupted, differ, metric, _, _ = pair
+    layers = [0, 14, 29]
+    batched = patch_residual(model, clean, corrupted, metric, layers=layers)
+    alone = patch_residual(model, clean, corrupted, metric, layers=layers, max_batch=1)
+    np.testing.assert_allclose(batched, alone, rtol=0, atol=2e-3)
+    assert abs(batched[0, differ] - batched[0, 0]) > 5  # the differing token carries the answer
+    heads = patch_heads(model, clean, corrupted, metric, layers=[14, 28])
+    heads_alone = patch_heads(model, clean, corrupted, metric, layers=[14, 28], max_batch=1)
+    assert np.array_equal(heads, heads_alone)  # same rows per run, products per prompt: bit for bit
