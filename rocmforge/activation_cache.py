@@ -108,6 +108,14 @@ class ActivationCache(Mapping[str, Any]):
         lengths = self.lengths
         return np.arange(max(lengths))[None, :] < np.array(lengths)[:, None]
 
+    def flat(self, name: str | tuple) -> Any:
+        """``name`` unpadded: a batch's ``[sum of pos, ...]`` rows, prompt after prompt (what harvesting writes)."""
+        name = self._name(name)
+        value = self._acts[name]
+        if isinstance(value, list):
+            raise ValueError(f"{name} has one [head, pos, key_pos] array per prompt: use cache.prompt(i)")
+        return value
+
     def prompt(self, i: int) -> "ActivationCache":
         """Prompt ``i``'s own cache (views of the batch's arrays, no padding), as if it had run alone."""
         if self.prompt_rows is None:

@@ -185,6 +185,11 @@ class HookedModel:
             for seq in seqs:
                 self.kv.free(seq)
 
+    def harvest(self, source: Any, names: Sequence[str], out: Any, **options: Any) -> dict:
+        """Stream ``names``' activations over a dataset to shards under ``out``; ``rocmforge.harvest.harvest``."""
+        from rocmforge.harvest import harvest
+        return harvest(self, source, names, out, **options)
+
     def unembed_quietly(self, resid: np.ndarray) -> np.ndarray:
         """Residual stream ``[..., d_model]`` -> logits ``[..., d_vocab]`` through the final norm, firing no hooks."""
         resid = np.asarray(resid, np.float32)

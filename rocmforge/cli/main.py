@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "chat": "rocmforge.cli.generate:chat",
     "serve": "rocmforge.cli.serve:serve",
     "bench": "rocmforge.cli.bench:bench",
+    "harvest": "rocmforge.cli.harvest:harvest",
 }
 
 

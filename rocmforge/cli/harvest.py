@@ -1,0 +1,33 @@
+"""``rocmforge harvest TEXT_FILE -n NAME -o DIR``: activations of every token of a dataset, to shards on disk."""
+from __future__ import annotations
+
+import click
+
+from rocmforge.registry import DEFAULT_MODEL
+
+
+@click.command()
+@click.argument("text_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-n", "--name", "names", multiple=True, required=True,
+              help="Hook point to keep, e.g. blocks.15.hook_resid_post (repeat for several).")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Directory for shards + index.json.")
+@click.option("-m", "--model", "model_name", default=DEFAULT_MODEL, show_default=True,
+              help="Registry name or path to a .gguf file.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cpu-exact, cuda or hip.")
+@click.option("--batch-tokens", default=4096, show_default=True, help="Tokens per batched forward.")
+@click.option("--shard-tokens", default=1 << 16, show_default=True, help="Rows per shard file.")
+@click.option("--n-ctx", default=None, type=int, help="Context window (longer documents are cut into pieces).")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "npy"]), default="safetensors", show_default=True)
+def harvest(text_file: str, names: tuple[str, ...], out: str, model_name: str, device: str, batch_tokens: int,
+            shard_tokens: int, n_ctx: int | None, fmt: str) -> None:
+    """Run every line of TEXT_FILE (one document per line) and write the chosen activations to OUT.
+
+    Killed and started again with the same arguments, it resumes after the last finished shard."""
+    from rocmforge.harvest import harvest as run
+    from rocmforge.model import load
+
+    n_ctx = n_ctx or 2048
+    model = load(model_name, device=device, n_ctx=n_ctx, n_parallel=max(1, -(-batch_tokens // n_ctx)))
+    index = run(model, text_file, list(names), out, batch_tokens=batch_tokens, shard_tokens=shard_tokens, format=fmt)
+    rows = sum(s["rows"] for s in index["shards"])
+    click.echo(f"{rows} tokens in {len(index['shards'])} shards under {out}")

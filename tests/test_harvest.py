@@ -1,0 +1,84 @@
+"""Activation harvesting on SmolLM2 (CPU): shards equal the activations of solo runs, and a kill -9 in the middle
+leaves only whole shards and resumes to the same files as an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+NAMES = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"]
+TEXTS = [f"Document {i}: the quick brown fox number {i} jumps over {i % 7} lazy dogs." for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_path):
+    import rocmforge
+    return rocmforge.load(smollm2_path, device="cpu", n_ctx=64, n_parallel=4)
+
+
+def _rows(out: Path, name: str) -> np.ndarray:
+    index = json.loads((out / "index.json").read_text())
+    return np.concatenate([load_file(str(out / s["files"][0]))[name] for s in index["shards"]])
+
+
+def test_shards_hold_each_documents_solo_activations(model, tmp_path):
+    docs = [model.tokenize(t) for t in TEXTS[:12]] + [list(range(100, 230))]  # the last one is cut into pieces
+    index = model.harvest(docs, NAMES, tmp_path, batch_tokens=128, shard_tokens=100, progress=False)
+    assert index["pieces_done"] == 12 + 3 and all(s["rows"] >= 100 for s in index["shards"][:-1])
+    resid, z = _rows(tmp_path, NAMES[0]), _rows(tmp_path, NAMES[1])
+    pieces = [p for s in index["shards"] for p in s["pieces"]]
+    start = 0
+    for doc, first, n, _ in pieces:
+        _, cache = model.run_with_cache(docs[doc][first:first + n], names_filter=NAMES, stop_at_layer=2)
+        assert np.array_equal(resid[start:start + n], cache[NAMES[0]])
+        assert np.array_equal(z[start:start + n], cache[NAMES[1]])
+        start += n
+    assert start == len(resid) == sum(len(d) for d in docs)
+    npy = model.harvest(docs[:3], NAMES, tmp_path / "npy", format="npy", progress=False)
+    assert np.array_equal(np.load(tmp_path / "npy" / npy["shards"][0]["files"][0]), resid[:sum(map(len, docs[:3]))])
+    with pytest.raises(ValueError, match="format"):
+        model.harvest(docs, NAMES, tmp_path, format="npy", progress=False)
+
+
+def _cli(smollm2_path: Path, text: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "rocmforge.cli.main", "harvest", str(text), "-n", NAMES[0], "-o", str(out),
+            "-m", str(smollm2_path), "--device", "cpu", "--batch-tokens", "64", "--shard-tokens", "64", "--n-ctx", "64"]
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_whole_shards_and_resumes_to_the_same_files(smollm2_path, tmp_path):
+    text = tmp_path / "docs.txt"
+    text.write_text("\n".join(TEXTS) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    whole = tmp_path / "whole"
+    subprocess.run(_cli(smollm2_path, text, whole), env=env, check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(smollm2_path, text, killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # kill once a few shards are finished, mid-run
+        index = killed / "index.json"
+        if index.exists() and len(json.loads(index.read_text())["shards"]) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    shards_then = json.loads((killed / "index.json").read_text())["shards"]
+    total = len(json.loads((whole / "index.json").read_text())["shards"])
+    assert 3 <= len(shards_then) < total  # it really stopped in the middle
+    for path in killed.glob("shard-*.safetensors"):  # every shard file there is whole (a partial would not load)
+        load_file(str(path))
+    subprocess.run(_cli(smollm2_path, text, killed), env=env, check=True, capture_output=True)
+    assert not list(killed.glob("*.partial"))
+    assert json.loads((killed / "index.json").read_text()) == json.loads((whole / "index.json").read_text())
+    for shard in json.loads((whole / "index.json").read_text())["shards"]:
+        name = shard["files"][0]
+        assert (killed / name).read_bytes() == (whole / name).read_bytes()
