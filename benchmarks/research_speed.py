@@ -183,11 +183,15 @@ def main() -> None:
         elif part == "harvest":
             bench_harvest(model, hf, args.harvest_tokens, args.batch_tokens, args.rss_at)
         print(f"[{part} took {time.perf_counter() - t:.1f} s]", flush=True)
+        _table(model, args.model)  # after each part: a run cut short still reports what it finished
+
+
+def _table(model: rocmforge.Model, name: str) -> None:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"\n{model.ops.name} ({getattr(getattr(model.ops, 'rt', None), 'device_name', 'cpu')}), {when}, {args.model}")
+    print(f"\n{model.ops.name} ({getattr(getattr(model.ops, 'rt', None), 'device_name', 'cpu')}), {when}, {name}")
     print("| what | rocmforge | peer | ratio |\n|---|---|---|---|")
     for row in ROWS:
-        print("| " + " | ".join(row) + " |")
+        print("| " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":
