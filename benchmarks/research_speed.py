@@ -87,7 +87,8 @@ def bench_sweep(model: rocmforge.Model, old_layers: int) -> None:
     grid = patch_residual(model, clean, corrupted, metric)
     _sync(model)
     batched = time.perf_counter() - t
-    layers = list(range(0, model.cfg.n_layers, max(1, model.cfg.n_layers // old_layers)))[:old_layers]
+    n = model.cfg.n_layers  # layers spread so their mean start is the sweep's mean, (n - 1) / 2
+    layers = sorted({min(n - 1, int((i + 0.5) * n / old_layers)) for i in range(old_layers)})
     t = time.perf_counter()
     old = patch_residual(model, clean, corrupted, metric, layers=layers, max_batch=1)
     _sync(model)

@@ -152,13 +152,15 @@ class HookedModel:
     def run_batch(self, prompts: Sequence[Sequence[int]], start_at_layer: int = 0, resid: Any = None,
                   stop_at_layer: int | None = None, prefixes: Sequence[int] | None = None,
                   prefix_kv: Callable[[int, Any], tuple[Any, Any]] | None = None,
-                  logit_rows: np.ndarray | None = None) -> tuple[Any, list[slice]]:
+                  logit_rows: np.ndarray | None = None, solo_bits: bool = True) -> tuple[Any, list[slice]]:
         """Blocks ``start_at_layer..stop_at_layer-1`` over fresh sequences, then (without a stop) the unembedding.
 
         Returns the backend's array (logits, or the residual after the last block run) and each prompt's rows.
         ``prefixes[i]`` tokens of prompt ``i`` are already known: their keys and values per layer come from
         ``prefix_kv(layer, prefix_batch) -> (k, v)`` and only the rest of the prompt runs (what a patching sweep
         needs: positions before a patch are the unpatched run's). ``logit_rows`` unembeds only those rows.
+        ``solo_bits=False`` lets a CPU backend multiply the whole batch at once (faster; a prompt's bits then
+        depend on the batch around it).
         """
         stop = self.cfg.n_layers if stop_at_layer is None else min(stop_at_layer, self.cfg.n_layers)
         seqs = [self.kv.new_sequence() for _ in prompts]
@@ -172,7 +174,7 @@ class HookedModel:
             batch = self.kv.prepare([(seq, list(ids)) for seq, ids in zip(seqs, prompts)])
             rows = [seg.rows for seg in batch.segments]
             ctx = self.ctx
-            if len(rows) > 1 and self.ops.name in ("cpu", "cpu-exact"):
+            if solo_bits and len(rows) > 1 and self.ops.name in ("cpu", "cpu-exact"):
                 ctx = dataclasses.replace(ctx, ops=_PerPromptProducts(self.ops, rows))
             x = self.arch.embed(ctx, batch.tokens) if start_at_layer == 0 else (
                 self.ops.from_host(resid) if isinstance(resid, np.ndarray) else resid)

@@ -66,9 +66,9 @@ def patch_residual(model: Any, clean: Sequence[int], corrupted: Sequence[int], m
     Each patched run starts at the patched layer from the corrupted run's residual (the blocks before it would
     compute exactly that). By default (``max_batch=None``) every position of a layer runs in ONE batched forward,
     and a run patched at position ``p`` computes only positions ``p..`` (earlier ones cannot see the patch: their
-    keys and values are the corrupted run's, written into its cache), with the patch a device edit. That gives
-    each entry up to float rounding; bit for bit on backends whose products are row-independent (``cpu-exact``
-    with Q4_1/Q5_0/Q8_0 weights). ``max_batch=1`` runs each patch alone over the whole prompt, bit-comparable with
+    keys and values are the corrupted run's, written into its cache), with the patch a device edit; the CPU
+    multiplies the whole batch at once. That gives each entry up to float rounding; bit for bit on backends whose
+    products are row-independent (``cpu-exact`` with Q4_1/Q5_0/Q8_0 weights). ``max_batch=1`` runs each patch alone over the whole prompt, bit-comparable with
     ``run_with_hooks`` on any backend (slower).
     """
     if activation not in _RESIDUAL:
@@ -155,7 +155,8 @@ def _sweep(model: Any, clean: Sequence[int], corrupted: Sequence[int], metric: M
                 logit_rows = np.array([offsets[k] + w - prefixes[k] for k, w in picked], np.int64)
             with model.hooks([(name, put_back)]):
                 out, rows = model.run_batch([corrupted] * len(group), start_at_layer=layer, resid=starts,
-                                            prefixes=prefixes, prefix_kv=prefix_kv, logit_rows=logit_rows)
+                                            prefixes=prefixes, prefix_kv=prefix_kv, logit_rows=logit_rows,
+                                            solo_bits=not reuse)
             logits = ops.to_host(out)
             for k, p in enumerate(prefixes):
                 if logit_rows is None:
