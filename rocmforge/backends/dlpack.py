@@ -54,6 +54,10 @@ _api.PyCapsule_GetPointer.restype, _api.PyCapsule_GetPointer.argtypes = ctypes.c
 _api.PyCapsule_SetName.restype, _api.PyCapsule_SetName.argtypes = ctypes.c_int, [ctypes.py_object, ctypes.c_char_p]
 _api.PyCapsule_IsValid.restype, _api.PyCapsule_IsValid.argtypes = ctypes.c_int, [ctypes.py_object, ctypes.c_char_p]
 
+# The capsule destructor gets the capsule while it is being freed: read it through raw pointers, never as an object
+_raw_is_valid = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p)(("PyCapsule_IsValid", _api))
+_raw_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p)(("PyCapsule_GetPointer", _api))
+
 _alive: dict[int, tuple[Any, ...]] = {}  # manager_ctx -> (struct, shape array, the exported array)
 _tickets = itertools.count(1)
 
@@ -67,9 +71,8 @@ def _release(managed: int) -> None:
 @ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 def _capsule_gone(capsule: int) -> None:
     # a capsule nobody consumed (still named "dltensor") owns its tensor: release it; a consumed one was renamed
-    obj = ctypes.cast(capsule, ctypes.py_object).value
-    if _api.PyCapsule_IsValid(obj, b"dltensor"):
-        _release(_api.PyCapsule_GetPointer(obj, b"dltensor"))
+    if _raw_is_valid(capsule, b"dltensor"):
+        _release(_raw_pointer(capsule, b"dltensor"))
 
 
 def device_of(array: Any) -> tuple[int, int]:
