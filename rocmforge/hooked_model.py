@@ -137,18 +137,6 @@ class HookedModel:
             return np.asarray(out), cache.to_host()
         return out, cache
 
-    def forward_many(self, prompts: Sequence[Sequence[int]], start_at_layer: int = 0,
-                     resid: np.ndarray | None = None) -> list[np.ndarray]:
-        """Host logits ``[pos, d_vocab]`` of several prompts run as ONE batched forward (one sequence each).
-
-        Hooks see the batch as one flat ``[sum of pos, ...]`` array, prompt after prompt, except the attention
-        scores and pattern, which fire once per prompt. With ``start_at_layer=n`` the blocks before ``n`` are
-        skipped and ``resid`` (``[sum of pos, d_model]``, the input of block ``n``) is used instead.
-        """
-        out, rows = self.run_batch(prompts, start_at_layer, resid)
-        logits = self.ops.to_host(out)
-        return [logits[r] for r in rows]
-
     def run_batch(self, prompts: Sequence[Sequence[int]], start_at_layer: int = 0, resid: Any = None,
                   stop_at_layer: int | None = None, prefixes: Sequence[int] | None = None,
                   prefix_kv: Callable[[int, Any], tuple[Any, Any]] | None = None,
