@@ -15,7 +15,7 @@
 //   reduces a slice of the visible keys to (max, sum, unnormalised output); the last block of the
 //   head to finish (a ticket counter per head) merges the slices. The number of keys comes from
 //   positions[0] on the device, so a captured graph replays correctly as the cache grows.
-//   grid = (n_splits, H), block = up to 8 warps.
+//   grid = (n_splits, H), block = up to 256 threads and 8 warps.
 
 #define RF_TILE 32
 
@@ -222,10 +222,9 @@ __device__ void decode(const float* q, const float* Kc, const float* Vc, const i
         int T, int H, int Hkv, int D, float scale, float softcap, int window, int bkv) {                             \
         prefill<DMAX, EXACT>(Q, Kc, Vc, O, positions, key_slots, T, H, Hkv, D, scale, softcap, window, bkv);              \
     }                                                                                                               \
-    extern "C" __global__ void attn_decode_##suffix(const float* q, const float* Kc, const float* Vc,                \
-                                                    const int* positions, const int* key_slots, int H, int Hkv,     \
-                                                    int D, float scale, float softcap, int window, float* part_o,   \
-                                                    float* part_ml, int* tickets, float* out) {                     \
+    extern "C" __global__ void RF_AMD_MAX_THREADS(256) attn_decode_##suffix(                                      \
+        const float* q, const float* Kc, const float* Vc, const int* positions, const int* key_slots, int H, int Hkv, \
+        int D, float scale, float softcap, int window, float* part_o, float* part_ml, int* tickets, float* out) {    \
         decode<DMAX, EXACT>(q, Kc, Vc, positions, key_slots, H, Hkv, D, scale, softcap, window, part_o, part_ml, tickets, \
                      out);                                                                                          \
     }

@@ -20,29 +20,32 @@ __device__ void stage_input(const float* x, int K, int act, const float* norm_w,
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP, n_warps = blockDim.x / RF_WARP;
     const int chunk = n_warps * RF_WARP * 8, k_first = warp * RF_WARP * 8 + lane * 8;
     // this lane's first 8 inputs and norm weights are loaded up front: the norm's reduction and the weights'
-    // load then overlap instead of following each other (most rows are one chunk long)
-    float x_first[8], w_first[8];
+    // load then overlap instead of following each other (most rows are one chunk long). Later chunks reload
+    // the same arrays: indexing them only with unrolled constants keeps them in registers on AMD (a pointer
+    // chosen between them and global memory put them in scratch).
+    float xc[8], wc[8];
     for (int i = 0; i < 8; i++) {
-        x_first[i] = k_first < K ? x[k_first + i] : 0.0f;
-        w_first[i] = norm_w && k_first < K ? norm_w[k_first + i] : 1.0f;
+        xc[i] = k_first < K ? x[k_first + i] : 0.0f;
+        wc[i] = norm_w && k_first < K ? norm_w[k_first + i] : 1.0f;
     }
     float scale = 1.0f;
     if (norm_w) {  // squares summed in double, as llama.cpp does
         double ss = 0.0;
-        for (int i = 0; i < 8; i++) ss += (double)x_first[i] * x_first[i];
+        for (int i = 0; i < 8; i++) ss += (double)xc[i] * xc[i];
         for (int k = k_first + chunk; k < K; k += chunk)
             for (int i = 0; i < 8; i++) ss += (double)x[k + i] * x[k + i];
         scale = rms_scale(block_sum_d(ss, scratch), K, eps);
     }
     for (int base = warp * RF_WARP * 8; base < K; base += chunk) {
         const int k = base + lane * 8;
-        const bool first = base == warp * RF_WARP * 8;
+        if (base != warp * RF_WARP * 8 && k < K)
+            for (int i = 0; i < 8; i++) {
+                xc[i] = x[k + i];
+                wc[i] = norm_w ? norm_w[k + i] : 1.0f;
+            }
         float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         if (k < K) {
-            for (int i = 0; i < 8; i++) {
-                const float xv = first ? x_first[i] : x[k + i];
-                v[i] = norm_w ? xv * scale * (first ? w_first[i] : norm_w[k + i]) : xv;
-            }
+            for (int i = 0; i < 8; i++) v[i] = norm_w ? xc[i] * scale * wc[i] : xc[i];
             if (norm_w && x_out && blockIdx.x == 0)
                 for (int i = 0; i < 8; i++) x_out[k + i] = v[i];
         }

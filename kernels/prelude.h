@@ -34,6 +34,14 @@ __device__ __forceinline__ float shfl(float v, int src) { return __shfl_sync(0xf
 __device__ __forceinline__ int shfl_int(int v, int src) { return __shfl_sync(0xffffffffu, v, src, RF_WARP); }
 #endif
 
+// hipcc assumes blocks of up to 1024 threads unless told, which caps a kernel at 128 VGPRs and made
+// attn_decode_d128 spill to scratch (388 bytes per lane on gfx90a). NVIDIA's compiler needs no such hint.
+#if defined(__HIP__) || defined(__HIPCC_RTC__)
+#define RF_AMD_MAX_THREADS(n) __launch_bounds__(n)
+#else
+#define RF_AMD_MAX_THREADS(n)
+#endif
+
 // Ask for a cache line to be brought into L2 now (its load comes later); a no-op on HIP.
 #if defined(__HIP__) || defined(__HIPCC_RTC__)
 __device__ __forceinline__ void prefetch_l2(const void* p) {}

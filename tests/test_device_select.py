@@ -13,6 +13,20 @@ from rocmforge.errors import DeviceError
 no_gpu = pytest.mark.skipif(hip.available()[0] or cuda.available()[0], reason="a GPU is present on this machine")
 
 
+def _hip_runtime_loads() -> bool:
+    try:
+        from hip import hip as hip_api
+    except ImportError:
+        return False
+    return bool(hip_api.has_symbol("hipMalloc"))
+
+
+# Debian's libamdhip64 + hip-python on a machine with no AMD GPU (what .ci/run installs)
+hip_runtime_without_device = pytest.mark.skipif(
+    not _hip_runtime_loads() or hip.available()[0],
+    reason=f"needs the HIP runtime loaded and no AMD device; here: {hip.available()[1]}")
+
+
 @no_gpu
 def test_auto_falls_back_to_cpu_and_logs_why(caplog, monkeypatch):
     monkeypatch.delenv("ROCMFORGE_DEVICE", raising=False)
@@ -60,3 +74,21 @@ def test_unknown_device_is_rejected():
 def test_cpu_is_always_available():
     assert choose_device("cpu") == ("cpu", "device=cpu requested")
     assert select_backend("cpu").name == "cpu"
+
+
+@no_gpu
+@hip_runtime_without_device
+def test_auto_with_a_hip_runtime_but_no_device_falls_back_with_one_line(caplog, monkeypatch):
+    monkeypatch.delenv("ROCMFORGE_DEVICE", raising=False)
+    with caplog.at_level(logging.INFO, logger="rocmforge.device"):
+        backend = select_backend("auto")
+    assert backend.name == "cpu"
+    lines = [r.getMessage() for r in caplog.records if r.name == "rocmforge.device"]
+    assert len(lines) == 1 and "hip: the HIP runtime found no device" in lines[0]
+
+
+@hip_runtime_without_device
+def test_forcing_hip_with_a_runtime_but_no_device_says_so():
+    with pytest.raises(DeviceError) as err:
+        select_backend("hip")
+    assert str(err.value) == "device='hip' requested but the HIP runtime found no device"

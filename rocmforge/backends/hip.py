@@ -40,10 +40,34 @@ def _check(result: Any, what: str) -> Any:
     return outs[0] if len(outs) == 1 else (tuple(outs) if outs else None)
 
 
+def default_wave_size(arch: str) -> int:
+    """The wavefront width the compiler uses for ``arch`` when not told otherwise: 32 on RDNA (gfx10, gfx11,
+    gfx12), 64 on GCN and CDNA. Only for compiling without a device; a device reports its own.
+
+    >>> default_wave_size("gfx90a"), default_wave_size("gfx1030")
+    (64, 32)
+    """
+    return 32 if arch.startswith(("gfx10", "gfx11", "gfx12")) else 64
+
+
 class HipRuntime(Runtime):
     """Device 0 and one non-blocking stream."""
 
     name = "hip"
+
+    @classmethod
+    def for_compiling(cls, arch: str) -> HipRuntime:
+        """A runtime that only compiles (hiprtc, same options and disk cache) for ``arch``, with no device:
+        ``rocmforge.backends.hip_offline`` checks every kernel for AMD targets this way on machines without one.
+        Memory, launches and module loading need a real ``HipRuntime()``.
+        """
+        from hip import hiprtc
+        runtime = cls.__new__(cls)
+        Runtime.__init__(runtime)
+        runtime._hip, runtime._rtc = None, hiprtc
+        runtime.arch, runtime.warp_size = arch, default_wave_size(arch)
+        runtime.device_name = f"{arch} (compile only, no device)"
+        return runtime
 
     def __init__(self, device: int = 0):
         super().__init__()
@@ -95,17 +119,19 @@ class HipRuntime(Runtime):
     def _compile(self, source: str, name: str, options: list[str]) -> bytes:
         rtc = self._rtc
         prog = _check(rtc.hiprtcCreateProgram(source.encode(), f"{name}.hip".encode(), 0, [], []), "hiprtcCreateProgram")
-        (err,) = rtc.hiprtcCompileProgram(prog, len(options), [o.encode() for o in options])
-        if int(err) != 0:
-            size = _check(rtc.hiprtcGetProgramLogSize(prog), "hiprtcGetProgramLogSize")
-            log = bytearray(size)
-            rtc.hiprtcGetProgramLog(prog, log)
-            raise DeviceError(f"hiprtc could not compile kernels/{name}.hip:\n{log.decode(errors='replace')}")
-        size = _check(rtc.hiprtcGetCodeSize(prog), "hiprtcGetCodeSize")
-        code = bytearray(size)
-        _check(rtc.hiprtcGetCode(prog, code), "hiprtcGetCode")
-        rtc.hiprtcDestroyProgram(prog)
-        return bytes(code)
+        try:
+            (err,) = rtc.hiprtcCompileProgram(prog, len(options), [o.encode() for o in options])
+            if int(err) != 0:
+                size = _check(rtc.hiprtcGetProgramLogSize(prog), "hiprtcGetProgramLogSize")
+                log = bytearray(size)
+                rtc.hiprtcGetProgramLog(prog, log)
+                raise DeviceError(f"hiprtc could not compile kernels/{name}.hip:\n{log.decode(errors='replace')}")
+            size = _check(rtc.hiprtcGetCodeSize(prog), "hiprtcGetCodeSize")
+            code = bytearray(size)
+            _check(rtc.hiprtcGetCode(prog, code), "hiprtcGetCode")
+            return bytes(code)
+        finally:
+            rtc.hiprtcDestroyProgram(prog.createRef())  # takes hiprtcProgram*: the handle itself would crash
 
     def _load_module(self, code: bytes) -> Any:
         return _check(self._hip.hipModuleLoadData(code), "hipModuleLoadData")
