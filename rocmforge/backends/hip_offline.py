@@ -161,7 +161,7 @@ def markdown(rows: list[KernelResources], archs: tuple[str, ...] = ARCHS) -> str
     return "\n".join(lines)
 
 
-_TABLE = re.compile(r"(<!-- resource-table -->\n).*?(\n<!-- /resource-table -->)", re.S)
+_TABLE = re.compile(r"(<!-- resource-table -->\n).*?(<!-- /resource-table -->)", re.S)
 
 
 def write_docs(path: Path) -> None:
@@ -173,7 +173,7 @@ def write_docs(path: Path) -> None:
                               env={**os.environ, "HIP_PLATFORM": "amd"}).stdout
     version = next((line.strip() for line in compiler.splitlines() if "clang version" in line), "hipcc")
     rows = [r for kernels in resource_table().values() for r in kernels]
-    table = f"Compiler: {version}. Cells: VGPRs / scratch bytes per lane / waves per SIMD.\n\n" + markdown(rows)
+    table = f"Compiler: {version}. Cells: VGPRs / scratch bytes per lane / waves per SIMD.\n\n{markdown(rows)}\n"
     path.write_text(_TABLE.sub(lambda m: m[1] + table + m[2], text), encoding="utf-8")
 
 
