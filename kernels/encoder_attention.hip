@@ -1,8 +1,8 @@
 // encoder_attention.hip: bidirectional attention over packed sequences (BERT): out = softmax(q kᵀ * scale) v
 // per sequence and head. Rows are tokens ([n_tokens, heads * DH]); offsets[s]..offsets[s+1] is sequence s.
-// Grid: (sequence, head, block of queries); one thread per query. The block walks its sequence's keys and
-// values in tiles staged in shared memory (every thread reads the same key: a broadcast), keeping a running
-// max and sum (online softmax), so any sequence length fits in fixed shared memory.
+// Grid: (sequence, head, block of queries), 64 threads a block; one thread per query. The block walks its
+// sequence's keys and values in tiles staged in shared memory (every thread reads the same key: a broadcast),
+// keeping a running max and sum (online softmax), so any sequence length fits in fixed shared memory.
 #define TILE 64
 
 template <int DH>
@@ -59,8 +59,8 @@ __device__ void encoder_attention_impl(const float* q, const float* k, const flo
 }
 
 #define RF_ENCODER_ATTENTION(DH)                                                                              \
-    extern "C" __global__ void encoder_attention_##DH(const float* q, const float* k, const float* v,          \
-                                                       const int* offsets, int n_heads, float scale, float* out) { \
+    extern "C" __global__ void RF_AMD_MAX_THREADS(64) encoder_attention_##DH(                                 \
+        const float* q, const float* k, const float* v, const int* offsets, int n_heads, float scale, float* out) { \
         encoder_attention_impl<DH>(q, k, v, offsets, n_heads, scale, out);                                     \
     }
 RF_ENCODER_ATTENTION(32)

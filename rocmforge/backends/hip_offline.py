@@ -38,7 +38,8 @@ ARCHS = ("gfx90a", "gfx940", "gfx1030")
 # one-line kernel); its hipcc compiles gfx940 fine, so gfx940 is checked by hipcc only.
 HIPRTC_ARCHS = ("gfx90a", "gfx1030")
 NO_SCRATCH_ARCHS = ("gfx90a", "gfx1030")  # decode kernels may not spill there
-PREFILL_KERNELS = re.compile(r"^(matmul_|attn_prefill_|round_activations$)")
+# kernels that run over many tokens at once (prefill, the BERT encoder); every other kernel counts as decode
+NOT_DECODE = re.compile(r"^(matmul_|attn_prefill_|round_activations$|encoder_attention_|layer_norm$|gelu$)")
 _LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/opt/rocm/lib")
 
 
@@ -48,8 +49,8 @@ def kernel_ops() -> list[str]:
 
 
 def is_decode_kernel(name: str) -> bool:
-    """True for kernels a decode step runs (everything but the prefill matmuls and attention)."""
-    return not PREFILL_KERNELS.match(name)
+    """True for kernels a decode step runs, or may (all but the prefill and encoder kernels in ``NOT_DECODE``)."""
+    return not NOT_DECODE.match(name)
 
 
 def enable_hiprtc() -> tuple[bool, str]:
