@@ -65,9 +65,9 @@ class Model(HookedModel):
                           self.n_ctx, n_blocks=n_blocks, block_size=block_size, ops=self.ops)
         self.hook_registry = Hooks(self.ops, valid_names=hook_names(self.cfg.n_layers))
         self.ctx = ForwardContext(self.cfg, self.weights, self.ops, self.kv, self.hook_registry)
-        warm_up = getattr(self.ops, "warm_up", None)  # cpu-exact: compile its kernels once, with progress shown
-        if warm_up is not None:
-            warm_up(self)
+        finish_load = getattr(self.ops, "finish_load", None)  # cpu-exact: release file pages, compile kernels once
+        if finish_load is not None:
+            finish_load(self)
         # How retrieved passages become the question's text (placeholders {context}, {question}); the result is
         # then the user turn of the chat template, or the raw prompt for completions. None: the store's default.
         self.context_template: str | None = None

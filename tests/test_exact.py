@@ -325,10 +325,10 @@ def test_unsupported_types_names_what_has_no_exact_kernel(tmp_path):
 
 def test_unsupported_weight_type_is_refused(tmp_path):
     sys.path.insert(0, str(FIXTURES.parent))
-    from make_model_fixtures import write_tiny_model
+    from make_exact_type_fixtures import write_typed_model
 
-    with pytest.raises(UnsupportedError, match="F32"):
-        rocmforge.load(write_tiny_model(tmp_path / "tiny.gguf", "qwen2", 0), device="cpu-exact")
+    with pytest.raises(UnsupportedError, match="MXFP4"):
+        rocmforge.load(write_typed_model(tmp_path / "tiny.gguf", T.MXFP4), device="cpu-exact")
 
 
 # --- the real model against llama.cpp ---------------------------------------------------------------------------

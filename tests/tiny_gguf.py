@@ -12,16 +12,16 @@ T = gguf.GGMLQuantizationType
 QUANTIZABLE = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4)
 
 
-def random_blocks(ggml_type: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+def random_blocks(ggml_type: T, rows: int, cols: int, rng: np.random.Generator, scale: float = 0.01) -> np.ndarray:
     """Raw bytes of a (rows, cols) tensor of a type gguf cannot quantize (K-quants, IQ4_NL):
-    random bits with every fp16 scale field set to a small finite value so no block decodes to inf/nan."""
+    random bits with every fp16 scale field set to ``scale`` (small and finite: no block decodes to inf/nan)."""
     block, nbytes = gguf.GGML_QUANT_SIZES[ggml_type]
     raw = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
-    scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    scale_bytes = np.frombuffer(np.float16(scale).tobytes(), np.uint8)
     # Offsets of the fp16 super-block scales (d, dmin) inside each block, per ggml's block layouts.
     fp16_fields = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_NL: (0,)}
     for off in fp16_fields[ggml_type]:
-        raw[..., off:off + 2] = scale
+        raw[..., off:off + 2] = scale_bytes
     return raw.reshape(rows, -1)
 
 

@@ -18,6 +18,8 @@ exact in numpy). A weight type without an exact kernel in ``rocmforge.exact.dot.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +67,7 @@ class ExactCpuBackend(CpuBackend):
         self._last_quantized: tuple[np.ndarray, Any, Any] | None = None  # (x, quantize function, result)
         self._last_group: tuple[np.ndarray, Any, np.ndarray] | None = None  # (x, group's prepared weight, x @ W.T)
 
-    def warm_up(self, model: Any) -> None:
+    def finish_load(self, model: Any) -> None:
         """Compile the kernels ``model`` needs before its first request, once per set of weight types (a line and
         a progress bar on a terminal; ``rocmforge.exact.compile_cache``): an 8-row prefill (the tiled and lane
         kernels) and a one-row decode step."""
@@ -88,17 +90,22 @@ class ExactCpuBackend(CpuBackend):
             raise UnsupportedError(
                 f"device='cpu-exact' has no llama.cpp-exact matmul for {tensor.ggml_type.name} weights "
                 f"({tensor.name}); exact types: {', '.join(sorted(t.name for t in MATMULS))}. Use device='cpu'.")
-        return ExactWeight(tensor.raw, kernel.prepare(tensor.raw), tensor.ggml_type, tuple(tensor.shape))
+        prepared = kernel.prepare(tensor.raw)
+        release_pages(tensor.raw)
+        return ExactWeight(tensor.raw, prepared, tensor.ggml_type, tuple(tensor.shape))
 
     def load_weight_group(self, tensors: list[TensorRef]) -> list[ExactWeight]:
         """q/k/v (gate/up) of one type are prepared as one weight: a step multiplies them in one call, large
         enough to split over the cores. Each output row is computed alone, so its bits do not change."""
-        if len({t.ggml_type for t in tensors}) > 1:
+        # kernels chosen by row count (Q4_0 repacked from 8, tinyBLAS from 4) must see each weight's own rows
+        if len({t.ggml_type for t in tensors}) > 1 or any(t.shape[0] % 8 for t in tensors):
             return [self.load_weight(t) for t in tensors]
         stacked = TensorRef("+".join(t.name for t in tensors), tensors[0].ggml_type,
                             (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]),
                             np.concatenate([t.raw for t in tensors]), sum(t.n_bytes for t in tensors))
         group = self.load_weight(stacked)
+        for t in tensors:
+            release_pages(t.raw)
         bounds = np.cumsum([0] + [t.shape[0] for t in tensors])
         return [ExactWeight(t.raw, group.prepared, t.ggml_type, tuple(t.shape), slice(start, stop))
                 for t, start, stop in zip(tensors, bounds[:-1], bounds[1:])]
@@ -176,6 +183,24 @@ class ExactCpuBackend(CpuBackend):
 
     def attention_mix(self, pattern: np.ndarray, cache: KVCache, layer: int, segment: Segment) -> np.ndarray:
         return exact_attention.attention_mix(pattern, cache.v[layer][segment.key_slots], batch_rows=pattern.shape[1])
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def release_pages(raw: np.ndarray) -> None:
+    """Drop the memory-mapped file pages under ``raw`` from this process (``madvise(MADV_DONTNEED)``: a read-only
+    file mapping just forgets them; a later read faults them back in). Called once a weight is prepared, so the
+    file and the kernels' copy are never resident together: Gemma's peak RSS 1206 -> ~500 MiB."""
+    owner = raw
+    while owner is not None and not isinstance(owner, mmap.mmap):
+        owner = getattr(owner, "base", None)
+    if owner is None:  # not a file mapping (a test's array, a stacked copy): MADV_DONTNEED would zero it
+        return
+    page = mmap.PAGESIZE
+    start = raw.ctypes.data // page * page  # whole pages only: a neighbour's page is simply read again if needed
+    stop = -(-(raw.ctypes.data + raw.nbytes) // page) * page
+    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), 4)  # 4: MADV_DONTNEED (Linux)
 
 
 def refuse_softcap(softcap: float | None) -> None:

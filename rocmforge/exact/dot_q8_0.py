@@ -24,8 +24,9 @@ def split_q8_0(raw: np.ndarray) -> LaneWeight:
     ``[out, nb]``."""
     blocks = np.asarray(raw).reshape(raw.shape[0], -1, BLOCK_BYTES)
     scales = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float32)
-    values = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(raw.shape[0], -1)
-    return LaneWeight((values.astype(np.int16) + OFFSET).astype(np.uint8), scales, OFFSET)
+    # int8 v + 128 as uint8 is v's bits with the top bit flipped: one pass, no temporary (Gemma's table: 168 MB)
+    values = np.bitwise_xor(blocks[..., 2:], np.uint8(OFFSET)).reshape(raw.shape[0], -1)
+    return LaneWeight(values, scales, OFFSET)
 
 
 @njit(cache=True, nogil=True)

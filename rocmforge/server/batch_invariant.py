@@ -137,9 +137,10 @@ class BatchInvariantExactBackend(ExactCpuBackend):
     tinyBLAS's lane order, for 1 row ``ggml_vec_dot_f32``'s. Here every query takes the multi-row order, alone or
     batched: a lone request may then differ from llama.cpp on a near-tie (its decode steps are 1-row ubatches
     there), never from the same request batched. K-quant products switch kernels with the row count (Q4_K
-    GEMM/GEMV, Q6_K tiled from 8 rows), so models with them are not served batch-invariant on this backend."""
+    GEMM/GEMV, the others tiled from 8 rows), and so do float weights (tinyBLAS from 2 rows), so models with them
+    are not served batch-invariant on this backend (Q4_0's repacked GEMM and GEMV are the same chain per output)."""
 
-    ROW_INDEPENDENT = frozenset({T.Q4_1, T.Q5_0, T.Q8_0})
+    ROW_INDEPENDENT = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0})
 
     def attention(self, q: np.ndarray, cache: KVCache, layer: int, batch: Batch, scale: float,
                   window: int | None, softcap: float | None) -> np.ndarray:
