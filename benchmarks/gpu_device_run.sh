@@ -42,7 +42,7 @@ model)
   fi
   sha256sum "$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf" | tee "$OUT/model.sha256"
   python3 -m pytest -o addopts="" tests/test_gpu_model.py -q -p no:cacheprovider -rs -s 2>&1 | tee "$OUT/model.log" | tail -15
-  python3 -m pytest -o addopts="" tests/test_hooks.py -m gpu -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/hooks.log" | tail -5
+  python3 -m pytest -o addopts="" tests/test_gpu_hooks.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/hooks.log" | tail -5
   # notebook 05's code cells as one script (nbval and jupyter are not on the device machine)
   python3 -c "import json; print('\n'.join(''.join(c['source']) for c in json.load(open('notebooks/05_kernels.ipynb'))['cells'] if c['cell_type'] == 'code'))" \
     > /tmp/nb05.py && MPLBACKEND=Agg python3 /tmp/nb05.py 2>&1 | tee "$OUT/notebook05.log" | tail -25

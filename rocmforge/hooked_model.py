@@ -170,6 +170,7 @@ class HookedModel:
                 x = self.arch.block(ctx, layer, x, batch)
             if stop_at_layer is None:
                 x = self.arch.unembed(ctx, x if logit_rows is None else self.ops.take_rows(x, logit_rows))
+            self.ops.flush()  # a GPU holds the last ops back for fusion: launch them before anyone reads the results
             return x, rows
         finally:
             for seq in seqs:
