@@ -46,15 +46,13 @@ class _Managed(ctypes.Structure):
     _fields_ = [("dl_tensor", _Tensor), ("manager_ctx", ctypes.c_void_p), ("deleter", _Deleter)]
 
 
+# Private prototypes (setting argtypes on ctypes.pythonapi's shared functions would change them for everyone).
+# The capsule destructor gets the capsule while it is being freed: it reads it through raw pointers, never as an object.
 _api = ctypes.pythonapi
-_api.PyCapsule_New.restype, _api.PyCapsule_New.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p,
-                                                                             ctypes.c_void_p]
-_api.PyCapsule_GetPointer.restype, _api.PyCapsule_GetPointer.argtypes = ctypes.c_void_p, [ctypes.py_object,
-                                                                                          ctypes.c_char_p]
-_api.PyCapsule_SetName.restype, _api.PyCapsule_SetName.argtypes = ctypes.c_int, [ctypes.py_object, ctypes.c_char_p]
-_api.PyCapsule_IsValid.restype, _api.PyCapsule_IsValid.argtypes = ctypes.c_int, [ctypes.py_object, ctypes.c_char_p]
-
-# The capsule destructor gets the capsule while it is being freed: read it through raw pointers, never as an object
+_capsule_new = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(
+    ("PyCapsule_New", _api))
+_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(("PyCapsule_GetPointer", _api))
+_set_name = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_char_p)(("PyCapsule_SetName", _api))
 _raw_is_valid = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p)(("PyCapsule_IsValid", _api))
 _raw_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p)(("PyCapsule_GetPointer", _api))
 
@@ -97,7 +95,7 @@ def export(array: Any) -> Any:
     managed.manager_ctx = ticket
     managed.deleter = _release
     _alive[ticket] = (managed, shape, array)
-    return _api.PyCapsule_New(ctypes.addressof(managed), b"dltensor", ctypes.cast(_capsule_gone, ctypes.c_void_p))
+    return _capsule_new(ctypes.addressof(managed), b"dltensor", ctypes.cast(_capsule_gone, ctypes.c_void_p))
 
 
 class ForeignBlock:
@@ -133,7 +131,7 @@ def import_array(obj: Any, runtime: Any, expect_shape: tuple[int, ...] | None = 
     except (TypeError, BufferError):
         runtime.synchronize()
         capsule = obj.__dlpack__()
-    managed_address = _api.PyCapsule_GetPointer(capsule, b"dltensor")
+    managed_address = _pointer(capsule, b"dltensor")
     tensor = _Managed.from_address(managed_address).dl_tensor
     shape = tuple(tensor.shape[i] for i in range(tensor.ndim))
     dtype = (tensor.dtype.code, tensor.dtype.bits, tensor.dtype.lanes)
@@ -148,9 +146,9 @@ def import_array(obj: Any, runtime: Any, expect_shape: tuple[int, ...] | None = 
         problem = "a strided view (make it contiguous first)"
     if problem is not None:
         _Managed.from_address(managed_address).deleter(managed_address)
-        _api.PyCapsule_SetName(capsule, b"used_dltensor")
+        _set_name(capsule, b"used_dltensor")
         raise ValueError(f"a hook returned an array the GPU backend cannot use in place: {problem}")
-    _api.PyCapsule_SetName(capsule, b"used_dltensor")  # ours now: the block calls the deleter
+    _set_name(capsule, b"used_dltensor")  # ours now: the block calls the deleter
     address = int(tensor.data or 0) + int(tensor.byte_offset)
     nbytes = int(np.prod(shape)) * 4
     block = ForeignBlock(address, nbytes, runtime, managed_address, capsule)
