@@ -19,6 +19,7 @@ import rocmforge
 from ggml_order import fma, hsum8
 from rocmforge.exact.dot import MATMULS
 from rocmforge.exact.dot_float import matmul_float, prepare_float, round_bf16, round_f16
+from rocmforge.exact.dot_iq4_nl import KVALUES, matmul_iq4_nl
 from rocmforge.exact.dot_q4_0 import matmul_q4_0
 from rocmforge.exact.k_quant_lanes import LANE_MINS, SCALAR_MINS, matmul_k_quant
 from rocmforge.exact.q8_activations import quantize_q8
@@ -153,6 +154,25 @@ def test_q4_0_matmul_is_ggmls():
         weight = MATMULS[T.Q4_0].prepare(raw)
         assert np.array_equal(matmul_q4_0(x, weight), ref)
         assert np.array_equal(matmul_q4_0(x[3:4], weight), ref[3:4])
+
+
+def test_iq4_nl_decode_alternates_two_accumulators():
+    """Not repacked (6 rows), one activation row: even blocks' lanes into one accumulator, odd ones into another."""
+    raw = random_blocks(T.IQ4_NL, 6, 128, RNG, scale=5e-4)
+    x = RNG.standard_normal((1, 128)).astype(f32)
+    xb = quantize_q8(x, with_sum=False)
+    blocks = raw.reshape(6, 4, 18)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(f32)
+    codes = np.concatenate([blocks[..., 2:] & 15, blocks[..., 2:] >> 4], -1)
+    values = KVALUES[codes].astype(np.int64)
+    ref = []
+    for o in range(6):
+        accs = [[f32(0)] * 8, [f32(0)] * 8]
+        for b in range(4):
+            sums = (values[o, b] * xb.qs[0, b]).reshape(8, 4).sum(1)
+            accs[b % 2] = [fma(xb.d[0, b] * d[o, b], f32(int(sums[i])), accs[b % 2][i]) for i in range(8)]
+        ref.append(hsum8([accs[0][i] + accs[1][i] for i in range(8)]))
+    assert np.array_equal(matmul_iq4_nl(x, MATMULS[T.IQ4_NL].prepare(raw))[0], ref)
 
 
 # --- tiny models against llama.cpp --------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ before it picks cpu-exact).
 
 >>> from gguf import GGMLQuantizationType as T
 >>> sorted(t.name for t in MATMULS)
-['BF16', 'F16', 'F32', 'Q2_K', 'Q3_K', 'Q4_0', 'Q4_1', 'Q4_K', 'Q5_0', 'Q5_1', 'Q5_K', 'Q6_K', 'Q8_0']
+['BF16', 'F16', 'F32', 'IQ4_NL', 'Q2_K', 'Q3_K', 'Q4_0', 'Q4_1', 'Q4_K', 'Q5_0', 'Q5_1', 'Q5_K', 'Q6_K', 'Q8_0']
 >>> supports(T.Q8_0), supports(T.IQ2_XXS)
 (True, False)
 """
@@ -26,6 +26,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from rocmforge.exact.dot_float import matmul_float, prepare_float, round_bf16, round_f16
+from rocmforge.exact.dot_iq4_nl import matmul_iq4_nl, split_iq4_nl
 from rocmforge.exact.dot_q2_k import split_q2_k
 from rocmforge.exact.dot_q3_k import split_q3_k
 from rocmforge.exact.dot_q4_0 import matmul_q4_0, split_q4_0
@@ -58,6 +59,7 @@ _Q8_1 = partial(quantize_q8, with_sum=True)
 MATMULS: dict[T, ExactMatmul] = {
     T.Q4_0: ExactMatmul(split_q4_0, _Q8_0, matmul_q4_0),
     T.Q4_1: ExactMatmul(split_q4_1, _Q8_1, matmul_q4_1),
+    T.IQ4_NL: ExactMatmul(split_iq4_nl, _Q8_0, matmul_iq4_nl),
     T.Q8_0: ExactMatmul(split_q8_0, _Q8_0, matmul_q8_0),
     T.Q5_0: ExactMatmul(split_q5_0, _Q8_0, matmul_q8_0),
     T.Q4_K: ExactMatmul(split_q4_k, quantize_q8_k, matmul_q4_k),
