@@ -7,8 +7,10 @@ import logging
 import pytest
 
 from rocmforge.backends import cuda, hip
-from rocmforge.backends.select import choose_device, select_backend
+from rocmforge.backends.select import backend_for_model, choose_device, select_backend
 from rocmforge.errors import DeviceError
+from rocmforge.gguf_file import GGUFFile
+from tiny_gguf import T, write_model
 
 no_gpu = pytest.mark.skipif(hip.available()[0] or cuda.available()[0], reason="a GPU is present on this machine")
 
@@ -92,3 +94,25 @@ def test_forcing_hip_with_a_runtime_but_no_device_says_so():
     with pytest.raises(DeviceError) as err:
         select_backend("hip")
     assert str(err.value) == "device='hip' requested but the HIP runtime found no device"
+
+
+@no_gpu
+@pytest.mark.parametrize("weight_type, expected, why", [
+    (T.Q8_0, "cpu-exact", "cpu-exact covers every weight type (Q8_0)"),
+    (T.Q5_1, "cpu", "cpu-exact has no exact matmul for Q5_1"),
+])
+def test_auto_without_a_gpu_picks_cpu_exact_when_it_covers_the_file(weight_type, expected, why, tmp_path, caplog,
+                                                                    monkeypatch):
+    monkeypatch.delenv("ROCMFORGE_DEVICE", raising=False)
+    gguf = GGUFFile(write_model(tmp_path / "tiny.gguf", weight_type=weight_type))
+    with caplog.at_level(logging.INFO, logger="rocmforge.device"):
+        backend = backend_for_model(None, gguf, 16)
+    assert backend.name == expected
+    lines = [r.getMessage() for r in caplog.records if r.name == "rocmforge.device"]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"device: {expected} (auto: no GPU (") and lines[0].endswith(f"; {why})")
+
+
+def test_a_forced_cpu_stays_numpy_whatever_the_file(tmp_path):
+    gguf = GGUFFile(write_model(tmp_path / "tiny.gguf", weight_type=T.Q8_0))
+    assert backend_for_model("cpu", gguf, 16).name == "cpu"

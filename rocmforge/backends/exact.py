@@ -30,7 +30,7 @@ from rocmforge.backends.cpu import CpuBackend
 from rocmforge.errors import UnsupportedError
 from rocmforge.exact import attention as exact_attention
 from rocmforge.exact.compile_cache import compile_once
-from rocmforge.exact.dot import MATMULS
+from rocmforge.exact.dot import MATMULS, unsupported_types
 from rocmforge.exact.geglu import geglu
 from rocmforge.exact.rms_norm import rms_norm
 from rocmforge.exact.rope import rope
@@ -201,6 +201,18 @@ def release_pages(raw: np.ndarray) -> None:
     start = raw.ctypes.data // page * page  # whole pages only: a neighbour's page is simply read again if needed
     stop = -(-(raw.ctypes.data + raw.nbytes) // page) * page
     _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), 4)  # 4: MADV_DONTNEED (Linux)
+
+
+def coverage(gguf: Any) -> tuple[bool, str]:
+    """(True, why) when this backend runs every matrix and attention of ``gguf`` (a ``GGUFFile``); else (False, what
+    it lacks). ``device="auto"`` without a GPU asks this before choosing cpu-exact over numpy."""
+    missing = unsupported_types(gguf)
+    if missing:
+        return False, f"cpu-exact has no exact matmul for {', '.join(missing)}"
+    if gguf.config.attn_logit_softcap:
+        return False, "cpu-exact has no exact attention logit soft-capping"
+    types = sorted({ref.ggml_type.name for ref in gguf.tensors.values() if len(ref.shape) > 1})
+    return True, f"cpu-exact covers every weight type ({', '.join(types)})"
 
 
 def refuse_softcap(softcap: float | None) -> None:

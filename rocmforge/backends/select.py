@@ -2,8 +2,10 @@
 "cpu-exact" is numpy with llama.cpp's exact CPU arithmetic, ``rocmforge.backends.exact``).
 
 ``auto`` takes AMD when hip-python finds ``libamdhip64.so`` and a device, else NVIDIA when cuda-python finds
-the driver and a device, else numpy, and logs one line saying which and why. Forcing a device that is not
-there raises ``DeviceError`` naming what is missing.
+the driver and a device, else the CPU, and logs one line saying which and why. On the CPU a model whose every
+weight type has an exact kernel runs on cpu-exact (llama.cpp's arithmetic, the same text on every x86 CPU: the
+numpy path's sums follow the BLAS kernel the CPU gets), any other on numpy. Forcing a device that is not there
+raises ``DeviceError`` naming what is missing.
 
 >>> from rocmforge.backends.select import choose_device
 >>> choose_device("cpu")
@@ -55,7 +57,17 @@ def select_backend(device: str | None = None):
     >>> select_backend("cpu").name
     'cpu'
     """
-    name, reason = choose_device(device)
+    return _backend(*choose_device(device))
+
+
+def _cpu_for(gguf: Any, reason: str) -> tuple[str, str]:
+    """cpu-exact when it covers the whole file, else numpy; the reason gains why."""
+    from rocmforge.backends.exact import coverage
+    exact, why = coverage(gguf)
+    return ("cpu-exact" if exact else "cpu"), f"{reason}; {why}"
+
+
+def _backend(name: str, reason: str):
     log.info("device: %s (%s)", name, reason)
     if name == "cpu":
         from rocmforge.backends.cpu import CpuBackend
@@ -71,18 +83,21 @@ def select_backend(device: str | None = None):
 def backend_for_model(device: str | None, gguf: Any, n_slots: int):
     """``select_backend`` plus the memory check and arena allocation for a model with ``n_slots`` KV positions.
 
-    A forced GPU without room raises ``DeviceError`` with the numbers; under ``auto`` the numpy backend takes
-    over and the log line says why.
+    Under ``auto`` without a GPU, cpu-exact runs the file when it covers every weight type, else numpy. A forced
+    GPU without room raises ``DeviceError`` with the numbers; under ``auto`` the CPU takes over (the same choice)
+    and a second log line says why.
     """
-    backend = select_backend(device)
+    auto = (device or os.environ.get("ROCMFORGE_DEVICE") or "auto").lower() == "auto"
+    name, reason = choose_device(device)
+    if auto and name == "cpu":
+        name, reason = _cpu_for(gguf, reason)
+    backend = _backend(name, reason)
     if backend.name in ("cpu", "cpu-exact"):
         return backend
     try:
         backend.prepare(gguf, n_slots)
     except DeviceError as exc:
-        if (device or os.environ.get("ROCMFORGE_DEVICE") or "auto").lower() != "auto":
+        if not auto:
             raise
-        log.info("device: cpu (auto: %s)", exc)
-        from rocmforge.backends.cpu import CpuBackend
-        return CpuBackend()
+        return _backend(*_cpu_for(gguf, f"auto: {exc}"))
     return backend
