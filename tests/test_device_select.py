@@ -99,7 +99,7 @@ def test_forcing_hip_with_a_runtime_but_no_device_says_so():
 @no_gpu
 @pytest.mark.parametrize("weight_type, expected, why", [
     (T.Q8_0, "cpu-exact", "cpu-exact covers every weight type (Q8_0)"),
-    (T.Q5_1, "cpu", "cpu-exact has no exact matmul for Q5_1"),
+    (T.MXFP4, "cpu", "cpu-exact has no exact matmul for MXFP4"),
 ])
 def test_auto_without_a_gpu_picks_cpu_exact_when_it_covers_the_file(weight_type, expected, why, tmp_path, caplog,
                                                                     monkeypatch):
