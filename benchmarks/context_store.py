@@ -12,8 +12,9 @@ Ingest: the bundled docs, each copy made unique, chunked at 128 MiniLM word piec
 rocmforge's numpy all-MiniLM-L6-v2 and written through ``ContextStore.add_texts`` (SQLite + HNSW);
 reported as chunks/s end to end and for the embedder alone.
 
-Search: random unit vectors of dim 384 go in through the store (an embed that looks vectors up by
-name, so no model time is counted). Latency is ``store.search(mode="vector")`` end to end (index +
+Search: random unit vectors of dim 384, or with ``--vectors DIR`` real MiniLM vectors of text passages (the int8
+rows + scales ``benchmarks/minilm_gpu.py --corpus`` writes; the last ``--queries`` rows are the queries), go in
+through the store (an embed that looks vectors up by name, so no model time is counted). Latency is ``store.search(mode="vector")`` end to end (index +
 SQLite rows; for PostgreSQL one SQL query and the rows) and, for SQLite, the bare ``knn_query``; recall@10 is against exact numpy brute force. The store's
 defaults are used (M=32, ef_construction=200). Random vectors in 384 dims are the hard case for HNSW
 (the true top-10 are barely closer than everything else), so recall here is a floor.
@@ -74,11 +75,25 @@ def bench_ingest(folder: Path, copies: int) -> dict[str, float]:
             "embed_only_chunks_per_s": n_chunks / embed_only}
 
 
+def real_vectors(folder: Path, n: int, n_queries: int) -> np.ndarray:
+    """``n`` stored rows then ``n_queries`` query rows of the real vectors in ``folder`` (int8 times a row scale)."""
+    rows = np.concatenate([np.load(p) for p in sorted(folder.glob("corpus_int8_*.npy"),
+                                                       key=lambda p: int(p.stem.rsplit("_", 1)[1]))])
+    vectors = rows.astype(np.float32) * np.load(folder / "corpus_scale.npy")
+    if len(vectors) < n + n_queries:
+        raise SystemExit(f"{folder} holds {len(vectors)} vectors, fewer than {n} + {n_queries} queries")
+    vectors = np.concatenate([vectors[:n], vectors[-n_queries:]])
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
 def bench_search(folder: Path, n: int, n_queries: int, efs: list[int], postgres_url: str | None = None,
-                 k: int = 10) -> list[dict[str, float]]:
-    rng = np.random.default_rng(n)
-    vectors = rng.standard_normal((n + n_queries, 384)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+                 k: int = 10, real: Path | None = None) -> list[dict[str, float]]:
+    if real is not None:
+        vectors = real_vectors(real, n, n_queries)
+    else:
+        rng = np.random.default_rng(n)
+        vectors = rng.standard_normal((n + n_queries, 384)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     embed = LookupEmbed(vectors)
     rows = []
     path = folder / f"search{n}.db"
@@ -128,6 +143,8 @@ def main() -> None:
     parser.add_argument("--ef", type=int, nargs="+", default=[64, 128, 400])
     parser.add_argument("--copies", type=int, default=8, help="copies of the bundled docs to ingest (0: skip ingest)")
     parser.add_argument("--backends", nargs="+", choices=["sqlite", "postgresql"], default=["sqlite"])
+    parser.add_argument("--vectors", type=Path, default=None,
+                        help="folder of real vectors (benchmarks/minilm_gpu.py --corpus) instead of random ones")
     args = parser.parse_args()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; BLAS: {blas_info()}; "
           f"load average at start {os.getloadavg()[0]:.1f}")
@@ -146,7 +163,7 @@ def main() -> None:
         for n in args.sizes:
             for backend in args.backends:
                 url = server.new_database() if backend == "postgresql" else None
-                for r in bench_search(Path(tmp), n, args.queries, args.ef, url):
+                for r in bench_search(Path(tmp), n, args.queries, args.ef, url, real=args.vectors):
                     print(f"| {backend} | {r['n']:,} | {r['ef']} | {r['build_s']:.1f} | {r['insert_per_s']:.0f} | {r['p50_ms']:.2f} | "
                           f"{r['p99_ms']:.2f} | {r['knn_p50_ms']:.2f} | {r['knn_p99_ms']:.2f} | {r['recall@10']:.3f} |",
                           flush=True)

@@ -1,0 +1,95 @@
+"""MiniLM passages/s on this CPU: rocmforge's encoder against an earlier version of it, side by side.
+
+    python benchmarks/embed_cpu.py [--peer-commit 43a61f9] [--passages 192] [--rounds 3]
+
+The passages are the store's own chunks (200 word pieces, 40 shared) of the pydoc retrieval set, the same texts
+for both; each round times the peer and ours one after the other, so a busy machine slows both alike. The peer is
+``rocmforge/arch/bert.py`` as it was at ``--peer-commit`` (padded numpy batches of 32), loaded from git. Prints the
+load average before and after (the machine is shared) and the ratio per round.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from context_store.chunk import chunk_headings, chunk_text, embedding_text  # noqa: E402
+from context_store.evaluate import RetrievalSet  # noqa: E402
+from rocmforge import registry  # noqa: E402
+from rocmforge.embedder import MiniLMEmbedder  # noqa: E402
+
+
+def peer_encoder(commit: str, folder: Path):
+    """The BertEncoder class of ``rocmforge/arch/bert.py`` at ``commit``, loaded as a module of its own."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:rocmforge/arch/bert.py"], check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "bert_peer.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("bert_peer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.BertEncoder.from_dir(folder)
+
+
+def passages(embed: MiniLMEmbedder, n: int) -> list[str]:
+    data = RetrievalSet.load(ROOT / "tests" / "fixtures" / "retrieval" / "pydoc")
+    texts = []
+    for p in data.corpus.values():
+        chunks = chunk_text(p["text"], 200, 40, embed.token_spans)
+        texts += [embedding_text(c.text, h) for c, h in zip(chunks, chunk_headings(p["text"], chunks, p["title"]))]
+    return texts[:: max(1, len(texts) // n)][:n]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer-commit", default="43a61f9")
+    parser.add_argument("--passages", type=int, default=192)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    folder = registry.resolve("minilm-l6").parent
+    ours = MiniLMEmbedder(folder)
+    peer = peer_encoder(args.peer_commit, folder)
+    texts = passages(ours, args.passages)
+    tokens = sum(len(e.ids) for e in ours.encoder.tokenizer.encode_batch(texts))
+
+    def peer_embed(batch: list[str]) -> np.ndarray:
+        order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
+        out = np.zeros((len(batch), 384), np.float32)
+        for s in range(0, len(order), 32):
+            idx = order[s:s + 32]
+            out[idx] = peer.encode([batch[i] for i in idx])
+        return out
+
+    ours(texts[:8]), peer_embed(texts[:8])  # numba compiles (or loads its cache) outside the clock
+    print(f"{len(texts)} passages, {tokens / len(texts):.0f} tokens each on average; load average before "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    rows = []
+    for r in range(args.rounds):
+        start = time.perf_counter()
+        theirs = peer_embed(texts)
+        t_peer = time.perf_counter() - start
+        start = time.perf_counter()
+        mine = ours(texts)
+        t_ours = time.perf_counter() - start
+        rows.append((t_peer, t_ours))
+        print(f"round {r}: peer {len(texts) / t_peer:.1f}/s, ours {len(texts) / t_ours:.1f}/s, "
+              f"ratio {t_peer / t_ours:.2f}x, max |diff| {np.abs(mine - theirs).max():.1e}", flush=True)
+    t_peer, t_ours = (min(c) for c in zip(*rows))
+    print(f"load average after {os.getloadavg()[0]:.1f}")
+    print(f"| encoder | passages/s (best round) | tokens/s |\n|---|---|---|")
+    print(f"| {args.peer_commit} numpy, padded batches of 32 (peer) | {len(texts) / t_peer:.1f} | {tokens / t_peer:,.0f} |")
+    print(f"| packed, numba layer_norm/gelu (ours) | {len(texts) / t_ours:.1f} | {tokens / t_ours:,.0f} |")
+    print(f"ratio {t_peer / t_ours:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
