@@ -22,7 +22,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from context_store.chunk import chunk_headings, chunk_text, embedding_text  # noqa: E402
+from context_store.chunk import chunk_text  # noqa: E402
 from context_store.evaluate import RetrievalSet  # noqa: E402
 from rocmforge import registry  # noqa: E402
 from rocmforge.embedder import MiniLMEmbedder  # noqa: E402
@@ -44,8 +44,7 @@ def passages(embed: MiniLMEmbedder, n: int) -> list[str]:
     data = RetrievalSet.load(ROOT / "tests" / "fixtures" / "retrieval" / "pydoc")
     texts = []
     for p in data.corpus.values():
-        chunks = chunk_text(p["text"], 200, 40, embed.token_spans)
-        texts += [embedding_text(c.text, h) for c, h in zip(chunks, chunk_headings(p["text"], chunks, p["title"]))]
+        texts += [c.text for c in chunk_text(p["text"], 200, 40, embed.token_spans)]
     return texts[:: max(1, len(texts) // n)][:n]
 
 

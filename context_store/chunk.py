@@ -129,8 +129,3 @@ def document_title(source: str, metadata: dict[str, Any]) -> str:
     if isinstance(title, str) and title.strip():
         return title.strip()
     return "" if source.startswith("<") else PurePath(source).name
-
-
-def embedding_text(text: str, heading: str) -> str:
-    """What the embedder sees for a chunk: its heading line, then its text."""
-    return f"{heading}\n{text}" if heading else text

@@ -25,7 +25,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from context_store.chunk import embedding_text
 from context_store.records import ContextStoreError, Document, NewDocument, StoredDocument
 from context_store.search import EXACT_SEARCH_LIMIT
 
@@ -401,12 +400,12 @@ class PostgresBackend:
             cur.execute("DROP INDEX context_store.chunks_embedding")
             cur.execute("ALTER TABLE context_store.chunks ALTER COLUMN embedding DROP NOT NULL")
             cur.execute(f"ALTER TABLE context_store.chunks ALTER COLUMN embedding TYPE vector({int(dim)}) USING NULL")
-            rows = cur.execute("SELECT id, text, heading FROM context_store.chunks ORDER BY id").fetchall()
+            rows = cur.execute("SELECT id, text FROM context_store.chunks ORDER BY id").fetchall()
             for start in range(0, len(rows), 256):
                 part = rows[start:start + 256]
-                vectors = embed([embedding_text(text, heading) for _, text, heading in part])
+                vectors = embed([text for _, text in part])
                 cur.executemany("UPDATE context_store.chunks SET embedding = %s WHERE id = %s",
-                                [(v, i) for (i, _, _), v in zip(part, vectors)])
+                                [(v, i) for (i, _), v in zip(part, vectors)])
             cur.execute("ALTER TABLE context_store.chunks ALTER COLUMN embedding SET NOT NULL")
             cur.execute(index_sql)
             cur.execute("UPDATE context_store.meta SET value = CASE key WHEN 'dim' THEN %s ELSE %s END "

@@ -19,7 +19,6 @@ import numpy as np
 import sqlite_utils
 from filelock import FileLock
 
-from context_store.chunk import embedding_text
 from context_store.db import StoreDB
 from context_store.index import VectorIndex
 from context_store.records import ContextStoreError, Document, NewDocument, StoredDocument
@@ -188,12 +187,12 @@ class SQLiteBackend:
         """Re-embed every chunk, record the new embedder, rebuild the index."""
         with self._writing():
             with self.db.transaction() as tx:
-                rows = tx.execute("SELECT id, text, heading FROM chunks ORDER BY id").fetchall()
+                rows = tx.execute("SELECT id, text FROM chunks ORDER BY id").fetchall()
                 for start in range(0, len(rows), 256):
                     part = rows[start:start + 256]
-                    vectors = embed([embedding_text(text, heading) for _, text, heading in part])
+                    vectors = embed([text for _, text in part])
                     tx.conn.executemany("UPDATE chunks SET embedding = ? WHERE id = ?",
-                                        [(v.tobytes(), i) for (i, _, _), v in zip(part, vectors)])
+                                        [(v.tobytes(), i) for (i, _), v in zip(part, vectors)])
                 self.db.set_meta(tx, dim=dim, embedder=name)
                 self.db.bump(tx, "epoch")  # every vector changed: other processes must rebuild
             self.index.rebuild()

@@ -35,7 +35,7 @@ class LookupEmbed:
         self.dim = vectors.shape[1]
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        return self.vectors[[int(t.splitlines()[-1][1:]) for t in texts]]  # the last line: past the heading
+        return self.vectors[[int(t[1:]) for t in texts]]
 
 
 @pytest.fixture()
@@ -97,8 +97,8 @@ def test_vector_hits_carry_text_source_offsets_and_cosine(store: ContextStore) -
     doc = store.get(top.document_id)
     assert doc.content[top.start:top.end] == top.text
     embed = HashedNgramEmbedder()
-    q, v = embed(["owls hunt at night", f"{top.heading}\n{top.text}"])  # the chunk is embedded under its heading
-    assert top.heading == "owls.txt"
+    q, v = embed(["owls hunt at night", top.text])  # the chunk's text alone is embedded
+    assert top.heading == "owls.txt"  # its heading (here the file name) goes to the keyword index
     assert top.score == pytest.approx(float(q @ v), abs=1e-5)
     assert hits[0].score >= hits[1].score
 
@@ -253,8 +253,7 @@ def test_wrong_embedder_is_refused_and_reembed_switches(store_location) -> None:
     with ContextStore(path, embed=other, reembed=True) as s:
         hit = s.search("bees dance", k=1, mode="vector")[0]
         assert s.stats()["embedder"] == "hashed-ngram-128"
-        embedded = f"{hit.heading}\n{hit.text}"  # re-embedded under its heading, like a new chunk
-        assert hit.score == pytest.approx(float(np.dot(*other(["bees dance", embedded]))), abs=1e-5)
+        assert hit.score == pytest.approx(float(np.dot(*other(["bees dance", hit.text]))), abs=1e-5)
 
 
 def test_bad_inputs_raise_clear_errors(store: ContextStore) -> None:
