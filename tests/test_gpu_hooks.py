@@ -38,6 +38,15 @@ def cpu(path, gpu):
     return rocmforge.load(path, device="cpu", n_ctx=256, n_parallel=8)
 
 
+def _close(got, want, share: float = 0.05) -> None:
+    """Equal up to ``share`` of the largest magnitude: GPU and CPU kernels sum in different orders, and llama.cpp's
+    8-bit activation rounding turns last-bit differences into visible ones (more so on a random-weight twin)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    finite = np.isfinite(want)
+    assert np.array_equal(finite, np.isfinite(got))  # the same -inf mask
+    np.testing.assert_allclose(got[finite], want[finite], rtol=0, atol=share * max(1.0, np.abs(want[finite]).max()))
+
+
 def _ids(model, n: int = 24, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(100, model.cfg.vocab_size - 100, n).tolist()
 
@@ -70,10 +79,7 @@ def test_gpu_cache_matches_the_numpy_backend(gpu, cpu):
     _, mine = gpu.run_with_cache(ids, names_filter=names)
     _, ref = cpu.run_with_cache(ids, names_filter=names)
     for name in names:
-        got, want = mine[name].numpy(), ref[name]
-        finite = np.isfinite(want)
-        assert np.array_equal(finite, np.isfinite(got)), name  # the same -inf mask
-        np.testing.assert_allclose(got[finite], want[finite], rtol=0, atol=0.05 * max(1.0, np.abs(want[finite]).max()))
+        _close(mine[name].numpy(), ref[name])
 
 
 def test_torch_reads_the_cache_without_a_copy_and_a_hook_may_return_a_torch_tensor(gpu):
@@ -113,7 +119,7 @@ def test_device_edits_equal_the_same_edit_on_the_host(gpu, make):
     name, device_edit, host_edit = cases[make]
     on_device = gpu.run_with_hooks(ids, [(name, device_edit)])
     on_host = gpu.run_with_hooks(ids, [(name, lambda act, hook: host_edit(act.copy()))])
-    np.testing.assert_allclose(on_device, on_host, rtol=0, atol=1e-3)
+    _close(on_device, on_host, 1e-4)  # the same edit: only an fma in the steering add may round differently
     assert np.abs(on_device - gpu.forward(ids)).max() > 1e-3  # the edit did something
 
 
@@ -131,9 +137,9 @@ def test_a_batch_of_prompts_equals_each_solo_run(gpu):
     for i, ids in enumerate(prompts):
         _, solo = gpu.run_with_cache(ids, names_filter=names)
         for name in names:
-            np.testing.assert_allclose(cache.prompt(i)[name].numpy(), solo[name].numpy(), rtol=0, atol=2e-2)
+            _close(cache.prompt(i)[name].numpy(), solo[name].numpy())
         t = len(ids)
-        np.testing.assert_allclose(padded[i, :, :t, :t], solo["blocks.8.attn.hook_pattern"].numpy(), atol=2e-2)
+        _close(padded[i, :, :t, :t], solo["blocks.8.attn.hook_pattern"].numpy())
         assert not padded[i, :, t:].any() and not padded[i, :, :, t:].any()
 
 
@@ -145,7 +151,6 @@ def test_batched_sweeps_equal_one_patch_at_a_time(gpu):
     layers = [0, 10, gpu.cfg.n_layers - 1]
     batched = patch_residual(gpu, clean, corrupted, metric, layers=layers)
     alone = patch_residual(gpu, clean, corrupted, metric, layers=layers, max_batch=1)
-    np.testing.assert_allclose(batched, alone, rtol=0, atol=0.3)  # 8-bit activation rounding amplifies noise
-    heads = patch_heads(gpu, clean, corrupted, metric, layers=[3])
-    heads_alone = patch_heads(gpu, clean, corrupted, metric, layers=[3], max_batch=1)
-    np.testing.assert_allclose(heads, heads_alone, rtol=0, atol=0.3)
+    _close(batched, alone)
+    _close(patch_heads(gpu, clean, corrupted, metric, layers=[3]),
+           patch_heads(gpu, clean, corrupted, metric, layers=[3], max_batch=1))
