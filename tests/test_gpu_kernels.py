@@ -15,6 +15,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize, quantize
 
+from rocmforge.backends.gpu_records import activation_rounding
+from rocmforge.backends.runtime import i32, i64, ptr
 from rocmforge.gguf_file import TensorRef
 from rocmforge.kv_cache import KVCache
 from rocmforge.ops.add import add
@@ -85,6 +87,49 @@ def test_matmul_matches_dequantized_float64(gpu, ggml_type, m, n, k):
     x = f32(m, k)
     got = gpu.to_host(gpu.matmul(gpu.from_host(x), gpu.load_weight(tensor)))
     assert rel_err(got, round_activations(x, ggml_type).astype(np.float64) @ w.T) < 2e-5
+
+
+MMA_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+@pytest.mark.parametrize("ggml_type", MMA_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m,n,k", [(33, 100, 288), (512, 576, 512), (70, 1030, 1536)])
+def test_many_rows_run_on_the_matrix_units(gpu, ggml_type, m, n, k):
+    """Prefill-sized matmuls of the integer formats are int8 tile products (kernels/matmul_mma.hip) with the twin's
+    result: a half 64-deep K step (K = 288), 32- and 64-row tiles, ragged edges, the residual add fused behind."""
+    if ggml_type in (Q.Q4_K, Q.Q5_K, Q.Q6_K) and k % 256:
+        k = 256 * (k // 256)
+    tensor = random_weight(ggml_type, n, k)
+    w = dequantize(tensor.raw, ggml_type).reshape(n, k).astype(np.float64)
+    x, residual = f32(m, k), f32(m, n)
+    weight, dx, dr = gpu.load_weight(tensor), gpu.from_host(x), gpu.from_host(residual)
+
+    def run():
+        y = gpu.matmul(dx, weight)
+        return y, gpu.add(y, dr)
+
+    (y, total), timed = gpu.profile(run)
+    assert {kernel for _, kernel, _ in timed} >= {"quantize_q8"}
+    assert any(kernel.startswith("mma_") and kernel.endswith(weight.kernel_suffix) for _, kernel, _ in timed)
+    ref = round_activations(x, ggml_type).astype(np.float64) @ w.T
+    assert rel_err(gpu.to_host(y), ref) < 2e-5
+    assert rel_err(gpu.to_host(total), ref + residual) < 2e-5
+
+
+@pytest.mark.parametrize("ggml_type", [Q.Q8_0, Q.Q4_K], ids=lambda t: t.name)
+def test_int8_activations_are_the_rounded_activations(gpu, ggml_type):
+    """quantize_q8's integers times its block scales are round_activations' values bit for bit, and its block sums
+    are the sums of those values (what the weights' offsets m multiply)."""
+    m, k = 37, 1024
+    x = f32(m, k) * rng.uniform(0.01, 10.0, (m, 1)).astype(np.float32)
+    dx = gpu.from_host(x)
+    xq, xd, xs = gpu._empty((m, k), np.int8), gpu._empty((m, k // 32)), gpu._empty((m, k // 32))
+    gpu._launch("matmul_mma", "quantize_q8", gpu._elementwise_grid(x.size // 8), 256,
+                [ptr(dx.address), ptr(xq.address), ptr(xd.address), ptr(xs.address), i64(x.size),
+                 i32(activation_rounding(ggml_type))])
+    values = gpu.to_host(xq).astype(np.float32).reshape(m, k // 32, 32) * gpu.to_host(xd)[..., None]
+    assert np.array_equal(values.reshape(m, k), round_activations(x, ggml_type))
+    np.testing.assert_allclose(gpu.to_host(xs), values.sum(-1), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("ggml_type", MATMUL_TYPES, ids=lambda t: t.name)
@@ -327,3 +372,52 @@ def test_encoder_attention(gpu, d_head, lengths):
     q, k, v = (f32(int(offsets[-1]), heads * d_head) for _ in range(3))
     got = gpu.to_host(gpu.encoder_attention(gpu.from_host(q), gpu.from_host(k), gpu.from_host(v), offsets, heads, 0.2))
     assert rel_err(got, encoder_attention(q, k, v, offsets, heads, 0.2)) < 2e-6
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_qk_norm_neox_rope_and_cache_store_in_one_launch(gpu, n):
+    """Gemma's attention entry: RMSNorm of each query and key head, NeoX rope of both and the cache store, one rope
+    launch; the normalized heads are still written for whoever reads them."""
+    heads, n_kv, d, eps = 4, 1, 256, 1e-6
+    cache = KVCache(1, n_kv, d, d, n_ctx=64, block_size=16, ops=gpu)
+    seq = cache.new_sequence()
+    cache.prepare([(seq, list(range(21)))])
+    batch = cache.prepare([(seq, list(range(n)))])
+    q, k, v = f32(n, heads, d), f32(n, n_kv, d), f32(n, n_kv, d)
+    wq, wk = rng.uniform(0.5, 1.5, d).astype(np.float32), rng.uniform(0.5, 1.5, d).astype(np.float32)
+    dq, dk, dv, dwq, dwk = (gpu.from_host(a) for a in (q, k, v, wq, wk))
+    outs = {}
+
+    def step():
+        qn, kn = gpu.rms_norm(dq, dwq, eps), gpu.rms_norm(dk, dwk, eps)
+        q_rot = gpu.rope(qn, batch.positions, 10000.0, True, d)
+        k_rot = gpu.rope(kn, batch.positions, 10000.0, True, d)
+        gpu.kv_write(cache, 0, batch, k_rot, dv)
+        outs.update(qn=qn, kn=kn, q_rot=q_rot, k_rot=k_rot)
+
+    kernels = [kernel for _, kernel, _ in gpu.profile(step)[1]]
+    assert kernels == ["rope"]
+    host = {name: gpu.to_host(a) for name, a in outs.items()}
+    for name, x, w in (("q", q, wq), ("k", k, wk)):
+        normed = rms_norm(x, w, eps)
+        assert rel_err(host[f"{name}n"], normed) < 1e-6, name
+        assert rel_err(host[f"{name}_rot"], rope(normed, batch.positions, 10000.0, True)) < 1e-5, name
+    assert np.array_equal(gpu.to_host(cache.k[0])[batch.slots], host["k_rot"])
+    assert np.array_equal(gpu.to_host(cache.v[0])[batch.slots], v)
+
+
+def test_post_norm_and_residual_add_in_one_launch(gpu):
+    """Gemma's sandwich norm: RMSNorm of a sublayer's output and the residual add behind it, one launch."""
+    x, w, resid = f32(1, 640), rng.uniform(0.5, 1.5, 640).astype(np.float32), f32(1, 640)
+    dx, dw, dr = gpu.from_host(x), gpu.from_host(w), gpu.from_host(resid)
+    outs = {}
+
+    def step():
+        outs["normed"] = gpu.rms_norm(dx, dw, 1e-6)
+        outs["sum"] = gpu.add(dr, outs["normed"])
+
+    kernels = [kernel for _, kernel, _ in gpu.profile(step)[1]]
+    assert kernels == ["rms_norm"]
+    normed = rms_norm(x, w, 1e-6)
+    assert rel_err(gpu.to_host(outs["normed"]), normed) < 1e-6
+    assert rel_err(gpu.to_host(outs["sum"]), add(resid, normed)) < 1e-6

@@ -31,9 +31,9 @@ from gguf.quants import dequantize
 
 from rocmforge.backends.device_memory import MB, Arena, Block, DeviceArray, Pool
 from rocmforge.backends.gpu_hooks import GpuHookOps
-from rocmforge.backends.gpu_records import (ACT_NONE, KERNEL_TYPES, MATVEC_WARPS, DecodeGraph, GpuWeight,
-                                            PendingMatmuls, PendingNorm, PendingRope, activation_rounding,
-                                            memory_needed, same_view)
+from rocmforge.backends.gpu_records import (ACT_NONE, ACT_Q8_32, ACT_Q8_256, KERNEL_TYPES, MATVEC_WARPS, MMA_TYPES,
+                                            DecodeGraph, GpuWeight, PendingHeadNorms, PendingMatmuls, PendingNorm,
+                                            PendingRope, activation_rounding, memory_needed, same_view)
 from rocmforge.backends.runtime import Runtime, f32, i32, i64, ptr
 from rocmforge.errors import DeviceError, UnsupportedError
 from rocmforge.gguf_file import TensorRef
@@ -63,7 +63,7 @@ class GpuBackend(GpuHookOps):
         self._tables: dict[tuple, tuple[DeviceArray | None, DeviceArray]] = {}  # rope frequency tables (factors, table)
         self._capturing = False
         self._graphs: dict[tuple[int, int], DecodeGraph] = {}
-        self._pending: PendingNorm | PendingMatmuls | PendingRope | None = None
+        self._pending: PendingNorm | PendingHeadNorms | PendingMatmuls | PendingRope | None = None
         self._profile: list[tuple[str, str, Any, Any]] | None = None
         self.profile_label = ""
         self._tickets = self._empty((4096,), np.int32)  # per-head counters of the decode attention kernel
@@ -181,10 +181,15 @@ class GpuBackend(GpuHookOps):
         """Launch the pending work (see the module docstring)."""
         pending, self._pending = self._pending, None
         if isinstance(pending, PendingNorm):
-            self._run_rms_norm(pending.x, pending.weight, pending.eps, pending.out, pending.label)
+            self._run_rms_norm(pending)
+        elif isinstance(pending, PendingHeadNorms):
+            for norm in pending.norms:
+                self._run_rms_norm(norm)
         elif isinstance(pending, PendingMatmuls):
             self._run_matmuls(pending)
         elif isinstance(pending, PendingRope):
+            for norm in pending.spare_norms:
+                self._run_rms_norm(norm)
             self._run_rope(pending)
 
     # --- matmul and its fusions -----------------------------------------------------------------------------
@@ -198,7 +203,8 @@ class GpuBackend(GpuHookOps):
                  and (first.ggml_type, first.act) == (weight.ggml_type, weight.act) and group.sum is None
                  and group.glu is None)
         if not joins:
-            norm = group if isinstance(group, PendingNorm) and m == 1 and same_view(group.out, x) else None
+            norm = (group if isinstance(group, PendingNorm) and m == 1 and same_view(group.out, x) and group.sum is None
+                    else None)
             if norm is not None:
                 self._pending = None  # folded into this matvec
             self._flush()
@@ -210,6 +216,9 @@ class GpuBackend(GpuHookOps):
         weight, y = g.items[0]
         n_out, k = weight.shape
         suffix, add, total = weight.kernel_suffix, ptr(g.add.address if g.add else 0), ptr(g.sum.address if g.sum else 0)
+        if g.m > 1 and k % 32 == 0 and weight.ggml_type in MMA_TYPES and weight.act in (ACT_Q8_32, ACT_Q8_256):
+            self._run_mma(g)
+            return
         if g.m > 1 and k % 32 == 0:
             x = g.x
             if weight.act != ACT_NONE:  # llama.cpp's rounding of the activations, once for the group
@@ -257,6 +266,25 @@ class GpuBackend(GpuHookOps):
                        ptr(g.add.address + offset if g.add else 0), ptr(g.sum.address + offset if g.sum else 0),
                        i32(per_warp), *rope], shared, g.label)
 
+    def _run_mma(self, g: PendingMatmuls) -> None:
+        """Many rows on the matrix units (kernels/matmul_mma.hip): the input rounded to int8 blocks once for the
+        group, then an int8 tile product per matrix, with the residual add fused as in the float tiles."""
+        weight = g.items[0][0]
+        k = weight.shape[1]
+        xq, xd, xs = self._empty((g.m, k), np.int8), self._empty((g.m, k // 32)), self._empty((g.m, k // 32))
+        self._run("matmul_mma", "quantize_q8", self._elementwise_grid(g.x.size // 8), 256,
+                  [ptr(g.x.address), ptr(xq.address), ptr(xd.address), ptr(xs.address), i64(g.x.size), i32(weight.act)],
+                  0, g.label)
+        add, total = ptr(g.add.address if g.add else 0), ptr(g.sum.address if g.sum else 0)
+        for w, out in g.items:
+            n_out = w.shape[0]
+            # 32-token tiles when 64-token ones would leave multiprocessors idle
+            tile = 32 if -(-n_out // 64) * -(-g.m // 64) < 2 * getattr(self.rt, "multiprocessors", 64) else 64
+            self._run("matmul_mma", f"mma_m32_{w.kernel_suffix}" if tile == 32 else f"mma_{w.kernel_suffix}",
+                      (-(-n_out // 64), -(-g.m // tile)), 128,
+                      [ptr(w.address), i64(w.row_bytes), ptr(xq.address), ptr(xd.address), ptr(xs.address),
+                       ptr(out.address), i32(g.m), i32(n_out), i32(k), add, total], 0, g.label)
+
     def _rows_per_warp(self, rows: int) -> int:
         """Output rows per warp: one until there would be more than 16 blocks per multiprocessor, more for tall
         matrices (the unembedding), whose blocks would otherwise each stage the input for just four rows."""
@@ -265,6 +293,11 @@ class GpuBackend(GpuHookOps):
 
     def add(self, a: DeviceArray, b: DeviceArray) -> DeviceArray:
         g = self._pending
+        if isinstance(g, PendingNorm) and g.sum is None:  # a residual behind a norm: the norm's launch adds it
+            for mine, other in ((a, b), (b, a)):
+                if same_view(mine, g.out) and other.size == mine.size and not same_view(other, mine):
+                    g.add, g.sum = other, self._empty(a.shape)
+                    return g.sum
         if isinstance(g, PendingMatmuls) and len(g.items) == 1 and g.sum is None and g.glu is None:
             y = g.items[0][1]
             for mine, other in ((a, b), (b, a)):
@@ -296,18 +329,26 @@ class GpuBackend(GpuHookOps):
     # --- norms, rope, elementwise ---------------------------------------------------------------------------
     def rms_norm(self, x: DeviceArray, weight: DeviceArray, eps: float) -> DeviceArray:
         out = self._empty(x.shape)
+        norm = PendingNorm(x, weight, eps, out, self.profile_label)
+        g = self._pending
+        if len(x.shape) == 3 and isinstance(g, PendingHeadNorms) and len(g.norms) == 1 and g.norms[0].eps == eps:
+            g.norms.append(norm)  # queries' and keys' QK-norms, both for the rope that follows
+            return out
         self._flush()
-        if len(x.shape) == 2 and x.shape[0] == 1 and x.size % 8 == 0:
-            self._pending = PendingNorm(x, weight, eps, out, self.profile_label)  # a matvec may fold it in
+        if len(x.shape) == 2 and x.size % 8 == 0:
+            self._pending = norm  # a matvec may fold it in (one row), or the norm may add a residual
+        elif len(x.shape) == 3:
+            self._pending = PendingHeadNorms([norm], self.profile_label)  # the rope may normalize each head itself
         else:
-            self._run_rms_norm(x, weight, eps, out, self.profile_label)
+            self._run_rms_norm(norm)
         return out
 
-    def _run_rms_norm(self, x: DeviceArray, weight: DeviceArray, eps: float, out: DeviceArray, label: str) -> None:
-        d = x.shape[-1]
+    def _run_rms_norm(self, norm: PendingNorm) -> None:
+        x, d = norm.x, norm.x.shape[-1]
         block = min(256, -(-d // self.rt.warp_size) * self.rt.warp_size)
         self._run("rms_norm", "rms_norm", (x.size // d,), block,
-                  [ptr(x.address), ptr(weight.address), ptr(out.address), i32(d), f32(eps)], 0, label)
+                  [ptr(x.address), ptr(norm.weight.address), ptr(norm.out.address), i32(d), f32(norm.eps),
+                   ptr(norm.add.address if norm.add else 0), ptr(norm.sum.address if norm.sum else 0)], 0, norm.label)
 
     def rope(self, x: DeviceArray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
              freq_factors: DeviceArray | None = None, freq_scale: float = 1.0) -> DeviceArray:
@@ -319,11 +360,25 @@ class GpuBackend(GpuHookOps):
         if self._fold_rope(x, out, key, pos, inv_freq):
             return out
         r = self._pending
-        if isinstance(r, PendingRope) and r.key == key and len(r.parts) == 1 and not same_view(r.parts[0][1], x):
-            r.parts.append((x, out))
-            return out
+        if isinstance(r, PendingHeadNorms):  # the rope kernel normalizes each head in front (QK-norm)
+            norm = next((n for n in r.norms if same_view(n.out, x)), None)
+            if norm is not None:
+                self._pending = PendingRope(key, pos, inv_freq, self.profile_label, [(norm.x, out)], [norm],
+                                            [n for n in r.norms if n is not norm])
+                return out
+        if isinstance(r, PendingRope) and r.key == key and len(r.parts) == 1:
+            norm = next((n for n in r.spare_norms if same_view(n.out, x)), None)
+            if norm is not None:
+                r.spare_norms.remove(norm)
+                r.parts.append((norm.x, out))
+                r.norms.append(norm)
+                return out
+            if not r.spare_norms and not same_view(r.parts[0][1], x):
+                r.parts.append((x, out))
+                r.norms.append(None)
+                return out
         self._flush()
-        self._pending = PendingRope(key, pos, inv_freq, self.profile_label, [(x, out)])
+        self._pending = PendingRope(key, pos, inv_freq, self.profile_label, [(x, out)], [None])
         return out
 
     def _fold_rope(self, x: DeviceArray, out: DeviceArray, key: tuple, pos: DeviceArray, inv_freq: DeviceArray) -> bool:
@@ -352,19 +407,22 @@ class GpuBackend(GpuHookOps):
 
     def _run_rope(self, r: PendingRope) -> None:
         n, head_dim, n_rot, neox = r.key[1], r.key[2], r.key[3], r.key[4]
-        parts = list(r.parts)
+        parts = [(x, y, norm) for (x, y), norm in zip(r.parts, r.norms)]
         store = [ptr(0), ptr(0), ptr(0), ptr(0), i32(0)]
         if r.store is not None:  # the keys go second: the kernel stores tensor b into the cache
             k_pool, v_pool, slots, v = r.store
             keys = next(p for p in parts if same_view(p[1], r.store_keys))
             parts = [p for p in parts if p is not keys] + [keys]
             store = [ptr(k_pool.address), ptr(v_pool.address), ptr(slots.address), ptr(v.address), i32(v.shape[-1])]
-        (xa, ya), (xb, yb) = (parts[0] if len(parts) == 2 else (None, None)), parts[-1]
+        (xa, ya, norm_a), (xb, yb, norm_b) = (parts[0] if len(parts) == 2 else (None, None, None)), parts[-1]
         heads_a = xa.shape[1] if xa is not None else 0
+        norms = [ptr(a.address) if a is not None else ptr(0) for nm in (norm_a, norm_b)
+                 for a in ((nm.weight, nm.out) if nm is not None else (None, None))]
+        eps = next((nm.eps for nm in (norm_a, norm_b) if nm is not None), 0.0)
         self._run("rope", "rope", (n, heads_a + xb.shape[1]), max(self.rt.warp_size, min(256, n_rot // 2)),
                   [ptr(xa.address if xa is not None else 0), ptr(ya.address if ya is not None else 0), i32(heads_a),
                    ptr(xb.address), ptr(yb.address), i32(xb.shape[1]), ptr(r.positions.address), i32(head_dim),
-                   i32(n_rot), i32(int(neox)), ptr(r.inv_freq.address), *store], 0, r.label)
+                   i32(n_rot), i32(int(neox)), ptr(r.inv_freq.address), *store, *norms, f32(eps)], 0, r.label)
 
     def scale(self, x: DeviceArray, factor: float) -> DeviceArray:
         out = self._empty(x.shape)

@@ -25,6 +25,11 @@ KERNEL_TYPES = {
     GGMLQuantizationType.Q5_1: "q5_1", GGMLQuantizationType.Q8_0: "q8_0", GGMLQuantizationType.Q4_K: "q4_k",
     GGMLQuantizationType.Q5_K: "q5_k", GGMLQuantizationType.Q6_K: "q6_k",
 }
+# types whose many-row matmuls run as int8 tile products (kernels/matmul_mma.hip): w = d * q + m with small q
+MMA_TYPES = frozenset({
+    GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1,
+    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K,
+})
 MATVEC_WARPS = 4  # warps per matvec block; each warp reduces rows_per_warp output rows
 # how the kernels round activations next to each weight type, as llama.cpp and the numpy twin do
 # (rocmforge.ops.matmul.round_activations); the codes are ACT_* in kernels/quant.h
@@ -92,6 +97,8 @@ class PendingNorm:
     eps: float
     out: DeviceArray
     label: str
+    add: DeviceArray | None = None  # a residual added behind the norm ...
+    sum: DeviceArray | None = None  # ... into this (one launch for both)
 
 
 @dataclass
@@ -114,6 +121,15 @@ class PendingMatmuls:
 
 
 @dataclass
+class PendingHeadNorms:
+    """RMSNorms of each head of up to two ``[tokens, heads, head_dim]`` tensors (Gemma's QK-norm) waiting for the
+    rope that reads them to do them in its own launch."""
+
+    norms: list[PendingNorm]
+    label: str
+
+
+@dataclass
 class PendingRope:
     """Rotations of up to two tensors (queries, keys) with the same positions and frequencies."""
 
@@ -121,6 +137,8 @@ class PendingRope:
     positions: DeviceArray
     inv_freq: DeviceArray
     label: str
-    parts: list[tuple[DeviceArray, DeviceArray]] = field(default_factory=list)
+    parts: list[tuple[DeviceArray, DeviceArray]] = field(default_factory=list)  # (kernel input, rotated output)
+    norms: list[PendingNorm | None] = field(default_factory=list)  # per part: a head norm done in front of it
+    spare_norms: list[PendingNorm] = field(default_factory=list)   # head norms no part has claimed yet: run first
     store: tuple[DeviceArray, DeviceArray, DeviceArray, DeviceArray] | None = None  # k_pool, v_pool, slots, v
     store_keys: DeviceArray | None = None  # which rotated output is the keys
