@@ -5,8 +5,9 @@
 // (round_activations(x) @ dequantize(W).T); the float32 tiles of matmul.hip stay for unrounded activations
 // and float weights.
 //   quantize_q8:   x [rows, K] float -> int8 values, the block scale and the block's sum (per 32 values).
-//   mma_<type>:    BM tokens x 64 outputs per block of 128 threads, 64-deep K steps. Weight blocks are
-//                  decoded on the fly into int8 + scale (+ offset) per group of 32 (16 for Q6_K).
+//   mma_<type>, mma_m32_<type>: 64 (32) tokens x 64 outputs per block of 128 threads, 64-deep K steps, up to
+//                  three matrices of one input per launch. Weight blocks are decoded on the fly into int8 +
+//                  scale (+ offset) per group of 32 (16 for Q6_K).
 // Every type here is w = d * q + m with small integers q: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
 #include "quant.h"
 
@@ -171,7 +172,7 @@ __device__ __forceinline__ void tile_mma16(const u8* a, const u8* b, int kk, int
 // can overlap them).
 template <int T, int BM>
 __device__ void mma_tile(const u8* W, long row_bytes, const i8* Xq, const float* Xd, const float* Xs, float* Y, int M,
-                         int N, int K, const float* add, float* sum) {
+                         int N, int K, const float* add, float* sum, int n_tile) {
     constexpr bool OFFSET = T == GGML_Q4_1 || T == GGML_Q5_1 || T == GGML_Q4_K || T == GGML_Q5_K;
     constexpr bool G16 = T == GGML_Q6_K;
     constexpr int MT = BM / 32;              // 16-row fragments per group
@@ -180,7 +181,7 @@ __device__ void mma_tile(const u8* W, long row_bytes, const i8* Xq, const float*
     __shared__ __align__(16) u8 bs[MMA_BN * MMA_STRIDE];
     __shared__ float a_scale[BM][2], a_sum[BM][2], w_scale[MMA_BN][4], w_offset[MMA_BN][2];
     const int tid = threadIdx.x, lane = tid % 32, group = tid / 32;
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * MMA_BN;
+    const int m0 = blockIdx.y * BM, n0 = n_tile * MMA_BN;
     const int K32 = K / 32;
     // this thread's share of the loads
     const int a_row = tid / A_THREADS, a_col = (tid % A_THREADS) * (MMA_BK / A_THREADS);
@@ -286,19 +287,26 @@ __device__ void mma_tile(const u8* W, long row_bytes, const i8* Xq, const float*
         }
 }
 
-#define RF_MMA_KERNELS(name, T)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) mma_##name(const u8* W, long row_bytes, const i8* Xq,      \
-                                                                 const float* Xd, const float* Xs, float* Y,     \
-                                                                 int M, int N, int K, const float* add,          \
-                                                                 float* sum) {                                   \
-        mma_tile<T, 64>(W, row_bytes, Xq, Xd, Xs, Y, M, N, K, add, sum);                                         \
-    }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(128) mma_m32_##name(const u8* W, long row_bytes, const i8* Xq,  \
-                                                                     const float* Xd, const float* Xs, float* Y, \
-                                                                     int M, int N, int K, const float* add,      \
-                                                                     float* sum) {                               \
-        mma_tile<T, 32>(W, row_bytes, Xq, Xd, Xs, Y, M, N, K, add, sum);                                         \
+// Up to three matrices that share the input (q, k, v) in one launch: blockIdx.x numbers their 64-output tiles
+// one matrix after another. The residual add is for a single matrix.
+template <int T, int BM>
+__device__ void mma_matrices(const i8* Xq, const float* Xd, const float* Xs, int M, int K, const u8* W0, long rb0,
+                             float* Y0, int N0, const u8* W1, long rb1, float* Y1, int N1, const u8* W2, long rb2,
+                             float* Y2, int N2, const float* add, float* sum) {
+    const int t0 = (N0 + MMA_BN - 1) / MMA_BN, t1 = (N1 + MMA_BN - 1) / MMA_BN, t = blockIdx.x;
+    if (t < t0) mma_tile<T, BM>(W0, rb0, Xq, Xd, Xs, Y0, M, N0, K, add, sum, t);
+    else if (t < t0 + t1) mma_tile<T, BM>(W1, rb1, Xq, Xd, Xs, Y1, M, N1, K, nullptr, nullptr, t - t0);
+    else mma_tile<T, BM>(W2, rb2, Xq, Xd, Xs, Y2, M, N2, K, nullptr, nullptr, t - t0 - t1);
+}
+
+#define RF_MMA_KERNEL(kernel, T, BM)                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) kernel(                                                   \
+        const i8* Xq, const float* Xd, const float* Xs, int M, int K, const u8* W0, long rb0, float* Y0, int N0,  \
+        const u8* W1, long rb1, float* Y1, int N1, const u8* W2, long rb2, float* Y2, int N2, const float* add,  \
+        float* sum) {                                                                                            \
+        mma_matrices<T, BM>(Xq, Xd, Xs, M, K, W0, rb0, Y0, N0, W1, rb1, Y1, N1, W2, rb2, Y2, N2, add, sum);     \
     }
+#define RF_MMA_KERNELS(name, T) RF_MMA_KERNEL(mma_##name, T, 64) RF_MMA_KERNEL(mma_m32_##name, T, 32)
 RF_MMA_KERNELS(q4_0, GGML_Q4_0)
 RF_MMA_KERNELS(q4_1, GGML_Q4_1)
 RF_MMA_KERNELS(q5_0, GGML_Q5_0)

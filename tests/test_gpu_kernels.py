@@ -116,6 +116,19 @@ def test_many_rows_run_on_the_matrix_units(gpu, ggml_type, m, n, k):
     assert rel_err(gpu.to_host(total), ref + residual) < 2e-5
 
 
+def test_many_row_qkv_in_one_matrix_unit_launch(gpu):
+    """Three matmuls of one input (q, k, v of a prefill) share one quantization and one tile launch."""
+    x = f32(100, 576)
+    tensors = [random_weight(Q.Q4_1, rows, 576) for rows in (576, 192, 100)]
+    dx, weights = gpu.from_host(x), [gpu.load_weight(t) for t in tensors]
+    outs, timed = gpu.profile(lambda: [gpu.matmul(dx, w) for w in weights])
+    assert [kernel for _, kernel, _ in timed] == ["quantize_q8", "mma_m32_q4_1"]
+    rounded = round_activations(x, Q.Q4_1).astype(np.float64)
+    for out, t in zip(outs, tensors):
+        ref = rounded @ dequantize(t.raw, Q.Q4_1).reshape(t.shape).astype(np.float64).T
+        assert rel_err(gpu.to_host(out), ref) < 2e-5, t.shape
+
+
 @pytest.mark.parametrize("ggml_type", [Q.Q8_0, Q.Q4_K], ids=lambda t: t.name)
 def test_int8_activations_are_the_rounded_activations(gpu, ggml_type):
     """quantize_q8's integers times its block scales are round_activations' values bit for bit, and its block sums

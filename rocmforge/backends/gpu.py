@@ -268,22 +268,24 @@ class GpuBackend(GpuHookOps):
 
     def _run_mma(self, g: PendingMatmuls) -> None:
         """Many rows on the matrix units (kernels/matmul_mma.hip): the input rounded to int8 blocks once for the
-        group, then an int8 tile product per matrix, with the residual add fused as in the float tiles."""
+        group, then one launch of int8 tile products for its matrices, the residual add fused as in the float tiles."""
         weight = g.items[0][0]
         k = weight.shape[1]
         xq, xd, xs = self._empty((g.m, k), np.int8), self._empty((g.m, k // 32)), self._empty((g.m, k // 32))
         self._run("matmul_mma", "quantize_q8", self._elementwise_grid(g.x.size // 8), 256,
                   [ptr(g.x.address), ptr(xq.address), ptr(xd.address), ptr(xs.address), i64(g.x.size), i32(weight.act)],
                   0, g.label)
-        add, total = ptr(g.add.address if g.add else 0), ptr(g.sum.address if g.sum else 0)
+        mats = []
         for w, out in g.items:
-            n_out = w.shape[0]
-            # 32-token tiles when 64-token ones would leave multiprocessors idle
-            tile = 32 if -(-n_out // 64) * -(-g.m // 64) < 2 * getattr(self.rt, "multiprocessors", 64) else 64
-            self._run("matmul_mma", f"mma_m32_{w.kernel_suffix}" if tile == 32 else f"mma_{w.kernel_suffix}",
-                      (-(-n_out // 64), -(-g.m // tile)), 128,
-                      [ptr(w.address), i64(w.row_bytes), ptr(xq.address), ptr(xd.address), ptr(xs.address),
-                       ptr(out.address), i32(g.m), i32(n_out), i32(k), add, total], 0, g.label)
+            mats += [ptr(w.address), i64(w.row_bytes), ptr(out.address), i32(w.shape[0])]
+        mats += [ptr(0), i64(0), ptr(0), i32(0)] * (3 - len(g.items))  # unused matrix slots: no rows
+        tiles = sum(-(-w.shape[0] // 64) for w, _ in g.items)
+        # 32-token tiles when 64-token ones would leave multiprocessors idle
+        rows = 32 if tiles * -(-g.m // 64) < 2 * getattr(self.rt, "multiprocessors", 64) else 64
+        self._run("matmul_mma", f"mma_m32_{weight.kernel_suffix}" if rows == 32 else f"mma_{weight.kernel_suffix}",
+                  (tiles, -(-g.m // rows)), 128,
+                  [ptr(xq.address), ptr(xd.address), ptr(xs.address), i32(g.m), i32(k), *mats,
+                   ptr(g.add.address if g.add else 0), ptr(g.sum.address if g.sum else 0)], 0, g.label)
 
     def _rows_per_warp(self, rows: int) -> int:
         """Output rows per warp: one until there would be more than 16 blocks per multiprocessor, more for tall
