@@ -12,6 +12,7 @@ the last view of them is gone; arena slices live as long as the arena. A ``Devic
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -77,7 +78,7 @@ class DeviceArray:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape))
+        return math.prod(self.shape)  # math.prod: ~10x faster than np.prod on a tuple, and this runs per op
 
     @property
     def nbytes(self) -> int:
@@ -86,9 +87,9 @@ class DeviceArray:
     def reshape(self, *shape: Any) -> "DeviceArray":
         shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
         if -1 in shape:
-            known = int(np.prod([s for s in shape if s != -1]))
+            known = math.prod(s for s in shape if s != -1)
             shape = tuple(self.size // known if s == -1 else s for s in shape)
-        if int(np.prod(shape)) != self.size:
+        if math.prod(shape) != self.size:
             raise ValueError(f"cannot reshape {self.shape} to {shape}")
         return DeviceArray(self.address, shape, self.block, self.dtype)
 

@@ -22,6 +22,7 @@ True
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -83,11 +84,11 @@ class GpuBackend(GpuHookOps):
         self._max_slots = n_slots
 
     def _empty(self, shape: tuple[int, ...], dtype: Any = np.float32) -> DeviceArray:
-        block = self._pool.get(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        block = self._pool.get(math.prod(shape) * np.dtype(dtype).itemsize)
         return DeviceArray(block.address, shape, block, dtype)
 
     def zeros(self, shape: tuple[int, ...]) -> DeviceArray:
-        nbytes = int(np.prod(shape)) * 4
+        nbytes = math.prod(shape) * 4
         address = self._kv.take(nbytes) if self._kv is not None else None  # the KV pools, after prepare()
         out = DeviceArray(address, shape, self._kv.block) if address is not None else self._empty(shape)
         self.rt.memset(out.address, 0, nbytes)
