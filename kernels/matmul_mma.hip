@@ -4,7 +4,8 @@
 // in int8 x int8 -> int32 matrix products, scaled per block afterwards. Twin: rocmforge/ops/matmul.py
 // (round_activations(x) @ dequantize(W).T); the float32 tiles of matmul.hip stay for unrounded activations
 // and float weights.
-//   quantize_q8:   x [rows, K] float -> int8 values, the block scale and the block's sum (per 32 values).
+//   quantize_q8:   x [rows, K] float -> int8 values, the block scale and the block's sum (per 32 values);
+//                  quantize_q8_norm: the same with the RMSNorm in front of the matmul folded in.
 //   mma_<type>, mma_m32_<type>: 64 (32) tokens x 64 outputs per block of 128 threads, 64-deep K steps, up to
 //                  three matrices of one input per launch. Weight blocks are decoded on the fly into int8 +
 //                  scale (+ offset) per group of 32 (16 for Q6_K).
@@ -12,8 +13,36 @@
 #include "quant.h"
 
 // Per 32 activations: q = rint(x * 127 / amax), scale as round_activations8 keeps it (fp16 for blocks of 32, the
-// exact reciprocal for blocks of 256), and scale * sum(q) for the weights' offsets m. Same loop and shuffles as
-// matmul.hip's round_activations, so the rounded values are the same bits.
+// exact reciprocal for blocks of 256), and scale * sum(q) for the weights' offsets m. The lanes of a warp hold
+// consecutive groups of 8 of a 256-aligned span, as in round_activations8, so the rounded values are the same bits.
+// Every lane of the warp calls this (it shuffles); `live` lanes (k < n) write 8 int8 values at q and, for the
+// first lane of each block of 32, its scale and sum at d and s.
+__device__ __forceinline__ void quantize8(const float* v, int act, bool live, i8* q, float* d, float* s) {
+    float amax = 0.0f;
+    for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(v[i]));
+    for (int m = 1; m < (act == ACT_Q8_32 ? 4 : 32); m <<= 1) amax = fmaxf(amax, shfl_xor(amax, m));
+    const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const float stored = act == ACT_Q8_32 ? round_f16(amax / 127.0f) : inverse > 0.0f ? 1.0f / inverse : 0.0f;
+    u32 lo = 0, hi = 0;
+    int total = 0;
+    for (int i = 0; i < 8; i++) {
+        const int r = (int)rintf(v[i] * inverse);
+        total += r;
+        if (i < 4) lo |= (u32)(r & 0xFF) << (8 * i);
+        else hi |= (u32)(r & 0xFF) << (8 * (i - 4));
+    }
+    total += shfl_xor_int(total, 1);  // the 4 lanes of one block of 32
+    total += shfl_xor_int(total, 2);
+    if (live) {
+        *(uint2*)q = make_uint2(lo, hi);
+        if (threadIdx.x % 4 == 0) {
+            *d = stored;
+            *s = stored * (float)total;
+        }
+    }
+}
+
+// x [rows, K] float -> xq int8 [rows, K], xd and xs [rows, K / 32]; n = rows * K values, grid-stride by warps.
 extern "C" __global__ void quantize_q8(const float* x, i8* xq, float* xd, float* xs, long n, int act) {
     const long lane = threadIdx.x % RF_WARP;
     const long warps = (long)gridDim.x * (blockDim.x / RF_WARP);
@@ -22,28 +51,30 @@ extern "C" __global__ void quantize_q8(const float* x, i8* xq, float* xd, float*
         const long k = base + lane * 8;
         float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         if (k < n) for (int i = 0; i < 8; i++) v[i] = x[k + i];
-        float amax = 0.0f;
-        for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(v[i]));
-        for (int m = 1; m < (act == ACT_Q8_32 ? 4 : 32); m <<= 1) amax = fmaxf(amax, shfl_xor(amax, m));
-        const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-        const float stored = act == ACT_Q8_32 ? round_f16(amax / 127.0f) : inverse > 0.0f ? 1.0f / inverse : 0.0f;
-        u32 lo = 0, hi = 0;
-        int total = 0;
-        for (int i = 0; i < 8; i++) {
-            const int q = (int)rintf(v[i] * inverse);
-            total += q;
-            if (i < 4) lo |= (u32)(q & 0xFF) << (8 * i);
-            else hi |= (u32)(q & 0xFF) << (8 * (i - 4));
-        }
-        total += shfl_xor_int(total, 1);  // the 4 lanes of one block of 32
-        total += shfl_xor_int(total, 2);
-        if (k < n) {
-            *(uint2*)(xq + k) = make_uint2(lo, hi);
-            if (lane % 4 == 0) {
-                xd[k / 32] = stored;
-                xs[k / 32] = stored * (float)total;
+        quantize8(v, act, k < n, xq + k, xd + k / 32, xs + k / 32);
+    }
+}
+
+// The same behind an RMSNorm of each row (rms_norm.hip's arithmetic with the same block size, so the same bits;
+// the normalized rows are written to x_out too): one block per row, the norm's launch saved.
+extern "C" __global__ void quantize_q8_norm(const float* x, const float* norm_w, float eps, float* x_out, i8* xq,
+                                            float* xd, float* xs, int K, int act) {
+    __shared__ double scratch[RF_MAX_WARPS];
+    const long row = blockIdx.x;
+    const float* xr = x + row * K;
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < K; i += blockDim.x) ss += (double)xr[i] * xr[i];
+    const float inv = rms_scale(block_sum_d(ss, scratch), K, eps);
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP, n_warps = blockDim.x / RF_WARP;
+    for (int base = warp * RF_WARP * 8; base < K; base += n_warps * RF_WARP * 8) {
+        const int k = base + lane * 8;
+        float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        if (k < K)
+            for (int i = 0; i < 8; i++) {
+                v[i] = xr[k + i] * inv * norm_w[k + i];
+                x_out[row * K + k + i] = v[i];
             }
-        }
+        quantize8(v, act, k < K, xq + row * K + k, xd + (row * K + k) / 32, xs + (row * K + k) / 32);
     }
 }
 
@@ -147,8 +178,10 @@ __device__ __forceinline__ void tile_mma16(const u8* a, const u8* b, int kk, int
 #if defined(__HIP__) || defined(__HIPCC_RTC__)
     #pragma unroll 1  // one 4-byte word of each operand at a time: unrolled, the loads fill the registers
     for (int w = 0; w < 16; w += 4) {
-        const u32 a0 = *(const u32*)(a + g * MMA_STRIDE + kk + w), a1 = *(const u32*)(a + (g + 8) * MMA_STRIDE + kk + w);
-        const u32 b0 = *(const u32*)(b + 2 * t * MMA_STRIDE + kk + w), b1 = *(const u32*)(b + (2 * t + 1) * MMA_STRIDE + kk + w);
+        const u32 a0 = *(const u32*)(a + g * MMA_STRIDE + kk + w);
+        const u32 a1 = *(const u32*)(a + (g + 8) * MMA_STRIDE + kk + w);
+        const u32 b0 = *(const u32*)(b + 2 * t * MMA_STRIDE + kk + w);
+        const u32 b1 = *(const u32*)(b + (2 * t + 1) * MMA_STRIDE + kk + w);
         c[0] += dot4(a0, b0);
         c[1] += dot4(a0, b1);
         c[2] += dot4(a1, b0);

@@ -129,6 +129,22 @@ def test_many_row_qkv_in_one_matrix_unit_launch(gpu):
         assert rel_err(gpu.to_host(out), ref) < 2e-5, t.shape
 
 
+@pytest.mark.parametrize("ggml_type", [Q.Q4_1, Q.Q4_K], ids=lambda t: t.name)
+def test_many_row_norm_folds_into_the_quantization(gpu, ggml_type):
+    """A prefill's RMSNorm in front of its matmuls is done by the activations' quantization launch; the normalized
+    rows are still written, with rms_norm's own arithmetic."""
+    x, w = f32(77, 768), rng.uniform(0.5, 1.5, 768).astype(np.float32)
+    tensor = random_weight(ggml_type, 300, 768)
+    dx, dw, weight = gpu.from_host(x), gpu.from_host(w), gpu.load_weight(tensor)
+    (normed, y), timed = gpu.profile(lambda: (lambda n: (n, gpu.matmul(n, weight)))(gpu.rms_norm(dx, dw, 1e-5)))
+    assert [kernel for _, kernel, _ in timed] == ["quantize_q8_norm", f"mma_m32_{weight.kernel_suffix}"]
+    host_normed = gpu.to_host(normed)
+    assert rel_err(host_normed, rms_norm(x, w, 1e-5)) < 1e-6
+    ref = round_activations(host_normed, ggml_type).astype(np.float64) @ dequantize(tensor.raw, ggml_type).reshape(
+        tensor.shape).astype(np.float64).T
+    assert rel_err(gpu.to_host(y), ref) < 2e-5
+
+
 @pytest.mark.parametrize("ggml_type", [Q.Q8_0, Q.Q4_K], ids=lambda t: t.name)
 def test_int8_activations_are_the_rounded_activations(gpu, ggml_type):
     """quantize_q8's integers times its block scales are round_activations' values bit for bit, and its block sums

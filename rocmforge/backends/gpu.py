@@ -204,8 +204,8 @@ class GpuBackend(GpuHookOps):
                  and (first.ggml_type, first.act) == (weight.ggml_type, weight.act) and group.sum is None
                  and group.glu is None)
         if not joins:
-            norm = (group if isinstance(group, PendingNorm) and m == 1 and same_view(group.out, x) and group.sum is None
-                    else None)
+            norm = (group if isinstance(group, PendingNorm) and (m == 1 or self._on_matrix_units(weight, m))
+                    and same_view(group.out, x) and group.sum is None else None)
             if norm is not None:
                 self._pending = None  # folded into this matvec
             self._flush()
@@ -217,7 +217,7 @@ class GpuBackend(GpuHookOps):
         weight, y = g.items[0]
         n_out, k = weight.shape
         suffix, add, total = weight.kernel_suffix, ptr(g.add.address if g.add else 0), ptr(g.sum.address if g.sum else 0)
-        if g.m > 1 and k % 32 == 0 and weight.ggml_type in MMA_TYPES and weight.act in (ACT_Q8_32, ACT_Q8_256):
+        if self._on_matrix_units(weight, g.m):
             self._run_mma(g)
             return
         if g.m > 1 and k % 32 == 0:
@@ -267,15 +267,28 @@ class GpuBackend(GpuHookOps):
                        ptr(g.add.address + offset if g.add else 0), ptr(g.sum.address + offset if g.sum else 0),
                        i32(per_warp), *rope], shared, g.label)
 
+    @staticmethod
+    def _on_matrix_units(weight: GpuWeight, m: int) -> bool:
+        """Whether ``m`` rows times ``weight`` run as int8 tile products (llama.cpp's 8-bit activations)."""
+        return (m > 1 and weight.shape[1] % 32 == 0 and weight.ggml_type in MMA_TYPES
+                and weight.act in (ACT_Q8_32, ACT_Q8_256))
+
     def _run_mma(self, g: PendingMatmuls) -> None:
         """Many rows on the matrix units (kernels/matmul_mma.hip): the input rounded to int8 blocks once for the
-        group, then one launch of int8 tile products for its matrices, the residual add fused as in the float tiles."""
+        group (an RMSNorm in front folded in), then one launch of int8 tile products for its matrices, the residual
+        add fused as in the float tiles."""
         weight = g.items[0][0]
         k = weight.shape[1]
         xq, xd, xs = self._empty((g.m, k), np.int8), self._empty((g.m, k // 32)), self._empty((g.m, k // 32))
-        self._run("matmul_mma", "quantize_q8", self._elementwise_grid(g.x.size // 8), 256,
-                  [ptr(g.x.address), ptr(xq.address), ptr(xd.address), ptr(xs.address), i64(g.x.size), i32(weight.act)],
-                  0, g.label)
+        quantized = [ptr(xq.address), ptr(xd.address), ptr(xs.address)]
+        if g.norm is not None:  # the norm's block size, so its sums are the same
+            block = min(256, -(-k // self.rt.warp_size) * self.rt.warp_size)
+            self._run("matmul_mma", "quantize_q8_norm", (g.m,), block,
+                      [ptr(g.norm.x.address), ptr(g.norm.weight.address), f32(g.norm.eps), ptr(g.norm.out.address),
+                       *quantized, i32(k), i32(weight.act)], 0, g.label)
+        else:
+            self._run("matmul_mma", "quantize_q8", self._elementwise_grid(g.x.size // 8), 256,
+                      [ptr(g.x.address), *quantized, i64(g.x.size), i32(weight.act)], 0, g.label)
         mats = []
         for w, out in g.items:
             mats += [ptr(w.address), i64(w.row_bytes), ptr(out.address), i32(w.shape[0])]
