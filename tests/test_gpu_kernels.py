@@ -158,7 +158,9 @@ def test_int8_activations_are_the_rounded_activations(gpu, ggml_type):
                  i32(activation_rounding(ggml_type))])
     values = gpu.to_host(xq).astype(np.float32).reshape(m, k // 32, 32) * gpu.to_host(xd)[..., None]
     assert np.array_equal(values.reshape(m, k), round_activations(x, ggml_type))
-    np.testing.assert_allclose(gpu.to_host(xs), values.sum(-1), rtol=1e-5, atol=1e-6)
+    # scale * sum(q) against the sum of the values: equal up to float32 rounding of terms that may cancel
+    blocks = values.reshape(m, k // 32, 32)
+    assert np.all(np.abs(gpu.to_host(xs) - blocks.sum(-1)) <= 4e-6 * np.abs(blocks).sum(-1))
 
 
 @pytest.mark.parametrize("ggml_type", MATMUL_TYPES, ids=lambda t: t.name)
