@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_decode import build, prefill_seconds  # noqa: E402
-from rocmforge.backends import gpu  # noqa: E402
+from rocmforge.backends import gpu_mma  # noqa: E402
 from rocmforge.backends.profiler import profile_model  # noqa: E402
 from rocmforge.registry import resolve  # noqa: E402
 
@@ -31,19 +31,19 @@ def measure(model: str, rounds: int) -> dict:
     path = resolve(model)
     ctx, arch = build(path, "auto", True)
     rng = np.random.default_rng(0)
-    matrix_types = gpu.MMA_TYPES
+    matrix_types = gpu_mma.MMA_TYPES
     times: dict[str, list[float]] = {"matrix units": [], "float32 tiles": []}
     try:
         for _ in range(rounds + 1):  # the first round is a warm-up (compiles kernels, fills the pools)
             for name, types in (("matrix units", matrix_types), ("float32 tiles", frozenset())):
-                gpu.MMA_TYPES = types
+                gpu_mma.MMA_TYPES = types
                 times[name].append(512 / prefill_seconds(ctx, arch, 512, rng))
-        gpu.MMA_TYPES = matrix_types
+        gpu_mma.MMA_TYPES = matrix_types
         device_start = time.perf_counter()
         profile = profile_model(ctx, arch, list(rng.integers(0, ctx.cfg.vocab_size, 512)), n_tokens=0)
         profiled_s = time.perf_counter() - device_start
     finally:
-        gpu.MMA_TYPES = matrix_types
+        gpu_mma.MMA_TYPES = matrix_types
     pp = {name: statistics.median(runs[1:]) for name, runs in times.items()}
     kernels = profile.by_kernel("prefill")
     return {"model": path.name, "device": ctx.ops.rt.device_name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -32,8 +32,8 @@ from gguf.quants import dequantize
 
 from rocmforge.backends.device_memory import MB, Arena, Block, DeviceArray, Pool
 from rocmforge.backends.gpu_hooks import GpuHookOps
-from rocmforge.backends.gpu_records import (ACT_NONE, ACT_Q8_32, ACT_Q8_256, KERNEL_TYPES, MATVEC_WARPS, MMA_TYPES,
-                                            DecodeGraph, GpuWeight, PendingHeadNorms, PendingMatmuls, PendingNorm,
+from rocmforge.backends.gpu_mma import GpuMatrixUnits
+from rocmforge.backends.gpu_records import (ACT_NONE, KERNEL_TYPES, MATVEC_WARPS, DecodeGraph, GpuWeight, PendingHeadNorms, PendingMatmuls, PendingNorm,
                                             PendingRope, activation_rounding, memory_needed, same_view)
 from rocmforge.backends.runtime import Runtime, f32, i32, i64, ptr
 from rocmforge.errors import DeviceError, UnsupportedError
@@ -46,7 +46,7 @@ def gpu_available() -> bool:
     return hip.available()[0] or cuda.available()[0]
 
 
-class GpuBackend(GpuHookOps):
+class GpuBackend(GpuHookOps, GpuMatrixUnits):
     """``Backend`` on a GPU runtime. Arrays are ``DeviceArray``; weights are ``GpuWeight``."""
 
     def __init__(self, runtime: Runtime, round_activations: bool = True):
@@ -266,40 +266,6 @@ class GpuBackend(GpuHookOps):
                       [ptr(x.address + row * k * 4), i32(k), i32(weight.act), *norm, *mats,
                        ptr(g.add.address + offset if g.add else 0), ptr(g.sum.address + offset if g.sum else 0),
                        i32(per_warp), *rope], shared, g.label)
-
-    @staticmethod
-    def _on_matrix_units(weight: GpuWeight, m: int) -> bool:
-        """Whether ``m`` rows times ``weight`` run as int8 tile products (llama.cpp's 8-bit activations)."""
-        return (m > 1 and weight.shape[1] % 32 == 0 and weight.ggml_type in MMA_TYPES
-                and weight.act in (ACT_Q8_32, ACT_Q8_256))
-
-    def _run_mma(self, g: PendingMatmuls) -> None:
-        """Many rows on the matrix units (kernels/matmul_mma.hip): the input rounded to int8 blocks once for the
-        group (an RMSNorm in front folded in), then one launch of int8 tile products for its matrices, the residual
-        add fused as in the float tiles."""
-        weight = g.items[0][0]
-        k = weight.shape[1]
-        xq, xd, xs = self._empty((g.m, k), np.int8), self._empty((g.m, k // 32)), self._empty((g.m, k // 32))
-        quantized = [ptr(xq.address), ptr(xd.address), ptr(xs.address)]
-        if g.norm is not None:  # the norm's block size, so its sums are the same
-            block = min(256, -(-k // self.rt.warp_size) * self.rt.warp_size)
-            self._run("matmul_mma", "quantize_q8_norm", (g.m,), block,
-                      [ptr(g.norm.x.address), ptr(g.norm.weight.address), f32(g.norm.eps), ptr(g.norm.out.address),
-                       *quantized, i32(k), i32(weight.act)], 0, g.label)
-        else:
-            self._run("matmul_mma", "quantize_q8", self._elementwise_grid(g.x.size // 8), 256,
-                      [ptr(g.x.address), *quantized, i64(g.x.size), i32(weight.act)], 0, g.label)
-        mats = []
-        for w, out in g.items:
-            mats += [ptr(w.address), i64(w.row_bytes), ptr(out.address), i32(w.shape[0])]
-        mats += [ptr(0), i64(0), ptr(0), i32(0)] * (3 - len(g.items))  # unused matrix slots: no rows
-        tiles = sum(-(-w.shape[0] // 64) for w, _ in g.items)
-        # 32-token tiles when 64-token ones would leave multiprocessors idle
-        rows = 32 if tiles * -(-g.m // 64) < 2 * getattr(self.rt, "multiprocessors", 64) else 64
-        self._run("matmul_mma", f"mma_m32_{weight.kernel_suffix}" if rows == 32 else f"mma_{weight.kernel_suffix}",
-                  (tiles, -(-g.m // rows)), 128,
-                  [ptr(xq.address), ptr(xd.address), ptr(xs.address), i32(g.m), i32(k), *mats,
-                   ptr(g.add.address if g.add else 0), ptr(g.sum.address if g.sum else 0)], 0, g.label)
 
     def _rows_per_warp(self, rows: int) -> int:
         """Output rows per warp: one until there would be more than 16 blocks per multiprocessor, more for tall
