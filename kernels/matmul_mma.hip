@@ -202,10 +202,11 @@ __device__ __forceinline__ void tile_mma16(const u8* a, const u8* b, int kk, int
 // int8 activations and decodes 32 weights of one row (one group of 32, or two of 16) into shared memory, with the
 // scales beside them; then the groups multiply, and each 32-group's int32 sums are scaled into float accumulators.
 // The next step's loads are issued before this step's products (always, clamped at the end, so the compiler
-// can overlap them).
+// can overlap them). Inlined, as mma_matrices is: on AMD the shared arrays of a function left out of line are
+// allocated in every kernel of the module.
 template <int T, int BM>
-__device__ void mma_tile(const u8* W, long row_bytes, const i8* Xq, const float* Xd, const float* Xs, float* Y, int M,
-                         int N, int K, const float* add, float* sum, int n_tile) {
+__device__ __forceinline__ void mma_tile(const u8* W, long row_bytes, const i8* Xq, const float* Xd, const float* Xs,
+                                         float* Y, int M, int N, int K, const float* add, float* sum, int n_tile) {
     constexpr bool OFFSET = T == GGML_Q4_1 || T == GGML_Q5_1 || T == GGML_Q4_K || T == GGML_Q5_K;
     constexpr bool G16 = T == GGML_Q6_K;
     constexpr int MT = BM / 32;              // 16-row fragments per group
@@ -323,9 +324,9 @@ __device__ void mma_tile(const u8* W, long row_bytes, const i8* Xq, const float*
 // Up to three matrices that share the input (q, k, v) in one launch: blockIdx.x numbers their 64-output tiles
 // one matrix after another. The residual add is for a single matrix.
 template <int T, int BM>
-__device__ void mma_matrices(const i8* Xq, const float* Xd, const float* Xs, int M, int K, const u8* W0, long rb0,
-                             float* Y0, int N0, const u8* W1, long rb1, float* Y1, int N1, const u8* W2, long rb2,
-                             float* Y2, int N2, const float* add, float* sum) {
+__device__ __forceinline__ void mma_matrices(const i8* Xq, const float* Xd, const float* Xs, int M, int K, const u8* W0,
+                                             long rb0, float* Y0, int N0, const u8* W1, long rb1, float* Y1, int N1,
+                                             const u8* W2, long rb2, float* Y2, int N2, const float* add, float* sum) {
     const int t0 = (N0 + MMA_BN - 1) / MMA_BN, t1 = (N1 + MMA_BN - 1) / MMA_BN, t = blockIdx.x;
     if (t < t0) mma_tile<T, BM>(W0, rb0, Xq, Xd, Xs, Y0, M, N0, K, add, sum, t);
     else if (t < t0 + t1) mma_tile<T, BM>(W1, rb1, Xq, Xd, Xs, Y1, M, N1, K, nullptr, nullptr, t - t0);
