@@ -3,6 +3,12 @@ same run, same CPU. Each server runs alone (the other is stopped), with 1, 4 and
 
     python benchmarks/serve.py [-m smollm2-135m] [--clients 1,4,16] [--requests 2] [--max-tokens 32]
 
+On a GPU machine: ``rocmforge serve --device cuda`` beside llama.cpp's ``llama-server -np <clients>`` (all layers
+on the GPU, flash attention on), prompts of exactly ``--prompt-tokens`` token ids:
+
+    python benchmarks/serve.py -m MODEL --device cuda --llama-server build/bin/llama-server \
+        --clients 64 --requests 1 --prompt-tokens 128 --max-tokens 256
+
 Every request is a greedy streaming completion of a distinct prompt with the end-of-generation tokens banned
 (``logit_bias``), so each produces exactly ``--max-tokens`` tokens on both servers. Reported per server and
 concurrency: aggregate output tok/s (all tokens / wall time), p50/p99 time to first token, and the mean
@@ -81,7 +87,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def one_request(url: str, prompt: str, max_tokens: int, logit_bias: dict[str, float]) -> Result:
+def one_request(url: str, prompt: str | list[int], max_tokens: int, logit_bias: dict[str, float]) -> Result:
     body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "logit_bias": logit_bias}
     start_time, first, tokens, usage = time.perf_counter(), None, 0, None
@@ -103,15 +109,22 @@ def one_request(url: str, prompt: str, max_tokens: int, logit_bias: dict[str, fl
     return Result(first - start_time, tokens, end - first)
 
 
-def load_test(url: str, clients: int, requests: int, max_tokens: int,
-              logit_bias: dict[str, float]) -> tuple[list[Result], float]:
+def load_test(url: str, clients: int, requests: int, max_tokens: int, logit_bias: dict[str, float],
+              prompts: list[str] | list[list[int]]) -> tuple[list[Result], float, list[str]]:
+    """Every client sends ``requests`` streaming requests one after another -> (results, wall seconds, errors)."""
     results: list[Result] = []
+    errors: list[str] = []
     lock, barrier = threading.Lock(), threading.Barrier(clients)
 
     def client(i: int) -> None:
         barrier.wait()
         for r in range(requests):
-            result = one_request(url, PROMPTS[(i * requests + r) % len(PROMPTS)], max_tokens, logit_bias)
+            try:
+                result = one_request(url, prompts[(i * requests + r) % len(prompts)], max_tokens, logit_bias)
+            except (httpx.HTTPError, ValueError, KeyError) as error:  # counted and reported, never hidden
+                with lock:
+                    errors.append(f"{type(error).__name__}: {error}")
+                continue
             with lock:
                 results.append(result)
 
@@ -121,7 +134,15 @@ def load_test(url: str, clients: int, requests: int, max_tokens: int,
         t.start()
     for t in threads:
         t.join()
-    return results, time.perf_counter() - began
+    return results, time.perf_counter() - began, errors
+
+
+def token_prompts(tokenizer: Tokenizer, n_tokens: int, count: int) -> list[list[int]]:
+    """``count`` distinct prompts of exactly ``n_tokens`` token ids (the stories' text, each started elsewhere)."""
+    ids = tokenizer.encode(" ".join(PROMPTS * (n_tokens // 4 + 1)), add_bos=False)
+    if len(ids) < n_tokens + count:
+        raise ValueError(f"{len(ids)} prompt tokens are too few for {count} prompts of {n_tokens}")
+    return [ids[i:i + n_tokens] for i in range(count)]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -149,16 +170,32 @@ def main() -> None:
     parser.add_argument("--rocmforge-blas-threads", type=int, default=1,
                         help="rocmforge serve --blas-threads: BLAS threads inside each forward")
     parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument("--device", default="cpu", help="rocmforge serve --device; a GPU (cuda, hip) runs that "
+                        "server alone beside --llama-server")
+    parser.add_argument("--llama-server", help="path of llama.cpp's llama-server, run with -np <most clients>, "
+                        "-ngl 99 and -fa on")
+    parser.add_argument("--prompt-tokens", type=int, help="prompts of exactly this many token ids")
     args = parser.parse_args()
     concurrency = [int(c) for c in args.clients.split(",")]
     path = str(resolve(args.model))
-    logit_bias = {str(t): -100.0 for t in Tokenizer.from_gguf(GGUFFile(path)).eot_ids}
+    tokenizer = Tokenizer.from_gguf(GGUFFile(path))
+    logit_bias = {str(t): -100.0 for t in tokenizer.eot_ids}
+    prompts = (token_prompts(tokenizer, args.prompt_tokens, max(concurrency) * args.requests) if args.prompt_tokens
+               else PROMPTS)
     python = sys.executable
     ours = [python, "-m", "rocmforge.cli.main", "serve", "-m", path, "--max-batch", str(max(concurrency)),
             "--n-ctx", str(args.n_ctx), "--no-embeddings"]
-    ours += ["--threads", str(args.rocmforge_threads), "--blas-threads", str(args.rocmforge_blas_threads)]
-    servers = {"rocmforge": ours, "rocmforge --no-batch-invariant": [*ours, "--no-batch-invariant"],
-               "rocmforge --device cpu-exact": [*ours, "--device", "cpu-exact"]}
+    if args.device not in ("cpu", "cpu-exact"):
+        servers = {f"rocmforge --device {args.device}": [*ours, "--device", args.device]}
+        args.skip_llama_cpp = True  # llama-cpp-python here is a CPU build: its peer is --llama-server
+    else:
+        ours += ["--threads", str(args.rocmforge_threads), "--blas-threads", str(args.rocmforge_blas_threads)]
+        servers = {"rocmforge": ours, "rocmforge --no-batch-invariant": [*ours, "--no-batch-invariant"],
+                   "rocmforge --device cpu-exact": [*ours, "--device", "cpu-exact"]}
+    if args.llama_server:
+        slots = max(concurrency)  # llama-server splits -c over its slots
+        servers[f"llama-server -np {slots}"] = [args.llama_server, "-m", path, "-np", str(slots), "-c",
+                                                str(args.n_ctx * slots), "-ngl", "99", "-fa", "on"]
     if not args.skip_llama_cpp:
         # interrupt_requests False: queue concurrent requests instead of cutting the running stream off
         servers["llama-cpp-python"] = [python, "-m", "llama_cpp.server", "--model", path, "--n_ctx", str(args.n_ctx),
@@ -169,8 +206,8 @@ def main() -> None:
           f"{args.requests} requests per client, greedy; llama.cpp threads {args.threads}, rocmforge --threads "
           f"{args.rocmforge_threads} --blas-threads {args.rocmforge_blas_threads}; servers started without OPENBLAS_CORETYPE "
           f"(here: {os.environ.get('OPENBLAS_CORETYPE', 'unset')})")
-    print("| server | clients | requests | aggregate tok/s | TTFT p50 s | TTFT p99 s | per-stream decode tok/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| server | clients | requests | errors | aggregate tok/s | TTFT p50 s | TTFT p99 s | per-stream decode tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
     aggregate: dict[tuple[str, int], float] = {}
     single_stream: list[float] = []  # llama-cpp-python serves one request at a time: each is a single stream
     for name, command in servers.items():
@@ -180,19 +217,28 @@ def main() -> None:
         try:
             one_request(url, "Warm up.", 4, logit_bias)
             for clients in concurrency:
-                results, wall = load_test(url, clients, args.requests, args.max_tokens, logit_bias)
+                results, wall, errors = load_test(url, clients, args.requests, args.max_tokens, logit_bias, prompts)
+                for error in errors[:3]:
+                    print(f"<!-- {name}, {clients} clients: {error} -->", flush=True)
                 total = sum(r.tokens for r in results)
-                ttfts = [r.ttft for r in results]
-                rates = [(r.tokens - 1) / r.decode_seconds for r in results if r.decode_seconds > 0]
+                ttfts = [r.ttft for r in results] or [float("nan")]
+                rates = [(r.tokens - 1) / r.decode_seconds for r in results if r.decode_seconds > 0] or [float("nan")]
                 if name == "llama-cpp-python":
                     single_stream += rates
                 aggregate[(name, clients)] = total / wall
-                print(f"| {name} | {clients} | {len(results)} | {total / wall:.1f} | {percentile(ttfts, 0.5):.2f} | "
-                      f"{percentile(ttfts, 0.99):.2f} | {statistics.mean(rates):.1f} |", flush=True)
+                print(f"| {name} | {clients} | {len(results)} | {len(errors)} | {total / wall:.1f} | "
+                      f"{percentile(ttfts, 0.5):.2f} | {percentile(ttfts, 0.99):.2f} | {statistics.mean(rates):.1f} |",
+                      flush=True)
         finally:
             stop(proc)
     most = max(concurrency)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+    peer = next((name for name in servers if name.startswith("llama-server")), None)
+    if peer is not None:
+        for name in servers:
+            if name != peer:
+                ratio = aggregate[(name, most)] / aggregate[(peer, most)]
+                print(f"{name} at {most} clients: {ratio:.2f}x {peer}'s aggregate tok/s (target 1.5x)")
     if single_stream:
         reference = statistics.median(single_stream)
         print(f"llama-cpp-python single-stream decode: median {reference:.1f} tok/s over {len(single_stream)} requests "

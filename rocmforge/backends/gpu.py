@@ -8,7 +8,10 @@ from a caching pool (freed blocks are reused by size, never returned to the driv
 Fusion without changing the forward: decode matmuls are not launched at once but held as pending work, so
 the ops that follow can join them: up to three matmuls of one input (q, k, v) become one launch, an RMSNorm
 in front is folded in, a residual ``add`` behind it and a ``swiglu``/``geglu`` of a gate/up pair are folded
-in too, and the rope of queries and keys shares one launch. Every other op, and every read of a result,
+in too, and the rope of queries and keys shares one launch (with Gemma's per-head QK-norms and the cache
+store inside it). A norm takes the residual ``add`` behind it into its launch (Gemma's sandwich norms); with
+many rows, the norm in front of a matmul is folded into the activations' 8-bit quantization (``gpu_mma.py``).
+Every other op, and every read of a result,
 launches what is pending first, so results are the same as op-by-op execution (and every intermediate
 the forward names is still written).
 
@@ -33,8 +36,9 @@ from gguf.quants import dequantize
 from rocmforge.backends.device_memory import MB, Arena, Block, DeviceArray, Pool
 from rocmforge.backends.gpu_hooks import GpuHookOps
 from rocmforge.backends.gpu_mma import GpuMatrixUnits
-from rocmforge.backends.gpu_records import (ACT_NONE, KERNEL_TYPES, MATVEC_WARPS, DecodeGraph, GpuWeight, PendingHeadNorms, PendingMatmuls, PendingNorm,
-                                            PendingRope, activation_rounding, memory_needed, same_view)
+from rocmforge.backends.gpu_records import (ACT_NONE, KERNEL_TYPES, MATVEC_WARPS, DecodeGraph, GpuWeight,
+                                            PendingHeadNorms, PendingMatmuls, PendingNorm, PendingRope,
+                                            activation_rounding, memory_needed, same_view)
 from rocmforge.backends.runtime import Runtime, f32, i32, i64, ptr
 from rocmforge.errors import DeviceError, UnsupportedError
 from rocmforge.gguf_file import TensorRef

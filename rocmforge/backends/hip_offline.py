@@ -39,7 +39,8 @@ ARCHS = ("gfx90a", "gfx940", "gfx1030")
 HIPRTC_ARCHS = ("gfx90a", "gfx1030")
 NO_SCRATCH_ARCHS = ("gfx90a", "gfx1030")  # decode kernels may not spill there
 # kernels that run over many tokens at once (prefill, the BERT encoder); every other kernel counts as decode
-NOT_DECODE = re.compile(r"^(matmul_|attn_prefill_|round_activations$|encoder_attention_|layer_norm$|gelu$)")
+NOT_DECODE = re.compile(r"^(matmul_|mma_|quantize_q8|attn_prefill_|round_activations$|encoder_attention_|layer_norm$"
+                        r"|gelu$)")
 _LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/opt/rocm/lib")
 
 
