@@ -5,6 +5,8 @@
 #   model        join the model parts, run the full-model tests (GPU vs numpy logits, greedy tokens, generate through
 #                the decode graph vs eager), the GPU hook test, notebook 05's code cells and the benchmark
 #   ncu          time each kernel of one decode step with Nsight Compute (after model, on the same machine)
+#   prefill      pp512 with the matrix-unit matmuls beside the float32 tiles, and the prefill's device time per kernel,
+#                for every model already joined on the machine (benchmarks/gpu_prefill.py)
 #   stash        nothing but keeping the carried model parts (Gemma's 253 MB travel in five parts)
 #   gemma        join Gemma's parts, run its full-model tests and the benchmark
 # SmolLM2 (98 MB) is bigger than what one call may carry (64 MiB), so it travels in two halves
@@ -48,6 +50,10 @@ model)
     > /tmp/nb05.py && MPLBACKEND=Agg python3 /tmp/nb05.py 2>&1 | tee "$OUT/notebook05.log" | tail -25
   python3 benchmarks/gpu_decode.py smollm2-135m --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
   python3 benchmarks/gpu_decode.py smollm2-135m --no-rounding --json "$OUT/bench_float32.json" 2>&1 | tee "$OUT/bench_float32.log"
+  ;;
+prefill)
+  python3 benchmarks/gpu_prefill.py $(ls "$model_dir"/*.gguf "$gemma_dir"/*.gguf 2>/dev/null) --json "$OUT/prefill.json" \
+    2>&1 | tee "$OUT/prefill.log"
   ;;
 stash)
   ;;
