@@ -56,7 +56,8 @@ def _cli(smollm2_path: Path, text: Path, out: Path) -> list[str]:
 @pytest.mark.slow
 def test_kill_9_leaves_whole_shards_and_resumes_to_the_same_files(smollm2_path, tmp_path):
     text = tmp_path / "docs.txt"
-    text.write_text("\n".join(TEXTS) + "\n")
+    # ~110 shards of 64 rows: a fast machine cannot finish them between two looks at the index
+    text.write_text("\n".join(TEXTS * 6) + "\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     whole = tmp_path / "whole"
     subprocess.run(_cli(smollm2_path, text, whole), env=env, check=True, capture_output=True)
@@ -68,7 +69,7 @@ def test_kill_9_leaves_whole_shards_and_resumes_to_the_same_files(smollm2_path, 
         index = killed / "index.json"
         if index.exists() and len(json.loads(index.read_text())["shards"]) >= 3:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     shards_then = json.loads((killed / "index.json").read_text())["shards"]
