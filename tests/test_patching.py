@@ -139,3 +139,15 @@ def test_batched_sweeps_equal_one_patch_at_a_time(smooth_model, pair):
     heads = patch_heads(model, clean, corrupted, metric, layers=[14, 28])
     heads_alone = patch_heads(model, clean, corrupted, metric, layers=[14, 28], max_batch=1)
     np.testing.assert_allclose(heads, heads_alone, rtol=0, atol=2e-3)
+
+
+def test_on_cpu_exact_batched_sweeps_equal_one_patch_at_a_time_bit_for_bit(smollm2_path, pair):
+    # cpu-exact's Q4_1/Q8_0 products give each row the same bits whatever rows share the call, so reusing the
+    # corrupted run's prefix and batching every patch of a layer changes nothing
+    import rocmforge
+    model = rocmforge.load(smollm2_path, device="cpu-exact", n_ctx=256, n_parallel=12)
+    clean, corrupted, _, metric, _, _ = pair
+    assert np.array_equal(patch_residual(model, clean, corrupted, metric, layers=[5, 20]),
+                          patch_residual(model, clean, corrupted, metric, layers=[5, 20], max_batch=1))
+    assert np.array_equal(patch_heads(model, clean, corrupted, metric, layers=[23]),
+                          patch_heads(model, clean, corrupted, metric, layers=[23], max_batch=1))
