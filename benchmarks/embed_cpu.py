@@ -36,6 +36,7 @@ def peer_encoder(commit: str, folder: Path):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("bert_peer", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bert_peer"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.BertEncoder.from_dir(folder)
 
