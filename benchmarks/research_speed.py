@@ -104,8 +104,8 @@ def _docs(n_tokens: int, vocab: int) -> list[list[int]]:
     return [rng.integers(100, vocab - 100, 512).tolist() for _ in range(n_tokens // 512)]
 
 
-def bench_harvest(model: rocmforge.Model, hf, n_tokens: int, batch_tokens: int, rss_at: list[int]) -> None:
-    name = "blocks.15.hook_resid_post"
+def bench_harvest(model: rocmforge.Model, hf, n_tokens: int, batch_tokens: int, rss_at: list[int], name: str) -> None:
+    layer = int(name.split(".")[1]) + 1  # the blocks a capture of ``name`` runs, for the peer
     rss = {}
     with tempfile.TemporaryDirectory() as out:
         model.harvest(_docs(batch_tokens, model.cfg.vocab_size), [name], Path(out) / "warm", batch_tokens=batch_tokens,
@@ -133,7 +133,7 @@ def bench_harvest(model: rocmforge.Model, hf, n_tokens: int, batch_tokens: int, 
             for i in range(0, len(docs), per_batch):
                 x = torch.tensor(docs[i:i + per_batch], device="cuda")
                 with torch.no_grad():
-                    h = hf(x, output_hidden_states=True).hidden_states[16]
+                    h = hf(x, output_hidden_states=True).hidden_states[layer]
                 h.cpu().numpy()
         theirs()
         t = time.perf_counter()
@@ -151,7 +151,7 @@ def bench_harvest(model: rocmforge.Model, hf, n_tokens: int, batch_tokens: int, 
                     if side == "harvest":
                         model.harvest(chunk, [name], Path(out) / f"r{r}", batch_tokens=batch_tokens, progress=False)
                     else:
-                        model.run_batch(chunk, stop_at_layer=16)
+                        model.run_batch(chunk, stop_at_layer=layer)
                     spent[side] += time.perf_counter() - t
         n = len(docs) * 512
         ROWS.append(("harvest vs same forward, no capture (alternating)", f"{n / spent['harvest']:,.0f} tok/s",
@@ -168,6 +168,7 @@ def main() -> None:
     parser.add_argument("--harvest-tokens", type=int, default=1 << 20)
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--rss-at", type=int, nargs="*", default=[100_000])
+    parser.add_argument("--name", default="blocks.15.hook_resid_post", help="the hook point harvested")
     parser.add_argument("--only", nargs="*", default=["cache", "sweep", "harvest"])
     args = parser.parse_args()
     n_ctx = 1024
@@ -186,7 +187,7 @@ def main() -> None:
         elif part == "sweep":
             bench_sweep(model, args.old_layers)
         elif part == "harvest":
-            bench_harvest(model, hf, args.harvest_tokens, args.batch_tokens, args.rss_at)
+            bench_harvest(model, hf, args.harvest_tokens, args.batch_tokens, args.rss_at, args.name)
         print(f"[{part} took {time.perf_counter() - t:.1f} s]", flush=True)
         _table(model, args.model)  # after each part: a run cut short still reports what it finished
 

@@ -83,3 +83,14 @@ def test_kill_9_leaves_whole_shards_and_resumes_to_the_same_files(smollm2_path, 
     for shard in json.loads((whole / "index.json").read_text())["shards"]:
         name = shard["files"][0]
         assert (killed / name).read_bytes() == (whole / name).read_bytes()
+
+
+def test_the_cli_names_a_misspelt_hook_point_in_one_line(smollm2_path, tmp_path):
+    text = tmp_path / "docs.txt"
+    text.write_text("one document\n")
+    command = _cli(smollm2_path, text, tmp_path / "out")
+    command[command.index(NAMES[0])] = "blocks.99.hook_resid_post"
+    result = subprocess.run(command, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no hook point named ['blocks.99.hook_resid_post']" in result.stderr

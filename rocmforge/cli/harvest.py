@@ -28,6 +28,10 @@ def harvest(text_file: str, names: tuple[str, ...], out: str, model_name: str, d
 
     n_ctx = n_ctx or 2048
     model = load(model_name, device=device, n_ctx=n_ctx, n_parallel=max(1, -(-batch_tokens // n_ctx)))
-    index = run(model, text_file, list(names), out, batch_tokens=batch_tokens, shard_tokens=shard_tokens, format=fmt)
+    try:
+        index = run(model, text_file, list(names), out, batch_tokens=batch_tokens, shard_tokens=shard_tokens,
+                    format=fmt)
+    except (KeyError, ValueError) as exc:  # a misspelt hook name, or OUT holds a harvest with other settings
+        raise click.UsageError(str(exc.args[0])) from None
     rows = sum(s["rows"] for s in index["shards"])
     click.echo(f"{rows} tokens in {len(index['shards'])} shards under {out}")
