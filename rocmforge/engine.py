@@ -26,9 +26,11 @@ import numpy as np
 
 from rocmforge.errors import ContextOverflowError
 from rocmforge.kv_cache import Batch
+from rocmforge.logprobs import TokenLogprob, score, score_rows
 from rocmforge.sampler import Sampler, SamplingParams, StopMatcher
 
 if TYPE_CHECKING:
+    from rocmforge.constraints import Constraint
     from rocmforge.model import Model
 
 
@@ -54,10 +56,19 @@ class _InFlight:
 
 
 class Generation:
-    """One sequence being generated; create with ``Model.start``. Call ``close()`` (or finish it) to free its cache."""
+    """One sequence being generated; create with ``Model.start``. Call ``close()`` (or finish it) to free its cache.
+
+    ``logprobs``: record each sampled token's ``TokenLogprob`` with that many alternatives (``token_logprobs``);
+    ``score_prompt``: also score the prompt's own tokens in the prefill (``prompt_logprobs``, from the second
+    token on). ``constraint``: a grammar that masks the tokens the sampler may draw (``rocmforge.constraints``);
+    the generation stops when the grammar is complete. ``share_prompt_of``: a prefilled generation of the same
+    prompt whose KV blocks this one reads instead of running the prompt again (``n`` > 1 choices).
+    """
 
     def __init__(self, model: "Model", prompt_ids: Sequence[int], params: SamplingParams,
-                 max_new_tokens: int, stop: Sequence[str] = ()):
+                 max_new_tokens: int, stop: Sequence[str] = (), *, logprobs: int | None = None,
+                 score_prompt: bool = False, constraint: "Constraint | None" = None,
+                 share_prompt_of: "Generation | None" = None):
         if len(prompt_ids) == 0:
             raise ValueError("the prompt is empty: give at least one token")
         if len(prompt_ids) > model.n_ctx:
@@ -67,12 +78,23 @@ class Generation:
         self.sampler = Sampler(params)
         self.tokens: list[int] = [int(t) for t in prompt_ids]
         self.n_prompt = len(self.tokens)
-        self.seq_id = model.kv.new_sequence()
         self.logits: np.ndarray | None = None
         self.finish_reason: str | None = None
+        self.n_logprobs, self.score_prompt, self.constraint = logprobs, score_prompt, constraint
+        self.token_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] | None = None
         self._fed = 0
+        if share_prompt_of is not None and share_prompt_of._fed >= self.n_prompt:
+            # every whole block of the prompt but the last token's: this sequence runs the rest for its logits
+            self.seq_id = model.kv.fork(share_prompt_of.seq_id, self.n_prompt - 1)
+            self._fed = model.kv.length(self.seq_id)
+            self.prompt_logprobs = share_prompt_of.prompt_logprobs
+        else:
+            self.seq_id = model.kv.new_sequence()
         self._inflight: _InFlight | None = None
         self._stop = StopMatcher(stop)
+        self._decoder = model.tokenizer.incremental_decoder()
+        self._logprobs_taken = 0
         self._closed = False
 
     # --- state -----------------------------------------------------------------------------------------------
@@ -132,24 +154,38 @@ class Generation:
 
         End-of-generation tokens are not decoded. The sequence's cache is freed when the iterator ends.
         """
-        decoder = self.model.tokenizer.incremental_decoder()
-        eot = self.model.tokenizer.eot_ids
         try:
             while not self.finished:
-                token = self.step()
-                if token is None or token in eot:
-                    break
-                text, stopped = self._stop.feed(decoder.feed(token))
+                text = self.text_of(self.step())
                 if text:
                     yield text
-                if stopped:
-                    self.finish_reason = "stop"
-            if self._stop.matched is None:
-                rest = self._stop.feed(decoder.flush())[0] + self._stop.flush()
-                if rest:
-                    yield rest
+            rest = self.rest_of_text()
+            if rest:
+                yield rest
         finally:
             self.close()
+
+    def text_of(self, token: int | None) -> str:
+        """The text ``token`` (just sampled by ``step``) adds, stop strings held back or cut (then the
+        generation finishes with "stop"); end tokens add nothing. Feed every token once, in order."""
+        if token is None or token in self.model.tokenizer.eot_ids:
+            return ""
+        text, stopped = self._stop.feed(self._decoder.feed(token))
+        if stopped:
+            self.finish_reason = "stop"
+        return text
+
+    def rest_of_text(self) -> str:
+        """Text still held back when the generation ended (a partial stop string, half a UTF-8 character)."""
+        if self._stop.matched is not None:
+            return ""
+        return self._stop.feed(self._decoder.flush())[0] + self._stop.flush()
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The sampled tokens' ``TokenLogprob``s recorded since the last call (for streamed chunks)."""
+        new = self.token_logprobs[self._logprobs_taken:]
+        self._logprobs_taken = len(self.token_logprobs)
+        return new
 
     def close(self) -> None:
         """Free this sequence's KV cache blocks (the generation cannot continue afterwards)."""
@@ -177,9 +213,14 @@ class Generation:
         """Sample from the current logits, record the token, and decide whether the generation is over."""
         if self.finished:
             return None
-        token = self.sampler.sample(self.logits, self.tokens)
+        constraint = self.constraint
+        token = self.sampler.sample(self.logits, self.tokens, constraint.mask() if constraint is not None else None)
+        if constraint is not None:
+            constraint.accept(token)
+        if self.n_logprobs is not None:
+            self.token_logprobs.append(score(self.logits, token, self.n_logprobs))
         self.tokens.append(token)
-        if token in self.model.tokenizer.eot_ids:
+        if token in self.model.tokenizer.eot_ids or constraint is not None and constraint.done:
             self.finish_reason = "stop"
         elif self.n_generated >= self.max_new_tokens:
             self.finish_reason = "length"
@@ -199,15 +240,24 @@ def step_all_forward(generations: Sequence[Generation]) -> None:
         return
     model = pending[0].model
     batch = model.kv.prepare([(g.seq_id, g.tokens[g._fed:]) for g in pending])
+    # the last row of each sequence, or all of them where the prompt is to be scored
+    scoring = [g.score_prompt and g._fed == 0 for g in pending]
+    row_ranges = [range(seg.rows.start, seg.rows.stop) if all_rows else range(seg.rows.stop - 1, seg.rows.stop)
+                  for seg, all_rows in zip(batch.segments, scoring)]
+    rows = np.fromiter((r for rr in row_ranges for r in rr), dtype=np.int64)
 
     def forward() -> Any:
-        return model.arch.forward(model.ctx, batch, rows=batch.last_rows)
+        return model.arch.forward(model.ctx, batch, rows=rows)
 
     # A hook must see every op, so hooks run the forward eagerly; without them the backend may replay a captured
     # decode step instead (the GPU's graph; the CPU just calls forward)
     logits = model.ops.to_host(forward() if model.ctx.hooks.active else model.ops.graph_step(batch, forward))
-    for g, row in zip(pending, logits):
-        g.logits, g._fed = row, len(g.tokens)
+    start = 0
+    for g, rr, all_rows in zip(pending, row_ranges, scoring):
+        mine, start = logits[start:start + len(rr)], start + len(rr)
+        if all_rows:  # row i predicts token i + 1
+            g.prompt_logprobs = score_rows(mine[:-1], g.tokens[1:len(rr)], g.n_logprobs or 0)
+        g.logits, g._fed = mine[-1], len(g.tokens)
 
 
 def step_all(generations: Sequence[Generation]) -> list[int | None]:

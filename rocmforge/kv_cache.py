@@ -4,6 +4,8 @@ Every layer has a key pool and a value pool of ``n_blocks * block_size`` slots (
 allocated once through the backend (``ops.zeros``; on numpy untouched pages cost no memory). A sequence owns a
 list of blocks; position ``p`` of the sequence lives in slot ``table[p // block_size] * block_size + p % block_size``.
 Several sequences share the pool, so the server can batch them and free a finished one's blocks at once.
+``fork`` starts a sequence on another's full prompt blocks (``n`` > 1 choices read one prompt's keys): a shared
+block is never written again (writes go past it), and goes back to the pool when its last holder lets go.
 
 ``KVCache.prepare`` turns "these new tokens for these sequences" into a ``Batch``: it reserves slots, checks the
 context limit (raising ``ContextOverflowError`` with the numbers), and records where each token's keys go and
@@ -78,6 +80,7 @@ class KVCache:
         self.v = [zeros((n_slots, n_kv_heads, head_dim_v)) for _ in range(n_layers)]
         self._free = list(range(self.n_blocks - 1, -1, -1))  # pop() hands out low blocks first
         self._seqs: dict[int, _SequenceState] = {}
+        self._extra_holders: dict[int, int] = {}  # block -> holders beyond the first (blocks shared by fork)
         self._ids = count()
 
     # --- sequences -------------------------------------------------------------------------------------------
@@ -87,10 +90,37 @@ class KVCache:
         self._seqs[seq_id] = _SequenceState()
         return seq_id
 
+    def fork(self, seq_id: int, n_positions: int) -> int:
+        """A new sequence holding the same blocks as ``seq_id`` for its first ``n_positions`` positions, rounded
+        down to whole blocks (the rest it runs itself); returns its id (``length(child)`` says where it starts).
+
+        >>> cache = KVCache(n_layers=1, n_kv_heads=1, head_dim=4, head_dim_v=4, n_ctx=64, block_size=16)
+        >>> parent = cache.new_sequence(); _ = cache.prepare([(parent, list(range(40)))])
+        >>> child = cache.fork(parent, 39); cache.length(child), cache.n_free_blocks
+        (32, 1)
+        """
+        parent = self._seqs[seq_id]
+        n_blocks = min(n_positions, parent.length) // self.block_size
+        shared = parent.blocks[:n_blocks]
+        for block in shared:
+            self._extra_holders[block] = self._extra_holders.get(block, 0) + 1
+        child = self.new_sequence()
+        self._seqs[child] = _SequenceState(list(shared), n_blocks * self.block_size,
+                                           parent.slots[:n_blocks * self.block_size])
+        return child
+
     def free(self, seq_id: int) -> None:
         """Give a sequence's blocks back to the pool and forget it."""
         state = self._seqs.pop(seq_id)
-        self._free.extend(reversed(state.blocks))
+        self._release(state.blocks)
+
+    def _release(self, blocks: list[int]) -> None:
+        for block in reversed(blocks):
+            holders = self._extra_holders.pop(block, 0)
+            if holders > 1:
+                self._extra_holders[block] = holders - 1
+            elif holders == 0:
+                self._free.append(block)
 
     def length(self, seq_id: int) -> int:
         """Number of positions cached for a sequence."""
@@ -100,7 +130,7 @@ class KVCache:
         """Forget positions ``length..`` of a sequence (their blocks go back to the pool)."""
         state = self._seqs[seq_id]
         keep = -(-length // self.block_size)
-        self._free.extend(reversed(state.blocks[keep:]))
+        self._release(state.blocks[keep:])
         del state.blocks[keep:]
         state.slots = state.slots[:keep * self.block_size]
         state.length = min(state.length, length)

@@ -26,14 +26,17 @@ from rocmforge.arch.context import ForwardContext
 from rocmforge.backends.profiler import Profile, profile_model
 from rocmforge.backends.select import backend_for_model
 from rocmforge.chat import apply_chat_template
-from rocmforge.engine import Generation
+from rocmforge.constraints import Constraint, Grammar, GrammarError, grammar_from
+from rocmforge.engine import Generation, step_all
 from rocmforge.gguf_file import GGUFFile
 from rocmforge.hooked_model import HookedModel
 from rocmforge.hooks import Hooks, hook_names
 from rocmforge.kv_cache import KVCache
+from rocmforge.logprobs import chat_logprobs, completion_logprobs
 from rocmforge.registry import DEFAULT_MODEL, resolve
 from rocmforge.sampler import SamplingParams
 from rocmforge.tokenizer import Tokenizer
+from rocmforge.tools import assistant_message, forced_call_grammar, template_knows_tools, tool_messages
 from rocmforge.weights import Weights
 
 ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": llama, "qwen3": llama, "gemma3": gemma3}
@@ -108,27 +111,45 @@ class Model(HookedModel):
         return profile_model(self.ctx, self.arch, ids, n_tokens)
 
     # --- generation ------------------------------------------------------------------------------------------
-    def start(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: Sequence[str] = (),
-              **sampling: Any) -> Generation:
-        """A ``Generation`` for ``prompt`` (text or token ids) that you drive with prefill/step/step_layer."""
+    def start(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: Sequence[str] = (), *,
+              logprobs: int | None = None, score_prompt: bool = False, json_schema: Any = None,
+              grammar: Grammar | str | None = None, **sampling: Any) -> Generation:
+        """A ``Generation`` for ``prompt`` (text or token ids) that you drive with prefill/step/step_layer.
+
+        ``json_schema`` (a dict, JSON text or pydantic model class) or ``grammar`` (Lark or GBNF text, or a
+        ``constraints.Grammar``) limit the output to what they allow; ``logprobs``/``score_prompt`` as in
+        ``Generation``.
+        """
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        return Generation(self, ids, SamplingParams(**sampling), max_new_tokens, stop)
+        found = grammar_from(json_schema, grammar)
+        return Generation(self, ids, SamplingParams(**sampling), max_new_tokens, stop, logprobs=logprobs,
+                          score_prompt=score_prompt, constraint=self._constraint(found))
+
+    def _constraint(self, grammar: Grammar | None) -> Constraint | None:
+        return Constraint(self.tokenizer, grammar) if grammar is not None else None
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: Sequence[str] = (),
-               context: Any = None, k: int = 3, **sampling: Any) -> Iterator[str]:
-        """Yield the generated text piece by piece (sampling options as in ``SamplingParams``).
+               context: Any = None, k: int = 3, **options: Any) -> Iterator[str]:
+        """Yield the generated text piece by piece (sampling options as in ``SamplingParams``; ``json_schema`` and
+        ``grammar`` as in ``start``).
 
         ``context``: a context store (or the path of one); the prompt then becomes the question answered from
         its ``k`` best passages (``create_completion`` also returns which passages were cited).
         """
         if context is not None:
             prompt, _ = self.context_prompt(prompt, context, k)
-        return self.start(prompt, max_new_tokens, stop, **sampling).text_pieces()
+        return self.start(prompt, max_new_tokens, stop, **options).text_pieces()
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: Sequence[str] = (),
-                 context: Any = None, k: int = 3, **sampling: Any) -> str:
-        """The generated continuation of ``prompt`` as one string (``context``/``k`` as in ``stream``)."""
-        return "".join(self.stream(prompt, max_new_tokens, stop, context, k, **sampling))
+                 context: Any = None, k: int = 3, **options: Any) -> str:
+        """The generated continuation of ``prompt`` as one string (``context``/``k`` as in ``stream``).
+
+        >>> model.generate("A person:", max_new_tokens=40, temperature=0,
+        ...                json_schema={"type": "object", "properties": {"age": {"type": "integer"}},
+        ...                             "required": ["age"]})  # doctest: +SKIP
+        '{"age": 25}'
+        """
+        return "".join(self.stream(prompt, max_new_tokens, stop, context, k, **options))
 
     def context_prompt(self, question: str, context: Any, k: int = 3) -> tuple[str, list[dict]]:
         """(prompt answering ``question`` from the store's ``k`` best passages, citations of those passages)."""
@@ -146,29 +167,57 @@ class Model(HookedModel):
 
     # --- OpenAI-shaped results -------------------------------------------------------------------------------
     def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 16, stream: bool = False,
-                          stop: str | Sequence[str] | None = None, context: Any = None, k: int = 3,
+                          stop: str | Sequence[str] | None = None, context: Any = None, k: int = 3, *,
+                          logprobs: int | None = None, echo: bool = False, n: int = 1,
+                          grammar: Grammar | str | None = None, response_format: Any = None,
                           **sampling: Any) -> dict | Iterator[dict]:
         """Like ``Llama.create_completion``: a ``text_completion`` dict, or an iterator of chunks with ``stream``.
 
+        ``logprobs``: each token's log-probability and that many alternatives (``choices[i]["logprobs"]``:
+        ``tokens``, ``text_offset``, ``token_logprobs``, ``top_logprobs``); with ``echo`` the prompt's text and
+        its tokens' log-probabilities come first (lm-evaluation-harness scores answers this way). ``n`` choices
+        share the prompt's KV blocks. ``grammar``/``response_format`` constrain the text (``constraints``).
         With ``context`` (a store or its path) the prompt is answered from the store and the result carries
         ``citations`` (chunk ids and sources of the passages in the prompt).
+
+        >>> out = model.create_completion("1 + 1 =", max_tokens=1, temperature=0, logprobs=2, echo=True)  # doctest: +SKIP
+        >>> out["choices"][0]["logprobs"]["tokens"], out["choices"][0]["logprobs"]["token_logprobs"][0]  # doctest: +SKIP
+        (['1', ' +', ' ', '1', ' =', ' ', '2'], None)
         """
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name}
         if context is not None:
             prompt, head["citations"] = self.context_prompt(prompt, context, k)
-        gen = self._start_request(prompt, max_tokens, stop, sampling)
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        prompt_text = prompt if isinstance(prompt, str) else self.detokenize(ids)
+        gens = self._start_choices(ids, max_tokens, stop, sampling, n, logprobs, echo and logprobs is not None,
+                                   grammar_from(grammar=grammar, response_format=response_format))
         if stream:
-            return self._completion_chunks(gen, head)
-        text = "".join(gen.text_pieces())
-        return {**head, "choices": [{"text": text, "index": 0, "logprobs": None,
-                                     "finish_reason": gen.finish_reason}], "usage": _usage(gen)}
+            return self._completion_chunks(gens, head, prompt_text if echo else "")
+
+        texts = _run_choices(gens)
+        choices = []
+        for i, (gen, text) in enumerate(zip(gens, texts)):
+            entries = None
+            if logprobs is not None:
+                scored = [ids[0], *gen.prompt_logprobs] if echo else []
+                entries = completion_logprobs(self.tokenizer, scored + gen.token_logprobs,
+                                              0 if echo else len(prompt_text))
+            choices.append({"text": prompt_text + text if echo else text, "index": i, "logprobs": entries,
+                            "finish_reason": gen.finish_reason})
+        return {**head, "choices": choices, "usage": _usage(gens)}
 
     def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, stream: bool = False,
-                               stop: str | Sequence[str] | None = None, context: Any = None, k: int = 3,
+                               stop: str | Sequence[str] | None = None, context: Any = None, k: int = 3, *,
+                               logprobs: bool = False, top_logprobs: int | None = None, n: int = 1,
+                               response_format: Any = None, grammar: Grammar | str | None = None,
+                               tools: list[dict] | None = None, tool_choice: Any = None,
                                **sampling: Any) -> dict | Iterator[dict]:
         """Like ``Llama.create_chat_completion``: the messages rendered with the model's chat template.
 
+        ``logprobs``/``top_logprobs``: ``choices[i]["logprobs"]["content"]`` per token (OpenAI's chat shape).
+        ``response_format``/``grammar`` constrain the answer; ``tools``/``tool_choice`` as in ``rocmforge.tools``
+        (a call comes back as ``message["tool_calls"]`` with finish_reason "tool_calls").
         With ``context`` the last user message is answered from the store; the result carries ``citations``.
         """
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
@@ -177,48 +226,139 @@ class Model(HookedModel):
             last = max(i for i, m in enumerate(messages) if m["role"] == "user")
             content, head["citations"] = self.context_prompt(messages[last]["content"], context, k)
             messages = [*messages[:last], {**messages[last], "content": content}, *messages[last + 1:]]
-        prompt = self.apply_chat_template(messages)
-        gen = self._start_request(self.tokenize(prompt), max_tokens, stop, sampling)
+        prompt, found, tools = self.chat_prompt(messages, tools, tool_choice, response_format, grammar)
+        gens = self._start_choices(self.tokenize(prompt), max_tokens, stop, sampling, n,
+                                   (top_logprobs or 0) if logprobs else None, False, found)
         if stream:
-            return self._chat_chunks(gen, head)
-        text = "".join(gen.text_pieces())
-        return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "logprobs": None, "finish_reason": gen.finish_reason}], "usage": _usage(gen)}
+            return self._chat_chunks(gens, head, tools)
+        texts = _run_choices(gens)
+        choices = []
+        for i, (gen, text) in enumerate(zip(gens, texts)):
+            message, finish = assistant_message(text, gen.finish_reason, tools)
+            choices.append({"index": i, "message": message,
+                            "logprobs": chat_logprobs(self.tokenizer, gen.token_logprobs) if logprobs else None,
+                            "finish_reason": finish})
+        return {**head, "choices": choices, "usage": _usage(gens)}
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: Any = None,
+                    response_format: Any = None, grammar: Grammar | str | None = None
+                    ) -> tuple[str, Grammar | None, list[dict] | None]:
+        """(prompt text, the grammar the answer must follow or None, the tools the answer may call or None)
+        for a chat request; raises ``GrammarError`` (a ``ValueError``) on a bad schema, grammar or tool."""
+        found = grammar_from(grammar=grammar, response_format=response_format)
+        tools = tools if tools and tool_choice != "none" else None
+        if tools:
+            knows_tools = template_knows_tools(self.tokenizer.chat_template)
+            messages = tool_messages(messages, tools, knows_tools)
+            forced = forced_call_grammar(tools, tool_choice)
+            if forced is not None and found is not None:
+                raise GrammarError("a forced tool call and a response_format or grammar cannot both apply")
+            found = forced or found
+            prompt = apply_chat_template(self.tokenizer, messages, tools=tools) if knows_tools else \
+                self.apply_chat_template(messages)
+        else:
+            prompt = self.apply_chat_template(messages)
+        return prompt, found, tools
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for ``messages`` under the model's chat template, ready for ``tokenize(prompt)``
         (which adds BOS when the file says so; a BOS the template wrote is dropped then, as llama.cpp does)."""
         return apply_chat_template(self.tokenizer, messages, add_generation_prompt)
 
-    def _start_request(self, prompt: str | Sequence[int], max_tokens: int | None,
-                       stop: str | Sequence[str] | None, sampling: dict) -> Generation:
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+    def _start_choices(self, ids: list[int], max_tokens: int | None, stop: str | Sequence[str] | None,
+                       sampling: dict, n: int, logprobs: int | None, score_prompt: bool,
+                       grammar: Grammar | None) -> list[Generation]:
+        """``n`` generations of one prompt: the first runs the prompt, the others read its KV blocks. Seeded
+        choices take seeds ``seed, seed + 1, ...`` so that they differ."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
         if max_tokens is None or max_tokens <= 0:  # llama-cpp-python: fill the rest of the context
             max_tokens = self.n_ctx - len(ids)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return Generation(self, ids, SamplingParams(**sampling), max_tokens, stops)
+        seed = sampling.get("seed")
+        gens: list[Generation] = []
+        for i in range(n):
+            params = SamplingParams(**{**sampling, **({"seed": seed + i} if seed is not None else {})})
+            gens.append(Generation(self, ids, params, max_tokens, stops, logprobs=logprobs,
+                                   score_prompt=score_prompt, constraint=self._constraint(grammar),
+                                   share_prompt_of=gens[0] if gens else None))
+            if n > 1 and i == 0:
+                gens[0].prefill()
+        return gens
 
-    def _completion_chunks(self, gen: Generation, head: dict) -> Iterator[dict]:
-        for piece in gen.text_pieces():
-            yield {**head, "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}]}
-        yield {**head, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": gen.finish_reason}],
-               "usage": _usage(gen)}
+    def _completion_chunks(self, gens: list[Generation], head: dict, echo_text: str) -> Iterator[dict]:
+        def chunk(i: int, text: str, entries: list | None, finish: str | None) -> dict:
+            logprobs = completion_logprobs(self.tokenizer, entries) if entries is not None else None
+            return {**head, "choices": [{"text": text, "index": i, "logprobs": logprobs, "finish_reason": finish}]}
 
-    def _chat_chunks(self, gen: Generation, head: dict) -> Iterator[dict]:
+        if echo_text:
+            for i, gen in enumerate(gens):
+                gen.prefill()  # the prompt's log-probabilities come from its prefill
+                entries = [gen.tokens[0], *gen.prompt_logprobs] if gen.n_logprobs is not None else None
+                yield chunk(i, echo_text, entries, None)
+        for i, text in _stream_choices(gens):
+            gen = gens[i]
+            yield chunk(i, text, gen.take_logprobs() if gen.n_logprobs is not None else None, None)
+        for i, gen in enumerate(gens):
+            yield {**chunk(i, "", gen.take_logprobs() if gen.n_logprobs is not None else None, gen.finish_reason),
+                   **({"usage": _usage(gens)} if i == len(gens) - 1 else {})}
+
+    def _chat_chunks(self, gens: list[Generation], head: dict, tools: list[dict] | None) -> Iterator[dict]:
         head = {**head, "object": "chat.completion.chunk"}
-        yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
-        for piece in gen.text_pieces():
-            yield {**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-        yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": gen.finish_reason}],
-               "usage": _usage(gen)}
+
+        def chunk(i: int, delta: dict, finish: str | None) -> dict:
+            gen = gens[i]
+            logprobs = chat_logprobs(self.tokenizer, gen.take_logprobs()) if gen.n_logprobs is not None else None
+            return {**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+
+        for i in range(len(gens)):
+            yield chunk(i, {"role": "assistant"}, None)
+        texts = [""] * len(gens)
+        for i, text in _stream_choices(gens):
+            if tools:  # a tool call is only known whole: hold the text back until the end
+                texts[i] += text
+            else:
+                yield chunk(i, {"content": text}, None)
+        for i, gen in enumerate(gens):
+            delta, finish = {}, gen.finish_reason
+            if tools:
+                message, finish = assistant_message(texts[i], finish, tools)
+                delta = {"content": message["content"]} if message.get("content") else {}
+                if "tool_calls" in message:
+                    delta["tool_calls"] = [{"index": j, **call} for j, call in enumerate(message["tool_calls"])]
+            yield {**chunk(i, delta, finish), **({"usage": _usage(gens)} if i == len(gens) - 1 else {})}
 
 
-def _usage(gen: Generation) -> dict[str, int]:
-    # like llama-cpp-python, the end-of-generation token that stopped it is not counted as completion
-    ended_on_eot = gen.n_generated > 0 and gen.tokens[-1] in gen.model.tokenizer.eot_ids
-    completion = gen.n_generated - ended_on_eot
-    return {"prompt_tokens": gen.n_prompt, "completion_tokens": completion,
-            "total_tokens": gen.n_prompt + completion}
+def _stream_choices(gens: list[Generation]) -> Iterator[tuple[int, str]]:
+    """(choice index, new text) as the choices advance together, one batched forward per token."""
+    try:
+        while active := [i for i, g in enumerate(gens) if not g.finished]:
+            for i, token in zip(active, step_all([gens[i] for i in active])):
+                text = gens[i].text_of(token)
+                if text:
+                    yield i, text
+        for i, gen in enumerate(gens):
+            rest = gen.rest_of_text()
+            if rest:
+                yield i, rest
+    finally:
+        for gen in reversed(gens):
+            gen.close()
+
+
+def _run_choices(gens: list[Generation]) -> list[str]:
+    texts = [""] * len(gens)
+    for i, text in _stream_choices(gens):
+        texts[i] += text
+    return texts
+
+
+def _usage(gens: list[Generation]) -> dict[str, int]:
+    # like llama-cpp-python, the end-of-generation token that stopped a choice is not counted as completion
+    eot = gens[0].model.tokenizer.eot_ids
+    completion = sum(g.n_generated - (g.n_generated > 0 and g.tokens[-1] in eot) for g in gens)
+    n_prompt = gens[0].n_prompt
+    return {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion}
 
 
 def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", n_ctx: int | None = None,

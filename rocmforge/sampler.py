@@ -112,7 +112,7 @@ class Sampler:
         self._logits = np.empty(0)
         self._scratch = np.empty(0)
 
-    def distribution(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+    def distribution(self, logits: np.ndarray, history: Sequence[int], mask: np.ndarray | None = None) -> np.ndarray:
         """The float64 probabilities over the vocabulary that ``sample`` draws from.
 
         ``history`` is every token id of the sequence so far (prompt and generated); penalties
@@ -124,14 +124,18 @@ class Sampler:
         >>> p.round(4).tolist()
         [0.0, 0.2689, 0.7311]
         """
-        ids, probs = self._candidates(logits, history)
+        ids, probs = self._candidates(logits, history, mask)
         full = np.zeros(len(logits), dtype=np.float64)
         full[ids] = probs
         return full
 
-    def sample(self, logits: np.ndarray, history: Sequence[int]) -> int:
-        """Draw the next token id from ``distribution(logits, history)`` (argmax when greedy)."""
-        ids, probs = self._candidates(logits, history)
+    def sample(self, logits: np.ndarray, history: Sequence[int], mask: np.ndarray | None = None) -> int:
+        """Draw the next token id from ``distribution(logits, history, mask)`` (argmax when greedy).
+
+        ``mask``: the allowed tokens as a packed int32 bitmask ``[ceil(vocab / 32)]`` (bit ``t % 32`` of word
+        ``t // 32``; ``constraints.Constraint.mask()`` makes one); the others are banned before the chain runs.
+        """
+        ids, probs = self._candidates(logits, history, mask)
         return self._pick(ids, probs)
 
     def sample_from(self, probs: np.ndarray) -> int:
@@ -152,13 +156,17 @@ class Sampler:
         index = np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")
         return int(ids[min(index, len(cdf) - 1)])
 
-    def _candidates(self, logits: np.ndarray, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _candidates(self, logits: np.ndarray, history: Sequence[int],
+                    mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Surviving token ids (ascending) and their final probabilities."""
         p = self.params
         if len(self._logits) != len(logits):
             self._logits, self._scratch = np.empty(len(logits)), np.empty(len(logits))
         x = self._logits
         np.copyto(x, logits)  # the caller's logits stay untouched
+        if mask is not None:
+            allowed = np.unpackbits(mask.view(np.uint8), count=len(x), bitorder="little").view(bool)
+            np.putmask(x, ~allowed, -np.inf)
         self._add_bias(x)
         self._penalize(x, history)
         if p.temperature == 0:
@@ -198,7 +206,7 @@ class Sampler:
 
 def _check_alive(best_logit: float) -> None:
     if best_logit == -math.inf:
-        raise ValueError("every token is banned (all logits are -inf after logit_bias)")
+        raise ValueError("every token is banned (all logits are -inf after logit_bias and the grammar's mask)")
 
 
 def _top_k(x: np.ndarray, k: int, scratch: np.ndarray) -> np.ndarray:

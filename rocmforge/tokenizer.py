@@ -435,6 +435,13 @@ class Tokenizer:
             return b""
         return self._pieces[token_id]
 
+    def is_special(self, token_id: int) -> bool:
+        """A control token (``<|im_end|>``, ``<bos>``), or a user-defined one written like one (``<tool_call>``):
+        marked as never spelled by ordinary text, as llama.cpp's grammar sampler treats them."""
+        attr, text = self._attrs[token_id], self.tokens[token_id]
+        return bool(attr & (ATTR_CONTROL | ATTR_UNKNOWN)
+                    or attr & ATTR_USER_DEFINED and text.startswith("<") and text.endswith(">"))
+
     def token_text(self, token_id: int) -> str:
         """A token's text for display (``'<|im_start|>'``, ``' world'``; a lone byte of a longer UTF-8
         character shows as U+FFFD).

@@ -44,7 +44,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def main() -> None:
-    """Entry point: user errors print one line and exit 1; ``--debug`` shows the traceback."""
+    """Entry point: user errors print one line and exit 1 (a bad option: 2); ``--debug`` shows the traceback."""
     try:
         cli.main(standalone_mode=False)
     except RocmforgeError as exc:
@@ -55,6 +55,10 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # a bad option value: one line (not click's usage block), exit code 2
+        hint = f" (see 'rocmforge {exc.ctx.info_name} --help')" if exc.ctx is not None else ""
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -2,7 +2,8 @@
 optionally, a ``ContextStore``.
 
 Routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (JSON or SSE streaming ending with
-``data: [DONE]``), ``/v1/embeddings``, ``/v1/context/documents`` (POST), ``/v1/context/documents/{id}``
+``data: [DONE]``; ``logprobs``, ``echo``, ``n``, ``response_format``/``json_schema``/``grammar``, ``tools``),
+``/tokenize``, ``/detokenize``, ``/tokenizer_info`` (vLLM's, for lm-evaluation-harness), ``/v1/embeddings``, ``/v1/context/documents`` (POST), ``/v1/context/documents/{id}``
 (DELETE), ``/v1/context/search``, ``/health``, ``/ready``, ``/metrics``. A completion or chat request with
 ``"context": {"k": 3}`` is answered from the store's best passages and carries ``citations``.
 
@@ -28,9 +29,10 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -41,14 +43,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from context_store.prompt import build_context_prompt
+from rocmforge.constraints import Constraint, Grammar, GrammarError, grammar_from
+from rocmforge.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from rocmforge.sampler import SamplingParams
 from rocmforge.server.errors import APIError, error_body
 from rocmforge.server.metrics import Metrics
 from rocmforge.server.middleware import APIKeyAuth, BodyLimit, RequestMetrics
-from rocmforge.server.scheduler import (Event, Failed, Finished, GenerationRequest, QueueFull, Scheduler,
-                                        TextPiece)
-from rocmforge.server.schemas import (ChatRequest, CompletionRequest, DocumentIn, EmbeddingRequest,
-                                      SamplingFields)
+from rocmforge.server.scheduler import (Event, Failed, Finished, GenerationRequest, PromptScored, QueueFull,
+                                        Scheduler, TextPiece)
+from rocmforge.server.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, DocumentIn,
+                                      EmbeddingRequest, SamplingFields, TokenizeRequest)
+from rocmforge.tools import assistant_message
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ class Limits:
     max_tokens: int = 4096
     max_messages: int = 256
     max_embedding_inputs: int = 256
+    max_choices: int = 16  # prompts x n in one request
 
 
 class LockedEmbedder:
@@ -102,13 +108,16 @@ class _Events:
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Event | _Disconnected] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Event] | _Disconnected] = asyncio.Queue()
 
-    def put(self, event: Event | _Disconnected) -> None:
+    def put(self, event: tuple[int, Event] | _Disconnected) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:  # the loop closed (server shutting down): nobody is listening any more
             pass
+
+    def put_choice(self, index: int, event: Event) -> None:
+        self.put((index, event))
 
 
 class Server:
@@ -144,24 +153,49 @@ class Server:
         }
         return PlainTextResponse(self.metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
+    # --- tokens (the endpoints lm-evaluation-harness's "remote" tokenizer and vLLM clients use) -----------------
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        ids = self.model.tokenize(body.prompt, add_bos=None if body.add_special_tokens else False)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.model.n_ctx}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        self._check_ids(body.tokens, "tokens")
+        return {"prompt": self.model.detokenize(body.tokens)}
+
+    async def tokenizer_info(self) -> dict:
+        tok = self.model.tokenizer
+        text = lambda i: tok.token_text(i) if i is not None else None  # noqa: E731
+        return {"eos_token": text(tok.eos_id), "bos_token": text(tok.bos_id), "pad_token": None,
+                "chat_template": tok.chat_template, "model_max_length": self.model.n_ctx}
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        if any(not 0 <= t < self.model.tokenizer.vocab_size for t in ids):
+            raise APIError(400, f"token ids must be in [0, {self.model.tokenizer.vocab_size})", param=param)
+
     # --- generation --------------------------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError(400, "one prompt per request: send a string or a list with one string",
-                               param="prompt")
-            prompt = prompt[0]
+        prompts = body.prompt
+        if isinstance(prompts, str) or not prompts or isinstance(prompts[0], int):
+            prompts = [prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model.name}
         if body.context is not None:
-            if not isinstance(prompt, str):
-                raise APIError(400, "context needs the prompt as text", param="prompt")
-            prompt, head["citations"] = await self._context_prompt(prompt, body)
-        ids = self.model.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        if any(not 0 <= t < self.model.tokenizer.vocab_size for t in ids):
-            raise APIError(400, f"token ids must be in [0, {self.model.tokenizer.vocab_size})", param="prompt")
-        return await self._generate(request, body, ids, body.max_tokens, head, chat=False)
+            if len(prompts) != 1 or not isinstance(prompts[0], str):
+                raise APIError(400, "context needs one prompt as text", param="prompt")
+            text, head["citations"] = await self._context_prompt(prompts[0], body)
+            prompts = [text]
+        jobs = []
+        for prompt in prompts:
+            ids = self.model.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+            self._check_ids(ids, "prompt")
+            echo = (prompt if isinstance(prompt, str) else self.model.detokenize(ids)) if body.echo else ""
+            jobs.append((ids, echo))
+        try:
+            grammar = grammar_from(body.json_schema, body.grammar, body.response_format)
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param="grammar" if body.grammar else "response_format") from None
+        return await self._generate(request, body, jobs, body.max_tokens, head, grammar, None, body.logprobs,
+                                    score_prompt=body.echo and body.logprobs is not None)
 
     async def chat_completions(self, body: ChatRequest, request: Request) -> Response:
         if len(body.messages) > self.limits.max_messages:
@@ -177,18 +211,34 @@ class Server:
             last = users[-1]
             content, head["citations"] = await self._context_prompt(messages[last]["content"], body)
             messages[last] = {**messages[last], "content": content}
+        response_format = body.response_format
+        if body.json_schema is not None and response_format is None:
+            response_format = {"type": "json_schema", "json_schema": {"schema": body.json_schema}}
         try:
-            prompt = self.model.apply_chat_template(messages)
+            prompt, grammar, tools = self.model.chat_prompt(messages, body.tools, body.tool_choice, response_format,
+                                                            body.grammar)
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param="tools" if body.tools else "response_format") from None
         except Exception as exc:  # the model's own template refused these messages (e.g. roles out of order)
             raise APIError(400, f"the chat template cannot render these messages: {exc}", param="messages")
         ids = self.model.tokenize(prompt)  # the file's BOS rule, as Model.create_chat_completion
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await self._generate(request, body, ids, max_tokens, head, chat=True)
+        n_top = (body.top_logprobs or 0) if body.logprobs else None
+        return await self._generate(request, body, [(ids, "")], max_tokens, head, grammar, tools, n_top,
+                                    score_prompt=False, chat=True)
 
     async def _context_prompt(self, question: str, body: SamplingFields) -> tuple[str, list[dict]]:
         store = self._require_store()
         hits = await run_in_threadpool(store.search, question, body.context.k, body.context.mode)
         return build_context_prompt(question, hits)
+
+    def _constraint(self, grammar: Grammar | None) -> Constraint | None:
+        if grammar is None:
+            return None
+        try:
+            return Constraint(self.model.tokenizer, grammar)
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param="grammar" if grammar.source == "grammar" else "response_format")
 
     def _sampling(self, body: SamplingFields) -> SamplingParams:
         if (name := body.unsupported()) is not None:
@@ -213,72 +263,98 @@ class Server:
         # Never past the context: a request that asks for more ends with finish_reason "length" there.
         return min(requested or self.limits.max_tokens, n_ctx - n_prompt)
 
-    async def _generate(self, request: Request, body: SamplingFields, ids: list[int], max_tokens: int | None,
-                        head: dict, chat: bool) -> Response:
+    async def _generate(self, request: Request, body: SamplingFields, prompts: list[tuple[list[int], str]],
+                        max_tokens: int | None, head: dict, grammar: Grammar | None, tools: list[dict] | None,
+                        n_top: int | None, score_prompt: bool, chat: bool = False) -> Response:
+        """Run ``body.n`` choices of each prompt (choice ``p * n + j``; the first of a prompt runs it, the others
+        read its KV blocks) and answer with all of them, as JSON or as one SSE stream."""
         params = self._sampling(body)
-        max_tokens = self._max_tokens(max_tokens, len(ids), "messages" if chat else "prompt")
+        if len(prompts) * body.n > self.limits.max_choices:
+            raise APIError(400, f"{len(prompts)} prompts x n={body.n} choices; the limit is {self.limits.max_choices}",
+                           param="n")
         events = _Events()
-        job = GenerationRequest(ids, params, max_tokens, events.put, stop=body.stops())
+        choices: list[_Choice] = []
+        for ids, echo in prompts:
+            limit = self._max_tokens(max_tokens, len(ids), "messages" if chat else "prompt")
+            first: GenerationRequest | None = None
+            for j in range(body.n):
+                index = len(choices)
+                seeded = replace(params, seed=params.seed + j) if params.seed is not None and j else params
+                job = GenerationRequest(ids, seeded, limit, partial(events.put_choice, index), stop=body.stops(),
+                                        logprobs=n_top, score_prompt=score_prompt,
+                                        constraint=self._constraint(grammar), share_prompt_of=first)
+                first = first or job
+                choices.append(_Choice(index, job, ids, echo))
         try:
-            self.scheduler.submit(job)
+            for choice in choices:
+                self.scheduler.submit(choice.job)
         except QueueFull as exc:
+            for choice in choices:
+                self.scheduler.cancel(choice.job)
             raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)})
-        watcher = asyncio.create_task(self._watch_disconnect(request, job, events))
-        streaming = False  # once the StreamingResponse owns the job, its generator cancels it
+        jobs = [c.job for c in choices]
+        watcher = asyncio.create_task(self._watch_disconnect(request, jobs, events))
+        streaming = False  # once the StreamingResponse owns the jobs, its generator cancels them
+        answer = _Answer(self.model.tokenizer, head, choices, chat, tools, n_top)
         try:
-            first = await events.queue.get()
-            if isinstance(first, Failed):
-                raise APIError(500, first.message, code="engine_error")
-            if isinstance(first, _Disconnected):
+            first_event = await events.queue.get()
+            if isinstance(first_event, _Disconnected):
                 return Response(status_code=499)
+            if isinstance(first_event[1], Failed):
+                raise APIError(500, first_event[1].message, code="engine_error")
             if body.stream:
                 watcher.cancel()  # from here on Starlette's StreamingResponse notices the disconnect
                 streaming = True
-                return StreamingResponse(self._sse(first, events, job, head, chat), media_type="text/event-stream",
+                return StreamingResponse(self._sse(first_event, events, jobs, answer), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
-            text, event = [], first
-            while isinstance(event, TextPiece):
-                text.append(event.text)
-                event = await events.queue.get()
-            if isinstance(event, Failed):
-                raise APIError(500, event.message, code="engine_error")
-            if isinstance(event, _Disconnected):
-                return Response(status_code=499)
-            return JSONResponse(_final_response(head, "".join(text), event, chat))
+            item = first_event
+            while True:
+                if isinstance(item, _Disconnected):
+                    return Response(status_code=499)
+                if isinstance(item[1], Failed):
+                    raise APIError(500, item[1].message, code="engine_error")
+                answer.take(*item)
+                if answer.done:
+                    return JSONResponse(answer.final())
+                item = await events.queue.get()
         finally:
             watcher.cancel()
-            if not streaming and not job.done.is_set():
-                self.scheduler.cancel(job)
+            if not streaming:
+                self._cancel_unfinished(jobs)
 
-    async def _watch_disconnect(self, request: Request, job: GenerationRequest, events: _Events) -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        self.scheduler.cancel(job)
-        events.put(_Disconnected())
-
-    async def _sse(self, first: Event, events: _Events, job: GenerationRequest, head: dict,
-                   chat: bool) -> AsyncIterator[str]:
-        """``data: {chunk}`` lines; the last chunk has finish_reason and usage, then ``data: [DONE]``."""
-        head = {**head, "object": "chat.completion.chunk"} if chat else head
-        try:
-            if chat:
-                yield _sse_line({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                      "logprobs": None, "finish_reason": None}]})
-            event = first
-            while isinstance(event, TextPiece):
-                choice = {"index": 0, "delta": {"content": event.text}} if chat else {"index": 0, "text": event.text}
-                yield _sse_line({**head, "choices": [{**choice, "logprobs": None, "finish_reason": None}]})
-                event = await events.queue.get()
-            if isinstance(event, Finished):
-                choice = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
-                yield _sse_line({**head, "choices": [{**choice, "logprobs": None, "finish_reason": event.reason}],
-                                 "usage": _usage(event)})
-                yield "data: [DONE]\n\n"
-            elif isinstance(event, Failed):
-                yield _sse_line(error_body(500, event.message, code="engine_error"))
-        finally:  # the client went away, or we are done: either way the sequence must not keep its blocks
+    def _cancel_unfinished(self, jobs: list[GenerationRequest]) -> None:
+        for job in jobs:
             if not job.done.is_set():
                 self.scheduler.cancel(job)
+
+    async def _watch_disconnect(self, request: Request, jobs: list[GenerationRequest], events: _Events) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self._cancel_unfinished(jobs)
+        events.put(_Disconnected())
+
+    async def _sse(self, first: tuple[int, Event], events: _Events, jobs: list[GenerationRequest],
+                   answer: _Answer) -> AsyncIterator[str]:
+        """``data: {chunk}`` lines; each choice's last chunk has its finish_reason (the very last one the usage),
+        then ``data: [DONE]``."""
+        try:
+            for chunk in answer.opening_chunks():
+                yield _sse_line(chunk)
+            item: tuple[int, Event] | _Disconnected = first
+            while True:
+                if isinstance(item, _Disconnected):
+                    return
+                if isinstance(item[1], Failed):
+                    yield _sse_line(error_body(500, item[1].message, code="engine_error"))
+                    return
+                for chunk in answer.take(*item):
+                    yield _sse_line(chunk)
+                if answer.done:
+                    yield "data: [DONE]\n\n"
+                    return
+                item = await events.queue.get()
+        finally:  # the client went away, or we are done: either way no sequence may keep its blocks
+            self._cancel_unfinished(jobs)
 
     # --- embeddings and context --------------------------------------------------------------------------
     async def embeddings(self, body: EmbeddingRequest) -> dict:
@@ -327,14 +403,102 @@ class Server:
         return {"object": "context.document", "id": document_id, "deleted": True}
 
 
-def _usage(done: Finished) -> dict[str, int]:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+@dataclass
+class _Choice:
+    """One choice of a request, filled from its scheduler events."""
+
+    index: int
+    job: GenerationRequest
+    prompt_ids: list[int]
+    echo: str
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    finished: Finished | None = None
 
 
-def _final_response(head: dict, text: str, done: Finished, chat: bool) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
-    return {**head, "choices": [{**choice, "logprobs": None, "finish_reason": done.reason}], "usage": _usage(done)}
+class _Answer:
+    """Turns the choices' events into OpenAI's shapes: chunks as they come (``take``) and the whole answer."""
+
+    def __init__(self, tokenizer: Any, head: dict, choices: list[_Choice], chat: bool, tools: list[dict] | None,
+                 n_top: int | None):
+        self.tokenizer, self.choices, self.chat, self.tools, self.n_top = tokenizer, choices, chat, tools, n_top
+        self.head = {**head, "object": "chat.completion.chunk"} if chat else head
+        self.final_head = head
+        self.n_open = len(choices)
+
+    @property
+    def done(self) -> bool:
+        return self.n_open == 0
+
+    def _logprobs(self, entries: Sequence[TokenLogprob | int], offset: int = 0) -> dict | None:
+        if self.n_top is None:
+            return None
+        if self.chat:
+            return chat_logprobs(self.tokenizer, entries)
+        return completion_logprobs(self.tokenizer, entries, offset)
+
+    def _chunk(self, choice: _Choice, text: str | None, entries: Sequence, finish: str | None,
+               delta: dict | None = None) -> dict:
+        if self.chat:
+            body = {"delta": delta if delta is not None else ({"content": text} if text else {})}
+        else:
+            body = {"text": text or ""}
+        return {**self.head, "choices": [{"index": choice.index, **body, "logprobs": self._logprobs(entries),
+                                          "finish_reason": finish}]}
+
+    def opening_chunks(self) -> list[dict]:
+        """Chat: each choice's role. Completions that echo without log-probabilities: each prompt's text."""
+        if self.chat:
+            return [self._chunk(c, None, [], None, {"role": "assistant", "content": ""}) for c in self.choices]
+        if self.n_top is None:
+            return [self._chunk(c, c.echo, [], None) for c in self.choices if c.echo]
+        return []
+
+    def take(self, index: int, event: Event) -> list[dict]:
+        """Record ``event`` of choice ``index``; returns the chunks it makes."""
+        choice = self.choices[index]
+        if isinstance(event, PromptScored):
+            choice.prompt_logprobs = event.logprobs
+            return [self._chunk(choice, choice.echo, [choice.prompt_ids[0], *event.logprobs], None)] \
+                if choice.echo else []
+        if isinstance(event, TextPiece):
+            choice.text.append(event.text)
+            choice.logprobs += event.logprobs
+            if self.tools:  # a tool call is known only whole: its text waits for the end
+                return []
+            return [self._chunk(choice, event.text, event.logprobs, None)]
+        choice.finished, self.n_open = event, self.n_open - 1
+        choice.logprobs += event.logprobs
+        delta, finish = None, event.reason
+        if self.tools:
+            message, finish = assistant_message("".join(choice.text), event.reason, self.tools)
+            delta = {"content": message["content"]} if message["content"] else {}
+            if "tool_calls" in message:
+                delta["tool_calls"] = [{"index": j, **call} for j, call in enumerate(message["tool_calls"])]
+        chunk = self._chunk(choice, "", event.logprobs, finish, delta)
+        return [{**chunk, "usage": self.usage()} if self.done else chunk]
+
+    def usage(self) -> dict[str, int]:
+        prompts = {id(c.job.share_prompt_of or c.job): len(c.prompt_ids) for c in self.choices}
+        completion = sum(c.finished.completion_tokens for c in self.choices if c.finished is not None)
+        prompt = sum(prompts.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def final(self) -> dict:
+        out = []
+        for c in self.choices:
+            text = "".join(c.text)
+            if self.chat:
+                message, finish = assistant_message(text, c.finished.reason, self.tools)
+                out.append({"index": c.index, "message": message, "logprobs": self._logprobs(c.logprobs),
+                            "finish_reason": finish})
+                continue
+            scored: list = [c.prompt_ids[0], *c.prompt_logprobs] if c.echo and c.prompt_logprobs is not None else []
+            logprobs = self._logprobs(scored + c.logprobs, 0 if c.echo else len(self.tokenizer.decode(c.prompt_ids)))
+            out.append({"index": c.index, "text": c.echo + text, "logprobs": logprobs,
+                        "finish_reason": c.finished.reason})
+        return {**self.final_head, "choices": out, "usage": self.usage()}
 
 
 def _sse_line(payload: dict) -> str:
@@ -380,6 +544,9 @@ def create_app(model: Any, *, max_batch: int = 8, max_queue: int = 64, api_key: 
     app.get("/v1/models")(server.models)
     app.post("/v1/completions")(server.completions)
     app.post("/v1/chat/completions")(server.chat_completions)
+    app.post("/tokenize")(server.tokenize)
+    app.post("/detokenize")(server.detokenize)
+    app.get("/tokenizer_info")(server.tokenizer_info)
     app.post("/v1/embeddings")(server.embeddings)
     app.post("/v1/context/documents")(server.add_document)
     app.get("/v1/context/search")(server.search)

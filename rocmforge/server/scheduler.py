@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from rocmforge.constraints import Constraint
+from rocmforge.logprobs import TokenLogprob, score, score_rows
 from rocmforge.sampler import Sampler, SamplingParams, StopMatcher
 from rocmforge.server.metrics import Metrics
 
@@ -54,6 +56,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TextPiece:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()   # the tokens sampled since the last piece (when asked for)
+
+
+@dataclass(frozen=True)
+class PromptScored:
+    logprobs: tuple[TokenLogprob, ...]        # the prompt's tokens from the second on (``score_prompt``)
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class Finished:
     reason: str               # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()   # sampled tokens no piece carried (an end token, held-back text)
 
 
 @dataclass(frozen=True)
@@ -68,18 +77,28 @@ class Failed:
     message: str              # the engine raised; the request is over, the server is not
 
 
-Event = TextPiece | Finished | Failed
+Event = TextPiece | PromptScored | Finished | Failed
 
 
 @dataclass
 class GenerationRequest:
-    """One completion to run. ``emit`` is called from the scheduler thread; it must not block."""
+    """One completion to run. ``emit`` is called from the scheduler thread; it must not block.
+
+    ``logprobs``: report each sampled token's log-probability with that many alternatives (None: none);
+    ``score_prompt``: emit ``PromptScored`` once the prompt has run. ``constraint``: a grammar the text must
+    follow. ``share_prompt_of``: an earlier request of the same prompt (``n`` > 1): this one waits for its
+    prefill and reads its KV blocks instead of running the prompt again.
+    """
 
     prompt_ids: Sequence[int]
     params: SamplingParams
     max_tokens: int
     emit: Callable[[Event], None]
     stop: Sequence[str] = ()
+    logprobs: int | None = None
+    score_prompt: bool = False
+    constraint: Constraint | None = None
+    share_prompt_of: GenerationRequest | None = None
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
@@ -95,9 +114,10 @@ class QueueFull(Exception):
 
 # --- one running sequence ----------------------------------------------------------------------------------
 class _Sequence:
-    def __init__(self, request: GenerationRequest, model: Any):
+    def __init__(self, request: GenerationRequest, model: Any, leader: _Sequence | None = None):
         self.request = request
-        self.seq_id = model.kv.new_sequence()
+        self.leader = leader               # the sequence whose prompt blocks this one will read, until forked
+        self.seq_id: int | None = model.kv.new_sequence() if leader is None else None
         self.tokens: list[int] = [int(t) for t in request.prompt_ids]
         self.n_prompt = len(self.tokens)
         self.fed = 0                       # tokens already written to the KV cache
@@ -105,6 +125,9 @@ class _Sequence:
         self.stops = StopMatcher(request.stop)
         self.decoder = model.tokenizer.incremental_decoder()
         self.finish_reason: str | None = None
+        self.scores_prompt = request.score_prompt  # this sequence runs (and so scores) its own prompt
+        self.prompt_logprobs: list[TokenLogprob] = []
+        self.unsent_logprobs: list[TokenLogprob] = []
 
     @property
     def prefilling(self) -> bool:
@@ -225,12 +248,16 @@ class Scheduler:
                                     f"{self.model.n_ctx - 1} for a context of {self.model.n_ctx}"))
                 request.done.set()
                 continue
-            self._running.append(_Sequence(request, self.model))
+            leader = next((s for s in self._running if s.request is request.share_prompt_of), None) \
+                if request.share_prompt_of is not None else None
+            self._running.append(_Sequence(request, self.model, leader))
 
     def _plan(self) -> tuple[list[_Sequence], list[list[int]]]:
         """Which sequences feed which tokens this tick: every decoding one, prompt chunks within the budget."""
         members, inputs, prefill_tokens = [], [], 0
         for seq in self._running:
+            if seq.leader is not None:
+                continue  # waits for its leader's prompt
             tokens = seq.next_input(self.chunk_size)
             if seq.prefilling:
                 if prefill_tokens and prefill_tokens + len(tokens) > self.prefill_budget:
@@ -252,24 +279,64 @@ class Scheduler:
             return
         self.ticks += 1
         self.metrics.observe_batch(len(members))
-        for seq, row in logits:
-            self._advance(seq, row)
+        for seq, rows, start in logits:
+            if seq.scores_prompt and start < seq.n_prompt:
+                self._score_prompt(seq, rows, start)
+        self._fork_followers()  # before _advance: a leader that finishes now frees its blocks
+        for seq, rows, _ in logits:
+            if not seq.prefilling:
+                self._advance(seq, rows[-1])
 
-    def _forward(self, members: list[_Sequence], inputs: list[list[int]]) -> list[tuple[_Sequence, np.ndarray]]:
+    def _score_prompt(self, seq: _Sequence, rows: np.ndarray, start: int) -> None:
+        """Log-probabilities of the prompt tokens this chunk's rows predict (row i: token ``start + i + 1``)."""
+        stop = min(start + len(rows), seq.n_prompt - 1)
+        seq.prompt_logprobs += score_rows(rows[:stop - start], seq.tokens[start + 1:stop + 1],
+                                          seq.request.logprobs or 0)
+        if not seq.prefilling:
+            seq.request.emit(PromptScored(tuple(seq.prompt_logprobs)))
+
+    def _fork_followers(self) -> None:
+        """Sequences waiting for a leader's prompt read its whole blocks from now on and run only the rest."""
+        for seq in self._running:
+            leader = seq.leader
+            if leader is not None and not leader.prefilling:
+                seq.seq_id, seq.leader = self.model.kv.fork(leader.seq_id, seq.n_prompt - 1), None
+                seq.fed = self.model.kv.length(seq.seq_id)
+                if seq.scores_prompt:
+                    seq.scores_prompt, seq.prompt_logprobs = False, list(leader.prompt_logprobs)
+                    seq.request.emit(PromptScored(tuple(seq.prompt_logprobs)))
+
+    def _forward(self, members: list[_Sequence],
+                 inputs: list[list[int]]) -> list[tuple[_Sequence, np.ndarray, int]]:
         """Run this tick's tokens as up to ``workers`` forwards in parallel (each a contiguous group of
-        sequences); returns the last-position logits of every sequence that is past its prompt."""
+        sequences); returns (sequence, logits rows, position of the chunk's first token) for every sequence
+        past its prompt (its last row) or scoring its prompt (every row)."""
         model = self.model
         groups = _split(list(zip(members, inputs)), self.workers, self.min_rows_per_worker)
         batches = [model.kv.prepare([(seq.seq_id, tokens) for seq, tokens in group]) for group in groups]
         for seq, tokens in zip(members, inputs):
             seq.fed += len(tokens)
 
-        def run(group: list[tuple[_Sequence, list[int]]], batch: Any) -> list[tuple[_Sequence, np.ndarray]]:
-            wanted = [i for i, (seq, _) in enumerate(group) if not seq.prefilling]
+        def run(group: list[tuple[_Sequence, list[int]]], batch: Any) -> list[tuple[_Sequence, np.ndarray, int]]:
+            wanted, rows = [], []
+            for (seq, tokens), seg in zip(group, batch.segments):
+                start = seq.fed - len(tokens)
+                if seq.scores_prompt and start < seq.n_prompt:
+                    picked = range(seg.rows.start, seg.rows.stop)
+                elif not seq.prefilling:
+                    picked = range(seg.rows.stop - 1, seg.rows.stop)
+                else:
+                    continue
+                wanted.append((seq, len(picked), start))
+                rows.extend(picked)
             if not wanted:
                 return []
-            logits = model.ops.to_host(model.arch.forward(model.ctx, batch, rows=batch.last_rows[wanted]))
-            return [(group[i][0], row) for i, row in zip(wanted, logits)]
+            logits = model.ops.to_host(model.arch.forward(model.ctx, batch, rows=np.array(rows, dtype=np.int64)))
+            out, at = [], 0
+            for seq, n_rows, start in wanted:
+                out.append((seq, logits[at:at + n_rows], start))
+                at += n_rows
+            return out
 
         others = [self._pool.submit(run, group, batch) for group, batch in zip(groups[1:], batches[1:])]
         try:
@@ -282,12 +349,16 @@ class Scheduler:
 
     def _advance(self, seq: _Sequence, logits: np.ndarray) -> None:
         """Sample one token for ``seq``, stream its text, and finish the sequence if it is done."""
-        request = seq.request
+        request, constraint = seq.request, seq.request.constraint
         try:
-            token = seq.sampler.sample(logits, seq.tokens)
+            token = seq.sampler.sample(logits, seq.tokens, constraint.mask() if constraint is not None else None)
+            if constraint is not None:
+                constraint.accept(token)
         except ValueError as exc:  # e.g. logit_bias banned every token
             self._fail(seq, str(exc))
             return
+        if request.logprobs is not None:
+            seq.unsent_logprobs.append(score(logits, token, request.logprobs))
         seq.tokens.append(token)
         if seq.n_generated == 1:
             self.metrics.observe_ttft(time.perf_counter() - request.arrived)
@@ -296,8 +367,8 @@ class Scheduler:
         else:
             text, stopped = seq.stops.feed(seq.decoder.feed(token))
             if text:
-                request.emit(TextPiece(text))
-            if stopped:
+                request.emit(TextPiece(text, self._take_logprobs(seq)))
+            if stopped or constraint is not None and constraint.done:
                 seq.finish_reason = "stop"
         if seq.finish_reason is None and (seq.n_generated >= request.max_tokens
                                           or len(seq.tokens) >= self.model.n_ctx):
@@ -305,24 +376,35 @@ class Scheduler:
         if seq.finish_reason is not None:
             self._finish(seq)
 
+    @staticmethod
+    def _take_logprobs(seq: _Sequence) -> tuple[TokenLogprob, ...]:
+        taken = tuple(seq.unsent_logprobs)
+        seq.unsent_logprobs.clear()
+        return taken
+
     def _finish(self, seq: _Sequence) -> None:
         if seq.stops.matched is None:
             rest = seq.stops.feed(seq.decoder.flush())[0] + seq.stops.flush()
             if rest:
-                seq.request.emit(TextPiece(rest))
+                seq.request.emit(TextPiece(rest, self._take_logprobs(seq)))
         # like llama-cpp-python (and Model.create_completion), the end token that stopped it is not counted
         completion = seq.n_generated - (seq.tokens[-1] in self.model.tokenizer.eot_ids)
         self.metrics.add_tokens(seq.n_prompt, completion)
-        self._release(seq, Finished(seq.finish_reason or "stop", seq.n_prompt, completion))
+        self._release(seq, Finished(seq.finish_reason or "stop", seq.n_prompt, completion,
+                                    self._take_logprobs(seq)))
 
     def _fail(self, seq: _Sequence, message: str) -> None:
         self._release(seq, Failed(message))
 
     def _release(self, seq: _Sequence, last: Event | None = None) -> None:
         """Free the sequence's blocks, then emit its last event: whoever sees the end also sees them free."""
-        self.model.kv.free(seq.seq_id)
+        if seq.seq_id is not None:
+            self.model.kv.free(seq.seq_id)
         with self._wake:
             self._running.remove(seq)
+            for follower in self._running:  # never forked: it runs its own prompt after all
+                if follower.leader is seq:
+                    follower.leader, follower.seq_id = None, self.model.kv.new_sequence()
         if last is not None:
             seq.request.emit(last)
         seq.request.done.set()

@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI-compatible routes, validated by pydantic (a failure is a 400 in OpenAI's shape).
 
-Unknown fields are accepted and ignored (clients send ``user``, ``stream_options`` and the like); fields we
-cannot honour (``n`` > 1, ``echo``, ``logprobs``) are refused by ``SamplingFields.unsupported``.
+Unknown fields are accepted and ignored (clients send ``user``, ``stream_options`` and the like); a field we
+cannot honour (``best_of`` > 1) is refused by ``SamplingFields.unsupported``. Structured output: OpenAI's
+``response_format``, llama.cpp server's ``json_schema`` and ``grammar`` (GBNF, or Lark), and ``tools``.
 
 >>> ChatRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0).sampling()
 {'temperature': 0.0}
@@ -40,8 +41,11 @@ class SamplingFields(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=0)
     logit_bias: dict[int, float] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)
     context: ContextOption | None = None
+    response_format: dict[str, Any] | None = None
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
 
     def sampling(self) -> dict[str, Any]:
         """Keyword arguments for ``SamplingParams``: only what the client set (the rest keep llama.cpp defaults)."""
@@ -56,20 +60,16 @@ class SamplingFields(BaseModel):
     def unsupported(self) -> str | None:
         """The name of a field set to something this server does not do, or None."""
         extra = self.model_extra or {}
-        if self.n != 1:
-            return "n"
-        if extra.get("echo"):
-            return "echo"
-        if extra.get("logprobs") or extra.get("top_logprobs"):
-            return "logprobs"
         if (extra.get("best_of") or 1) != 1:
             return "best_of"
         return None
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
 
 
 class ContentPart(BaseModel):
@@ -82,16 +82,28 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
-    def as_template_message(self) -> dict[str, str]:
-        """What the chat template sees: plain-text content; ``developer`` is OpenAI's new name for ``system``."""
+    def as_template_message(self) -> dict[str, Any]:
+        """What the chat template sees: plain-text content (and an assistant's tool calls, a tool result's call
+        id); ``developer`` is OpenAI's new name for ``system``."""
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 class EmbeddingRequest(BaseModel):
@@ -107,3 +119,14 @@ class DocumentIn(BaseModel):
     source: str = "<http>"
     metadata: dict[str, Any] = Field(default_factory=dict)
     collection: str = "default"
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    tokens: list[int]
