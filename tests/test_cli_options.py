@@ -1,0 +1,37 @@
+"""Bad option values of ``rocmforge generate`` / ``chat`` are refused by click's own types and ranges before any
+model loads: one line on stderr, exit code 2, nothing on stdout."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--temp", "-1"], "--temp"), (["--top-p", "7"], "--top-p"), (["--top-p", "0"], "--top-p"),
+    (["-n", "-5"], "--max-tokens"), (["--top-k", "-2"], "--top-k"), (["--min-p", "1.5"], "--min-p"),
+    (["--repeat-penalty", "0"], "--repeat-penalty"), (["--seed", "-1"], "--seed"), (["-k", "0"], "-k"),
+    (["--temp", "warm"], "--temp"),
+])
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_bad_value_is_one_line_and_exit_code_2(command, args, option):
+    argv = [sys.executable, "-m", "rocmforge.cli.main", command, *args] + (["hi"] if command == "generate" else [])
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2, done
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Invalid value for") and option in lines[0], done.stderr
+
+
+def test_a_bad_schema_or_grammar_is_one_line_too(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "rocmforge.cli.main", "generate", "--json-schema", "{bad", "hi"],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "Invalid value for '--json-schema': not a JSON schema" in done.stderr
+    grammar = tmp_path / "bad.gbnf"
+    grammar.write_text("root ::= (")
+    done = subprocess.run([sys.executable, "-m", "rocmforge.cli.main", "generate", "--grammar", str(grammar), "hi"],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: invalid grammar: Expected ')' at line 1, 'root ::= (' ^ '' (see 'rocmforge generate --help')"]
