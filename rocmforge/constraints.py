@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import threading
 import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +162,23 @@ class Constraint:
             return
         if not self._matcher.consume_token(int(token)):
             raise GrammarError(f"token {token} is not allowed here: {self._matcher.get_error()}")
+
+
+_MASK_WORKER = ThreadPoolExecutor(1, "rocmforge-mask")
+
+
+def masks_during(constraints: Sequence[Constraint | None], work: Callable[[], Any]) -> list[np.ndarray | None]:
+    """Run ``work()`` (the forward) while a worker thread computes each constraint's next mask (llguidance
+    releases the GIL), so the mask costs no time when the forward takes longer. Returns the masks in order."""
+    if not any(c is not None for c in constraints):
+        work()
+        return [None] * len(constraints)
+    future = _MASK_WORKER.submit(lambda: [c.mask() if c is not None else None for c in constraints])
+    try:
+        work()
+    finally:
+        masks = future.result()
+    return masks
 
 
 def unpack_mask(mask: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rocmforge.constraints import masks_during
 from rocmforge.errors import ContextOverflowError
 from rocmforge.kv_cache import Batch
 from rocmforge.logprobs import TokenLogprob, score, score_rows
@@ -209,12 +210,15 @@ class Generation:
     def _needs_forward(self) -> bool:
         return not self.finished and (self._inflight is not None or self._fed < len(self.tokens))
 
-    def _sample_next(self) -> int | None:
-        """Sample from the current logits, record the token, and decide whether the generation is over."""
+    def _sample_next(self, mask: np.ndarray | None = None) -> int | None:
+        """Sample from the current logits (under ``mask``, the constraint's mask computed already, if given),
+        record the token, and decide whether the generation is over."""
         if self.finished:
             return None
         constraint = self.constraint
-        token = self.sampler.sample(self.logits, self.tokens, constraint.mask() if constraint is not None else None)
+        if constraint is not None and mask is None:
+            mask = constraint.mask()
+        token = self.sampler.sample(self.logits, self.tokens, mask)
         if constraint is not None:
             constraint.accept(token)
         if self.n_logprobs is not None:
@@ -266,5 +270,6 @@ def step_all(generations: Sequence[Generation]) -> list[int | None]:
     Prompts that were never prefilled go into the same batch (as their own segments). Returns each generation's
     new token, or None for those already finished.
     """
-    step_all_forward(generations)
-    return [g._sample_next() for g in generations]
+    constraints = [g.constraint if not g.finished else None for g in generations]
+    masks = masks_during(constraints, lambda: step_all_forward(generations))
+    return [g._sample_next(mask) for g, mask in zip(generations, masks)]

@@ -423,7 +423,7 @@ def test_bad_requests_are_400_in_openais_shape(http):
     assert_error(http.post("/v1/completions", json={"max_tokens": 3}), 400, param="prompt")
     assert_error(http.post("/v1/completions", json={"prompt": "x", "max_tokens": "many"}), 400, param="max_tokens")
     assert_error(http.post("/v1/completions", json={"prompt": "x", "temperature": -1}), 400, param="temperature")
-    assert_error(http.post("/v1/completions", json={"prompt": "x", "n": 2}), 400, param="n")
+    assert_error(http.post("/v1/completions", json={"prompt": "x", "n": 0}), 400, param="n")
     assert_error(http.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]}), 400)
     assert_error(http.post("/v1/chat/completions", json={"messages": []}), 400, param="messages")
     assert_error(http.get("/v1/context/search", params={"k": 2}), 400, param="q")

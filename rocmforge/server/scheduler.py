@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from rocmforge.constraints import Constraint
+from rocmforge.constraints import Constraint, masks_during
 from rocmforge.logprobs import TokenLogprob, score, score_rows
 from rocmforge.sampler import Sampler, SamplingParams, StopMatcher
 from rocmforge.server.metrics import Metrics
@@ -269,8 +269,13 @@ class Scheduler:
 
     def _tick(self) -> None:
         members, inputs = self._plan()
+        # the masks of constrained sequences that sample this tick are computed while the forward runs
+        constraints = [seq.request.constraint if seq.fed + len(tokens) >= seq.n_prompt else None
+                       for seq, tokens in zip(members, inputs)]
+        result: list = []
         try:
-            logits = self._forward(members, inputs)
+            masks = masks_during(constraints, lambda: result.extend(self._forward(members, inputs)))
+            logits = result
         except Exception as exc:  # an engine failure ends this batch's requests, never the server
             log.exception("forward pass failed")
             self.metrics.count_engine_error()
@@ -283,9 +288,10 @@ class Scheduler:
             if seq.scores_prompt and start < seq.n_prompt:
                 self._score_prompt(seq, rows, start)
         self._fork_followers()  # before _advance: a leader that finishes now frees its blocks
+        mask_of = {id(seq): mask for seq, mask in zip(members, masks)}
         for seq, rows, _ in logits:
             if not seq.prefilling:
-                self._advance(seq, rows[-1])
+                self._advance(seq, rows[-1], mask_of.get(id(seq)))
 
     def _score_prompt(self, seq: _Sequence, rows: np.ndarray, start: int) -> None:
         """Log-probabilities of the prompt tokens this chunk's rows predict (row i: token ``start + i + 1``)."""
@@ -347,11 +353,14 @@ class Scheduler:
             out += future.result()
         return out
 
-    def _advance(self, seq: _Sequence, logits: np.ndarray) -> None:
-        """Sample one token for ``seq``, stream its text, and finish the sequence if it is done."""
+    def _advance(self, seq: _Sequence, logits: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Sample one token for ``seq`` (under ``mask``, its constraint's mask), stream its text, and finish the
+        sequence if it is done."""
         request, constraint = seq.request, seq.request.constraint
+        if constraint is not None and mask is None:
+            mask = constraint.mask()
         try:
-            token = seq.sampler.sample(logits, seq.tokens, constraint.mask() if constraint is not None else None)
+            token = seq.sampler.sample(logits, seq.tokens, mask)
             if constraint is not None:
                 constraint.accept(token)
         except ValueError as exc:  # e.g. logit_bias banned every token
