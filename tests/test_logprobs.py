@@ -172,8 +172,8 @@ def test_tokenizer_endpoints_are_vllms(http_client, model):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
 
 
-def test_bad_logprobs_and_n_are_400(http_client):
+def test_bad_logprobs_n_and_empty_prompts_are_400(http_client):
     for body, param in [({"prompt": "x", "logprobs": 21}, "logprobs"), ({"prompt": "x", "n": 0}, "n"),
-                        ({"prompt": "x", "n": 17}, "n")]:
+                        ({"prompt": "x", "n": 17}, "n"), ({"prompt": []}, "prompt"), ({"prompt": [[1], []]}, "prompt")]:
         r = http_client.post("/v1/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -187,6 +187,8 @@ class Server:
         jobs = []
         for prompt in prompts:
             ids = self.model.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+            if not ids:
+                raise APIError(400, "the prompt is empty", param="prompt")
             self._check_ids(ids, "prompt")
             echo = (prompt if isinstance(prompt, str) else self.model.detokenize(ids)) if body.echo else ""
             jobs.append((ids, echo))
