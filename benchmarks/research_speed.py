@@ -104,7 +104,8 @@ def _docs(n_tokens: int, vocab: int) -> list[list[int]]:
     return [rng.integers(100, vocab - 100, 512).tolist() for _ in range(n_tokens // 512)]
 
 
-def bench_harvest(model: rocmforge.Model, hf, n_tokens: int, batch_tokens: int, rss_at: list[int], name: str) -> None:
+def bench_harvest(model: rocmforge.Model, hf, n_tokens: int, batch_tokens: int, rss_at: list[int], name: str,
+                  shard_tokens: int) -> None:
     layer = int(name.split(".")[1]) + 1  # the blocks a capture of ``name`` runs, for the peer
     rss = {}
     with tempfile.TemporaryDirectory() as out:
@@ -115,7 +116,7 @@ def bench_harvest(model: rocmforge.Model, hf, n_tokens: int, batch_tokens: int, 
             docs = _docs(target - done, model.cfg.vocab_size)
             t = time.perf_counter()
             model.harvest(docs, [name], Path(out) / f"h{target}", batch_tokens=batch_tokens, format="npy",
-                          progress=False)
+                          shard_tokens=shard_tokens, progress=False)
             spent += time.perf_counter() - t
             done = target
             rss[target] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -169,6 +170,7 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--rss-at", type=int, nargs="*", default=[100_000])
     parser.add_argument("--name", default="blocks.15.hook_resid_post", help="the hook point harvested")
+    parser.add_argument("--shard-tokens", type=int, default=1 << 16)
     parser.add_argument("--only", nargs="*", default=["cache", "sweep", "harvest"])
     args = parser.parse_args()
     n_ctx = 1024
@@ -187,7 +189,7 @@ def main() -> None:
         elif part == "sweep":
             bench_sweep(model, args.old_layers)
         elif part == "harvest":
-            bench_harvest(model, hf, args.harvest_tokens, args.batch_tokens, args.rss_at, args.name)
+            bench_harvest(model, hf, args.harvest_tokens, args.batch_tokens, args.rss_at, args.name, args.shard_tokens)
         print(f"[{part} took {time.perf_counter() - t:.1f} s]", flush=True)
         _table(model, args.model)  # after each part: a run cut short still reports what it finished
 

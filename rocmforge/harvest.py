@@ -84,7 +84,7 @@ def harvest(model: Any, source: Source, names: Sequence[str], out: str | os.Path
     index = _read_index(out, settings)
     stop = _stop_layer(names, model.cfg.n_layers)
     bar = _progress(progress, index)
-    buffers: dict[str, list[np.ndarray]] = {name: [] for name in [*names, "tokens"]}
+    buffers = _ShardBuffer(shard_tokens + batch_tokens)
     held: list[list[int]] = []  # pieces in the buffers: [document, first token, tokens, first row]
     rows = 0
     stream = pieces(documents(model, source), piece_tokens)
@@ -131,24 +131,41 @@ def _stop_layer(names: Sequence[str], n_layers: int) -> int | None:
     return max(layers) + 1
 
 
+class _ShardBuffer:
+    """One shard's rows per name, in arrays made once (``capacity`` rows) and filled in place: memory stays one
+    shard whatever the dataset size, and writing needs no second copy."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.rows, self.arrays = capacity, 0, {}
+
+    def append(self, name: str, values: np.ndarray) -> None:
+        array = self.arrays.get(name)
+        if array is None:
+            array = self.arrays[name] = np.empty((self.capacity, *values.shape[1:]), values.dtype)
+        array[self.rows:self.rows + len(values)] = values
+
+    def take(self) -> dict[str, np.ndarray]:
+        """The filled rows of every name (views), and the buffer starts over."""
+        filled, self.rows = {name: a[:self.rows] for name, a in self.arrays.items()}, 0
+        return filled
+
+
 def _run(model: Any, batch: list[tuple[int, int, list[int]]], names: Sequence[str], stop: int | None,
-         buffers: dict[str, list[np.ndarray]], held: list[list[int]], rows: int) -> int:
+         buffers: _ShardBuffer, held: list[list[int]], rows: int) -> int:
     _, cache = model.run_with_cache([p[2] for p in batch], names_filter=list(names), stop_at_layer=stop)
     for name in names:
-        buffers[name].append(np.asarray(cache.flat(name)))
+        buffers.append(name, np.asarray(cache.flat(name)))
+    buffers.append("tokens", np.concatenate([np.asarray(ids, np.int32) for _, _, ids in batch]))
     for doc, start, ids in batch:
-        buffers["tokens"].append(np.asarray(ids, np.int32))
         held.append([doc, start, len(ids), rows])
         rows += len(ids)
+    buffers.rows = rows
     return rows
 
 
-def _write_shard(out: Path, index: dict, buffers: dict[str, list[np.ndarray]], held: list[list[int]],
-                 format: str) -> None:
+def _write_shard(out: Path, index: dict, buffers: _ShardBuffer, held: list[list[int]], format: str) -> None:
     number = len(index["shards"])
-    tensors = {name: np.concatenate(parts) for name, parts in buffers.items()}
-    for parts in buffers.values():
-        parts.clear()
+    tensors = buffers.take()
     stem = f"shard-{number:05d}"
     if format == "safetensors":
         from safetensors.numpy import save_file
