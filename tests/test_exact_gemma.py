@@ -29,6 +29,8 @@ from rocmforge.exact.geglu import geglu, gelu_table
 from rocmforge.exact.q8_activations import quantize_q8
 from rocmforge.exact.q8_k_activations import quantize_q8_k
 
+pytestmark = pytest.mark.model_text  # stored references: .ci/run repeats it under another BLAS kernel
+
 FIXTURES = Path(__file__).parent / "fixtures"
 f32 = np.float32
 RNG = np.random.default_rng(11)

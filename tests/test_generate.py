@@ -10,6 +10,8 @@ from rocmforge.backends.cpu import CpuBackend
 from rocmforge.engine import step_all
 from rocmforge.errors import ContextOverflowError
 
+pytestmark = pytest.mark.model_text  # stored references: .ci/run repeats it under another BLAS kernel
+
 PROMPT = "The capital of France is"
 
 

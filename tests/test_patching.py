@@ -6,6 +6,8 @@ import pytest
 
 from rocmforge.patching import logit_diff, patch_heads, patch_residual, steering, steering_vector
 
+pytestmark = pytest.mark.model_text  # stored references: .ci/run repeats it under another BLAS kernel
+
 # Two prompts that differ in exactly one token (position 3: " France" vs " Italy").
 CLEAN = "The capital of France is the city of"
 CORRUPTED = "The capital of Italy is the city of"
