@@ -276,3 +276,173 @@ extern "C" __global__ void round_activations(const float* x, float* y, long n, i
         if (k < n) for (int i = 0; i < 8; i++) y[k + i] = v[i];
     }
 }
+
+// Batched decode: M token rows (one per sequence) against the same matrices, as in matvec but with every
+// weight value read once for all the rows of a chunk. The block stages `chunk` rows at a time (RMSNorm'd when a
+// norm is folded in, and rounded), then each warp takes its output rows and dots each weight slice with every
+// staged row. A row's result depends only on that row: the per-lane order over K and the
+// warp reduction are those of row_dot whatever M, the chunk or the row's place in it (batch invariance).
+#define RF_ROWS 8  // most rows staged at once: one accumulator each in registers
+
+template <int T, int NW>
+__device__ __forceinline__ void rows_dot(const u8* const* rows, const float* xs, int K, int R, int lane,
+                                         float (*acc)[RF_ROWS]) {
+    for (int k = lane * 8; k < K; k += RF_WARP * 8) {
+        #pragma unroll
+        for (int m = 0; m < NW; m++) {
+            float w[8];
+            dequant8<T>(rows[m], k, w);
+            #pragma unroll
+            for (int r = 0; r < RF_ROWS; r++) {
+                if (r < R) {
+                    const float4 a = *(const float4*)(xs + r * K + k), b = *(const float4*)(xs + r * K + k + 4);
+                    acc[m][r] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y +
+                                 w[6] * b.z + w[7] * b.w;
+                }
+            }
+        }
+    }
+    #pragma unroll
+    for (int m = 0; m < NW; m++)
+        #pragma unroll
+        for (int r = 0; r < RF_ROWS; r++) acc[m][r] = warp_sum(acc[m][r]);
+}
+
+// Stage rows m0 .. m0 + R - 1 of x into xs: RMSNorm'd when norm_w is given (block 0 also writes the normalized
+// rows to x_out), then rounded as llama.cpp does for the weight type. Each row's sum of squares is one warp's
+// (lanes stride over K in double, then a fixed shuffle tree), so it does not depend on the block or the batch.
+__device__ __forceinline__ double warp_sum_d(double v) {
+#if defined(__HIP__) || defined(__HIPCC_RTC__)
+    for (int m = RF_WARP / 2; m > 0; m >>= 1) v += __shfl_xor(v, m, RF_WARP);
+#else
+    for (int m = RF_WARP / 2; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m, RF_WARP);
+#endif
+    return v;
+}
+
+__device__ void stage_rows(const float* x, int m0, int R, int K, int act, const float* norm_w, float eps,
+                           float* x_out, float* xs) {
+    __shared__ float row_scale[RF_ROWS];
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP, n_warps = blockDim.x / RF_WARP;
+    if (norm_w) {
+        for (int r = warp; r < R; r += n_warps) {
+            const float* xr = x + (long)(m0 + r) * K;
+            double ss = 0.0;
+            for (int k = lane; k < K; k += RF_WARP) ss += (double)xr[k] * xr[k];
+            ss = warp_sum_d(ss);
+            if (lane == 0) row_scale[r] = rms_scale(ss, K, eps);
+        }
+        __syncthreads();
+    }
+    const int chunk = n_warps * RF_WARP * 8;
+    for (int r = 0; r < R; r++) {
+        const float* xr = x + (long)(m0 + r) * K;
+        const float scale = norm_w ? row_scale[r] : 1.0f;
+        for (int base = warp * RF_WARP * 8; base < K; base += chunk) {  // uniform per warp: the rounding shuffles
+            const int k = base + lane * 8;
+            float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            if (k < K) {
+                #pragma unroll
+                for (int i = 0; i < 8; i++) v[i] = norm_w ? xr[k + i] * scale * norm_w[k + i] : xr[k + i];
+                if (norm_w && x_out && blockIdx.x == 0)
+                    for (int i = 0; i < 8; i++) x_out[(long)(m0 + r) * K + k + i] = v[i];
+            }
+            round_activations8(v, act);
+            if (k < K)
+                #pragma unroll
+                for (int i = 0; i < 8; i++) xs[r * K + k + i] = v[i];
+        }
+    }
+    __syncthreads();
+}
+
+// Up to three matrices of one input (q, k, v), rows numbered across them; for a single matrix an optional
+// residual add behind it (sum = y + add). Outputs are [M, N_j].
+template <int T>
+__device__ void matvec_rows(const float* x, int M, int K, int act, const float* norm_w, float eps, float* x_out,
+                            const u8* W0, long rb0, float* y0, int N0, const u8* W1, long rb1, float* y1, int N1,
+                            const u8* W2, long rb2, float* y2, int N2, const float* add, float* sum,
+                            int rows_per_warp, int chunk) {
+    extern __shared__ float xs[];
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP, n_warps = blockDim.x / RF_WARP;
+    const int first = blockIdx.x * rows_per_warp * n_warps + warp;
+    for (int m0 = 0; m0 < M; m0 += chunk) {
+        const int R = min(chunk, M - m0);
+        stage_rows(x, m0, R, K, act, norm_w, eps, x_out, xs);
+        for (int i = 0; i < rows_per_warp; i++) {
+            int n = first + i * n_warps;
+            if (n >= N0 + N1 + N2) break;  // uniform across the warp
+            const u8* W = W0; long rb = rb0; float* y = y0; int N = N0;
+            if (n >= N0) {
+                n -= N0; W = W1; rb = rb1; y = y1; N = N1;
+                if (n >= N1) { n -= N1; W = W2; rb = rb2; y = y2; N = N2; }
+            }
+            const u8* row = W + n * rb;
+            float acc[1][RF_ROWS] = {};
+            rows_dot<T, 1>(&row, xs, K, R, lane, acc);
+            if (lane == 0) {
+                #pragma unroll
+                for (int r = 0; r < RF_ROWS; r++) {
+                    if (r < R) {
+                        const long o = (long)(m0 + r) * N + n;
+                        y[o] = acc[0][r];
+                        if (sum) sum[o] = acc[0][r] + add[o];
+                    }
+                }
+            }
+        }
+        __syncthreads();  // the next chunk overwrites xs
+    }
+}
+
+// The MLP gate of M rows: g = Wg·x, u = Wu·x, y = act(g) * u (act 0 = SiLU, 1 = GELU, tanh form).
+template <int T>
+__device__ void matvec_rows_glu(const float* x, int M, int K, int act_round, const float* norm_w, float eps,
+                                float* x_out, const u8* Wg, const u8* Wu, long rb, float* g, float* u, float* y, int N,
+                                int act, int rows_per_warp, int chunk) {
+    extern __shared__ float xs[];
+    const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP, n_warps = blockDim.x / RF_WARP;
+    const int first = blockIdx.x * rows_per_warp * n_warps + warp;
+    for (int m0 = 0; m0 < M; m0 += chunk) {
+        const int R = min(chunk, M - m0);
+        stage_rows(x, m0, R, K, act_round, norm_w, eps, x_out, xs);
+        for (int i = 0; i < rows_per_warp; i++) {
+            const int n = first + i * n_warps;
+            if (n >= N) break;
+            const u8* rows[2] = {Wg + n * rb, Wu + n * rb};
+            float acc[2][RF_ROWS] = {};
+            rows_dot<T, 2>(rows, xs, K, R, lane, acc);
+            if (lane == 0) {
+                #pragma unroll
+                for (int r = 0; r < RF_ROWS; r++) {
+                    if (r < R) {
+                        const float gn = acc[0][r], un = acc[1][r];
+                        const float a = act == 0 ? gn / (1.0f + expf(-gn))
+                                                 : 0.5f * gn * (1.0f + tanhf(0.7978845608028654f * (gn + 0.044715f * gn * gn * gn)));
+                        const long o = (long)(m0 + r) * N + n;
+                        g[o] = gn;
+                        u[o] = un;
+                        y[o] = a * un;
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+}
+
+#define RF_MATVEC_ROWS_KERNELS(name, T)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) matvec_rows_##name(                                                           \
+        const float* x, int M, int K, int act, const float* norm_w, float eps, float* x_out, const u8* W0,       \
+        long rb0, float* y0, int N0, const u8* W1, long rb1, float* y1, int N1, const u8* W2, long rb2,          \
+        float* y2, int N2, const float* add, float* sum, int rows_per_warp, int chunk) {                         \
+        matvec_rows<T>(x, M, K, act, norm_w, eps, x_out, W0, rb0, y0, N0, W1, rb1, y1, N1, W2, rb2, y2, N2, add, \
+                       sum, rows_per_warp, chunk);                                                               \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) matvec_rows_glu_##name(                                                       \
+        const float* x, int M, int K, int act_round, const float* norm_w, float eps, float* x_out, const u8* Wg, \
+        const u8* Wu, long rb, float* g, float* u, float* y, int N, int act, int rows_per_warp, int chunk) {     \
+        matvec_rows_glu<T>(x, M, K, act_round, norm_w, eps, x_out, Wg, Wu, rb, g, u, y, N, act, rows_per_warp,   \
+                           chunk);                                                                               \
+    }
+RF_FOR_EACH_TYPE(RF_MATVEC_ROWS_KERNELS)

@@ -10,6 +10,13 @@ returns replaces the activation downstream. Two kinds:
   CPU) and may return any DLPack array (torch, CuPy, JAX), used on the device without a copy.
 Return the replacement rather than editing ``act`` in place: others (a cache) may hold it.
 
+What a hook costs on a GPU: with any hook registered, a step runs eagerly, op by op from Python (no replayed
+decode graph, no batched decode graph, no sampling on the device; ``rocmforge.engine.step_all`` takes the logits
+to the host). That is ~150-270 kernel launches per token at ~4 µs each from Python instead of ~1 µs inside a
+graph (``shared/notes/measured-here.md``), plus a device-to-host copy per activation a host hook sees (device
+hooks need none): a decode step of several ms instead of ~1 ms, and a batch of many sequences loses the
+one-graph-per-tick speed-up entirely.
+
 >>> import numpy as np
 >>> hooks = Hooks()
 >>> hooks("blocks.0.hook_resid_pre", np.ones(3))            # nothing registered: x comes back

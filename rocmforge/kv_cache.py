@@ -144,6 +144,10 @@ class KVCache:
         return list(self._seqs)
 
     # --- batches ---------------------------------------------------------------------------------------------
+    def blocks_of(self, seq_id: int) -> list[int]:
+        """The pool blocks of a sequence in position order (its block table; do not modify)."""
+        return self._seqs[seq_id].blocks
+
     def slots_of(self, seq_id: int, stop: int, start: int = 0) -> np.ndarray:
         """Pool slots of positions ``start..stop-1`` of a sequence."""
         return self._seqs[seq_id].slots[start:stop]
@@ -167,8 +171,11 @@ class KVCache:
                 f"KV cache pool is full: {needed_blocks} more blocks of {self.block_size} positions needed, "
                 f"{len(self._free)} free of {self.n_blocks}")
 
-        tokens_out, positions_out, slots_out, segments = [], [], [], []
-        row = 0
+        # Python lists first and one array each at the end: a decode tick of many one-token sequences would
+        # otherwise spend most of its host time making tiny arrays. Segment positions are views of the batch's.
+        tokens_out: list[int] = []
+        positions_out: list[int] = []
+        slots_out, spans = [], []
         for seq_id, tokens in new_tokens:
             state = self._seqs[seq_id]
             start, stop = state.length, state.length + len(tokens)
@@ -178,12 +185,11 @@ class KVCache:
                 state.slots = np.concatenate([state.slots, np.arange(block * self.block_size,
                                                                      (block + 1) * self.block_size)])
             state.length = stop
-            positions = np.arange(start, stop, dtype=np.int64)
-            key_slots = self.slots_of(seq_id, stop)
-            segments.append(Segment(seq_id, slice(row, row + len(tokens)), positions, key_slots))
-            tokens_out.append(np.asarray(tokens, dtype=np.int64))
-            positions_out.append(positions)
-            slots_out.append(key_slots[start:stop])
-            row += len(tokens)
-        return Batch(np.concatenate(tokens_out), np.concatenate(positions_out), np.concatenate(slots_out),
-                     tuple(segments))
+            spans.append((seq_id, len(tokens_out), start, stop))
+            tokens_out.extend(tokens)
+            positions_out.extend(range(start, stop))
+            slots_out.append(state.slots[start:stop])
+        positions = np.array(positions_out, dtype=np.int64)
+        segments = tuple(Segment(seq_id, slice(row, row + stop - start), positions[row:row + stop - start],
+                                 self.slots_of(seq_id, stop)) for seq_id, row, start, stop in spans)
+        return Batch(np.array(tokens_out, dtype=np.int64), positions, np.concatenate(slots_out), segments)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -88,6 +88,23 @@ class SamplingParams:
                 raise ValueError(f"logit_bias[{token}] must be finite or -inf, got {bias}")
 
 
+@dataclass(frozen=True)
+class DeviceRow:
+    """One sequence's sampling settings for its next token, in the form a device sampling kernel reads
+    (``kernels/sample.hip``, ``sample_rows``): the same chain as ``Sampler.sample`` with the random draw made here.
+
+    ``ids`` are the token ids whose logit is adjusted, each once, with their logit bias and their count in the
+    penalty window (0: bias only); ``uniform`` is the draw in [0, 1) (0 when greedy).
+    """
+
+    top_k: int
+    floats: tuple[float, float, float, float, float, float]  # temperature, top_p, min_p, repeat, frequency, presence
+    ids: np.ndarray
+    bias: np.ndarray
+    counts: np.ndarray
+    uniform: float = 0.0
+
+
 class Sampler:
     """Picks tokens for one sequence; holds its own seeded random generator and buffers.
 
@@ -111,6 +128,7 @@ class Sampler:
         # arithmetic (the allocator maps and unmaps them).
         self._logits = np.empty(0)
         self._scratch = np.empty(0)
+        self._device_row: DeviceRow | None = None  # device_row() without penalties: the same every token
 
     def distribution(self, logits: np.ndarray, history: Sequence[int], mask: np.ndarray | None = None) -> np.ndarray:
         """The float64 probabilities over the vocabulary that ``sample`` draws from.
@@ -146,6 +164,44 @@ class Sampler:
         """
         ids = np.flatnonzero(probs > 0)
         return self._pick(ids, probs[ids])
+
+    def device_row(self, history: Sequence[int], vocab_size: int, capacity: int) -> DeviceRow | None:
+        """This token's settings for a device sampler (``uniform`` still 0: see ``draw``); None when more than
+        ``capacity`` ids are adjusted or a biased id is outside the vocabulary (``sample`` on the host says so).
+
+        >>> row = Sampler(SamplingParams(temperature=0, logit_bias={3: -1.0})).device_row([3, 3], 10, 8)
+        >>> row.ids.tolist(), row.bias.tolist(), row.counts.tolist()
+        ([3], [-1.0], [0.0])
+        """
+        p = self.params
+        neutral = p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
+        if neutral or p.repeat_last_n == 0:  # the same every token: made once
+            if self._device_row is None:
+                self._device_row = self._device_row_from(self._bias_ids, self._bias_values.astype(np.float32),
+                                                         np.zeros(len(self._bias_ids), np.float32), vocab_size, capacity)
+            return self._device_row
+        ids, bias, counts = self._bias_ids, self._bias_values.astype(np.float32), np.zeros(len(self._bias_ids), np.float32)
+        if len(history):
+            window = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:]
+            seen, seen_counts = np.unique(np.asarray(window, dtype=np.int64), return_counts=True)
+            merged = np.union1d(ids, seen)
+            merged_bias, merged_counts = np.zeros(len(merged), np.float32), np.zeros(len(merged), np.float32)
+            merged_bias[np.searchsorted(merged, ids)] = bias
+            merged_counts[np.searchsorted(merged, seen)] = seen_counts
+            ids, bias, counts = merged, merged_bias, merged_counts
+        return self._device_row_from(ids, bias, counts, vocab_size, capacity)
+
+    def _device_row_from(self, ids: np.ndarray, bias: np.ndarray, counts: np.ndarray, vocab_size: int,
+                         capacity: int) -> DeviceRow | None:
+        p = self.params
+        if len(ids) > capacity or (len(self._bias_ids) and self._bias_ids.max() >= vocab_size):
+            return None
+        floats = (p.temperature, p.top_p, p.min_p, p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
+        return DeviceRow(p.top_k, floats, ids.astype(np.int32), bias, counts)
+
+    def draw(self, row: DeviceRow) -> DeviceRow:
+        """``row`` with this token's uniform number, drawn exactly as ``sample`` draws it (none when greedy)."""
+        return replace(row, uniform=self.rng.random()) if self.params.temperature > 0 else row
 
     def _pick(self, ids: np.ndarray, probs: np.ndarray) -> int:
         if self.params.temperature == 0:

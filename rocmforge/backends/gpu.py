@@ -15,9 +15,9 @@ Every other op, and every read of a result,
 launches what is pending first, so results are the same as op-by-op execution (and every intermediate
 the forward names is still written).
 
-Decode graphs: ``graph_step(batch, step)`` runs a single-token forward once eagerly, captures it as a graph
-and replays it for every later token. Everything that changes between tokens (token id, position, cache
-slots) is read by the kernels from one small device buffer that is refreshed before each replay.
+Decode graphs (``gpu_graphs.py``): ``graph_step`` replays one sequence's decode step, ``graph_step_batch`` a
+whole batch's (one graph per batch-size bucket, sampling on the device). Kernel launches, the batched-decode
+kernels and profiling are in ``gpu_launch.py``.
 
 >>> from rocmforge.backends.gpu import GpuBackend, gpu_available
 >>> gpu_available() in (True, False)
@@ -26,7 +26,6 @@ True
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,11 +33,13 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from rocmforge.backends.device_memory import MB, Arena, Block, DeviceArray, Pool
+from rocmforge.backends.gpu_graphs import ADJUST_CAPACITY, BUCKETS, DecodeGraphs, RowInputs, RowsGraph
 from rocmforge.backends.gpu_hooks import GpuHookOps
+from rocmforge.backends.gpu_launch import GpuLaunches
 from rocmforge.backends.gpu_mma import GpuMatrixUnits
-from rocmforge.backends.gpu_records import (ACT_NONE, KERNEL_TYPES, MATVEC_WARPS, DecodeGraph, GpuWeight,
-                                            PendingHeadNorms, PendingMatmuls, PendingNorm, PendingRope,
-                                            activation_rounding, memory_needed, same_view)
+from rocmforge.backends.gpu_records import (ACT_NONE, KERNEL_TYPES, DecodeGraph, GpuWeight, PendingHeadNorms,
+                                            PendingMatmuls, PendingNorm, PendingRope, activation_rounding,
+                                            memory_needed, same_view)
 from rocmforge.backends.runtime import Runtime, f32, i32, i64, ptr
 from rocmforge.errors import DeviceError, UnsupportedError
 from rocmforge.gguf_file import TensorRef
@@ -50,8 +51,11 @@ def gpu_available() -> bool:
     return hip.available()[0] or cuda.available()[0]
 
 
-class GpuBackend(GpuHookOps, GpuMatrixUnits):
+class GpuBackend(GpuHookOps, GpuMatrixUnits, GpuLaunches, DecodeGraphs):
     """``Backend`` on a GPU runtime. Arrays are ``DeviceArray``; weights are ``GpuWeight``."""
+
+    max_batch_rows = BUCKETS[-1]                 # sequences one graph_step_batch call takes
+    device_sampling_capacity = ADJUST_CAPACITY   # adjusted logits per row its sampler takes
 
     def __init__(self, runtime: Runtime, round_activations: bool = True):
         """``round_activations=False`` multiplies unrounded float32 activations (faster, and a smooth function of
@@ -68,6 +72,9 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits):
         self._tables: dict[tuple, tuple[DeviceArray | None, DeviceArray]] = {}  # rope frequency tables (factors, table)
         self._capturing = False
         self._graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self._row_graphs: dict[tuple[int, int], RowsGraph] = {}  # (bucket, id(cache)) -> graph
+        self._rows: RowInputs | None = None  # set while a batched decode step is run and captured
+        self._row_tickets: DeviceArray | None = None
         self._pending: PendingNorm | PendingHeadNorms | PendingMatmuls | PendingRope | None = None
         self._profile: list[tuple[str, str, Any, Any]] | None = None
         self.profile_label = ""
@@ -159,44 +166,6 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits):
     def load_embedding(self, tensor: TensorRef, tied: bool) -> GpuWeight:
         return self.load_weight(tensor)
 
-    # --- launching ------------------------------------------------------------------------------------------
-    def _launch(self, op: str, kernel: str, grid: tuple[int, ...], block: int, args: list[Any], shared: int = 0) -> None:
-        self._flush()
-        self._run(op, kernel, grid, block, args, shared, self.profile_label)
-
-    def _run(self, op: str, kernel: str, grid: tuple[int, ...], block: int, args: list[Any], shared: int,
-             label: str) -> None:
-        function = self.rt.function(op, kernel)
-        if shared > 48 * 1024:
-            self.rt.set_max_dynamic_shared(function, shared)
-        grid3 = (*grid, 1, 1)[:3]
-        if self._profile is None:
-            self.rt.launch(function, grid3, (block, 1, 1), args, shared)
-            return
-        start, end = self.rt.event(), self.rt.event()
-        self.rt.record(start)
-        self.rt.launch(function, grid3, (block, 1, 1), args, shared)
-        self.rt.record(end)
-        self._profile.append((label, kernel, start, end))
-
-    def _elementwise_grid(self, n: int) -> tuple[int]:
-        return (max(1, min(-(-n // 256), 4096)),)
-
-    def _flush(self) -> None:
-        """Launch the pending work (see the module docstring)."""
-        pending, self._pending = self._pending, None
-        if isinstance(pending, PendingNorm):
-            self._run_rms_norm(pending)
-        elif isinstance(pending, PendingHeadNorms):
-            for norm in pending.norms:
-                self._run_rms_norm(norm)
-        elif isinstance(pending, PendingMatmuls):
-            self._run_matmuls(pending)
-        elif isinstance(pending, PendingRope):
-            for norm in pending.spare_norms:
-                self._run_rms_norm(norm)
-            self._run_rope(pending)
-
     # --- matmul and its fusions -----------------------------------------------------------------------------
     def matmul(self, x: DeviceArray, weight: GpuWeight) -> DeviceArray:
         n_out, k = weight.shape
@@ -208,74 +177,16 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits):
                  and (first.ggml_type, first.act) == (weight.ggml_type, weight.act) and group.sum is None
                  and group.glu is None)
         if not joins:
-            norm = (group if isinstance(group, PendingNorm) and (m == 1 or self._on_matrix_units(weight, m))
-                    and same_view(group.out, x) and group.sum is None else None)
+            # a batched decode step folds every row's norm (matvec_rows), whatever the number of rows
+            folds = m == 1 or self._rows is not None or self._on_matrix_units(weight, m)
+            norm = (group if isinstance(group, PendingNorm) and folds and same_view(group.out, x)
+                    and group.sum is None else None)
             if norm is not None:
                 self._pending = None  # folded into this matvec
             self._flush()
             group = self._pending = PendingMatmuls(x, m, norm, self.profile_label)
         group.items.append((weight, out))
         return out
-
-    def _run_matmuls(self, g: PendingMatmuls) -> None:
-        weight, y = g.items[0]
-        n_out, k = weight.shape
-        suffix, add, total = weight.kernel_suffix, ptr(g.add.address if g.add else 0), ptr(g.sum.address if g.sum else 0)
-        if self._on_matrix_units(weight, g.m):
-            self._run_mma(g)
-            return
-        if g.m > 1 and k % 32 == 0:
-            x = g.x
-            if weight.act != ACT_NONE:  # llama.cpp's rounding of the activations, once for the group
-                x = self._empty(g.x.shape)
-                self._run("matmul", "round_activations", self._elementwise_grid(g.x.size // 8), 256,
-                          [ptr(g.x.address), ptr(x.address), i64(g.x.size), i32(weight.act)], 0, g.label)
-            for w, out in g.items:
-                n_out = w.shape[0]
-                # 32-token tiles when 64-token ones would leave multiprocessors idle
-                tile = 32 if -(-n_out // 64) * -(-g.m // 64) < 2 * getattr(self.rt, "multiprocessors", 64) else 64
-                self._run("matmul", f"matmul_m32_{suffix}" if tile == 32 else f"matmul_{suffix}",
-                          (-(-n_out // 64), -(-g.m // tile)), 256,
-                          [ptr(w.address), i64(w.row_bytes), ptr(x.address), ptr(out.address), i32(g.m), i32(n_out),
-                           i32(k), add, total], 0, g.label)
-            return
-        # with a norm folded in, the kernel reads the norm's input and writes the norm's output itself
-        x = g.norm.x if g.norm else g.x
-        norm = [ptr(g.norm.weight.address), f32(g.norm.eps), ptr(g.norm.out.address)] if g.norm else [ptr(0), f32(0.0), ptr(0)]
-        block, shared = MATVEC_WARPS * self.rt.warp_size, k * 4  # the staged input row
-        if g.glu is not None:
-            (w_gate, gate), (w_up, up) = g.items
-            act, out = g.glu
-            per_warp = self._rows_per_warp(n_out)
-            self._run("matmul", f"matvec_glu_{suffix}", (-(-n_out // (MATVEC_WARPS * per_warp)),), block,
-                      [ptr(x.address), i32(k), i32(weight.act), *norm, ptr(w_gate.address), ptr(w_up.address),
-                       i64(w_gate.row_bytes), ptr(gate.address), ptr(up.address), ptr(out.address), i32(n_out), i32(act),
-                       i32(per_warp)], shared, g.label)
-            return
-        for row in range(g.m):  # g.m > 1 only for rows not a multiple of 32 long (never in the supported models)
-            mats = []
-            for w, out in g.items:
-                mats += [ptr(w.address), i64(w.row_bytes), ptr(out.address + row * w.shape[0] * 4), i32(w.shape[0])]
-            mats += [ptr(0), i64(0), ptr(0), i32(0)] * (3 - len(g.items))  # unused matrix slots: no rows
-            rows = sum(w.shape[0] for w, _ in g.items)
-            offset = row * n_out * 4
-            rope = [ptr(0), ptr(0), i32(0), ptr(0), ptr(0), ptr(0), ptr(0), ptr(0)]
-            if g.rope_key is not None:
-                (pos, inv_freq), (q_rot, k_rot) = g.rope_tables, g.rope_outs
-                k_pool, v_pool, slots = g.store or (None, None, None)
-                rope = [ptr(pos.address), ptr(inv_freq.address), i32(g.rope_key[2])] + [
-                    ptr(a.address if a is not None else 0) for a in (q_rot, k_rot, k_pool, v_pool, slots)]
-            per_warp = self._rows_per_warp(rows)
-            self._run("matmul", f"matvec_{suffix}", (-(-rows // (MATVEC_WARPS * per_warp)),), block,
-                      [ptr(x.address + row * k * 4), i32(k), i32(weight.act), *norm, *mats,
-                       ptr(g.add.address + offset if g.add else 0), ptr(g.sum.address + offset if g.sum else 0),
-                       i32(per_warp), *rope], shared, g.label)
-
-    def _rows_per_warp(self, rows: int) -> int:
-        """Output rows per warp: one until there would be more than 16 blocks per multiprocessor, more for tall
-        matrices (the unembedding), whose blocks would otherwise each stage the input for just four rows."""
-        sms = getattr(self.rt, "multiprocessors", 64)
-        return max(1, min(16, rows // (MATVEC_WARPS * 16 * sms)))
 
     def add(self, a: DeviceArray, b: DeviceArray) -> DeviceArray:
         g = self._pending
@@ -297,7 +208,7 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits):
 
     def _gate(self, kernel: str, act: int, gate: DeviceArray, up: DeviceArray) -> DeviceArray:
         g = self._pending
-        if (isinstance(g, PendingMatmuls) and g.m == 1 and len(g.items) == 2 and g.glu is None
+        if (isinstance(g, PendingMatmuls) and (g.m == 1 or self._rows is not None) and len(g.items) == 2 and g.glu is None
                 and same_view(gate, g.items[0][1]) and same_view(up, g.items[1][1])):
             g.glu = (act, self._empty(gate.shape))
             return g.glu[1]
@@ -328,13 +239,6 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits):
         else:
             self._run_rms_norm(norm)
         return out
-
-    def _run_rms_norm(self, norm: PendingNorm) -> None:
-        x, d = norm.x, norm.x.shape[-1]
-        block = min(256, -(-d // self.rt.warp_size) * self.rt.warp_size)
-        self._run("rms_norm", "rms_norm", (x.size // d,), block,
-                  [ptr(x.address), ptr(norm.weight.address), ptr(norm.out.address), i32(d), f32(norm.eps),
-                   ptr(norm.add.address if norm.add else 0), ptr(norm.sum.address if norm.sum else 0)], 0, norm.label)
 
     def rope(self, x: DeviceArray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
              freq_factors: DeviceArray | None = None, freq_scale: float = 1.0) -> DeviceArray:
@@ -371,7 +275,7 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits):
         """Let the pending decode q/k/v matvec rotate ``x`` (its q or k output) itself; True when it will."""
         g = self._pending
         n, head_dim, n_rot, neox = key[1], key[2], key[3], key[4]
-        if not (isinstance(g, PendingMatmuls) and g.m == 1 and n == 1 and not neox and n_rot == head_dim
+        if not (isinstance(g, PendingMatmuls) and g.m == 1 and n == 1 and not neox and n_rot == head_dim and self._rows is None
                 and g.glu is None and g.sum is None and g.store is None and g.rope_key in (None, key)):
             return False
         for j, (_, y) in enumerate(g.items[:2]):
@@ -390,25 +294,6 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits):
                 inv = inv / self.to_host(freq_factors).astype(np.float64)
             cached = self._tables[key] = (freq_factors, self._upload(inv))
         return cached[1]
-
-    def _run_rope(self, r: PendingRope) -> None:
-        n, head_dim, n_rot, neox = r.key[1], r.key[2], r.key[3], r.key[4]
-        parts = [(x, y, norm) for (x, y), norm in zip(r.parts, r.norms)]
-        store = [ptr(0), ptr(0), ptr(0), ptr(0), i32(0)]
-        if r.store is not None:  # the keys go second: the kernel stores tensor b into the cache
-            k_pool, v_pool, slots, v = r.store
-            keys = next(p for p in parts if same_view(p[1], r.store_keys))
-            parts = [p for p in parts if p is not keys] + [keys]
-            store = [ptr(k_pool.address), ptr(v_pool.address), ptr(slots.address), ptr(v.address), i32(v.shape[-1])]
-        (xa, ya, norm_a), (xb, yb, norm_b) = (parts[0] if len(parts) == 2 else (None, None, None)), parts[-1]
-        heads_a = xa.shape[1] if xa is not None else 0
-        norms = [ptr(a.address) if a is not None else ptr(0) for nm in (norm_a, norm_b)
-                 for a in ((nm.weight, nm.out) if nm is not None else (None, None))]
-        eps = next((nm.eps for nm in (norm_a, norm_b) if nm is not None), 0.0)
-        self._run("rope", "rope", (n, heads_a + xb.shape[1]), max(self.rt.warp_size, min(256, n_rot // 2)),
-                  [ptr(xa.address if xa is not None else 0), ptr(ya.address if ya is not None else 0), i32(heads_a),
-                   ptr(xb.address), ptr(yb.address), i32(xb.shape[1]), ptr(r.positions.address), i32(head_dim),
-                   i32(n_rot), i32(int(neox)), ptr(r.inv_freq.address), *store, *norms, f32(eps)], 0, r.label)
 
     def scale(self, x: DeviceArray, factor: float) -> DeviceArray:
         out = self._empty(x.shape)
@@ -527,6 +412,8 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits):
         if v_pool.shape[2] != d or d > 256 or d % 4:
             raise UnsupportedError(f"GPU attention needs equal key/value head widths <= 256 (a multiple of 4), "
                                    f"got {d} and {v_pool.shape[2]}")
+        if self._rows is not None:
+            return self._attention_rows(q, k_pool, v_pool, scale, window, softcap)
         out = self._empty((n, heads, d))
         common = [i32(heads), i32(k_pool.shape[1]), i32(d), f32(scale), f32(softcap or 0.0), i32(window or 0)]
         kind = f"d{d}" if d in (64, 128, 256) else "any"
@@ -548,80 +435,3 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits):
                          [*head, ptr(outs.address), ptr(pos.address), ptr(slots.address), i32(t), *common, i32(bkv)],
                          shared)
         return out
-
-    # --- decode graphs --------------------------------------------------------------------------------------
-    def graph_step(self, batch: Batch, step: Callable[[], DeviceArray]) -> DeviceArray:
-        """Run ``step()`` (one forward over ``batch``) as a replayed device graph.
-
-        Only a single sequence decoding one token is graphed; anything else runs ``step()`` eagerly. The first
-        call runs eagerly once (compiling kernels, filling the pools), then captures; later calls replay. The
-        returned array is the graph's own output buffer: read it before the next call.
-        """
-        if batch.n_tokens != 1 or len(batch.segments) != 1:
-            return step()
-        key = (batch.n_tokens, len(batch.segments))
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = DecodeGraph(inputs=self._empty((4 + self._max_slots,), np.int32), pool=Pool(self.rt),
-                                host=np.empty(4 + self._max_slots, np.int32))
-            self._stage(batch, graph)
-            # the forward reads its batch arrays from the graph's input buffer (``_ints``)
-            seg = batch.segments[0]
-            views = [graph.inputs.rows(i, i + 1) for i in range(4)] + [graph.inputs.rows(4, 4 + len(seg.key_slots))]
-            self._static = list(zip([batch.tokens, batch.positions, batch.slots, seg.positions, seg.key_slots], views))
-            step()  # warm-up; writing this token's K/V twice is harmless
-            self._flush()
-            outer, self._pool, self._capturing = self._pool, graph.pool, True
-            try:
-                self.rt.begin_capture()
-                graph.output = step()
-                self._flush()
-                graph.executable = self.rt.end_capture()
-            finally:
-                self._pool, self._capturing, self._pending = outer, False, None
-            self._graphs[key] = graph
-        else:
-            self._stage(batch, graph)
-        self.rt.replay(graph.executable)
-        self._static = []
-        return graph.output
-
-    def replay_ms(self, n: int = 100) -> float:
-        """Device milliseconds per replay of the captured decode graph (its kernels alone, no host work)."""
-        graph = self._graphs[(1, 1)]
-        start, end = self.rt.event(), self.rt.event()
-        self.rt.record(start)
-        for _ in range(n):
-            self.rt.replay(graph.executable)
-        self.rt.record(end)
-        return self.rt.elapsed_ms(start, end) / n
-
-    def _stage(self, batch: Batch, graph: DecodeGraph) -> None:
-        """Write this token's id, position, cache slot and key slots into the graph's input buffer."""
-        seg = batch.segments[0]
-        n = 4 + len(seg.key_slots)
-        if n > graph.inputs.size:
-            raise DeviceError(f"decode graph inputs hold {graph.inputs.size - 4} key slots, {len(seg.key_slots)} needed")
-        host = graph.host  # filled in place: this runs between two replays, on the decode loop's critical path
-        host[0], host[1], host[2], host[3] = batch.tokens[0], batch.positions[0], batch.slots[0], seg.positions[0]
-        host[4:n] = seg.key_slots
-        self.rt.copy_to_device(graph.inputs.address, host[:n])
-
-    # --- profiling ---------------------------------------------------------------------------------------------
-    def profile(self, run: Callable[[], Any]) -> tuple[Any, list[tuple[str, str, float]]]:
-        """Run ``run()`` eagerly with an event pair around every kernel -> ``(its result, [(label, kernel, ms)])``.
-
-        ``label`` is ``self.profile_label`` when the op was called (a caller sets it per layer). A spin kernel
-        runs first so the launches queue up behind it and each event pair brackets device time only.
-        """
-        self._flush()
-        self.rt.synchronize()
-        self._run("spin", "spin", (1,), self.rt.warp_size, [i64(100_000_000)], 0, "")  # ~50-70 ms at 1.4-2 GHz
-        self._profile = []
-        try:
-            result = run()
-            self._flush()
-            self.rt.synchronize()
-            return result, [(label, kernel, self.rt.elapsed_ms(s, e)) for label, kernel, s, e in self._profile]
-        finally:
-            self._profile = None
