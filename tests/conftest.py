@@ -39,12 +39,7 @@ def local_postgres():
     """A throwaway PostgreSQL + pgvector (the pgserver wheel's binaries) for the whole session."""
     from context_store.local_postgres import LocalPostgres, LocalPostgresError
 
-    missing = [m for m in ("psycopg", "pgvector", "pgserver") if importlib.util.find_spec(m) is None]
-    if missing:
-        reason = f"PostgreSQL store tests need {', '.join(missing)}: pip install -e '.[distributed]'"
-        if os.environ.get("CI"):  # CI installs the extra, so a missing one is a failure there
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_distributed("psycopg", "pgvector", "pgserver")
     try:
         server = LocalPostgres()
     except LocalPostgresError as exc:
@@ -59,3 +54,13 @@ def store_location(request, tmp_path: Path) -> str | Path:
     if request.param == "sqlite":
         return tmp_path / "ctx.db"
     return request.getfixturevalue("local_postgres").new_database()
+
+
+def require_distributed(*modules: str) -> None:
+    """Skip (fail on CI, which installs the distributed extra) when one of these modules is missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        reason = f"needs {', '.join(missing)}: pip install -e '.[distributed]'"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)

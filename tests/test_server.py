@@ -19,7 +19,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from threadpoolctl import threadpool_limits
 
 from context_store import ContextStore
@@ -30,6 +29,7 @@ from rocmforge.sampler import SamplingParams
 from rocmforge.server.app import Limits, LockedEmbedder, create_app
 from rocmforge.server.batch_invariant import use_batch_invariant_backend
 from rocmforge.server.scheduler import GenerationRequest, Scheduler, TextPiece
+from live_server import live_server
 
 KEY = "test-key"
 N_CTX = 256
@@ -39,26 +39,6 @@ DOCS = {
     "owls.md": "Owls hunt at night; their soft feathers make their flight almost silent.",
     "bees.md": "Bees dance to tell the hive where the flowers with nectar are.",
 }
-
-
-@contextlib.contextmanager
-def live_server(app) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields the base URL; stops it after."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

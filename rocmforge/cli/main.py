@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "serve": "rocmforge.cli.serve:serve",
     "bench": "rocmforge.cli.bench:bench",
     "harvest": "rocmforge.cli.harvest:harvest",
+    "batch": "rocmforge.cli.batch:batch",
 }
 
 
