@@ -1,15 +1,17 @@
-"""Batch generation and batch scoring over a dataset (``rocmforge batch``).
+"""Batch generation and batch scoring over a dataset: in this process, or on Ray Data with one actor per GPU (or
+per CPU worker), writing the same results.
 
 - ``generate``: each text is a prompt; the result is its continuation (``Model.generate``; greedy by default).
 - ``score``: each text is scored as a whole: the sum of log p(token | tokens before it) over every token after the
   first (``Model.forward`` logits, log-softmax in float64), and the number of tokens scored.
 
 Results are JSON lines in input order: ``{"index", "text", "completion"}`` or ``{"index", "text", "logprob",
-"tokens"}``. Each row depends only on its own text (so the rows can be split between workers).
+"tokens"}``. Each row depends only on its own text, so how rows are split between actors changes nothing.
 
 >>> model = rocmforge.load("smollm2-135m", device="cpu")  # doctest: +SKIP
 >>> run_batch(model, "score", ["The cat sat on the mat."])[0]["tokens"]  # doctest: +SKIP
 6
+>>> on_ray("generate", "smollm2-135m", ["Once upon a time"], workers=2)  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -42,6 +44,45 @@ def run_batch(model: Any, task: str, texts: Sequence[str], max_new_tokens: int =
             picked = logprobs[np.arange(len(ids) - 1), ids[1:]]
             rows.append({"index": i, "text": text, "logprob": float(picked.sum()), "tokens": len(ids) - 1})
     return rows
+
+
+class BatchWorker:
+    """A Ray Data actor: loads the model once, then answers batches of rows (``index``, ``text``)."""
+
+    def __init__(self, model: str, task: str, device: str, n_ctx: int, max_new_tokens: int,
+                 sampling: dict[str, Any]):
+        from rocmforge.model import load
+
+        self.model = load(model, device=device, n_ctx=n_ctx, n_parallel=1)
+        self.task, self.max_new_tokens, self.sampling = task, max_new_tokens, sampling
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = [run_batch(self.model, self.task, [str(text)], self.max_new_tokens, int(index), **self.sampling)[0]
+                for index, text in zip(batch["index"], batch["text"])]
+        return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+
+
+def on_ray(task: str, model: str, texts: Sequence[str], workers: int, *, device: str = "auto", n_ctx: int = 2048,
+           max_new_tokens: int = 64, batch_size: int = 8, **sampling: Any) -> list[dict[str, Any]]:
+    """``run_batch`` on Ray Data: ``map_batches`` over ``workers`` actors, each holding one model.
+
+    An actor takes one GPU when the cluster has one for each worker (and ``device`` allows it), else one CPU.
+    Ray is started here (locally) unless ``ray.init`` already ran.
+    """
+    import ray
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    on_gpu = device not in ("cpu", "cpu-exact") and ray.cluster_resources().get("GPU", 0) >= workers
+    dataset = ray.data.from_items([{"index": i, "text": t} for i, t in enumerate(texts)])
+    results = dataset.map_batches(
+        BatchWorker, batch_size=batch_size, concurrency=workers, num_gpus=1 if on_gpu else 0, num_cpus=1,
+        fn_constructor_kwargs={"model": model, "task": task, "device": device, "n_ctx": n_ctx,
+                               "max_new_tokens": max_new_tokens, "sampling": sampling})
+    rows = sorted(results.take_all(), key=lambda row: row["index"])
+    return [{key: (value.item() if hasattr(value, "item") else value) for key, value in row.items()} for row in rows]
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:

@@ -64,3 +64,23 @@ def require_distributed(*modules: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs for the whole session (no dashboard: heavy and unused here)."""
+    require_distributed("ray")
+    import ray
+
+    # On a loaded machine Ray's dashboard agent can import slower than the raylet waits for it (15 s; the raylet
+    # then exits and ray.init says "timed out during startup"): try again before failing.
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            break
+        except Exception as exc:  # noqa: BLE001 - only that startup race is retried
+            ray.shutdown()
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+    yield ray
+    ray.shutdown()

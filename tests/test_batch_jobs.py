@@ -1,5 +1,5 @@
 """Batch generation and scoring (``rocmforge batch``): scores are the model's log-likelihood, completions its
-greedy text."""
+greedy text; Ray Data with 2 CPU actors writes the same results as one process."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from rocmforge.batch_jobs import run_batch
+from rocmforge.batch_jobs import on_ray, run_batch
 from rocmforge.cli.main import cli
 from rocmforge.model import load
 
@@ -41,3 +41,22 @@ def test_the_batch_command_writes_greedy_completions_in_order(model, smollm2_pat
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2] and [r["text"] for r in rows] == TEXTS
     assert [r["completion"] for r in rows] == [model.generate(t, 6, temperature=0.0) for t in TEXTS]
+
+
+@pytest.mark.parametrize("task", ["generate", "score"])
+def test_ray_data_with_two_actors_equals_one_process(ray_cluster, model, smollm2_path, task) -> None:
+    texts = [*TEXTS, "Bees dance to tell the hive", "In 1969, the first humans", "A recipe for bread: flour,"]
+    local = run_batch(model, task, texts, max_new_tokens=6)
+    remote = on_ray(task, str(smollm2_path), texts, workers=2, device="cpu", n_ctx=256, max_new_tokens=6,
+                    batch_size=2)
+    assert remote == local
+
+
+def test_the_batch_command_on_ray_writes_the_same_file(ray_cluster, smollm2_path, tmp_path: Path) -> None:
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(TEXTS) + "\n")
+    common = ["batch", "score", str(source), "-m", str(smollm2_path), "--device", "cpu", "--n-ctx", "256"]
+    for out, extra in (("one.jsonl", []), ("ray.jsonl", ["--workers", "2"])):
+        result = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / out), *extra])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "ray.jsonl").read_bytes()

@@ -1,7 +1,7 @@
-"""``rocmforge batch generate|score``: a dataset through the model.
+"""``rocmforge batch generate|score``: a dataset through the model, in this process or on Ray Data.
 
     rocmforge batch generate prompts.txt --out completions.jsonl -m smollm2-135m --max-tokens 64
-    rocmforge batch score texts.jsonl --out scores.jsonl
+    rocmforge batch score texts.jsonl --out scores.jsonl --workers 4 --ray-address auto   # one actor per GPU/CPU
 """
 from __future__ import annotations
 
@@ -20,11 +20,24 @@ from rocmforge.registry import DEFAULT_MODEL
 @click.option("--device", default="auto", show_default=True)
 @click.option("--n-ctx", default=2048, show_default=True, type=click.IntRange(16))
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(1), help="generate: new tokens.")
-def batch(task: str, source: Path, out: Path, model_name: str, device: str, n_ctx: int, max_tokens: int) -> None:
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Run on Ray Data with this many actors (one per GPU, else one per CPU) [default: this process].")
+@click.option("--ray-address", default=None, help="With --workers: the Ray cluster to join [default: a local one].")
+def batch(task: str, source: Path, out: Path, model_name: str, device: str, n_ctx: int, max_tokens: int,
+          workers: int | None, ray_address: str | None) -> None:
     """Generate a continuation of (greedy), or score, every text of SOURCE (one per line, or .jsonl "text")."""
-    from rocmforge.batch_jobs import read_texts, run_batch, write_results
-    from rocmforge.model import load
+    from rocmforge.batch_jobs import on_ray, read_texts, run_batch, write_results
 
-    rows = run_batch(load(model_name, device=device, n_ctx=n_ctx, n_parallel=1), task, read_texts(source), max_tokens)
+    texts = read_texts(source)
+    if workers is None:
+        from rocmforge.model import load
+
+        rows = run_batch(load(model_name, device=device, n_ctx=n_ctx, n_parallel=1), task, texts, max_tokens)
+    else:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=ray_address, include_dashboard=False)
+        rows = on_ray(task, model_name, texts, workers, device=device, n_ctx=n_ctx, max_new_tokens=max_tokens)
     write_results(rows, out)
     click.echo(f"{len(rows)} result(s) -> {out}")
