@@ -44,7 +44,9 @@ class SamplingParams:
     repeat_penalty (1 disables) divides positive and multiplies non-positive logits of tokens seen
     in the last ``repeat_last_n`` tokens of history (0: no penalties, -1: the whole history);
     frequency_penalty and presence_penalty subtract ``count * frequency + presence`` over the
-    same window (llama.cpp semantics). logit_bias maps token id -> value added to its logit;
+    same window (llama.cpp semantics). repeat_ngram (0: off) bans a token that would make the last
+    ``repeat_ngram`` tokens a span already seen twice in the history (a loop guard; not in llama.cpp).
+    logit_bias maps token id -> value added to its logit;
     ``-inf`` bans a token. seed: None picks a random seed (``Sampler.seed`` tells which).
 
     >>> SamplingParams(temperature=0).temperature
@@ -63,6 +65,7 @@ class SamplingParams:
     repeat_last_n: int = 64
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    repeat_ngram: int = 0
     logit_bias: Mapping[int, float] = field(default_factory=dict, hash=False)
     seed: int | None = None
 
@@ -76,6 +79,8 @@ class SamplingParams:
             (self.repeat_last_n >= -1, "repeat_last_n must be >= -1 (-1: whole history)", self.repeat_last_n),
             (math.isfinite(self.frequency_penalty), "frequency_penalty must be finite", self.frequency_penalty),
             (math.isfinite(self.presence_penalty), "presence_penalty must be finite", self.presence_penalty),
+            (self.repeat_ngram >= 0 and self.repeat_ngram != 1, "repeat_ngram must be 0 (off) or >= 2",
+             self.repeat_ngram),
             (self.seed is None or self.seed >= 0, "seed must be a non-negative integer or None", self.seed),
         ]
         for ok, message, value in checks:
@@ -222,6 +227,8 @@ class Sampler:
         np.copyto(x, logits)  # the caller's logits stay untouched
         self._add_bias(x)
         self._penalize(x, history)
+        if p.repeat_ngram:
+            _ban_third_repeat(x, history, p.repeat_ngram)
         grammar_ids = None
         if mask is not None:
             allowed = np.unpackbits(mask.view(np.uint8), count=len(x), bitorder="little").view(bool)
@@ -265,6 +272,29 @@ class Sampler:
         # Dividing a negative logit would make the token *more* likely; llama.cpp multiplies it.
         seen = np.where(seen <= 0, seen * p.repeat_penalty, seen / p.repeat_penalty)
         x[ids] = seen - (counts * p.frequency_penalty + p.presence_penalty)
+
+
+def _ban_third_repeat(x: np.ndarray, history: Sequence[int], n: int) -> None:
+    """Ban (-inf) every token that would end an ``n``-token span already in ``history`` twice: a loop guard that
+    still lets a model copy a phrase of its prompt once, or say it twice.
+
+    >>> x = np.zeros(4)
+    >>> _ban_third_repeat(x, [1, 2, 3, 1, 2, 3, 1, 2], 3)
+    >>> x.tolist()
+    [0.0, 0.0, 0.0, -inf]
+    """
+    if len(history) < n:
+        return
+    tail = tuple(history[len(history) - n + 1:])
+    seen: dict[int, int] = {}
+    last = tail[-1]
+    for i in range(len(history) - n + 1):
+        if history[i + n - 2] == last and tuple(history[i:i + n - 1]) == tail:
+            following = history[i + n - 1]
+            seen[following] = seen.get(following, 0) + 1
+    banned = [token for token, count in seen.items() if count >= 2]
+    if banned:
+        x[banned] = -math.inf
 
 
 def _check_alive(best_logit: float) -> None:

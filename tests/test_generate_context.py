@@ -7,6 +7,7 @@ import rocmforge
 from context_store.prompt import build_context_prompt
 from context_store import ContextStore
 from rocmforge.embedder import HashedNgramEmbedder
+from rocmforge.model import ANSWER_SAMPLING
 
 DOCS = {
     "wal.md": "SQLite in WAL mode lets readers keep reading while one writer commits a transaction.",
@@ -33,7 +34,7 @@ def test_generate_with_context_is_generate_on_the_built_prompt(model, store):
     expected_prompt, citations = build_context_prompt(question, store.search(question, k=2))
     assert citations[0]["source"] == "hnsw.md"
     with_context = model.generate(question, max_new_tokens=12, temperature=0, context=store, k=2)
-    assert with_context == model.generate(expected_prompt, max_new_tokens=12, temperature=0)
+    assert with_context == model.generate(expected_prompt, max_new_tokens=12, temperature=0, **ANSWER_SAMPLING)
 
 
 def test_chat_completion_returns_citations_and_honours_the_template(model, store):

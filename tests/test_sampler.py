@@ -360,3 +360,14 @@ def test_params_are_frozen_and_hashable():
 def test_docstring_examples_run():
     result = doctest.testmod(rocmforge.sampler)
     assert result.attempted >= 8 and result.failed == 0
+
+
+def test_repeat_ngram_bans_only_a_third_repeat():
+    """The loop guard: a span may occur twice (a phrase copied from the prompt, or said again), not a third time."""
+    logits = np.array([0.0, 0.5, 0.2, 3.0, 1.0], dtype=np.float32)  # token 3 always wins, token 4 next
+    guard = Sampler(SamplingParams(temperature=0, repeat_ngram=3))
+    assert guard.sample(logits, [1, 2, 3, 1, 2]) == 3          # "1 2 3" a second time: allowed
+    assert guard.sample(logits, [1, 2, 3, 1, 2, 3, 1, 2]) == 4  # a third time: banned
+    assert Sampler(SamplingParams(temperature=0)).sample(logits, [1, 2, 3, 1, 2, 3, 1, 2]) == 3
+    with pytest.raises(ValueError, match="repeat_ngram"):
+        SamplingParams(repeat_ngram=1)

@@ -15,8 +15,8 @@ def _sampling_options(fn: Any) -> Any:
                      help="Registry name or path to a .gguf file."),
         click.option("--device", default="auto", show_default=True,
                      help="auto, cpu, cpu-exact (llama.cpp's CPU numbers bit for bit), cuda or hip."),
-        click.option("-n", "--max-tokens", "max_tokens", type=click.IntRange(min=1), default=128, show_default=True,
-                     help="Tokens to generate."),
+        click.option("-n", "--max-tokens", "max_tokens", type=click.IntRange(min=1), default=None,
+                     help="Tokens to generate (default 128; an answer from --context: up to 256, it ends itself)."),
         click.option("--temp", "temperature", type=click.FloatRange(min=0, max=100), default=0.8, show_default=True,
                      help="Temperature (0: greedy)."),
         click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True,
@@ -25,8 +25,9 @@ def _sampling_options(fn: Any) -> Any:
                      help="Nucleus sampling mass (1: off)."),
         click.option("--min-p", type=click.FloatRange(min=0, max=1), default=0.05, show_default=True,
                      help="Drop tokens below min_p * p_max (0: off)."),
-        click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True, max=100), default=1.0,
-                     show_default=True, help="Penalty on recent tokens (1: off)."),
+        click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True, max=100), default=None,
+                     help="Penalty on the last 64 tokens (default 1: off; with --context the answer defaults of "
+                          "rocmforge.model.ANSWER_SAMPLING)."),
         click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for reproducible sampling."),
         click.option("--context", "context_db", type=click.Path(dir_okay=False), default=None,
                      help="Answer from this context store (SQLite file)."),
@@ -40,7 +41,8 @@ def _sampling_options(fn: Any) -> Any:
 
 def _sampling(opts: dict) -> dict:
     keys = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
-    return {k: opts[k] for k in keys}
+    # options left unset (None) take the model's defaults: plain ones, or ANSWER_SAMPLING with --context
+    return {k: opts[k] for k in keys if opts[k] is not None}
 
 
 def _json_schema(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
@@ -78,7 +80,7 @@ def generate(prompt: str, model_name: str, device: str, max_tokens: int, context
         raise click.UsageError(str(exc)) from None
     model = load(model_name, device=device)
     if context_db is None:
-        _write(model.stream(prompt, max_new_tokens=max_tokens, grammar=grammar, **_sampling(opts)))
+        _write(model.stream(prompt, max_new_tokens=max_tokens or 128, grammar=grammar, **_sampling(opts)))
         return
     # Answer from the store: the question and its passages go in as a chat turn, streamed as it is generated.
     chunks = model.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True,
@@ -118,7 +120,8 @@ def chat(system: str | None, model_name: str, device: str, max_tokens: int, cont
         messages.append({"role": "user", "content": user})
         reply = []
         extra = {"context": context_db, "k": n_hits} if context_db else {}
-        for chunk in model.create_chat_completion(messages, max_tokens=max_tokens, stream=True, **extra,
+        limit = max_tokens or (None if context_db else 128)  # None: an answer's own default length
+        for chunk in model.create_chat_completion(messages, max_tokens=limit, stream=True, **extra,
                                                   **_sampling(opts)):
             piece = chunk["choices"][0]["delta"].get("content", "")
             reply.append(piece)
