@@ -33,9 +33,12 @@ def hipcc():
 
 
 def extern_kernels(op: str) -> set[str]:
-    """Kernel names written out in the source; names a macro pastes together (``matvec_##name``) are left out."""
+    """Kernel names written out in the source; declarations inside a macro body (``matvec_##name``, a macro's
+    parameter) are left out: the names they make are only known to the compiler."""
     names = set()
     for declaration in re.findall(r'extern "C" __global__ void (.*)', kernel_source(op)):
+        if declaration.rstrip().endswith("\\"):
+            continue
         declaration = re.sub(r"^\w+\(\d+\)\s*", "", declaration)  # launch bounds
         names.update(re.findall(r"^(\w+)\(", declaration))
     return names
