@@ -76,7 +76,8 @@ def ray_cluster():
     # then exits and ray.init says "timed out during startup"): try again before failing.
     for attempt in range(3):
         try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     _node_ip_address="127.0.0.1")  # Ray's processes talk over loopback only
             break
         except Exception as exc:  # noqa: BLE001 - only that startup race is retried
             ray.shutdown()
