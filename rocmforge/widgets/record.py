@@ -79,11 +79,11 @@ class RecordingSampler(Sampler):
         super().__init__(params)
         self._on_step, self._stop_requested = on_step, stop_requested
 
-    def sample(self, logits: np.ndarray, history: Sequence[int]) -> int:
+    def sample(self, logits: np.ndarray, history: Sequence[int], mask: np.ndarray | None = None) -> int:
         # Checked here, between the forward and the draw: Stop never lets more than the token in flight finish.
         if self._stop_requested.is_set():
             raise Cancelled
-        probs = self.distribution(logits, history)
+        probs = self.distribution(logits, history, mask)
         token = self.sample_from(probs)  # the same draw `Sampler.sample` makes from the same generator state
         self._on_step(token, probs)
         return token
