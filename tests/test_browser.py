@@ -34,10 +34,6 @@ NO_NEWS = {"fetchNews": "false", "checkForUpdates": False}
 
 pytestmark = [
     pytest.mark.slow,
-    # Since the 2026-12-07 session's last merges, JupyterLab shows the notebook idle but "Run All Cells" never
-    # reaches the kernel (it stays idle until the 480 s wait ends), also with the notebook's earlier version;
-    # not found before the session ended, so the test is off until it is (see that session's note).
-    pytest.mark.skip(reason="Run All never reaches the kernel since 2026-12-07 (cause not found yet)"),
     pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium"),
 ]
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
