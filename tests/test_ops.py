@@ -225,3 +225,40 @@ def test_encoder_attention_matches_padded_masked_attention(rng):
             p = np.exp(scores - scores.max(1, keepdims=True))
             ref = (p / p.sum(1, keepdims=True)) @ v[rows, cols]
             np.testing.assert_allclose(got[rows, cols], ref, rtol=1e-5, atol=1e-6)
+
+
+
+def test_cpu_backend_rope_from_two_threads_uses_each_batchs_positions(rng, monkeypatch):
+    # the server runs two groups of sequences as forwards in parallel threads on one backend. Its per-batch cache
+    # of cos/sin tables once handed one thread the other's tables (a broadcast error in CI): force that
+    # interleaving — thread A computes its tables while thread B runs a layer — then B runs its next layer
+    import threading
+
+    import rocmforge.backends.cpu as cpu
+
+    backend = cpu.CpuBackend()
+    (x_a, pos_a), (x_b, pos_b) = [(rng.standard_normal((n, 3, 64)).astype(np.float32),
+                                   np.arange(n, dtype=np.int64) + 7 * n) for n in (29, 34)]
+    a_computing, b_ran_a_layer, a_done = threading.Event(), threading.Event(), threading.Event()
+    compute = cpu.rope_tables
+
+    def slow_for_a(positions, *args):
+        if len(positions) == len(pos_a):
+            a_computing.set()
+            assert b_ran_a_layer.wait(10)
+        return compute(positions, *args)
+
+    monkeypatch.setattr(cpu, "rope_tables", slow_for_a)
+    got_a: list[np.ndarray] = []
+    thread_a = threading.Thread(target=lambda: (got_a.append(backend.rope(x_a, pos_a, 10000.0, False, 64)),
+                                                a_done.set()))
+    thread_a.start()
+    assert a_computing.wait(10)
+    first_b = backend.rope(x_b, pos_b, 10000.0, False, 64)
+    b_ran_a_layer.set()
+    assert a_done.wait(10)
+    second_b = backend.rope(x_b, pos_b, 10000.0, False, 64)
+    thread_a.join()
+    np.testing.assert_allclose(got_a[0], rope(x_a, pos_a, 10000.0, False, 64), rtol=1e-6, atol=1e-6)
+    for got in (first_b, second_b):
+        np.testing.assert_allclose(got, rope(x_b, pos_b, 10000.0, False, 64), rtol=1e-6, atol=1e-6)

@@ -204,13 +204,15 @@ class CpuBackend:
     def rope(self, x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
              freq_factors: np.ndarray | None = None, freq_scale: float = 1.0) -> np.ndarray:
         # every layer rotates q and k at the same positions: compute cos/sin once per batch (a Batch's positions
-        # array is never written, so holding it and comparing identity is safe)
-        if self._rope_tables[0] is not positions:
-            self._rope_tables = (positions, {})
+        # array is never written, so holding it and comparing identity is safe). The server runs several batches
+        # in threads at once: read the slot once, so a check and its use always see the same batch's tables.
+        held = self._rope_tables
+        if held[0] is not positions:
+            held = self._rope_tables = (positions, {})
         key = (theta, n_rot, id(freq_factors), freq_scale)
-        tables = self._rope_tables[1].get(key)
+        tables = held[1].get(key)
         if tables is None:
-            tables = self._rope_tables[1][key] = rope_tables(positions * freq_scale, n_rot, theta, freq_factors)
+            tables = held[1][key] = rope_tables(positions * freq_scale, n_rot, theta, freq_factors)
         return rotate(x, *tables, neox, n_rot)
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
