@@ -66,23 +66,31 @@ def on_ray(task: str, model: str, texts: Sequence[str], workers: int, *, device:
            max_new_tokens: int = 64, batch_size: int = 8, **sampling: Any) -> list[dict[str, Any]]:
     """``run_batch`` on Ray Data: ``map_batches`` over ``workers`` actors, each holding one model.
 
-    An actor takes one GPU when the cluster has one for each worker (and ``device`` allows it), else one CPU.
-    Ray is started here (locally) unless ``ray.init`` already ran.
+    Actors and Ray as ``ray_actor_options`` says.
     """
     import ray
 
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
-    on_gpu = device not in ("cpu", "cpu-exact") and ray.cluster_resources().get("GPU", 0) >= workers
+    options = ray_actor_options(device, workers)
     dataset = ray.data.from_items([{"index": i, "text": t} for i, t in enumerate(texts)])
     results = dataset.map_batches(
-        BatchWorker, batch_size=batch_size, concurrency=workers, num_gpus=1 if on_gpu else 0, num_cpus=1,
+        BatchWorker, batch_size=batch_size, **options,
         fn_constructor_kwargs={"model": model, "task": task, "device": device, "n_ctx": n_ctx,
                                "max_new_tokens": max_new_tokens, "sampling": sampling})
     rows = sorted(results.take_all(), key=lambda row: row["index"])
     return [{key: (value.item() if hasattr(value, "item") else value) for key, value in row.items()} for row in rows]
+
+
+def ray_actor_options(device: str, workers: int) -> dict[str, Any]:
+    """``map_batches`` options for ``workers`` model actors: one GPU each when the cluster has one for each worker
+    (and ``device`` allows it), else one CPU each. Starts Ray here (locally) unless ``ray.init`` already ran."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    on_gpu = device not in ("cpu", "cpu-exact") and ray.cluster_resources().get("GPU", 0) >= workers
+    return {"concurrency": workers, "num_gpus": 1 if on_gpu else 0, "num_cpus": 1}
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:

@@ -41,6 +41,7 @@ from rocmforge.weights import Weights
 
 ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": llama, "qwen3": llama, "gemma3": gemma3}
 DEFAULT_N_CTX = 4096  # the KV cache is allocated lazily, but a smaller default keeps the worst case modest
+KV_BLOCK_SIZE = 16
 # Answers from a context store: without penalties a small instruct model loops ("a function that is passed to a
 # function that is passed to ..." from SmolLM2-135M, greedy; 8 of 12 questions about the bundled notes). A mild
 # repetition penalty over the last 64 tokens keeps it near the passages' words (1.3 made it fluent but off them),
@@ -53,6 +54,16 @@ ANSWER_SAMPLING: dict[str, Any] = {"repeat_penalty": 1.1, "frequency_penalty": 0
 ANSWER_MAX_TOKENS = 256
 
 
+def kv_pool_size(context_length: int, n_ctx: int | None, n_parallel: int) -> tuple[int, int]:
+    """``(n_ctx, n_blocks)`` of the KV pool ``load(n_ctx=, n_parallel=)`` makes for a model of ``context_length``.
+
+    >>> kv_pool_size(8192, 100, 2)
+    (100, 14)
+    """
+    n_ctx = min(n_ctx or DEFAULT_N_CTX, context_length)
+    return n_ctx, -(-n_ctx // KV_BLOCK_SIZE) * n_parallel
+
+
 class Model(HookedModel):
     """A loaded model: tokenizer, weights on a backend, a paged KV cache, hooks, and generation methods."""
 
@@ -63,10 +74,8 @@ class Model(HookedModel):
         self.cfg = self.gguf.config
         self.name = self.path.stem
         self.arch = ARCHITECTURES[self.cfg.architecture]
-        self.n_ctx = min(n_ctx or DEFAULT_N_CTX, self.cfg.context_length)
-        block_size = 16
-        n_blocks = -(-self.n_ctx // block_size) * n_parallel
-        self.ops = backend_for_model(None if device == "auto" else device, self.gguf, n_blocks * block_size)
+        self.n_ctx, n_blocks = kv_pool_size(self.cfg.context_length, n_ctx, n_parallel)
+        self.ops = backend_for_model(None if device == "auto" else device, self.gguf, n_blocks * KV_BLOCK_SIZE)
         self.device = self.ops.name
         if self.device == "cpu":
             # BLAS threads that spin-wait for each other collapse when the cores are shared (16x slower decode
@@ -75,7 +84,7 @@ class Model(HookedModel):
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         self.weights = Weights.load(self.gguf, self.ops)
         self.kv = KVCache(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, self.cfg.head_dim_v,
-                          self.n_ctx, n_blocks=n_blocks, block_size=block_size, ops=self.ops)
+                          self.n_ctx, n_blocks=n_blocks, block_size=KV_BLOCK_SIZE, ops=self.ops)
         self.hook_registry = Hooks(self.ops, valid_names=hook_names(self.cfg.n_layers))
         self.ctx = ForwardContext(self.cfg, self.weights, self.ops, self.kv, self.hook_registry)
         finish_load = getattr(self.ops, "finish_load", None)  # cpu-exact: release file pages, compile kernels once

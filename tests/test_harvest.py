@@ -94,3 +94,47 @@ def test_the_cli_names_a_misspelt_hook_point_in_one_line(smollm2_path, tmp_path)
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "no hook point named ['blocks.99.hook_resid_post']" in result.stderr
+
+
+def _same_files(a: Path, b: Path) -> None:
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for path in a.iterdir():
+        assert path.read_bytes() == (b / path.name).read_bytes(), path.name
+
+
+def test_ray_data_with_two_actors_writes_the_same_shards_and_resumes(ray_cluster, model, smollm2_path, tmp_path):
+    from rocmforge.harvest import harvest_on_ray
+
+    docs = TEXTS[:16] + [" ".join(TEXTS[16:22])]  # the last one is cut into pieces
+    options = {"batch_tokens": 128, "shard_tokens": 100, "progress": False}
+    whole = tmp_path / "whole"
+    index = model.harvest(docs, NAMES, whole, **options)
+    assert len(index["shards"]) >= 4 and any(p[1] > 0 for s in index["shards"] for p in s["pieces"])
+    on_ray = tmp_path / "ray"
+    harvest_on_ray(str(smollm2_path), docs, NAMES, on_ray, 2, device="cpu", n_ctx=64, n_parallel=4, **options)
+    _same_files(whole, on_ray)
+    # a run killed after its second shard (a half-written file left behind) resumes on Ray to the same files
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    first_two = {**index, "shards": index["shards"][:2],
+                 "pieces_done": sum(len(s["pieces"]) for s in index["shards"][:2])}
+    (resumed / "index.json").write_text(json.dumps(first_two, indent=1))
+    for shard in first_two["shards"]:
+        (resumed / shard["files"][0]).write_bytes((whole / shard["files"][0]).read_bytes())
+    (resumed / "shard-00002.safetensors.partial").write_bytes(b"half a shard")
+    harvest_on_ray(str(smollm2_path), docs, NAMES, resumed, 2, device="cpu", n_ctx=64, n_parallel=4, **options)
+    _same_files(whole, resumed)
+
+
+def test_the_cli_with_workers_writes_the_same_npy_shards(ray_cluster, smollm2_path, tmp_path):
+    from click.testing import CliRunner
+
+    from rocmforge.cli.main import cli
+
+    text = tmp_path / "docs.txt"
+    text.write_text("\n".join(TEXTS[:10]) + "\n")
+    for out, extra in (("one", []), ("ray", ["--workers", "2"])):
+        command = _cli(smollm2_path, text, tmp_path / out)[3:] + ["--format", "npy", *extra]
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 0, result.output
+    _same_files(tmp_path / "one", tmp_path / "ray")

@@ -18,19 +18,35 @@ from rocmforge.registry import DEFAULT_MODEL
 @click.option("--shard-tokens", default=1 << 16, show_default=True, help="Rows per shard file.")
 @click.option("--n-ctx", default=None, type=int, help="Context window (longer documents are cut into pieces).")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "npy"]), default="safetensors", show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Run the forwards on Ray Data with this many actors (one per GPU, else one per CPU); the same "
+                   "shards [default: this process].")
+@click.option("--ray-address", default=None, help="With --workers: the Ray cluster to join [default: a local one].")
 def harvest(text_file: str, names: tuple[str, ...], out: str, model_name: str, device: str, batch_tokens: int,
-            shard_tokens: int, n_ctx: int | None, fmt: str) -> None:
+            shard_tokens: int, n_ctx: int | None, fmt: str, workers: int | None, ray_address: str | None) -> None:
     """Run every line of TEXT_FILE (one document per line) and write the chosen activations to OUT.
 
-    Killed and started again with the same arguments, it resumes after the last finished shard."""
-    from rocmforge.harvest import harvest as run
-    from rocmforge.model import load
-
+    Killed and started again with the same arguments, it resumes after the last finished shard (with or without
+    --workers: both write the same files)."""
     n_ctx = n_ctx or 2048
-    model = load(model_name, device=device, n_ctx=n_ctx, n_parallel=max(1, -(-batch_tokens // n_ctx)))
+    n_parallel = max(1, -(-batch_tokens // n_ctx))
+    options = {"batch_tokens": batch_tokens, "shard_tokens": shard_tokens, "format": fmt}
     try:
-        index = run(model, text_file, list(names), out, batch_tokens=batch_tokens, shard_tokens=shard_tokens,
-                    format=fmt)
+        if workers is None:
+            from rocmforge.harvest import harvest as run
+            from rocmforge.model import load
+
+            model = load(model_name, device=device, n_ctx=n_ctx, n_parallel=n_parallel)
+            index = run(model, text_file, list(names), out, **options)
+        else:
+            import ray
+
+            from rocmforge.harvest import harvest_on_ray
+
+            if not ray.is_initialized():
+                ray.init(address=ray_address, include_dashboard=False)
+            index = harvest_on_ray(model_name, text_file, list(names), out, workers, device=device, n_ctx=n_ctx,
+                                   n_parallel=n_parallel, **options)
     except (KeyError, ValueError) as exc:  # a misspelt hook name, or OUT holds a harvest with other settings
         raise click.UsageError(str(exc.args[0])) from None
     rows = sum(s["rows"] for s in index["shards"])
