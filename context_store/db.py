@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import sqlite_utils
+
+from context_store.connections import ThreadConnections
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -83,9 +84,7 @@ class StoreDB:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._all_lock = threading.Lock()
+        self._connections = ThreadConnections(self._connect)
         with self.transaction() as db:
             for statement in _split_sql(_SCHEMA):
                 db.execute(statement)
@@ -97,20 +96,18 @@ class StoreDB:
     @property
     def db(self) -> sqlite_utils.Database:
         """This thread's connection."""
-        db = getattr(self._local, "db", None)
-        if db is None:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: a commit is on disk before add_document returns, so acknowledged writes survive kill -9
-            # and power loss alike.
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.isolation_level = None  # we issue BEGIN IMMEDIATE / COMMIT ourselves
-            db = self._local.db = sqlite_utils.Database(conn)
-            with self._all_lock:
-                self._all.append(conn)
-        return db
+        return self._connections.get()
+
+    def _connect(self) -> sqlite_utils.Database:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is on disk before add_document returns, so acknowledged writes survive kill -9
+        # and power loss alike.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.isolation_level = None  # we issue BEGIN IMMEDIATE / COMMIT ourselves
+        return sqlite_utils.Database(conn)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite_utils.Database]:
@@ -136,11 +133,7 @@ class StoreDB:
             db.conn.execute("COMMIT")
 
     def close(self) -> None:
-        with self._all_lock:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
-        self._local = threading.local()
+        self._connections.close()
 
     # -- meta --------------------------------------------------------------------------------------
     def meta(self) -> dict[str, str]:

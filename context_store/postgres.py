@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from context_store.connections import ThreadConnections
 from context_store.records import ContextStoreError, Document, NewDocument, StoredDocument
 from context_store.search import EXACT_SEARCH_LIMIT
 
@@ -126,9 +126,7 @@ class PostgresBackend:
         self._psycopg, self._register_vector = psycopg, register_vector
         self.url, self.location = url, redact(url)
         self.dim, self.ef = dim, ef
-        self._local = threading.local()
-        self._all: list[Any] = []
-        self._all_lock = threading.Lock()
+        self._connections = ThreadConnections(self._connect)
         self._hnsw_sql = _HNSW.format(M=int(M), ef_construction=int(ef_construction))
         with self._write() as cur:
             cur.execute(_TABLES.format(dim=dim))
@@ -138,27 +136,25 @@ class PostgresBackend:
     @property
     def conn(self) -> Any:
         """This thread's connection (autocommit; transactions are explicit)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
-            psycopg = self._psycopg
-            try:
-                conn = psycopg.connect(self.url, autocommit=True)
-            except psycopg.Error as exc:
-                raise ContextStoreError(f"cannot connect to {self.location}: {str(exc).strip()}") from exc
-            try:
-                conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-            except psycopg.errors.InsufficientPrivilege:
-                pass  # someone else must have created it; register_vector says clearly if not
-            except psycopg.errors.UniqueViolation:
-                pass  # another connection created it at the same moment
-            except psycopg.Error as exc:
-                conn.close()
-                raise ContextStoreError(f"{self.location}: pgvector is not available ({str(exc).strip()}); "
-                                        "install it on the server and CREATE EXTENSION vector") from exc
-            self._register_vector(conn)
-            self._local.conn, self._local.ef_search = conn, None
-            with self._all_lock:
-                self._all.append(conn)
+        return self._connections.get()
+
+    def _connect(self) -> Any:
+        psycopg = self._psycopg
+        try:
+            conn = psycopg.connect(self.url, autocommit=True)
+        except psycopg.Error as exc:
+            raise ContextStoreError(f"cannot connect to {self.location}: {str(exc).strip()}") from exc
+        try:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        except psycopg.errors.InsufficientPrivilege:
+            pass  # someone else must have created it; register_vector says clearly if not
+        except psycopg.errors.UniqueViolation:
+            pass  # another connection created it at the same moment
+        except psycopg.Error as exc:
+            conn.close()
+            raise ContextStoreError(f"{self.location}: pgvector is not available ({str(exc).strip()}); "
+                                    "install it on the server and CREATE EXTENSION vector") from exc
+        self._register_vector(conn)
         return conn
 
     @contextmanager
@@ -304,9 +300,9 @@ class PostgresBackend:
                   ORDER BY c.embedding <=> %s LIMIT %s"""
         ef = min(max(self.ef, k), 1000)  # pgvector returns at most ef_search rows per index scan
         conn = self.conn  # this thread's, made on first use
-        if self._local.ef_search != ef:
+        if getattr(self._connections.local, "ef_search", None) != ef:
             conn.execute(f"SET hnsw.ef_search = {int(ef)}")
-            self._local.ef_search = ef
+            self._connections.local.ef_search = ef
         if not filters:  # the common case: one statement, one round trip
             rows = self._rows(sql, [query, query, k])
             if len(rows) >= k or len(rows) >= self.count_chunks():
@@ -429,8 +425,4 @@ class PostgresBackend:
         """Nothing to save: every commit is already in the server."""
 
     def close(self) -> None:
-        with self._all_lock:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
-        self._local = threading.local()
+        self._connections.close()
