@@ -1,7 +1,7 @@
 """The context store's two backends side by side on the labelled retrieval sets: MRR@10 (and the other metrics of
 ``context_store.evaluate``) per search mode, SQLite + HNSW vs PostgreSQL + pgvector (a throwaway local server
 from the pgserver wheel). Both stores get the very same vectors (each text is embedded once), so a difference
-comes from the index and the keyword ranking (FTS5 BM25 vs ``ts_rank``), not from the embedder.
+comes from the vector index (hnswlib vs pgvector; the keyword side is the same BM25 on both), not from the embedder.
 
     .venv/bin/python -m benchmarks.store_backends [--embedder minilm|hashed] [--sets pydoc manpages]
 """

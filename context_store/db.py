@@ -26,6 +26,7 @@ import numpy as np
 import sqlite_utils
 
 from context_store.connections import ThreadConnections
+from context_store.keyword_terms import FTS_TOKENIZE, FTS_WEIGHTS
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -59,9 +60,9 @@ CREATE TABLE IF NOT EXISTS deleted_chunks (seq INTEGER PRIMARY KEY AUTOINCREMENT
 
 # The keyword index: chunk text and heading (title and section path), Porter-stemmed. A store made with another
 # definition (older stores indexed text alone, some without stemming) gets this one on open, rebuilt from chunks.
-_FTS = """
+_FTS = f"""
 CREATE VIRTUAL TABLE chunks_fts USING fts5(
-    text, heading, content='chunks', content_rowid='id', tokenize='porter unicode61');
+    text, heading, content='chunks', content_rowid='id', tokenize='{FTS_TOKENIZE}');
 CREATE TRIGGER chunks_ai AFTER INSERT ON chunks BEGIN
     INSERT INTO chunks_fts(rowid, text, heading) VALUES (new.id, new.text, new.heading);
 END;
@@ -69,8 +70,6 @@ CREATE TRIGGER chunks_ad AFTER DELETE ON chunks BEGIN
     INSERT INTO chunks_fts(chunks_fts, rowid, text, heading) VALUES ('delete', old.id, old.text, old.heading);
 END;
 """
-# BM25 column weights (text, heading): a heading word says what the whole chunk is about.
-FTS_WEIGHTS = (1.0, 2.0)
 
 # Columns of a search hit, joined from chunks and documents.
 HIT_COLUMNS = """c.id AS chunk_id, c.document_id, c.ordinal, c.text, c.start, c."end", c.heading,
@@ -232,7 +231,7 @@ class StoreDB:
 
     def keyword(self, match: str, where: str, params: list, limit: int) -> list[tuple[int, float]]:
         """FTS5 BM25 ranking: (chunk id, bm25) best first (SQLite's bm25 is lower-is-better)."""
-        weights = ", ".join(str(w) for w in FTS_WEIGHTS)
+        weights = ", ".join(str(FTS_WEIGHTS[column]) for column in ("text", "heading"))
         sql = f"""SELECT c.id, bm25(chunks_fts, {weights}) AS rank FROM chunks_fts
                   JOIN chunks c ON c.id = chunks_fts.rowid {_DOC_JOIN}
                   WHERE chunks_fts MATCH ? AND {where} ORDER BY rank LIMIT ?"""

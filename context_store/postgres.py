@@ -1,17 +1,20 @@
-"""The store in PostgreSQL: pgvector's HNSW index for vectors, a ``tsvector`` column for keywords.
+"""The store in PostgreSQL: pgvector's HNSW index for vectors, FTS5's BM25 from term statistics for keywords.
 
 Tables live in their own schema (``context_store``), so a database shared with other applications is fine:
-``meta``, ``collections``, ``documents`` (metadata as ``jsonb``) and ``chunks`` (``embedding vector(dim)``
-with an HNSW cosine index; ``tsv``, generated from the text with the ``english`` configuration, with a GIN
-index). The driver is psycopg 3 (binary wheel; pgvector's adapter sends vectors as binary).
+``meta``, ``collections``, ``documents`` (metadata as ``jsonb``), ``chunks`` (``embedding vector(dim)`` with an
+HNSW cosine index; ``terms``, a ``jsonb`` of the chunk's FTS5 tokens → column-weighted frequency, with a GIN
+index, and ``n_terms``, its FTS5 token count) and ``keyword_stats`` (chunks and tokens in all, kept by triggers).
+The driver is psycopg 3 (binary wheel; pgvector's adapter sends vectors as binary).
 
 Concurrency is PostgreSQL's: each thread has its own connection, every read is one snapshot, and writers take
 one transaction-level advisory lock, so "is this content already stored?" and the insert that follows are one
 step for every writer on every machine. A document commits before ``insert_documents`` returns (the server's
 WAL makes it durable); a writer killed mid-transaction leaves nothing, since the server rolls it back.
 
-Scores: vector hits carry cosine similarity (``1 - (a <=> b)``); keyword hits carry ``ts_rank`` with length
-normalisation 1 (rank / (1 + log(length))), PostgreSQL's nearest thing to BM25's length term.
+Scores: vector hits carry cosine similarity (``1 - (a <=> b)``); keyword hits carry SQLite FTS5's BM25 of the
+same tokens (``keyword_terms``: its tokenizer, heading weight 2, IDF over every chunk), computed in SQL from the
+term statistics, so both backends rank keywords alike. A store made before (a ``tsv`` column ranked by
+``ts_rank``) gets its terms on open.
 """
 from __future__ import annotations
 
@@ -25,8 +28,9 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from context_store.connections import ThreadConnections
+from context_store.keyword_terms import FtsTerms, bm25_sql, idf
 from context_store.records import ContextStoreError, Document, NewDocument, StoredDocument
-from context_store.search import EXACT_SEARCH_LIMIT
+from context_store.search import EXACT_SEARCH_LIMIT, keyword_words
 
 SCHEMA = "context_store"
 WRITER_LOCK = 0x726F636D  # one advisory-lock key for every writer of this schema ("rocm")
@@ -49,11 +53,34 @@ CREATE TABLE IF NOT EXISTS context_store.chunks (
     document_id BIGINT NOT NULL REFERENCES context_store.documents(id) ON DELETE CASCADE,
     ordinal INTEGER NOT NULL, text TEXT NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL,
     n_tokens INTEGER NOT NULL, embedding vector({dim}) NOT NULL,
-    tsv TSVECTOR GENERATED ALWAYS AS (to_tsvector('english', text)) STORED,
     heading TEXT NOT NULL DEFAULT '');
 ALTER TABLE context_store.chunks ADD COLUMN IF NOT EXISTS heading TEXT NOT NULL DEFAULT '';
+ALTER TABLE context_store.chunks ADD COLUMN IF NOT EXISTS terms JSONB NOT NULL DEFAULT '{{}}';
+ALTER TABLE context_store.chunks ADD COLUMN IF NOT EXISTS n_terms INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS chunks_document ON context_store.chunks (document_id);
-CREATE INDEX IF NOT EXISTS chunks_tsv ON context_store.chunks USING gin (tsv);
+CREATE INDEX IF NOT EXISTS chunks_terms ON context_store.chunks USING gin (terms);
+CREATE TABLE IF NOT EXISTS context_store.keyword_stats (
+    one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), chunks BIGINT NOT NULL, terms BIGINT NOT NULL);
+CREATE OR REPLACE FUNCTION context_store.count_terms() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        UPDATE context_store.keyword_stats s SET chunks = s.chunks + n.c, terms = s.terms + n.t
+        FROM (SELECT count(*) AS c, coalesce(sum(n_terms), 0) AS t FROM added) n;
+    ELSE
+        UPDATE context_store.keyword_stats s SET chunks = s.chunks - n.c, terms = s.terms - n.t
+        FROM (SELECT count(*) AS c, coalesce(sum(n_terms), 0) AS t FROM removed) n;
+    END IF;
+    RETURN NULL;
+END $$;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'chunks_terms_added'
+                   AND tgrelid = 'context_store.chunks'::regclass) THEN
+        CREATE TRIGGER chunks_terms_added AFTER INSERT ON context_store.chunks REFERENCING NEW TABLE AS added
+            FOR EACH STATEMENT EXECUTE FUNCTION context_store.count_terms();
+        CREATE TRIGGER chunks_terms_removed AFTER DELETE ON context_store.chunks REFERENCING OLD TABLE AS removed
+            FOR EACH STATEMENT EXECUTE FUNCTION context_store.count_terms();
+    END IF;
+END $$;
 """
 _HNSW = ("CREATE INDEX IF NOT EXISTS chunks_embedding ON context_store.chunks "
          "USING hnsw (embedding vector_cosine_ops) WITH (m = {M}, ef_construction = {ef_construction})")
@@ -127,9 +154,11 @@ class PostgresBackend:
         self.url, self.location = url, redact(url)
         self.dim, self.ef = dim, ef
         self._connections = ThreadConnections(self._connect)
+        self._terms = FtsTerms()
         self._hnsw_sql = _HNSW.format(M=int(M), ef_construction=int(ef_construction))
         with self._write() as cur:
             cur.execute(_TABLES.format(dim=dim))
+            self._count_terms_of_older_store(cur)
             cur.execute(self._hnsw_sql)
 
     # -- connections and transactions -------------------------------------------------------------
@@ -156,6 +185,24 @@ class PostgresBackend:
                                     "install it on the server and CREATE EXTENSION vector") from exc
         self._register_vector(conn)
         return conn
+
+    def _count_terms_of_older_store(self, cur: Any) -> None:
+        """A store made before the keyword terms (a ``tsv`` column): its chunks' terms, the old column dropped;
+        then the totals row, once."""
+        if cur.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = %s AND table_name = 'chunks' "
+                       "AND column_name = 'tsv'", (SCHEMA,)).fetchone():
+            rows = cur.execute("SELECT id, text, heading FROM context_store.chunks ORDER BY id").fetchall()
+            for start in range(0, len(rows), 1024):
+                part = rows[start:start + 1024]
+                cur.executemany("UPDATE context_store.chunks SET terms = %s, n_terms = %s WHERE id = %s",
+                                [(self._psycopg.types.json.Jsonb(terms), n, i) for (i, _, _), (terms, n)
+                                 in zip(part, self._terms.count([(text, heading) for _, text, heading in part]))])
+            cur.execute("ALTER TABLE context_store.chunks DROP COLUMN tsv")
+        # the scan runs only while the row is missing (a one-time filter)
+        cur.execute("INSERT INTO context_store.keyword_stats (chunks, terms) "
+                    "SELECT count(*), coalesce(sum(n_terms), 0) FROM context_store.chunks "
+                    "WHERE NOT EXISTS (SELECT 1 FROM context_store.keyword_stats) "
+                    "ON CONFLICT DO NOTHING")
 
     @contextmanager
     def _write(self) -> Iterator[Any]:
@@ -230,17 +277,20 @@ class PostgresBackend:
             doc_ids.append(cur.fetchone()[0])
             if not cur.nextset():
                 break
-        columns = ["id", "document_id", "ordinal", "text", "start", '"end"', "n_tokens", "heading", "embedding"]
-        types = ["int8", "int8", "int4", "text", "int4", "int4", "int4", "text", "vector"]
+        columns = ["id", "document_id", "ordinal", "text", "start", '"end"', "n_tokens", "heading", "embedding",
+                   "terms", "n_terms"]
+        types = ["int8", "int8", "int4", "text", "int4", "int4", "int4", "text", "vector", "jsonb", "int4"]
         if stored is None:
             columns, types = columns[1:], types[1:]
+        headings = [doc.headings or [""] * len(doc.chunks) for doc in docs]
+        terms = iter(self._terms.count([(chunk.text, heading) for doc, doc_headings in zip(docs, headings)
+                                        for chunk, heading in zip(doc.chunks, doc_headings)]))
         with cur.copy(f"COPY context_store.chunks ({', '.join(columns)}) FROM STDIN WITH (FORMAT BINARY)") as copy:
             copy.set_types(types)
-            for doc, doc_id, k in zip(docs, doc_ids, keep):
-                headings = doc.headings or [""] * len(doc.chunks)
-                for i, (chunk, heading, vector) in enumerate(zip(doc.chunks, headings, doc.embeddings)):
+            for doc, doc_headings, doc_id, k in zip(docs, headings, doc_ids, keep):
+                for i, (chunk, heading, vector) in enumerate(zip(doc.chunks, doc_headings, doc.embeddings)):
                     row = [doc_id, i, chunk.text, chunk.start, chunk.end, chunk.n_tokens, heading,
-                           np.ascontiguousarray(vector, dtype=np.float32)]
+                           np.ascontiguousarray(vector, dtype=np.float32), *next(terms)]
                     copy.write_row([k.chunks[i]["id"], *row] if k else row)
         return doc_ids
 
@@ -319,18 +369,36 @@ class PostgresBackend:
 
     def keyword(self, query: str, k: int, filters: dict[str, Any] | None,
                 among: list[int] | None = None) -> list[tuple[int, float]]:
-        """``tsvector`` matches of any query word, ranked by ``ts_rank`` (normalisation 1), best first; ``among``:
-        only these chunk ids."""
-        words = re.findall(r"\w+", query.lower())
-        if not words:
+        """Chunks holding any ``keyword_words`` of the query, ranked by FTS5's BM25 as the SQLite store ranks them,
+        best first; ``among``: only these chunk ids.
+
+        A word FTS5 cuts into several tokens (``read_text``) is a phrase there; here its tokens must all be in the
+        chunk and its frequency is the rarest one's (the terms keep no positions)."""
+        phrases = [tokens for tokens in map(self._terms.tokens, keyword_words(query)) if tokens]
+        if not phrases:
             return []
         where, params = where_clause(filters)
         if among is not None:
             where, params = f"{where} AND c.id = ANY(%s)", [*params, list(among)]
-        sql = f"""SELECT c.id, ts_rank(c.tsv, q, 1) AS rank
-                  FROM {_HIT_JOIN}, websearch_to_tsquery('english', %s) q
-                  WHERE c.tsv @@ q AND {where} ORDER BY rank DESC, c.id LIMIT %s"""
-        return [(int(i), float(r)) for i, r in self._rows(sql, [" or ".join(words), *params, k])]
+        with self._read() as cur:
+            n_rows, n_terms = cur.execute("SELECT chunks, terms FROM context_store.keyword_stats").fetchone()
+            if not n_rows:
+                return []
+            hits = cur.execute("SELECT (SELECT count(*) FROM context_store.chunks "
+                               "        WHERE terms ?& string_to_array(p.joined, ' ')) "
+                               "FROM unnest(%s::text[]) WITH ORDINALITY p(joined, i) ORDER BY p.i",
+                               ([" ".join(p) for p in phrases],)).fetchall()
+            idfs = [idf(n_rows, n) for (n,) in hits]
+            score = bm25_sql("p.idf", "f.frequency", "c.n_terms", "%s::float8")
+            sql = f"""SELECT c.id, sum({score}) AS score
+                      FROM {_HIT_JOIN}, unnest(%s::text[], %s::float8[]) p(joined, idf),
+                      LATERAL (SELECT min(coalesce((c.terms ->> t)::float8, 0)) AS frequency
+                               FROM unnest(string_to_array(p.joined, ' ')) t) f
+                      WHERE c.terms ?| %s::text[] AND {where}
+                      GROUP BY c.id HAVING sum(f.frequency) > 0 ORDER BY score DESC, c.id LIMIT %s"""
+            rows = cur.execute(sql, [n_terms / n_rows, [" ".join(p) for p in phrases], idfs,
+                                     sorted({t for p in phrases for t in p}), *params, k]).fetchall()
+        return [(int(i), float(score)) for i, score in rows]
 
     def embeddings(self, chunk_ids: list[int]) -> tuple[list[int], np.ndarray]:
         """(the ids still stored, their vectors [n, dim])."""

@@ -57,18 +57,27 @@ will with would you your yours yourself yourselves
 """.split())
 
 
-def fts_query(text: str) -> str | None:
-    """Free text -> an FTS5 query: words quoted (so no FTS syntax leaks in), stopwords dropped, any word may match.
+def keyword_words(text: str) -> list[str]:
+    """The words of a keyword query: stopwords dropped (a query of stopwords only keeps them: better some match
+    than none), each word once.
 
-    A query of stopwords only keeps them (better some match than none). FTS5 stems the quoted words with the
-    table's porter tokenizer, so "sorting" matches "sorted".
+    >>> keyword_words("How do I sort a list? A list!")
+    ['sort', 'list']
+    """
+    words = list(dict.fromkeys(re.findall(r"\w+", text.lower())))
+    return [w for w in words if w not in STOPWORDS] or words
+
+
+def fts_query(text: str) -> str | None:
+    """Free text -> an FTS5 query: ``keyword_words`` quoted (so no FTS syntax leaks in), any word may match.
+
+    FTS5 stems the quoted words with the table's porter tokenizer, so "sorting" matches "sorted".
 
     >>> fts_query("How do I sort a list?")
     '"sort" OR "list"'
     """
-    words = list(dict.fromkeys(re.findall(r"\w+", text.lower())))
-    content = [w for w in words if w not in STOPWORDS] or words
-    return " OR ".join(f'"{w}"' for w in content) if content else None
+    words = keyword_words(text)
+    return " OR ".join(f'"{w}"' for w in words) if words else None
 
 
 def cosine_top_k(query: np.ndarray, ids: list[int], vectors: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -2,7 +2,7 @@
 
 Two backends behind one API: a file path keeps the store in SQLite with an HNSW index beside it
 (``sqlite_backend.py``; one machine, any number of threads and processes); a ``postgresql://`` URL keeps it
-in PostgreSQL with pgvector's HNSW and ``tsvector`` ranking (``postgres.py``; many machines share one store).
+in PostgreSQL with pgvector's HNSW and the same BM25 (``postgres.py``; many machines share one store).
 Chunking, headings, embedding, dedupe, fusion (``search.py``) and hit shapes are the same for both, here.
 
 Every document is one transaction committed before ``add_text`` returns, so an acknowledged write survives

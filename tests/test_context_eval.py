@@ -74,3 +74,18 @@ def test_cli_eval_prints_every_mode(tmp_path: Path) -> None:
     assert [json.loads(line) for line in again.output.splitlines()] == rows
     bad = CliRunner().invoke(cli, ["context", "--embedder", "hashed", "eval", str(SETS / "pydoc"), "--modes", "x"])
     assert bad.exit_code == 1 and "unknown mode" in bad.output
+
+
+@pytest.mark.parametrize("name", ["pydoc", "manpages"])
+def test_cli_eval_scores_both_backends_alike(tmp_path: Path, local_postgres, name: str) -> None:
+    """The issue's bar: MRR@10 within 0.01 on SQLite and PostgreSQL. Keyword ranking is the same BM25 on both
+    (equal); the vector side differs only by the HNSW implementations (hnswlib, pgvector)."""
+    runs = {}
+    for backend, location in (("sqlite", str(tmp_path / "eval.db")), ("postgresql", local_postgres.new_database())):
+        result = CliRunner().invoke(cli, ["context", "--db", location, "--embedder", "hashed", "eval",
+                                          str(SETS / name), "--json"])
+        assert result.exit_code == 0, result.output
+        runs[backend] = {row["mode"]: row for row in map(json.loads, result.output.splitlines())}
+    for mode in ("hybrid", "rrf", "vector", "keyword"):
+        assert runs["postgresql"][mode]["MRR@10"] == pytest.approx(runs["sqlite"][mode]["MRR@10"], abs=0.01), mode
+    assert runs["postgresql"]["keyword"] == runs["sqlite"]["keyword"]

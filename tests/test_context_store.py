@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,8 @@ import pytest
 
 from context_store import ContextStore, ContextStoreError
 from context_store.chunk import chunk_text
-from context_store.db import FTS_WEIGHTS
-from context_store.search import cosine_top_k, reciprocal_rank_fusion, score_fusion
+from context_store.keyword_terms import FTS_TOKENIZE, FTS_WEIGHTS
+from context_store.search import cosine_top_k, fts_query, reciprocal_rank_fusion, score_fusion
 from rocmforge.embedder import HashedNgramEmbedder
 from store_backends import is_sqlite, query, stored_chunk_ids
 
@@ -72,22 +73,30 @@ def test_identical_content_is_skipped_by_hash(store: ContextStore) -> None:
     assert batch[0].document_id == batch[1].document_id
 
 
-def test_keyword_search_ranks_by_bm25(store: ContextStore) -> None:
+def _fts5_bm25(store: ContextStore, match: str) -> dict[int, float]:
+    """SQLite FTS5's own BM25 (negated: higher is better) of the store's chunks, whichever backend holds them."""
+    table = "chunks" if is_sqlite(store) else "context_store.chunks"
+    fts = sqlite3.connect(":memory:")
+    fts.execute(f"CREATE VIRTUAL TABLE t USING fts5(text, heading, tokenize='{FTS_TOKENIZE}')")
+    fts.executemany("INSERT INTO t (rowid, text, heading) VALUES (?, ?, ?)",
+                    query(store, f"SELECT id, text, heading FROM {table}"))
+    weights = f"{FTS_WEIGHTS['text']}, {FTS_WEIGHTS['heading']}"
+    return dict(fts.execute(f"SELECT rowid, -bm25(t, {weights}) FROM t WHERE t MATCH ?", (match,)).fetchall())
+
+
+def test_keyword_search_ranks_by_fts5_bm25_on_both_backends(store: ContextStore) -> None:
     hits = store.search("nectar flowers", k=3, mode="keyword")
     assert hits[0].source == "bees.txt"
     assert "nectar" in hits[0].text
     assert hits[0].scores["keyword"] == hits[0].score > 0
-    # compare with the database's own ranking for the same query: SQLite's bm25, PostgreSQL's ts_rank
-    if is_sqlite(store):
-        weights = ", ".join(map(str, FTS_WEIGHTS))
-        ((expected,),) = query(store, f"SELECT -bm25(chunks_fts, {weights}) FROM chunks_fts WHERE chunks_fts MATCH ? "
-                                      f"ORDER BY bm25(chunks_fts, {weights}) LIMIT 1", ('"nectar" OR "flowers"',))
-    else:
-        ((expected,),) = query(store, "SELECT ts_rank(to_tsvector('english', text), "
-                                      "to_tsquery('english', 'nectar | flowers'), 1) AS r "
-                                      "FROM context_store.chunks ORDER BY r DESC LIMIT 1")
-    assert hits[0].score == pytest.approx(expected)
     assert store.search("zebra", mode="keyword") == []
+    # every score is SQLite FTS5's bm25 of the same chunks (PostgreSQL computes it from its term statistics)
+    store.add_text("Bees and wasps: sorting the hive's nectar. Sorted flowers, sorts of bees.", source="hive.md")
+    for text in ("nectar flowers", "how are bees sorting nectar?", "the"):
+        hits = store.search(text, k=50, mode="keyword")
+        expected = _fts5_bm25(store, fts_query(text))
+        assert len(hits) == len(expected) > 0
+        assert {h.chunk_id: h.score for h in hits} == pytest.approx(expected, rel=1e-12)
 
 
 def test_vector_hits_carry_text_source_offsets_and_cosine(store: ContextStore) -> None:
@@ -185,7 +194,10 @@ def test_delete_really_deletes_and_vacuum_shrinks(store_location) -> None:
             assert query(s, "SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH 'marker7'") == [(0,)]
             assert query(s, "SELECT count(*) FROM deleted_chunks") == [(0,)]
         else:
-            assert query(s, "SELECT count(*) FROM context_store.chunks WHERE tsv @@ 'marker7'") == [(0,)]
+            assert query(s, "SELECT count(*) FROM context_store.chunks WHERE jsonb_exists(terms, 'marker7')") == [(0,)]
+            # the keyword totals (BM25's N and average length) follow the deletes, cascades included
+            assert query(s, "SELECT chunks, terms FROM context_store.keyword_stats") == query(
+                s, "SELECT count(*), sum(n_terms) FROM context_store.chunks")
 
 
 def test_hnsw_recall_against_brute_force(store_location) -> None:
@@ -321,3 +333,22 @@ def test_old_sqlite_store_gets_stemmed_keyword_index_and_headings_on_open(tmp_pa
         assert [h.source for h in hits] == ["notes/walrus.md"] and hits[0].heading == ""
         s.add_text("Seals are swimming too.", source="notes/seals.md")
         assert {h.heading for h in s.search("swims", k=5, mode="keyword")} == {"", "seals.md"}
+
+
+def test_older_postgres_store_gets_its_keyword_terms_on_open(local_postgres) -> None:
+    url = local_postgres.new_database()
+    with ContextStore(url, embed=HashedNgramEmbedder(), chunk_size=12, chunk_overlap=3) as store:
+        for source, text in ANIMALS.items():
+            store.add_text(text, source=source)
+        expected = {h.chunk_id: h.score for h in store.search("bees dance at night", k=50, mode="keyword")}
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:  # last session's schema: ts_rank over a generated tsvector
+        conn.execute("ALTER TABLE context_store.chunks ADD COLUMN tsv TSVECTOR "
+                     "GENERATED ALWAYS AS (to_tsvector('english', text)) STORED")
+        conn.execute("UPDATE context_store.chunks SET terms = '{}', n_terms = 0")
+        conn.execute("DELETE FROM context_store.keyword_stats")
+    with ContextStore(url, embed=HashedNgramEmbedder(), chunk_size=12, chunk_overlap=3) as store:
+        assert {h.chunk_id: h.score for h in store.search("bees dance at night", k=50, mode="keyword")} == expected
+        assert len(expected) > 2 and not query(store, "SELECT 1 FROM information_schema.columns "
+                                                      "WHERE table_name = 'chunks' AND column_name = 'tsv'")

@@ -161,7 +161,7 @@ def _read(path: Path) -> str:
 def search(ctx: click.Context, query: str, k: int, mode: str, collection: str | None, source: str | None,
            where: tuple[str, ...], ef: int, as_json: bool) -> None:
     """Search the store: hybrid (cosine and keyword score of both lists' candidates, mixed), rrf (reciprocal-rank
-    fusion), vector (HNSW) or keyword (BM25 / ts_rank)."""
+    fusion), vector (HNSW) or keyword (BM25)."""
     filters: dict[str, str] = _parse_meta(where)
     if collection:
         filters["collection"] = collection
