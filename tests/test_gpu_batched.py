@@ -28,6 +28,7 @@ from rocmforge.ops.matmul import round_activations
 from rocmforge.sampler import Sampler, SamplingParams
 from rocmforge.weights import Weights
 from tests.test_gpu_kernels import MATMUL_TYPES, f32, random_weight, rel_err
+from tests.gpu_runtimes import gpu_runtime
 from tests.tiny_gguf import write_model
 
 pytestmark = pytest.mark.gpu
@@ -35,12 +36,8 @@ rng = np.random.default_rng()
 
 
 def make_gpu(round_activations: bool = True):
-    from rocmforge.backends import cuda, hip
     from rocmforge.backends.gpu import GpuBackend
-    for module, runtime in ((hip, "HipRuntime"), (cuda, "CudaRuntime")):
-        if module.available()[0]:
-            return GpuBackend(getattr(module, runtime)(), round_activations=round_activations)
-    pytest.skip(f"no GPU: {hip.available()[1]}; {cuda.available()[1]}")
+    return GpuBackend(gpu_runtime(), round_activations=round_activations)
 
 
 @pytest.fixture(scope="module")

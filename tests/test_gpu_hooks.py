@@ -1,33 +1,41 @@
 """Hooks on a GPU backend: activations stay on the device (counted), DLPack to torch without a copy, device edits
 equal host edits, batched runs equal solo runs, batched sweeps equal one patch at a time. Skips without a GPU.
 
-``ROCMFORGE_TWIN`` may name a GGUF to use instead of SmolLM2 (the lent GPU machine runs on its shape twin)."""
+``ROCMFORGE_TWIN`` may name a GGUF to use instead of SmolLM2 (the lent GPU machine runs on its shape twin); on
+HIP-CPU (``tests/gpu_runtimes.py``) a 10-layer tiny model of the same weight type stands in."""
 from __future__ import annotations
 
 import os
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as Q
 
 from rocmforge import edits
 from rocmforge.patching import logit_diff, patch_heads, patch_residual
+from tests.gpu_runtimes import gpu_device
+from tests.tiny_gguf import write_model
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def path(request):
+def device() -> str:
+    return gpu_device()
+
+
+@pytest.fixture(scope="module")
+def path(request, device, tmp_path_factory):
     if os.environ.get("ROCMFORGE_TWIN"):
         return os.environ["ROCMFORGE_TWIN"]
+    if device == "hip-cpu":  # emulated kernels are slow: a 10-layer model of SmolLM2's type, not SmolLM2
+        return write_model(tmp_path_factory.mktemp("tiny") / "tiny10.gguf", d_model=512, n_heads=8, n_kv_heads=4,
+                           d_ff=512, vocab=1000, n_layers=10, weight_type=Q.Q4_1, tokenizer=True)
     return request.getfixturevalue("smollm2_path")
 
 
 @pytest.fixture(scope="module")
-def gpu(path):
-    from rocmforge.backends.select import choose_device
-    device, why = choose_device("auto")
-    if device == "cpu":
-        pytest.skip(f"no GPU: {why}")
+def gpu(path, device):
     import rocmforge
     return rocmforge.load(path, device=device, n_ctx=256, n_parallel=8)
 

@@ -31,6 +31,7 @@ from rocmforge.ops.rope import rope
 from rocmforge.ops.softcap import softcap
 from rocmforge.ops.softmax import softmax
 from rocmforge.ops.swiglu import swiglu
+from tests.gpu_runtimes import gpu_runtime
 
 pytestmark = pytest.mark.gpu
 rng = np.random.default_rng()
@@ -39,13 +40,8 @@ _names = itertools.count()
 
 @pytest.fixture(scope="module")
 def gpu():
-    from rocmforge.backends import cuda, hip
     from rocmforge.backends.gpu import GpuBackend
-    for module, runtime in ((hip, "HipRuntime"), (cuda, "CudaRuntime")):
-        ok, why = module.available()
-        if ok:
-            return GpuBackend(getattr(module, runtime)())
-    pytest.skip(f"no GPU: {hip.available()[1]}; {cuda.available()[1]}")
+    return GpuBackend(gpu_runtime())
 
 
 def rel_err(got: np.ndarray, ref: np.ndarray) -> float:

@@ -35,8 +35,11 @@ def write_model(path: Path, arch: str = "llama", *, n_layers: int = 2, d_model: 
                 n_kv_heads: int = 2, d_ff: int = 128, vocab: int = 256, weight_type: T = T.F32, seed: int = 0,
                 qkv_bias: bool = False, qk_norm: bool = False, rope_scaling: str | None = None,
                 skip: tuple[str, ...] = (),
-                reshape: dict[str, tuple[int, ...]] | None = None, extra_types: dict[str, T] | None = None) -> Path:
-    """A tiny model of ``arch`` with random weights; ``skip`` leaves tensors out, ``reshape`` gives some a wrong shape."""
+                reshape: dict[str, tuple[int, ...]] | None = None, extra_types: dict[str, T] | None = None,
+                tokenizer: bool = False) -> Path:
+    """A tiny model of ``arch`` with random weights; ``skip`` leaves tensors out, ``reshape`` gives some a wrong shape;
+    ``tokenizer`` adds a SentencePiece vocabulary of ``vocab`` tokens (bytes, then placeholder pieces) so that
+    ``rocmforge.load`` opens it."""
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), arch)
     head_dim = d_model // n_heads
@@ -66,6 +69,15 @@ def write_model(path: Path, arch: str = "llama", *, n_layers: int = 2, d_model: 
                            f"blk.{i}.attn_v.bias": (n_kv_heads * head_dim,)})
         if qk_norm:
             shapes.update({f"blk.{i}.attn_q_norm.weight": (head_dim,), f"blk.{i}.attn_k_norm.weight": (head_dim,)})
+    if tokenizer:
+        pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+        pieces += [f"\u2581t{i}" for i in range(vocab - len(pieces))]
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(pieces)
+        writer.add_token_scores([0.0] * vocab)
+        writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * (vocab - 259))
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
     shapes.update(reshape or {})
     for name, shape in shapes.items():
         if name in skip:

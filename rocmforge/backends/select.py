@@ -1,5 +1,7 @@
 """Choosing where a model runs: ``device="auto" | "hip" | "cuda" | "cpu" | "cpu-exact"`` (or ``$ROCMFORGE_DEVICE``;
-"cpu-exact" is numpy with llama.cpp's exact CPU arithmetic, ``rocmforge.backends.exact``).
+"cpu-exact" is numpy with llama.cpp's exact CPU arithmetic, ``rocmforge.backends.exact``; "hip-cpu" is the GPU
+backend with its kernels run on the CPU by HIP-CPU, ``rocmforge.backends.hip_cpu``: slow, for checking kernels
+without a GPU, never chosen by ``auto``).
 
 ``auto`` takes AMD when hip-python finds ``libamdhip64.so`` and a device, else NVIDIA when cuda-python finds
 the driver and a device, else the CPU, and logs one line saying which and why. On the CPU a model whose every
@@ -17,16 +19,16 @@ import logging
 import os
 from typing import Any
 
-from rocmforge.backends import cuda, hip
+from rocmforge.backends import cuda, hip, hip_cpu
 from rocmforge.errors import DeviceError
 
 log = logging.getLogger("rocmforge.device")
 
-DEVICES = ("auto", "hip", "cuda", "cpu", "cpu-exact")
+DEVICES = ("auto", "hip", "cuda", "cpu", "cpu-exact", "hip-cpu")
 
 
 def choose_device(device: str | None = None) -> tuple[str, str]:
-    """Resolve a device request to ``("hip" | "cuda" | "cpu", reason)``.
+    """Resolve a device request to ``("hip" | "cuda" | "cpu" | "hip-cpu", reason)``.
 
     ``None`` reads ``$ROCMFORGE_DEVICE`` (default ``auto``). Raises ``DeviceError`` for an unknown name or a
     forced device that is missing.
@@ -36,7 +38,7 @@ def choose_device(device: str | None = None) -> tuple[str, str]:
         raise DeviceError(f"unknown device {requested!r}; choose one of {', '.join(DEVICES)}")
     if requested in ("cpu", "cpu-exact"):
         return requested, f"device={requested} requested"
-    probes = {"hip": hip.available, "cuda": cuda.available}
+    probes = {"hip": hip.available, "cuda": cuda.available, "hip-cpu": hip_cpu.available}
     if requested != "auto":
         ok, why = probes[requested]()
         if not ok:
@@ -76,7 +78,7 @@ def _backend(name: str, reason: str):
         from rocmforge.backends.exact import ExactCpuBackend
         return ExactCpuBackend()
     from rocmforge.backends.gpu import GpuBackend
-    runtime = hip.HipRuntime() if name == "hip" else cuda.CudaRuntime()
+    runtime = {"hip": hip.HipRuntime, "cuda": cuda.CudaRuntime, "hip-cpu": hip_cpu.HipCpuRuntime}[name]()
     return GpuBackend(runtime)
 
 
