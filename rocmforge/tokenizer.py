@@ -26,9 +26,9 @@ from __future__ import annotations
 import heapq
 import os
 import re
+from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -195,7 +195,8 @@ class Tokenizer:
         if "tokenizer.ggml.tokens" not in metadata:
             raise ModelFileError("the file has no tokenizer.ggml.tokens: cannot build a tokenizer")
         self.model: str = model
-        self.tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
+        tokens = metadata["tokenizer.ggml.tokens"]
+        self.tokens: list[str] = tokens if isinstance(tokens, list) else list(tokens)  # the metadata's own list
         self.vocab_size: int = len(self.tokens)
         self._token_to_id = {text: i for i, text in enumerate(self.tokens)}
         self.architecture: str = str(metadata.get("general.architecture", "unknown"))
@@ -216,7 +217,9 @@ class Tokenizer:
             self.pre_tokenizer = "default"
             self._cleans_spaces, add_bos, bos_default, eos_default = False, True, 1, 2
             scores = metadata.get("tokenizer.ggml.scores")
-            self._scores = (np.zeros(self.vocab_size) if scores is None else np.asarray(scores)).tolist()
+            # float32 scores in 4 bytes each (a list of floats: 32; Gemma's 262k vocab 8 MB -> 1 MB)
+            self._scores = array("f", np.zeros(self.vocab_size, np.float32) if scores is None
+                                 else np.asarray(scores, np.float32))
 
         self.add_bos: bool = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos))
         self.add_eos: bool = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
@@ -226,7 +229,7 @@ class Tokenizer:
 
         types = metadata.get("tokenizer.ggml.token_type")
         types = np.ones(self.vocab_size, np.int32) if types is None else np.asarray(types)
-        self._attrs = [_TOKEN_TYPE_TO_ATTR.get(t, 0) for t in types.tolist()]
+        self._attrs = bytearray(_TOKEN_TYPE_TO_ATTR.get(t, 0) for t in types.tolist())  # one byte per token
         self.eot_ids: frozenset[int] = self._find_end_of_generation(metadata)
 
         # Special tokens in llama.cpp's matching order: longest (in UTF-8 bytes) first.
@@ -410,30 +413,24 @@ class Tokenizer:
         return tid
 
     # -------------------------------------------------------------------------------------- decoding
-    @cached_property
-    def _pieces(self) -> list[bytes]:
-        """Every token's bytes as llama.cpp's token_to_piece(special=True) gives them."""
-        pieces = []
-        for text, attr in zip(self.tokens, self._attrs):
-            if attr & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN):
-                pieces.append(text.encode())
-            elif attr & ATTR_NORMAL:
-                if self.model == "llama":
-                    pieces.append(text.replace("\u2581", " ").encode())
-                else:
-                    pieces.append(_byte_level_decode(text))
-            elif attr & ATTR_BYTE:
-                pieces.append(bytes([int(text[3:5], 16)]))
-            else:  # unused / undefined tokens print nothing
-                pieces.append(b"")
-        return pieces
+    def _piece(self, token_id: int) -> bytes:
+        """A token's bytes as llama.cpp's token_to_piece(special=True) gives them (made when asked: a table of
+        every token's bytes would hold Gemma's 262k vocabulary twice)."""
+        attr, text = self._attrs[token_id], self.tokens[token_id]
+        if attr & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN):
+            return text.encode()
+        if attr & ATTR_NORMAL:
+            return text.replace("\u2581", " ").encode() if self.model == "llama" else _byte_level_decode(text)
+        if attr & ATTR_BYTE:
+            return bytes([int(text[3:5], 16)])
+        return b""  # unused / undefined tokens print nothing
 
     def token_bytes(self, token_id: int, special: bool = True) -> bytes:
         """The bytes one token stands for (may be part of a UTF-8 character). Control tokens give
         their text when `special`, else nothing, as in llama.cpp's ``llama_token_to_piece``."""
         if not special and self._attrs[token_id] & (ATTR_CONTROL | ATTR_UNKNOWN):
             return b""
-        return self._pieces[token_id]
+        return self._piece(token_id)
 
     def is_special(self, token_id: int) -> bool:
         """A control token (``<|im_end|>``, ``<bos>``), or a user-defined one written like one (``<tool_call>``):
@@ -451,7 +448,7 @@ class Tokenizer:
             >>> Tokenizer.from_gguf(resolve("smollm2-135m")).token_text(905)
             ' world'
         """
-        return self._pieces[token_id].decode("utf-8", errors="replace")
+        return self._piece(token_id).decode("utf-8", errors="replace")
 
     def decode(self, ids: Iterable[int], special: bool = True) -> str:
         """Text of `ids`, identical to llama.cpp's ``llama_detokenize(remove_special=False,

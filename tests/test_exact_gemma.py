@@ -22,9 +22,8 @@ from gguf.quants import dequantize, quantize
 from ggml_order import fma, hsum8
 from rocmforge.errors import UnsupportedError
 from rocmforge.exact.dot_q4_k import matmul_q4_k, split_q4_k
-from rocmforge.exact.dot_q5_0 import split_q5_0
+from rocmforge.exact.dot_q5_0 import matmul_q5_0, split_q5_0
 from rocmforge.exact.dot_q6_k import matmul_q6_k, split_q6_k
-from rocmforge.exact.dot_q8_0 import matmul_q8_0
 from rocmforge.exact.geglu import geglu, gelu_table
 from rocmforge.exact.q8_activations import quantize_q8
 from rocmforge.exact.q8_k_activations import quantize_q8_k
@@ -59,16 +58,18 @@ def _q5_0_ints(block: np.ndarray) -> list[int]:
     return low + high
 
 
-def test_q5_0_takes_the_q8_0_lane_path():
-    w = RNG.standard_normal((3, 64)).astype(f32)
+def test_q5_0_raw_blocks_take_the_q8_0_lane_path():
+    """The raw blocks, read in place (no copy), through ggml's Q8_0 lanes: activation rows 4 at a time (prefill)
+    and alone; 19 outputs: a tile of 16 and a part."""
+    w = RNG.standard_normal((19, 64)).astype(f32)
     raw = quantize(w, T.Q5_0)
+    raw[1, 2:6] = 255  # every fifth bit set in the first block of row 1
     weight = split_q5_0(raw)
-    values = weight.q.astype(np.int32).reshape(3, 2, 32) - weight.offset
-    assert np.array_equal((values * weight.d[..., None]).reshape(3, 64), dequantize(raw, T.Q5_0))
+    assert weight.raw is raw
     x = RNG.standard_normal((5, 64)).astype(f32)
     blocks = quantize_q8(x, with_sum=False)
-    out = matmul_q8_0(blocks, weight)
-    for o, r in np.ndindex(3, 5):
+    out = matmul_q5_0(blocks, weight)
+    for o, r in np.ndindex(19, 5):
         acc = [f32(0)] * 8
         for b in range(2):
             wq = _q5_0_ints(raw[o, 22 * b: 22 * b + 22])
@@ -76,6 +77,7 @@ def test_q5_0_takes_the_q8_0_lane_path():
             d = _fp16(raw[o], 22 * b) * blocks.d[r, b]
             acc = [fma(d, lanes[lane], acc[lane]) for lane in range(8)]
         assert out[r, o] == hsum8(acc), (r, o)
+    assert np.array_equal(matmul_q5_0(x[4:5], weight), out[4:5])
 
 
 # --- Q8_K activations -------------------------------------------------------------------------------------------

@@ -91,7 +91,8 @@ class ExactCpuBackend(CpuBackend):
                 f"device='cpu-exact' has no llama.cpp-exact matmul for {tensor.ggml_type.name} weights "
                 f"({tensor.name}); exact types: {', '.join(sorted(t.name for t in MATMULS))}. Use device='cpu'.")
         prepared = kernel.prepare(tensor.raw)
-        release_pages(tensor.raw)
+        if not kernel.in_place:  # the kernel reads its own copy: the file's pages are not needed again
+            release_pages(tensor.raw)
         return ExactWeight(tensor.raw, prepared, tensor.ggml_type, tuple(tensor.shape))
 
     def load_weight_group(self, tensors: list[TensorRef]) -> list[ExactWeight]:

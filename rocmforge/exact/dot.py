@@ -2,8 +2,8 @@
 activations are rounded (once per activation, shared by every weight that reads it with the same format), and
 the kernel that multiplies the two. A type missing here has no exact kernel: ``ExactCpuBackend`` refuses it.
 
-To add a type, write its kernel module beside ``dot_q4_1.py`` and add one line. Q5_0 needs no kernel of its own:
-unpacked to signed bytes it takes the Q8_0 kernel's exact path (``dot_q5_0``); Q2_K, Q3_K and Q5_K share
+To add a type, write its kernel module beside ``dot_q4_1.py`` and add one line. Q5_0 is the Q8_0 kernel with its
+bytes formed from the raw blocks, read in place from the memory-mapped file (``dot_q5_0``); Q2_K, Q3_K and Q5_K share
 ``k_quant_lanes`` (their ``dot_q*_k`` modules unpack the blocks); F32, F16 and BF16 share ``dot_float``.
 
 ``unsupported_types(gguf)`` says which matrices of a file have no exact kernel (what ``device="auto"`` asks
@@ -32,7 +32,7 @@ from rocmforge.exact.dot_q3_k import split_q3_k
 from rocmforge.exact.dot_q4_0 import matmul_q4_0, split_q4_0
 from rocmforge.exact.dot_q4_1 import matmul_q4_1, split_q4_1
 from rocmforge.exact.dot_q4_k import matmul_q4_k, split_q4_k
-from rocmforge.exact.dot_q5_0 import split_q5_0
+from rocmforge.exact.dot_q5_0 import matmul_q5_0, split_q5_0
 from rocmforge.exact.dot_q5_1 import matmul_q5_1, split_q5_1
 from rocmforge.exact.dot_q5_k import split_q5_k
 from rocmforge.exact.dot_q6_k import matmul_q6_k, split_q6_k
@@ -47,6 +47,7 @@ class ExactMatmul:
     prepare: Callable[[np.ndarray], Any]        # raw GGUF rows [out, bytes] -> what ``multiply`` reads
     quantize: Callable[[np.ndarray], Any]       # float32 activations [n, in] -> what ``multiply`` reads
     multiply: Callable[[Any, Any], np.ndarray]  # (quantized activations, prepared weight) -> float32 [n, out]
+    in_place: bool = False  # ``prepare`` keeps the raw rows (memory-mapped file pages): they must stay mapped
 
 
 def _as_is(x: np.ndarray) -> np.ndarray:
@@ -61,7 +62,7 @@ MATMULS: dict[T, ExactMatmul] = {
     T.Q4_1: ExactMatmul(split_q4_1, _Q8_1, matmul_q4_1),
     T.IQ4_NL: ExactMatmul(split_iq4_nl, _Q8_0, matmul_iq4_nl),
     T.Q8_0: ExactMatmul(split_q8_0, _Q8_0, matmul_q8_0),
-    T.Q5_0: ExactMatmul(split_q5_0, _Q8_0, matmul_q8_0),
+    T.Q5_0: ExactMatmul(split_q5_0, _Q8_0, matmul_q5_0, in_place=True),
     T.Q4_K: ExactMatmul(split_q4_k, quantize_q8_k, matmul_q4_k),
     T.Q6_K: ExactMatmul(split_q6_k, quantize_q8_k, matmul_q6_k),
     T.Q5_1: ExactMatmul(split_q5_1, _Q8_1, matmul_q5_1),

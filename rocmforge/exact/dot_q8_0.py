@@ -30,7 +30,7 @@ def split_q8_0(raw: np.ndarray) -> LaneWeight:
 
 
 @njit(cache=True, nogil=True)
-def _lane_corrections(xq, offset):  # pragma: no cover - compiled
+def lane_corrections(xq, offset):  # pragma: no cover - compiled
     """``offset`` times the sum of each 4 activation bytes (``lane_dot``'s ``corr``), int32, flat."""
     x = xq.reshape(-1)
     corr = np.empty(x.size // 4, np.int32)
@@ -70,8 +70,8 @@ def _matmul_parallel(args, n_rows, n_slices):  # pragma: no cover - compiled
 
 
 def matmul_q8_0(x: np.ndarray | Q8Blocks, weight: LaneWeight) -> np.ndarray:
-    """float32 ``x`` ``[n, k]`` (or its q8_0 blocks) times a Q8_0 weight (``split_q8_0`` of ``[out, k]``; also
-    Q5_0's ``split_q5_0``): ``[n, out]``.
+    """float32 ``x`` ``[n, k]`` (or its q8_0 blocks) times a Q8_0 weight (``split_q8_0`` of ``[out, k]``):
+    ``[n, out]``.
 
     >>> import numpy as np
     >>> from gguf import GGMLQuantizationType as T
@@ -84,7 +84,7 @@ def matmul_q8_0(x: np.ndarray | Q8Blocks, weight: LaneWeight) -> np.ndarray:
     blocks = x if isinstance(x, Q8Blocks) else quantize_q8(x, with_sum=False)
     n, k = blocks.qs.shape[0], weight.q.shape[1]
     out = np.empty((n, weight.d.shape[0]), dtype=np.float32)
-    corr = _lane_corrections(blocks.qs, weight.offset)
+    corr = lane_corrections(blocks.qs, weight.offset)
     args = (weight.q, weight.d, blocks.qs, blocks.d, corr, interleave4(blocks.qs), interleave4(blocks.d),
             interleave4(corr.reshape(n, -1, 8)), out)
     split_rows(_matmul_parallel, _matmul, args, weight.d.shape[0], work=n * k * weight.d.shape[0])

@@ -143,41 +143,76 @@ def split_nibbles(builder: ir.IRBuilder, packed: ir.Value) -> tuple[ir.Value, ir
     return low, builder.lshr(packed, ir.Constant(packed.type, [4] * n))
 
 
-def weight_bytes(builder: ir.IRBuilder, q_ptr: ir.Value, q0: ir.Value, block: ir.Value, nibbles: bool) -> ir.Value:
-    """The 32 weight bytes of ``block``: 16 packed Q4_1 bytes split into low then high nibbles (element ``i`` and
-    ``16 + i``), or 32 stored bytes."""
-    if nibbles:
-        low, high = split_nibbles(builder, load_vector(builder, q_ptr, offset(builder, q0, block, 16),
-                                                       ir.VectorType(_I8, 16)))
-        return builder.shuffle_vector(low, high, _CONCAT)
-    return load_vector(builder, q_ptr, offset(builder, q0, block, 32), V32I8)
+# how a weight's blocks are stored (``_weight_block``): uint8 values (``LaneWeight``), Q4_1's packed nibbles (+ a
+# float32 scale array), or Q5_0's raw GGUF blocks read in place from the memory-mapped file
+BYTES, NIBBLES, Q5_0_BLOCKS = "bytes", "nibbles", "q5_0"
+Q5_0_BLOCK_BYTES = 22  # fp16 d, 32 fifth bits, 16 bytes of nibbles
 
 
-def _row_dot(nibbles: bool, n_rows: int):
-    """``lane_dot`` (weights as bytes, offset corrections) or ``nibble_lane_dot`` (weights as ggml's 16 bytes of
-    nibbles per block: element ``i < 16`` the low nibble of byte ``i``, ``16 + i`` its high nibble; offset 0), for
-    ``n_rows`` consecutive activation rows: each weight block is loaded once for all of them. (Interleaving weight
-    rows instead made a decode step's large matmuls slower: 5.9 -> 10.7 ms for Gemma's 262144x640 output.)"""
+def nibble_bytes(builder: ir.IRBuilder, pointer: ir.Value, index: ir.Value) -> ir.Value:
+    """IR: 16 packed bytes at ``pointer[index]`` -> 32 bytes, their low nibbles then their high nibbles (ggml's
+    element ``i`` and ``16 + i``)."""
+    low, high = split_nibbles(builder, load_vector(builder, pointer, index, ir.VectorType(_I8, 16)))
+    return builder.shuffle_vector(low, high, _CONCAT)
+
+
+def _weight_block(builder: ir.IRBuilder, layout: str, weight: list[ir.Value], block: ir.Value):
+    """IR: (the 32 unsigned weight bytes of ``block``, its float32 scale). ``weight`` is (values pointer, start,
+    scales pointer, start), or for ``Q5_0_BLOCKS`` (raw bytes pointer, the row's first byte): there the bytes are
+    ``nibble | fifth_bit << 4`` (ggml's ``(q | h<<4)``, the ``- 16`` left to the offset correction) and the scale
+    the block's fp16 ``d`` widened exactly."""
+    if layout == Q5_0_BLOCKS:
+        raw, raw0 = weight
+        base = offset(builder, raw0, block, Q5_0_BLOCK_BYTES)
+        at = [builder.gep(raw, [builder.add(base, ir.Constant(base.type, k))]) for k in (0, 2, 6)]
+        scale = builder.fpext(builder.load(builder.bitcast(at[0], ir.HalfType().as_pointer()), align=1), _F32)
+        high = builder.load(builder.bitcast(at[1], _I32.as_pointer()), align=1)  # bit j: element j's fifth bit
+        fifth = builder.zext(builder.bitcast(high, ir.VectorType(ir.IntType(1), 32)), V32I8)
+        low = nibble_bytes(builder, raw, builder.add(base, ir.Constant(base.type, 6)))
+        return builder.or_(low, builder.shl(fifth, ir.Constant(V32I8, [4] * 32))), scale
+    q, q0, wd, wd0 = weight
+    scale = builder.load(builder.gep(wd, [builder.add(wd0, block)]))
+    if layout == NIBBLES:
+        return nibble_bytes(builder, q, offset(builder, q0, block, 16)), scale
+    return load_vector(builder, q, offset(builder, q0, block, 32), V32I8), scale
+
+
+def _operands(context, builder: ir.IRBuilder, signature, args, layout: str):
+    """(weight operands for ``_weight_block``, x pointer, x start, xd pointer, xd start, (corr pointer, start) or
+    None): the intrinsics' arguments, weight first, then activations, corrections unless ``NIBBLES``."""
+    arrays = signature.args
+
+    def pointer(i):
+        return data_pointer(context, builder, arrays[i], args[i])
+
+    n_weight = 2 if layout == Q5_0_BLOCKS else 4
+    weight = [pointer(i) if i % 2 == 0 else args[i] for i in range(n_weight)]
+    x_ptr, x0, xd_ptr, xd0 = pointer(n_weight), args[n_weight + 1], pointer(n_weight + 2), args[n_weight + 3]
+    corr = None if layout == NIBBLES else (pointer(n_weight + 4), args[n_weight + 5])
+    return weight, x_ptr, x0, xd_ptr, xd0, corr
+
+
+def _row_dot(layout: str, n_rows: int):
+    """``lane_dot`` (weights as bytes, offset corrections), ``nibble_lane_dot`` (weights as ggml's 16 bytes of
+    nibbles per block: element ``i < 16`` the low nibble of byte ``i``, ``16 + i`` its high nibble; offset 0) or
+    ``q5_0_lane_dot`` (raw Q5_0 blocks, offset 16), for ``n_rows`` consecutive activation rows: each weight block is
+    loaded once for all of them. (Interleaving weight rows instead made a decode step's large matmuls slower:
+    5.9 -> 10.7 ms for Gemma's 262144x640 output.)"""
 
     def codegen(context, builder, signature, args):
-        arrays = signature.args
-        q_ptr, wd_ptr, x_ptr, xd_ptr = (data_pointer(context, builder, arrays[i], args[i]) for i in (0, 2, 4, 6))
-        q0, wd0, x0, xd0 = (args[i] for i in (1, 3, 5, 7))
+        weight, x_ptr, x0, xd_ptr, xd0, corr = _operands(context, builder, signature, args, layout)
         n_blocks = args[-2]
-        if not nibbles:
-            corr_ptr, corr0 = data_pointer(context, builder, arrays[8], args[8]), args[9]
         # row r of the activations starts n_blocks blocks after row r - 1
         row = [builder.mul(n_blocks, ir.Constant(n_blocks.type, r)) for r in range(n_rows)]
         accs = [cgutils.alloca_once_value(builder, ir.Constant(V8F32, None)) for _ in range(n_rows)]
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
-            q_bytes = weight_bytes(builder, q_ptr, q0, b, nibbles)
-            w_d = builder.load(builder.gep(wd_ptr, [builder.add(wd0, b)]))
+            q_bytes, w_d = _weight_block(builder, layout, weight, b)
             for r, acc in enumerate(accs):
                 rb = builder.add(row[r], b)  # block b of row r
                 lanes = lane_sums(builder, q_bytes, load_vector(builder, x_ptr, offset(builder, x0, rb, 32), V32I8))
-                if not nibbles:
-                    lanes = builder.sub(lanes, load_vector(builder, corr_ptr, offset(builder, corr0, rb, 8), V8I32))
+                if corr is not None:
+                    lanes = builder.sub(lanes, load_vector(builder, corr[0], offset(builder, corr[1], rb, 8), V8I32))
                 d = builder.fmul(w_d, builder.load(builder.gep(xd_ptr, [builder.add(xd0, rb)])))
                 builder.store(fma_v8(builder, splat(builder, d), builder.sitofp(lanes, V8F32), builder.load(acc)),
                               acc)
@@ -187,35 +222,30 @@ def _row_dot(nibbles: bool, n_rows: int):
     return codegen
 
 
-def _row_dot_x4(nibbles: bool):
-    """``lane_dot`` / ``nibble_lane_dot`` of 4 activation rows interleaved block by block (``interleave4``): the
-    blocks ``b`` of rows ``r, r+1`` are one 64-byte vector, so one zmm ``vpdpbusd`` and one 16-lane fma serve two
-    rows; each half of a register is exactly the 8 lanes of its row (same integer sums, same fma chain)."""
+def _row_dot_x4(layout: str):
+    """``_row_dot`` of 4 activation rows interleaved block by block (``interleave4``): the blocks ``b`` of rows
+    ``r, r+1`` are one 64-byte vector, so one zmm ``vpdpbusd`` and one 16-lane fma serve two rows; each half of a
+    register is exactly the 8 lanes of its row (same integer sums, same fma chain)."""
 
     def codegen(context, builder, signature, args):
-        arrays = signature.args
-        q_ptr, wd_ptr, x_ptr, xd_ptr = (data_pointer(context, builder, arrays[i], args[i]) for i in (0, 2, 4, 6))
-        q0, wd0, x0, xd0 = (args[i] for i in (1, 3, 5, 7))
+        weight, x_ptr, x0, xd_ptr, xd0, corr = _operands(context, builder, signature, args, layout)
         n_blocks = args[-1]
-        if not nibbles:
-            corr_ptr, corr0 = data_pointer(context, builder, arrays[8], args[8]), args[9]
         accs = [cgutils.alloca_once_value(builder, ir.Constant(V16F32, None)) for _ in range(2)]
         index = n_blocks.type
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
-            q_bytes = weight_bytes(builder, q_ptr, q0, b, nibbles)
+            q_bytes, w_d = _weight_block(builder, layout, weight, b)
             q_pair = builder.shuffle_vector(q_bytes, q_bytes, ir.Constant(ir.VectorType(_I32, 64), list(range(32)) * 2))
-            w_d = splat(builder, builder.load(builder.gep(wd_ptr, [builder.add(wd0, b)])), ir.VectorType(_F32, 4))
+            w_d = splat(builder, w_d, ir.VectorType(_F32, 4))
             # the four float32 products d_w * d_x, one per row
             d = builder.fmul(w_d, load_vector(builder, xd_ptr, offset(builder, xd0, b, 4), ir.VectorType(_F32, 4)))
             for pair, acc in enumerate(accs):
                 x = load_vector(builder, x_ptr, builder.add(offset(builder, x0, b, 128), ir.Constant(index, 64 * pair)),
                                 V64I8)
                 lanes = lane_sums_pair(builder, q_pair, x)
-                if not nibbles:
-                    corr_at = builder.add(offset(builder, corr0, b, 32), ir.Constant(index, 16 * pair))
-                    corr = load_vector(builder, corr_ptr, corr_at, V16I32)
-                    lanes = builder.sub(lanes, corr)
+                if corr is not None:
+                    corr_at = builder.add(offset(builder, corr[1], b, 32), ir.Constant(index, 16 * pair))
+                    lanes = builder.sub(lanes, load_vector(builder, corr[0], corr_at, V16I32))
                 scale = builder.shuffle_vector(d, d, ir.Constant(V16I32, [2 * pair] * 8 + [2 * pair + 1] * 8))
                 builder.store(fma_v16(builder, scale, builder.sitofp(lanes, V16F32), builder.load(acc)), acc)
         sums = []
@@ -235,14 +265,21 @@ def lane_dot_x4(typingctx, q, q_start, wd, wd_start, x, x_start, xd, xd_start, c
     ``x_start``, ``xd`` ``[.., nb, 4]``, ``corr`` ``[.., nb, 4, 8]``, all flat): a tuple of 4 float32."""
     sig = types.UniTuple(types.float32, 4)(q, q_start, wd, wd_start, x, x_start, xd, xd_start, corr, corr_start,
                                            n_blocks)
-    return sig, _row_dot_x4(nibbles=False)
+    return sig, _row_dot_x4(BYTES)
 
 
 @intrinsic
 def nibble_lane_dot_x4(typingctx, q, q_start, wd, wd_start, x, x_start, xd, xd_start, n_blocks):
     """``nibble_lane_dot`` of 4 activation rows laid out by ``interleave4``: a tuple of 4 float32."""
     sig = types.UniTuple(types.float32, 4)(q, q_start, wd, wd_start, x, x_start, xd, xd_start, n_blocks)
-    return sig, _row_dot_x4(nibbles=True)
+    return sig, _row_dot_x4(NIBBLES)
+
+
+@intrinsic
+def q5_0_lane_dot_x4(typingctx, raw, raw_start, x, x_start, xd, xd_start, corr, corr_start, n_blocks):
+    """``q5_0_lane_dot`` of 4 activation rows laid out by ``interleave4``: a tuple of 4 float32."""
+    sig = types.UniTuple(types.float32, 4)(raw, raw_start, x, x_start, xd, xd_start, corr, corr_start, n_blocks)
+    return sig, _row_dot_x4(Q5_0_BLOCKS)
 
 
 _NO_GROUPS: dict[tuple, np.ndarray] = {}
@@ -279,7 +316,7 @@ def lane_dot(typingctx, q, q_start, wd, wd_start, x, x_start, xd, xd_start, corr
     if rows is None:
         return None
     sig = _result(rows)(q, q_start, wd, wd_start, x, x_start, xd, xd_start, corr, corr_start, n_blocks, n_rows)
-    return sig, _row_dot(nibbles=False, n_rows=rows)
+    return sig, _row_dot(BYTES, rows)
 
 
 @intrinsic
@@ -289,7 +326,18 @@ def nibble_lane_dot(typingctx, q, q_start, wd, wd_start, x, x_start, xd, xd_star
     if rows is None:
         return None
     sig = _result(rows)(q, q_start, wd, wd_start, x, x_start, xd, xd_start, n_blocks, n_rows)
-    return sig, _row_dot(nibbles=True, n_rows=rows)
+    return sig, _row_dot(NIBBLES, rows)
+
+
+@intrinsic
+def q5_0_lane_dot(typingctx, raw, raw_start, x, x_start, xd, xd_start, corr, corr_start, n_blocks, n_rows):
+    """``lane_dot`` of raw Q5_0 blocks (``raw`` uint8, the row's first byte at ``raw_start``; 22 bytes a block,
+    values 0..31, offset 16 in ``corr``)."""
+    rows = _rows(n_rows)
+    if rows is None:
+        return None
+    sig = _result(rows)(raw, raw_start, x, x_start, xd, xd_start, corr, corr_start, n_blocks, n_rows)
+    return sig, _row_dot(Q5_0_BLOCKS, rows)
 
 
 class LaneWeight(NamedTuple):
