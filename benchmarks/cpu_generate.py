@@ -13,7 +13,12 @@ Markdown table and, with ``--write``, replaces the whole "CPU generation" sectio
 included). Run it with ``OPENBLAS_CORETYPE`` unset (some machines here set it for an older OpenBLAS; it forces a
 slower kernel on current numpy): the table names the BLAS kernel each worker ran.
 
+The peer is the llama-cpp-python the venv imports, or ``--llama-cpp DIR``: another build of it installed with
+``pip install --target DIR`` (e.g. one built for this CPU without AMX, whose kernels crash here); the table names
+the peer's CPU features (``llama_print_system_info``). ``--engines`` picks the engines to run.
+
     env -u OPENBLAS_CORETYPE .venv/bin/python benchmarks/cpu_generate.py [--n-prompt 128] [--models gemma3-270m]
+        [--engines "rocmforge cpu-exact" llama.cpp] [--llama-cpp /tmp/llama_avx512]
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import resource
 import subprocess
 import sys
 import time
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +56,7 @@ def run_rocmforge(name: str, threads: int, reps: int, n_prompt: int, device: str
 
 
 def run_llama_cpp(name: str, threads: int, reps: int, n_prompt: int) -> dict:
+    import llama_cpp
     from llama_cpp import Llama
 
     from rocmforge.registry import resolve
@@ -73,7 +79,9 @@ def run_llama_cpp(name: str, threads: int, reps: int, n_prompt: int) -> dict:
             llm.eval([token])
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         tg.append(N_DECODE / (time.perf_counter() - start))
-    return {"pp": max(pp), "tg": max(tg)}
+    features = llama_cpp.llama_print_system_info().decode().replace("CPU :", "").split("|")
+    return {"pp": max(pp), "tg": max(tg),
+            "build": " ".join(f.split("=")[0].strip() for f in features if f.strip().endswith("= 1"))}
 
 
 def worker(engine: str, name: str, threads: int, reps: int, n_prompt: int) -> None:
@@ -114,43 +122,56 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="times each engine runs (alternating) per model")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--n-prompt", type=int, default=512, help="prefill prompt length (the pp column)")
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--llama-cpp", type=Path, help="a llama-cpp-python installed with pip --target DIR (the peer)")
     parser.add_argument("--write", action="store_true", help="replace the CPU generation section of BENCHMARKS.md")
     parser.add_argument("--worker", nargs=2, metavar=("ENGINE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], args.worker[1], args.threads, args.reps, args.n_prompt)
         return
+    if "llama.cpp" not in args.engines:
+        parser.error("--engines needs llama.cpp: every ratio is against it")
 
     rows: dict[tuple[str, str], dict] = {}
+    peer_env = dict(os.environ)
+    if args.llama_cpp:
+        peer_env["PYTHONPATH"] = os.pathsep.join([str(args.llama_cpp), *filter(None, [os.environ.get("PYTHONPATH")])])
+        if (args.llama_cpp / "lib").is_dir():  # libraries beside the package rather than in it
+            peer_env["LLAMA_CPP_LIB_PATH"] = str(args.llama_cpp / "lib")
     for name in args.models:
         for _ in range(args.rounds):
-            for engine in ENGINES:
+            for engine in args.engines:
                 threads = args.rocmforge_threads if engine.startswith("rocmforge") else args.threads
                 out = subprocess.run([sys.executable, __file__, "--worker", engine, name, "--threads", str(threads),
                                       "--reps", str(args.reps), "--n-prompt", str(args.n_prompt)],
-                                     capture_output=True, text=True, check=True)
+                                     capture_output=True, text=True, check=True,
+                                     env=peer_env if engine == "llama.cpp" else None)
                 run = json.loads(out.stdout.strip().splitlines()[-1])
                 print(name, engine, run, f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
                 best = rows.setdefault((name, engine), run)
                 best.update({key: max(best[key], run[key]) for key in ("pp", "tg")},
                             peak_rss_mib=max(best["peak_rss_mib"], run["peak_rss_mib"]))
-    table = _markdown(rows, args.models, args.n_prompt, args.threads, args.rocmforge_threads,
+    table = _markdown(rows, args.models, args.engines, args.n_prompt, args.threads, args.rocmforge_threads,
                       args.reps * args.rounds)
     print(table)
     if args.write:
         _write_section(table)
 
 
-def _markdown(rows: dict, models: list[str], n_prompt: int, threads: int, rocmforge_threads: int, reps: int) -> str:
+def _markdown(rows: dict, models: list[str], engines: list[str], n_prompt: int, threads: int, rocmforge_threads: int,
+              reps: int) -> str:
     pp, tg = f"pp{n_prompt}", f"tg{N_DECODE}"
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    blas = rows[models[0], "rocmforge"]["blas"] if "rocmforge" in engines else "not run"
     lines = [
         "## CPU generation",
         "",
         f"Measured {date.today().isoformat()} by `benchmarks/cpu_generate.py` on {_cpu_model()} "
         f"({os.cpu_count()} cores, {platform.machine()}; load average {load} at the end: the machine was shared), "
         f"llama.cpp {threads} threads, rocmforge {rocmforge_threads} BLAS thread(s), rocmforge's BLAS: "
-        f"{rows[models[0], 'rocmforge']['blas']}. "
+        f"{blas}; llama.cpp built with {rows[models[0], 'llama.cpp']['build']}; "
+        f"finished {datetime.now(timezone.utc):%H:%M} UTC. "
         "rocmforge (device=\"cpu\") keeps weights dequantized to float32 (one BLAS call per matmul, activations "
         "rounded to 8 bits as llama.cpp does); rocmforge cpu-exact keeps the raw blocks and reproduces llama.cpp's "
         f"arithmetic in numba kernels; llama.cpp is llama-cpp-python with its own quantized kernels. {pp}: "
@@ -158,15 +179,17 @@ def _markdown(rows: dict, models: list[str], n_prompt: int, threads: int, rocmfo
         "engines alternating); "
         "peak RSS (the highest seen) of a process that loads the model and runs both.",
         "",
-        f"| model | engine | {pp} tok/s | {tg} tok/s | peak RSS MiB | pp vs llama.cpp | tg vs llama.cpp |",
-        "|---|---|---|---|---|---|---|",
+        f"| model | engine | {pp} tok/s | {tg} tok/s | peak RSS MiB | pp vs llama.cpp | tg vs llama.cpp "
+        "| RSS vs llama.cpp |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in models:
         ref = rows[name, "llama.cpp"]
-        for engine in ENGINES:
+        for engine in engines:
             r = rows[name, engine]
             lines.append(f"| {name} | {engine} | {r['pp']:.0f} | {r['tg']:.1f} | {r['peak_rss_mib']:.0f} | "
-                         f"{r['pp'] / ref['pp']:.2f}x | {r['tg'] / ref['tg']:.2f}x |")
+                         f"{r['pp'] / ref['pp']:.2f}x | {r['tg'] / ref['tg']:.2f}x | "
+                         f"{r['peak_rss_mib'] / ref['peak_rss_mib']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,8 +2,8 @@
 activations are rounded (once per activation, shared by every weight that reads it with the same format), and
 the kernel that multiplies the two. A type missing here has no exact kernel: ``ExactCpuBackend`` refuses it.
 
-To add a type, write its kernel module beside ``dot_q4_1.py`` and add one line. Q5_0 is the Q8_0 kernel with its
-bytes formed from the raw blocks, read in place from the memory-mapped file (``dot_q5_0``); Q2_K, Q3_K and Q5_K share
+To add a type, write its kernel module beside ``dot_q4_1.py`` and add one line. Q8_0, Q5_0 and Q4_1 read the raw
+blocks in place from the memory-mapped file (``in_place``: no copy; ``lanes.BlockLayout``); Q2_K, Q3_K and Q5_K share
 ``k_quant_lanes`` (their ``dot_q*_k`` modules unpack the blocks); F32, F16 and BF16 share ``dot_float``.
 
 ``unsupported_types(gguf)`` says which matrices of a file have no exact kernel (what ``device="auto"`` asks
@@ -59,9 +59,9 @@ _Q8_1 = partial(quantize_q8, with_sum=True)
 
 MATMULS: dict[T, ExactMatmul] = {
     T.Q4_0: ExactMatmul(split_q4_0, _Q8_0, matmul_q4_0),
-    T.Q4_1: ExactMatmul(split_q4_1, _Q8_1, matmul_q4_1),
+    T.Q4_1: ExactMatmul(split_q4_1, _Q8_1, matmul_q4_1, in_place=True),
     T.IQ4_NL: ExactMatmul(split_iq4_nl, _Q8_0, matmul_iq4_nl),
-    T.Q8_0: ExactMatmul(split_q8_0, _Q8_0, matmul_q8_0),
+    T.Q8_0: ExactMatmul(split_q8_0, _Q8_0, matmul_q8_0, in_place=True),
     T.Q5_0: ExactMatmul(split_q5_0, _Q8_0, matmul_q5_0, in_place=True),
     T.Q4_K: ExactMatmul(split_q4_k, quantize_q8_k, matmul_q4_k),
     T.Q6_K: ExactMatmul(split_q6_k, quantize_q8_k, matmul_q6_k),

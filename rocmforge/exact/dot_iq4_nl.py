@@ -6,7 +6,7 @@
 - otherwise, one activation row: ``ggml_vec_dot_iq4_nl_q8_0`` (arch/x86/quants.c): 8 int lanes per block (lane
   ``l``: elements ``4l..4l+3``), even blocks into ``acc1``, odd ones into ``acc2`` (``fma(d_w*d_x, lane, acc)``),
   then ``hsum8(acc1 + acc2)``; two or more rows: ``tinyBLAS_Q0_AVX<block_iq4_nl>``, the Q8_0 kernel's one chain of
-  8 lanes (``dot_q8_0.matmul_q8_0``).
+  8 lanes (``dot_q8_0.matmul_lanes``).
 
 An IQ4_NL block (18 bytes) is an fp16 scale and 16 bytes of nibbles (element ``i < 16`` the low nibble of byte
 ``i``, ``16 + i`` its high nibble) indexing ``KVALUES``; the weight is ``d * KVALUES[q]``. Values are kept as
@@ -24,7 +24,7 @@ from numba.extending import intrinsic
 
 from rocmforge.errors import UnsupportedError
 from rocmforge.exact.dot_q4_0 import REPACK_ROWS, RepackedWeight, matmul_repacked
-from rocmforge.exact.dot_q8_0 import matmul_q8_0
+from rocmforge.exact.dot_q8_0 import matmul_lanes
 from rocmforge.exact.lanes import (OUT_TILE, V8F32, V32I8, LaneWeight, data_pointer, fma_v8, hsum8_ir, lane_sums,
                                    load_vector, offset, splat)
 from rocmforge.exact.q8_activations import Q8Blocks, quantize_q8
@@ -124,7 +124,7 @@ def matmul_iq4_nl(x: np.ndarray | Q8Blocks, weight: RepackedWeight | IQ4NLLanes)
         return matmul_repacked(x, weight)
     blocks = x if isinstance(x, Q8Blocks) else quantize_q8(x, with_sum=False)
     if blocks.qs.shape[0] >= 2:
-        return matmul_q8_0(blocks, weight.lanes)
+        return matmul_lanes(blocks, weight.lanes)
     q, d, _ = weight.lanes
     out = np.empty((1, d.shape[0]), dtype=np.float32)
     split_rows(_matvec_parallel, _matvec, (q, d, blocks.qs, blocks.d, out), d.shape[0], work=q.size)

@@ -7,7 +7,7 @@
   are the same with its value table, ``dot_iq4_nl``).
 - otherwise: ``ggml_vec_dot_q4_0_q8_0`` (one row) or ``tinyBLAS_Q0_AVX`` (two or more), which do what the Q8_0
   kernel does once the bytes ``q - 8`` are formed: 8 int lanes, ``fma(d_w*d_x, lane, acc)``, ``hsum8``
-  (``LaneWeight`` with offset 8 through ``dot_q8_0.matmul_q8_0``).
+  (``LaneWeight`` with offset 8 through ``dot_q8_0.matmul_lanes``).
 
 A Q4_0 block (18 bytes) is an fp16 scale and 16 bytes of nibbles: element ``i < 16`` the low nibble of byte ``i``,
 ``16 + i`` its high nibble; the weight is ``d * (q - 8)``. Activations are ggml's q8_0 blocks (the repacked
@@ -23,7 +23,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from rocmforge.exact.dot_q8_0 import matmul_q8_0
+from rocmforge.exact.dot_q8_0 import matmul_lanes
 from rocmforge.exact.lanes import (OUT_TILE, V32I8, LaneWeight, data_pointer, fma_f32, lane_sums, load_vector, offset,
                                    reduce_add)
 from rocmforge.exact.q8_activations import Q8Blocks, quantize_q8
@@ -132,4 +132,4 @@ def matmul_q4_0(x: np.ndarray | Q8Blocks, weight: RepackedWeight | LaneWeight) -
     >>> bool(np.allclose(matmul_q4_0(x, split_q4_0(raw)), x @ dequantize(raw, T.Q4_0).T, atol=0.05))
     True
     """
-    return matmul_q8_0(x, weight) if isinstance(weight, LaneWeight) else matmul_repacked(x, weight)
+    return matmul_lanes(x, weight) if isinstance(weight, LaneWeight) else matmul_repacked(x, weight)

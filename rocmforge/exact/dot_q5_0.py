@@ -14,43 +14,21 @@ fifth bit of element ``j``.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 from numba import njit, prange
 
-from rocmforge.exact.dot_q8_0 import lane_corrections
-from rocmforge.exact.lanes import OUT_TILE, Q5_0_BLOCK_BYTES, interleave4, q5_0_lane_dot, q5_0_lane_dot_x4
-from rocmforge.exact.q8_activations import Q8Blocks, quantize_q8
-from rocmforge.exact.threads import split_rows
+from rocmforge.exact.dot_q8_0 import RawBlocks, lane_matmul, raw_rows
+from rocmforge.exact.lanes import OUT_TILE, Q5_0_BLOCK, q5_0_lane_dot, q5_0_lane_dot_x4
+from rocmforge.exact.q8_activations import Q8Blocks
 
-OFFSET = 16  # (q | h<<4) - 16: the unsigned 5-bit value is the byte the kernel forms
-
-
-class Q5_0Weight(NamedTuple):
-    """Q5_0 rows as stored: ``raw`` uint8 ``[out, nb * 22]`` (a view of the memory-mapped file, or of a group's
-    stacked copy)."""
-
-    raw: np.ndarray
-
-    @property
-    def n_out(self) -> int:
-        return self.raw.shape[0]
-
-
-def split_q5_0(raw: np.ndarray) -> Q5_0Weight:
-    """Raw Q5_0 rows ``[out, bytes]`` -> ``Q5_0Weight`` (the same bytes, not copied), what ``matmul_q5_0`` takes."""
-    if raw.ndim != 2 or raw.shape[1] % Q5_0_BLOCK_BYTES:
-        raise ValueError(f"Q5_0 rows must be [out, n_blocks * {Q5_0_BLOCK_BYTES}] bytes, got {raw.shape}")
-    return Q5_0Weight(raw)
+split_q5_0 = raw_rows(Q5_0_BLOCK.block_bytes)
 
 
 @njit(cache=True, nogil=True)
 def _matmul(raw, xq, xd, corr, xi, xdi, corri, out, start, stop):  # pragma: no cover - compiled
-    # dot_q8_0._matmul over raw blocks: output rows OUT_TILE at a time, activation rows 4 at a time from their
-    # interleaved copies (xi, xdi, corri: lanes.interleave4), the rest one by one
-    n_out, row_bytes = raw.shape
-    nb = row_bytes // Q5_0_BLOCK_BYTES
+    # dot_q8_0._matmul with Q5_0 blocks
+    row_bytes = raw.shape[1]
+    nb = row_bytes // Q5_0_BLOCK.block_bytes
     n = xq.shape[0]
     raw_flat, x_flat, xd_flat = raw.reshape(-1), xq.reshape(-1), xd.reshape(-1)
     xi_flat, xdi_flat, corri_flat = xi.reshape(-1), xdi.reshape(-1), corri.reshape(-1)
@@ -73,7 +51,7 @@ def _matmul_parallel(args, n_rows, n_slices):  # pragma: no cover - compiled
         _matmul(*args, n_rows * i // n_slices, n_rows * (i + 1) // n_slices)
 
 
-def matmul_q5_0(x: np.ndarray | Q8Blocks, weight: Q5_0Weight) -> np.ndarray:
+def matmul_q5_0(x: np.ndarray | Q8Blocks, weight: RawBlocks) -> np.ndarray:
     """float32 ``x`` ``[n, k]`` (or its q8_0 blocks) times a Q5_0 weight (``split_q5_0`` of ``[out, k]``):
     ``[n, out]``.
 
@@ -85,11 +63,4 @@ def matmul_q5_0(x: np.ndarray | Q8Blocks, weight: Q5_0Weight) -> np.ndarray:
     >>> np.allclose(y, dequantize(raw, T.Q5_0).sum(axis=1), atol=0.01)
     True
     """
-    blocks = x if isinstance(x, Q8Blocks) else quantize_q8(x, with_sum=False)
-    n, k = blocks.qs.shape[0], blocks.qs.shape[1] * 32
-    out = np.empty((n, weight.n_out), dtype=np.float32)
-    corr = lane_corrections(blocks.qs, OFFSET)
-    args = (weight.raw, blocks.qs, blocks.d, corr, interleave4(blocks.qs), interleave4(blocks.d),
-            interleave4(corr.reshape(n, -1, 8)), out)
-    split_rows(_matmul_parallel, _matmul, args, weight.n_out, work=n * k * weight.n_out)
-    return out
+    return lane_matmul(x, (weight.raw,), weight.n_out, Q5_0_BLOCK.offset, _matmul, _matmul_parallel)

@@ -4,7 +4,7 @@ for Q5_1 on x86: every row count takes it).
 Per block ggml forms the unsigned 5-bit bytes ``q | h<<4``, multiplies them with the q8_1 activation bytes into 8
 int32 lanes (lane ``l`` owns elements ``4l..4l+3``), ``acc[l] = fma(lane, d_w*d_x, acc[l])``; the minimums add
 up in a float32 ``summs += m * s`` (fp16 times fp16: exact in float32, so fused or not gives the same bits); the
-result is ``hsum8(acc) + summs``. The lanes are the Q8_0 kernel's with offset 0 (``dot_q8_0.matmul_q8_0``).
+result is ``hsum8(acc) + summs``. The lanes are the Q8_0 kernel's with offset 0 (``dot_q8_0.matmul_lanes``).
 
 A Q5_1 block (24 bytes) is fp16 ``d`` and ``m``, a 32-bit mask ``qh`` of fifth bits and 16 bytes of nibbles
 (element ``i < 16`` the low nibble of byte ``i``, ``16 + i`` its high nibble); the weight is ``d*q + m``.
@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from rocmforge.exact.dot_q8_0 import matmul_q8_0
+from rocmforge.exact.dot_q8_0 import matmul_lanes
 from rocmforge.exact.lanes import LaneWeight
 from rocmforge.exact.q8_activations import Q8Blocks, quantize_q8
 
@@ -61,7 +61,7 @@ def matmul_q5_1(x: np.ndarray | Q8Blocks, weight: Q5_1Weight) -> np.ndarray:
     True
     """
     blocks = x if isinstance(x, Q8Blocks) else quantize_q8(x, with_sum=True)
-    out = matmul_q8_0(blocks, weight.lanes)
+    out = matmul_lanes(blocks, weight.lanes)
     summs = np.zeros_like(out)
     for b in range(weight.m.shape[1]):  # m * s is exact in float32: each step rounds once, as ggml's fma
         summs += weight.m[None, :, b] * blocks.s[:, b, None]

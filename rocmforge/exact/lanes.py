@@ -1,16 +1,19 @@
-"""ggml's 8-lane integer dot of one 32-byte block, as LLVM vector code for the numba kernels: ``lane_dot`` runs a
-whole row of Q8_0-style blocks (Q8_0, Q5_0, Q4_1 weights against q8 activations) in ymm registers.
+"""ggml's 8-lane integer dot of one 32-byte block, as LLVM vector code for the numba kernels: ``q8_0_lane_dot``,
+``q5_0_lane_dot`` and ``q4_1_lane_dot`` run a whole row of Q8_0 / Q5_0 / Q4_1 blocks against q8 activations in ymm
+registers, reading the raw GGUF blocks in place (``BlockLayout``: the file stays memory-mapped, nothing is
+unpacked at load); ``lane_dot`` reads weights unpacked to a byte each (``LaneWeight``: Q4_0, Q5_1, IQ4_NL).
 
 ggml's AVX2 kernels multiply a block's 32 weight bytes with its 32 activation bytes into 8 int32 lanes, lane ``l``
 holding the exact sum of elements ``4l .. 4l+3`` (``maddubs`` then ``madd``), then per block
 ``acc = fma(d_w*d_x, float(lanes), acc)`` on 8 float lanes and ``hsum8`` at the end. The integer sums are exact
-whichever instructions form them, so here the weights are stored as unsigned bytes ``q`` with the weight
-``q - offset`` (offset 128 for Q8_0, 16 for Q5_0, 0 for Q4_1), one ``vpdpbusd`` (AVX-VNNI: unsigned x signed
-bytes, 4 products per int32 lane, exactly ggml's lanes) forms ``sum q*x`` and the offset comes back as
-``offset * sum x`` per lane. Without VNNI the same sums come from widened multiplies that LLVM vectorizes.
-The float part is ggml's instruction for instruction: a float32 ``d_w*d_x``, one ``llvm.fma.v8f32`` per block.
+whichever instructions form them, so here each weight byte is formed unsigned, ``q`` with the weight
+``q - offset`` (Q8_0: the int8 with its top bit flipped, offset 128; Q5_0: ``nibble | fifth_bit << 4``, offset 16;
+Q4_1: the nibble, offset 0), one ``vpdpbusd`` (AVX-VNNI: unsigned x signed bytes, 4 products per int32 lane,
+exactly ggml's lanes) forms ``sum q*x`` and the offset comes back as ``offset * sum x`` per lane. Without VNNI the
+same sums come from widened multiplies that LLVM vectorizes. The float part is ggml's instruction for instruction:
+the block's fp16 ``d_w`` widened exactly, a float32 ``d_w*d_x``, one ``llvm.fma.v8f32`` per block.
 
-Prefill takes activation rows four at a time (``lane_dot_x4``, rows laid out by ``interleave4``): with AVX-512
+Prefill takes activation rows four at a time (``*_lane_dot_x4``, rows laid out by ``interleave4``): with AVX-512
 two rows' blocks fill one zmm register, whose halves are each row's 8 lanes, so one ``vpdpbusd`` and one fma serve
 two rows (about 2x the throughput of four ymm passes, same bits).
 
@@ -143,10 +146,22 @@ def split_nibbles(builder: ir.IRBuilder, packed: ir.Value) -> tuple[ir.Value, ir
     return low, builder.lshr(packed, ir.Constant(packed.type, [4] * n))
 
 
-# how a weight's blocks are stored (``_weight_block``): uint8 values (``LaneWeight``), Q4_1's packed nibbles (+ a
-# float32 scale array), or Q5_0's raw GGUF blocks read in place from the memory-mapped file
-BYTES, NIBBLES, Q5_0_BLOCKS = "bytes", "nibbles", "q5_0"
-Q5_0_BLOCK_BYTES = 22  # fp16 d, 32 fifth bits, 16 bytes of nibbles
+class BlockLayout(NamedTuple):
+    """How the lane kernels read a weight's blocks of 32: in place as the GGUF stores them (memory-mapped;
+    ``block_bytes`` each), or ``UNPACKED`` (``LaneWeight``: a byte per weight plus a float32 scale array). The
+    unsigned byte the kernel forms is the weight plus ``offset`` (``offset * sum x`` per lane is subtracted again:
+    the ``corr`` argument; none for offset 0; ``LaneWeight`` carries its own)."""
+
+    name: str
+    block_bytes: int
+    offset: int | None
+
+
+# Q8_0: fp16 d, 32 int8 (the byte with its top bit flipped is the weight + 128); Q5_0: fp16 d, 32 fifth bits, 16
+# bytes of nibbles (ggml's ``q | h<<4``, weight + 16); Q4_1: fp16 d, fp16 m, 16 bytes of nibbles (weight d*q + m)
+Q8_0_BLOCK, Q5_0_BLOCK = BlockLayout("q8_0", 34, 128), BlockLayout("q5_0", 22, 16)
+Q4_1_BLOCK = BlockLayout("q4_1", 20, 0)
+UNPACKED = BlockLayout("unpacked", 32, None)
 
 
 def nibble_bytes(builder: ir.IRBuilder, pointer: ir.Value, index: ir.Value) -> ir.Value:
@@ -156,46 +171,51 @@ def nibble_bytes(builder: ir.IRBuilder, pointer: ir.Value, index: ir.Value) -> i
     return builder.shuffle_vector(low, high, _CONCAT)
 
 
-def _weight_block(builder: ir.IRBuilder, layout: str, weight: list[ir.Value], block: ir.Value):
-    """IR: (the 32 unsigned weight bytes of ``block``, its float32 scale). ``weight`` is (values pointer, start,
-    scales pointer, start), or for ``Q5_0_BLOCKS`` (raw bytes pointer, the row's first byte): there the bytes are
-    ``nibble | fifth_bit << 4`` (ggml's ``(q | h<<4)``, the ``- 16`` left to the offset correction) and the scale
-    the block's fp16 ``d`` widened exactly."""
-    if layout == Q5_0_BLOCKS:
-        raw, raw0 = weight
-        base = offset(builder, raw0, block, Q5_0_BLOCK_BYTES)
-        at = [builder.gep(raw, [builder.add(base, ir.Constant(base.type, k))]) for k in (0, 2, 6)]
-        scale = builder.fpext(builder.load(builder.bitcast(at[0], ir.HalfType().as_pointer()), align=1), _F32)
-        high = builder.load(builder.bitcast(at[1], _I32.as_pointer()), align=1)  # bit j: element j's fifth bit
-        fifth = builder.zext(builder.bitcast(high, ir.VectorType(ir.IntType(1), 32)), V32I8)
-        low = nibble_bytes(builder, raw, builder.add(base, ir.Constant(base.type, 6)))
-        return builder.or_(low, builder.shl(fifth, ir.Constant(V32I8, [4] * 32))), scale
-    q, q0, wd, wd0 = weight
-    scale = builder.load(builder.gep(wd, [builder.add(wd0, block)]))
-    if layout == NIBBLES:
-        return nibble_bytes(builder, q, offset(builder, q0, block, 16)), scale
-    return load_vector(builder, q, offset(builder, q0, block, 32), V32I8), scale
+def load_fp16(builder: ir.IRBuilder, pointer: ir.Value, index: ir.Value) -> ir.Value:
+    """IR: the fp16 at byte ``pointer[index]`` widened (exactly) to float32 (``GGML_FP16_TO_FP32``)."""
+    half = builder.bitcast(builder.gep(pointer, [index]), ir.HalfType().as_pointer())
+    return builder.fpext(builder.load(half, align=1), _F32)
 
 
-def _operands(context, builder: ir.IRBuilder, signature, args, layout: str):
+def _weight_block(builder: ir.IRBuilder, layout: BlockLayout, weight: list[ir.Value], block: ir.Value):
+    """IR: (the 32 unsigned weight bytes of ``block``, its float32 scale); ``weight`` is (raw pointer, the row's first
+    byte), or for ``UNPACKED`` (values pointer, start, scales pointer, start)."""
+    if layout is UNPACKED:
+        q, q0, wd, wd0 = weight
+        return (load_vector(builder, q, offset(builder, q0, block, 32), V32I8),
+                builder.load(builder.gep(wd, [builder.add(wd0, block)])))
+    raw, raw0 = weight
+    base = offset(builder, raw0, block, layout.block_bytes)
+
+    def at(k):
+        return builder.add(base, ir.Constant(base.type, k))
+
+    scale = load_fp16(builder, raw, base)
+    if layout is Q8_0_BLOCK:
+        return builder.xor(load_vector(builder, raw, at(2), V32I8), ir.Constant(V32I8, [128] * 32)), scale
+    if layout is Q4_1_BLOCK:
+        return nibble_bytes(builder, raw, at(4)), scale
+    high = builder.load(builder.bitcast(builder.gep(raw, [at(2)]), _I32.as_pointer()), align=1)
+    fifth = builder.zext(builder.bitcast(high, ir.VectorType(ir.IntType(1), 32)), V32I8)  # bit j: element j's
+    return builder.or_(nibble_bytes(builder, raw, at(6)), builder.shl(fifth, ir.Constant(V32I8, [4] * 32))), scale
+
+
+def _operands(context, builder: ir.IRBuilder, signature, args, layout: BlockLayout):
     """(weight operands for ``_weight_block``, x pointer, x start, xd pointer, xd start, (corr pointer, start) or
-    None): the intrinsics' arguments, weight first, then activations, corrections unless ``NIBBLES``."""
+    None): the intrinsics' arguments in order; ``corr`` unless the layout's offset is 0."""
     arrays = signature.args
 
     def pointer(i):
         return data_pointer(context, builder, arrays[i], args[i])
 
-    n_weight = 2 if layout == Q5_0_BLOCKS else 4
-    weight = [pointer(i) if i % 2 == 0 else args[i] for i in range(n_weight)]
-    x_ptr, x0, xd_ptr, xd0 = pointer(n_weight), args[n_weight + 1], pointer(n_weight + 2), args[n_weight + 3]
-    corr = None if layout == NIBBLES else (pointer(n_weight + 4), args[n_weight + 5])
-    return weight, x_ptr, x0, xd_ptr, xd0, corr
+    n = 4 if layout is UNPACKED else 2
+    weight = [pointer(i) if i % 2 == 0 else args[i] for i in range(n)]
+    corr = (pointer(n + 4), args[n + 5]) if layout.offset != 0 else None
+    return weight, pointer(n), args[n + 1], pointer(n + 2), args[n + 3], corr
 
 
-def _row_dot(layout: str, n_rows: int):
-    """``lane_dot`` (weights as bytes, offset corrections), ``nibble_lane_dot`` (weights as ggml's 16 bytes of
-    nibbles per block: element ``i < 16`` the low nibble of byte ``i``, ``16 + i`` its high nibble; offset 0) or
-    ``q5_0_lane_dot`` (raw Q5_0 blocks, offset 16), for ``n_rows`` consecutive activation rows: each weight block is
+def _row_dot(layout: BlockLayout, n_rows: int):
+    """The lane dot of one row of ``layout`` blocks with ``n_rows`` consecutive activation rows: each weight block is
     loaded once for all of them. (Interleaving weight rows instead made a decode step's large matmuls slower:
     5.9 -> 10.7 ms for Gemma's 262144x640 output.)"""
 
@@ -222,7 +242,7 @@ def _row_dot(layout: str, n_rows: int):
     return codegen
 
 
-def _row_dot_x4(layout: str):
+def _row_dot_x4(layout: BlockLayout):
     """``_row_dot`` of 4 activation rows interleaved block by block (``interleave4``): the blocks ``b`` of rows
     ``r, r+1`` are one 64-byte vector, so one zmm ``vpdpbusd`` and one 16-lane fma serve two rows; each half of a
     register is exactly the 8 lanes of its row (same integer sums, same fma chain)."""
@@ -259,27 +279,25 @@ def _row_dot_x4(layout: str):
     return codegen
 
 
-@intrinsic
-def lane_dot_x4(typingctx, q, q_start, wd, wd_start, x, x_start, xd, xd_start, corr, corr_start, n_blocks):
-    """``lane_dot`` of 4 activation rows laid out by ``interleave4`` (``x`` int8 ``[.., nb, 4, 32]`` from
-    ``x_start``, ``xd`` ``[.., nb, 4]``, ``corr`` ``[.., nb, 4, 8]``, all flat): a tuple of 4 float32."""
-    sig = types.UniTuple(types.float32, 4)(q, q_start, wd, wd_start, x, x_start, xd, xd_start, corr, corr_start,
-                                           n_blocks)
-    return sig, _row_dot_x4(BYTES)
+def _lane_dot_x4(layout: BlockLayout):
+    """The ``_row_dot_x4`` intrinsic of ``layout`` (arguments as ``_lane_dot``'s, without ``n_rows``): a tuple of 4
+    float32."""
 
+    def typer(*args):
+        return types.UniTuple(types.float32, 4)(*args), _row_dot_x4(layout)
 
-@intrinsic
-def nibble_lane_dot_x4(typingctx, q, q_start, wd, wd_start, x, x_start, xd, xd_start, n_blocks):
-    """``nibble_lane_dot`` of 4 activation rows laid out by ``interleave4``: a tuple of 4 float32."""
-    sig = types.UniTuple(types.float32, 4)(q, q_start, wd, wd_start, x, x_start, xd, xd_start, n_blocks)
-    return sig, _row_dot_x4(NIBBLES)
+    # numba lowers intrinsics with named parameters only: one signature per argument list
+    if layout is UNPACKED:
+        def dot_x4(typingctx, q, q0, wd, wd0, x, x0, xd, xd0, corr, corr0, n_blocks):
+            return typer(q, q0, wd, wd0, x, x0, xd, xd0, corr, corr0, n_blocks)
+    elif layout.offset:
+        def dot_x4(typingctx, raw, raw0, x, x0, xd, xd0, corr, corr0, n_blocks):
+            return typer(raw, raw0, x, x0, xd, xd0, corr, corr0, n_blocks)
+    else:
+        def dot_x4(typingctx, raw, raw0, x, x0, xd, xd0, n_blocks):
+            return typer(raw, raw0, x, x0, xd, xd0, n_blocks)
 
-
-@intrinsic
-def q5_0_lane_dot_x4(typingctx, raw, raw_start, x, x_start, xd, xd_start, corr, corr_start, n_blocks):
-    """``q5_0_lane_dot`` of 4 activation rows laid out by ``interleave4``: a tuple of 4 float32."""
-    sig = types.UniTuple(types.float32, 4)(raw, raw_start, x, x_start, xd, xd_start, corr, corr_start, n_blocks)
-    return sig, _row_dot_x4(Q5_0_BLOCKS)
+    return intrinsic(dot_x4)
 
 
 _NO_GROUPS: dict[tuple, np.ndarray] = {}
@@ -306,43 +324,51 @@ def _result(rows: int) -> types.Type:
     return types.float32 if rows == 1 else types.UniTuple(types.float32, rows)
 
 
-@intrinsic
-def lane_dot(typingctx, q, q_start, wd, wd_start, x, x_start, xd, xd_start, corr, corr_start, n_blocks, n_rows):
-    """``hsum8`` of ggml's per-block ``acc = fma(wd[b]*xd[b], float(lanes_b - corr_b), acc)`` over ``n_blocks``
-    blocks of 32: ``q`` uint8 weights from ``q_start``, ``x`` int8 activations from ``x_start``, ``corr`` int32
-    (8 per block: ``offset * sum x`` of each lane) from ``corr_start``, scales ``wd``/``xd`` float32 (all 1-D).
-    ``n_rows`` (a constant) consecutive activation rows at once: a float32, or a tuple of ``n_rows``."""
-    rows = _rows(n_rows)
-    if rows is None:
-        return None
-    sig = _result(rows)(q, q_start, wd, wd_start, x, x_start, xd, xd_start, corr, corr_start, n_blocks, n_rows)
-    return sig, _row_dot(BYTES, rows)
+def _lane_dot(layout: BlockLayout):
+    """The intrinsic ``hsum8`` of ggml's per-block ``acc = fma(d_w[b]*xd[b], float(lanes_b - corr_b), acc)`` over
+    ``n_blocks`` blocks of ``layout``. Arguments, all arrays 1-D with a start index: the weight row (``raw`` uint8
+    and the row's first byte; ``UNPACKED``: ``q`` uint8, start, ``wd`` float32 scales, start), ``x`` int8
+    activations, ``xd`` their float32 scales, ``corr`` int32 (8 per block: ``offset * sum x`` of each lane; not for
+    a layout with offset 0), then ``n_blocks`` and ``n_rows`` (a constant: consecutive activation rows at once):
+    a float32, or a tuple of ``n_rows``. For 4 rows laid out by ``interleave4`` (``x`` int8 ``[.., nb, 4, 32]``,
+    ``xd`` ``[.., nb, 4]``, ``corr`` ``[.., nb, 4, 8]``) the ``_x4`` intrinsic serves two rows per register."""
+
+    def typer(*args):
+        rows = _rows(args[-1])
+        return None if rows is None else (_result(rows)(*args), _row_dot(layout, rows))
+
+    if layout is UNPACKED:
+        def dot(typingctx, q, q0, wd, wd0, x, x0, xd, xd0, corr, corr0, n_blocks, n_rows):
+            return typer(q, q0, wd, wd0, x, x0, xd, xd0, corr, corr0, n_blocks, n_rows)
+    elif layout.offset:
+        def dot(typingctx, raw, raw0, x, x0, xd, xd0, corr, corr0, n_blocks, n_rows):
+            return typer(raw, raw0, x, x0, xd, xd0, corr, corr0, n_blocks, n_rows)
+    else:
+        def dot(typingctx, raw, raw0, x, x0, xd, xd0, n_blocks, n_rows):
+            return typer(raw, raw0, x, x0, xd, xd0, n_blocks, n_rows)
+
+    return intrinsic(dot)
+
+
+lane_dot, lane_dot_x4 = _lane_dot(UNPACKED), _lane_dot_x4(UNPACKED)
+q8_0_lane_dot, q8_0_lane_dot_x4 = _lane_dot(Q8_0_BLOCK), _lane_dot_x4(Q8_0_BLOCK)
+q5_0_lane_dot, q5_0_lane_dot_x4 = _lane_dot(Q5_0_BLOCK), _lane_dot_x4(Q5_0_BLOCK)
+q4_1_lane_dot, q4_1_lane_dot_x4 = _lane_dot(Q4_1_BLOCK), _lane_dot_x4(Q4_1_BLOCK)
 
 
 @intrinsic
-def nibble_lane_dot(typingctx, q, q_start, wd, wd_start, x, x_start, xd, xd_start, n_blocks, n_rows):
-    """``lane_dot`` of weights packed as Q4_1's nibbles (16 bytes per block, values 0..15), no correction."""
-    rows = _rows(n_rows)
-    if rows is None:
-        return None
-    sig = _result(rows)(q, q_start, wd, wd_start, x, x_start, xd, xd_start, n_blocks, n_rows)
-    return sig, _row_dot(NIBBLES, rows)
+def fp16_at(typingctx, raw, index):
+    """The fp16 at byte ``raw[index]`` (``raw`` a 1-D uint8 array) as a float32."""
+    def codegen(context, builder, signature, args):
+        return load_fp16(builder, data_pointer(context, builder, signature.args[0], args[0]), args[1])
 
-
-@intrinsic
-def q5_0_lane_dot(typingctx, raw, raw_start, x, x_start, xd, xd_start, corr, corr_start, n_blocks, n_rows):
-    """``lane_dot`` of raw Q5_0 blocks (``raw`` uint8, the row's first byte at ``raw_start``; 22 bytes a block,
-    values 0..31, offset 16 in ``corr``)."""
-    rows = _rows(n_rows)
-    if rows is None:
-        return None
-    sig = _result(rows)(raw, raw_start, x, x_start, xd, xd_start, corr, corr_start, n_blocks, n_rows)
-    return sig, _row_dot(Q5_0_BLOCKS, rows)
+    return types.float32(raw, index), codegen
 
 
 class LaneWeight(NamedTuple):
-    """A weight of 32-element blocks as ``lane_dot`` reads it: ``q`` uint8 ``[out, k]`` in element order (the weight
-    value is ``q - offset``), ``d`` the float32 block scales ``[out, k/32]``."""
+    """A weight unpacked to a byte per weight (``UNPACKED``: Q4_0, Q5_1, IQ4_NL, whose repacked or vec_dot paths
+    need it): ``q`` uint8 ``[out, k]`` in element order (the weight value is ``q - offset``), ``d`` the float32 block
+    scales ``[out, k/32]``."""
 
     q: np.ndarray
     d: np.ndarray
