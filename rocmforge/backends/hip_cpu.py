@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from rocmforge.backends.runtime import Runtime, pack_args
+from rocmforge.backends.runtime import Runtime, cache_dir, pack_args
 from rocmforge.errors import DeviceError
 
 HEADERS = Path(__file__).resolve().parents[2] / "third_party" / "hip-cpu"
@@ -51,8 +51,12 @@ static unsigned char* rf_dynamic_shared() {
     alignas(256) static thread_local unsigned char shared[262144];
     return shared;
 }
-__device__ inline int min(int a, int b) { return a < b ? a : b; }
-__device__ inline int max(int a, int b) { return a > b ? a : b; }
+// the integer overloads of min/max CUDA and HIP give device code (an unsigned one must not go through int)
+#define RF_MIN_MAX(T) \
+    __device__ inline T min(T a, T b) { return a < b ? a : b; } \
+    __device__ inline T max(T a, T b) { return a > b ? a : b; }
+RF_MIN_MAX(int) RF_MIN_MAX(unsigned) RF_MIN_MAX(long) RF_MIN_MAX(unsigned long) RF_MIN_MAX(long long)
+RF_MIN_MAX(unsigned long long)
 """
 
 # Launch any kernel from a void*[] of argument addresses (what cuLaunchKernel takes): the kernel's own parameter
@@ -152,7 +156,9 @@ class HipCpuRuntime(Runtime):
 
     # --- kernels ------------------------------------------------------------------------------------------
     def compile_options(self) -> list[str]:
-        return [*super().compile_options(), f"-DRF_HIP_CPU_HARNESS={self._harness}", "-DHIP_CPU_FIBER_STACK=65536", "-std=c++17", os.environ.get("RF_HIP_CPU_OPT", "-O1"), "-fPIC", "-shared", "-w"]
+        # -O0: each kernel file then compiles in seconds, and tests run small shapes
+        return [*super().compile_options(), f"-DRF_HIP_CPU_HARNESS={self._harness}", "-DHIP_CPU_FIBER_STACK=65536",
+                "-std=c++17", "-O0", "-fPIC", "-w"]
 
     def _compile(self, source: str, name: str, options: list[str]) -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
@@ -165,12 +171,27 @@ class HipCpuRuntime(Runtime):
             launchers = "".join(f'extern "C" void rf_launch_{k}(const unsigned* d, unsigned s, void** a) '
                                 f"{{ rf_launch({k}, d, s, a); }}\n" for k in kernel_names(expanded))
             unit = Path(tmp) / f"{name}.cpp"
-            unit.write_text(f'#include <hip/hip_runtime.h>\n{_MISSING}#include "{kernel.name}"\n'
-                            f"{_LAUNCHER}{launchers}")
+            unit.write_text(f'#include "rf_hip_cpu.h"\n#include "{kernel.name}"\n{_LAUNCHER}{launchers}')
             library = Path(tmp) / f"{name}.so"
-            _gxx([*options, f"-I{HEADERS / 'include'}", f"-I{HEADERS / 'src' / 'include'}", str(unit),
-                  "-o", str(library), "-ltbb", "-lpthread"], name)
+            _gxx([*options, "-shared", f"-I{self._precompiled(options)}", str(unit), "-o", str(library),
+                  "-ltbb", "-lpthread"], name)
             return library.read_bytes()
+
+    def _precompiled(self, options: list[str]) -> Path:
+        """A folder with ``rf_hip_cpu.h`` (HIP-CPU plus ``_MISSING``) precompiled for ``options``: most of a
+        kernel file's compile time is these headers."""
+        key = hashlib.sha256("\0".join(options).encode()).hexdigest()[:16]
+        folder = cache_dir() / self.name / f"pch-{key}"
+        if not (folder / "rf_hip_cpu.h.gch").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:  # renamed into place: parallel runs never see half
+                header = Path(tmp) / "rf_hip_cpu.h"
+                header.write_text(f"#include <hip/hip_runtime.h>\n{_MISSING}")
+                _gxx([*options, f"-I{HEADERS / 'include'}", f"-I{HEADERS / 'src' / 'include'}", "-x", "c++-header",
+                      str(header), "-o", f"{header}.gch"], "rf_hip_cpu.h")
+                os.replace(header, folder / "rf_hip_cpu.h")
+                os.replace(f"{header}.gch", folder / "rf_hip_cpu.h.gch")
+        return folder
 
     def _load_module(self, code: bytes) -> Any:
         fd, path = tempfile.mkstemp(suffix=".so", dir=self._libraries)
