@@ -33,7 +33,7 @@ from rocmforge.exact.compile_cache import compile_once
 from rocmforge.exact.dot import MATMULS, unsupported_types
 from rocmforge.exact.geglu import geglu
 from rocmforge.exact.rms_norm import rms_norm
-from rocmforge.exact.rope import rope
+from rocmforge.exact.rope import rope_table, rotate
 from rocmforge.exact.swiglu import swiglu
 from rocmforge.gguf_file import TensorRef
 from rocmforge.kv_cache import Batch, KVCache, Segment
@@ -148,7 +148,16 @@ class ExactCpuBackend(CpuBackend):
 
     def rope(self, x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
              freq_factors: np.ndarray | None = None, freq_scale: float = 1.0) -> np.ndarray:
-        return rope(x, positions, theta, neox, n_rot, freq_factors, freq_scale)
+        # q and k of every layer rotate at the batch's positions: one cos/sin table per batch (the same identity
+        # check and single read of the slot as CpuBackend.rope, for the server's concurrent batches)
+        held = self._rope_tables
+        if held[0] is not positions:
+            held = self._rope_tables = (positions, {})
+        key = (theta, n_rot, id(freq_factors), freq_scale)
+        table = held[1].get(key)
+        if table is None:
+            table = held[1][key] = rope_table(positions, theta, n_rot, freq_factors, freq_scale)
+        return rotate(x, table, neox, n_rot)
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return swiglu(gate, up)

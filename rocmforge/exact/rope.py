@@ -75,8 +75,19 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, n_rot: 
     >>> rope(np.ones((1, 1, 2), np.float32), np.array([0]), 10000.0, neox=False, n_rot=2).tolist()
     [[[1.0, 1.0]]]
     """
+    return rotate(x, rope_table(positions, theta, n_rot, freq_factors, freq_scale), neox, n_rot)
+
+
+def rope_table(positions: np.ndarray, theta: float, n_rot: int, freq_factors: np.ndarray | None = None,
+               freq_scale: float = 1.0) -> np.ndarray:
+    """ggml's cos/sin cache for ``positions`` ``[n]``: float32 ``[n, n_rot/2, 2]`` (what ``rotate`` takes; every
+    layer of a batch rotates at the same positions, so a caller may keep it)."""
     factors = None if freq_factors is None else tuple(float(f) for f in np.asarray(freq_factors, np.float32))
-    cos_sin = np.stack([_cos_sin(int(p), float(theta), int(n_rot), float(freq_scale), factors) for p in positions])
+    return np.stack([_cos_sin(int(p), float(theta), int(n_rot), float(freq_scale), factors) for p in positions])
+
+
+def rotate(x: np.ndarray, cos_sin: np.ndarray, neox: bool, n_rot: int) -> np.ndarray:
+    """Rotate float32 ``x`` ``[n, heads, d_head]`` by ``rope_table``'s ``cos_sin`` (first ``n_rot`` dims)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty_like(x)
     split_rows(_rotate_parallel, _rotate, (x, cos_sin, bool(neox), int(n_rot), out), x.shape[0],

@@ -48,6 +48,16 @@ class _Kind:
 
 
 _kinds: dict[tuple[Any, int], _Kind] = {}
+_threads: list[int] = []
+
+
+def _num_threads() -> int:
+    """numba's thread count, asked once: ``numba.get_num_threads()`` takes ~14 us (it checks the pool under a
+    lock), 90 calls a decode step. A later ``numba.set_num_threads`` changes only how many slices a call is cut
+    into, never a result."""
+    if not _threads:
+        _threads.append(numba.get_num_threads())
+    return _threads[0]
 
 
 def split_rows(driver: Callable[..., Any], kernel: Callable[..., Any], args: tuple, n_rows: int, work: int) -> None:
@@ -62,7 +72,7 @@ def split_rows(driver: Callable[..., Any], kernel: Callable[..., Any], args: tup
     if work < MIN_SPLIT_WORK or n_rows < 4:  # decode-sized calls: no thread bookkeeping at all (~1 us a call)
         kernel(*args, 0, n_rows)
         return
-    n_threads = numba.get_num_threads()
+    n_threads = _num_threads()
     if n_threads == 1 or n_rows < 2 * n_threads:
         kernel(*args, 0, n_rows)
         return
