@@ -87,8 +87,9 @@ def ray_actor_options(device: str, workers: int) -> dict[str, Any]:
     (and ``device`` allows it), else one CPU each. Starts Ray here (locally) unless ``ray.init`` already ran."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+    from rocmforge.ray_start import start_ray
+
+    start_ray()
     on_gpu = device not in ("cpu", "cpu-exact") and ray.cluster_resources().get("GPU", 0) >= workers
     return {"concurrency": workers, "num_gpus": 1 if on_gpu else 0, "num_cpus": 1}
 

@@ -207,8 +207,8 @@ def harvest_on_ray(model: str, source: Source, names: Sequence[str], out: str | 
     each) holding ``load(model, device, n_ctx, n_parallel)``; this process packs the same batches and writes the
     same shards and index, byte for byte, as ``harvest`` on that model.
 
-    This process holds the token ids of what is left to run (4 bytes a token) and no weights; resuming works as for
-    ``harvest`` (either may resume the other's directory): whole shards stay, the rest is run again.
+    This process holds the token ids of what is left to run (as JSON, ~6 bytes a token) and no weights; resuming
+    works as for ``harvest`` (either may resume the other's directory): whole shards stay, the rest is run again.
     """
     from safetensors.numpy import load
 
@@ -219,13 +219,13 @@ def harvest_on_ray(model: str, source: Source, names: Sequence[str], out: str | 
     shards, todo = open_shards(Packing.of_file(path, n_ctx, n_parallel), source, names, out,
                                batch_tokens=batch_tokens, shard_tokens=shard_tokens, piece_tokens=piece_tokens,
                                format=format, progress=progress)
-    todo = list(todo)
+    todo = [json.dumps(batch) for batch in todo]  # compact: a Python list holds ~36 bytes a token, this ~6
     try:
         if todo:
             import ray
 
             options = ray_actor_options(device, workers)
-            dataset = ray.data.from_items([{"batch": i, "pieces": json.dumps(b)} for i, b in enumerate(todo)])
+            dataset = ray.data.from_items([{"batch": i, "pieces": batch} for i, batch in enumerate(todo)])
             results = dataset.map_batches(HarvestWorker, batch_size=1, **options, fn_constructor_kwargs={
                 "model": str(path), "device": device, "n_ctx": n_ctx, "n_parallel": n_parallel, "names": list(names)})
             results.context.execution_options.preserve_order = True
@@ -234,7 +234,7 @@ def harvest_on_ray(model: str, source: Source, names: Sequence[str], out: str | 
             for row in results.iter_rows():
                 waiting[int(row["batch"])] = row["activations"]
                 while written in waiting:
-                    shards.add(todo[written], load(waiting.pop(written)))
+                    shards.add(json.loads(todo[written]), load(waiting.pop(written)))
                     written += 1
             if written != len(todo):
                 raise RuntimeError(f"Ray Data returned {written} of {len(todo)} batches; the shards so far are kept")

@@ -72,16 +72,9 @@ def ray_cluster():
     require_distributed("ray")
     import ray
 
-    # On a loaded machine Ray's dashboard agent can import slower than the raylet waits for it (15 s; the raylet
-    # then exits and ray.init says "timed out during startup"): try again before failing.
-    for attempt in range(3):
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     _node_ip_address="127.0.0.1")  # Ray's processes talk over loopback only
-            break
-        except Exception as exc:  # noqa: BLE001 - only that startup race is retried
-            ray.shutdown()
-            if "timed out during startup" not in str(exc) or attempt == 2:
-                raise
+    from rocmforge.ray_start import start_ray
+
+    start_ray(num_cpus=2, log_to_driver=False, configure_logging=False,
+              _node_ip_address="127.0.0.1")  # Ray's processes talk over loopback only
     yield ray
     ray.shutdown()

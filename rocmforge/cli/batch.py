@@ -34,10 +34,9 @@ def batch(task: str, source: Path, out: Path, model_name: str, device: str, n_ct
 
         rows = run_batch(load(model_name, device=device, n_ctx=n_ctx, n_parallel=1), task, texts, max_tokens)
     else:
-        import ray
+        from rocmforge.ray_start import start_ray
 
-        if not ray.is_initialized():
-            ray.init(address=ray_address, include_dashboard=False)
+        start_ray(ray_address)
         rows = on_ray(task, model_name, texts, workers, device=device, n_ctx=n_ctx, max_new_tokens=max_tokens)
     write_results(rows, out)
     click.echo(f"{len(rows)} result(s) -> {out}")

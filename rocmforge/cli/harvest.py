@@ -39,12 +39,10 @@ def harvest(text_file: str, names: tuple[str, ...], out: str, model_name: str, d
             model = load(model_name, device=device, n_ctx=n_ctx, n_parallel=n_parallel)
             index = run(model, text_file, list(names), out, **options)
         else:
-            import ray
-
             from rocmforge.harvest import harvest_on_ray
+            from rocmforge.ray_start import start_ray
 
-            if not ray.is_initialized():
-                ray.init(address=ray_address, include_dashboard=False)
+            start_ray(ray_address)
             index = harvest_on_ray(model_name, text_file, list(names), out, workers, device=device, n_ctx=n_ctx,
                                    n_parallel=n_parallel, **options)
     except (KeyError, ValueError) as exc:  # a misspelt hook name, or OUT holds a harvest with other settings
