@@ -122,6 +122,7 @@ class HipCpuRuntime(Runtime):
         if not ok:
             raise DeviceError(f"the HIP CPU runtime is unavailable: {why}")
         self.device_name = "HIP-CPU (emulated, wave 64)"
+        self.multiprocessors = os.cpu_count() or 1  # blocks run side by side on the CPU's threads
         self._buffers: dict[int, np.ndarray] = {}
         self._capture: list[tuple[Any, ...]] | None = None
         self._libraries = tempfile.mkdtemp(prefix="rocmforge-hip-cpu-")
