@@ -89,3 +89,34 @@ def test_cli_eval_scores_both_backends_alike(tmp_path: Path, local_postgres, nam
     for mode in ("hybrid", "rrf", "vector", "keyword"):
         assert runs["postgresql"][mode]["MRR@10"] == pytest.approx(runs["sqlite"][mode]["MRR@10"], abs=0.01), mode
     assert runs["postgresql"]["keyword"] == runs["sqlite"]["keyword"]
+
+
+def _eval_rows(db: Path, embedder: str, *sets: str) -> dict[tuple[str, str], dict]:
+    args = ["context", "--db", str(db), "--embedder", embedder, "eval", *(str(SETS / s) for s in sets), "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return {(r["set"], r["mode"]): r for r in map(json.loads, result.output.splitlines())}
+
+
+# What each mode reached on 2026-12-07 with the judged labels (tests/fixtures/retrieval/judged.tsv), less a margin
+# for ties that another BLAS kernel may break the other way. A drop below is a regression of the keyword side, the
+# fusion or the chunking, not noise.
+LEXICAL_FLOOR = {("pydoc", "hybrid"): 0.42, ("pydoc", "rrf"): 0.45, ("pydoc", "keyword"): 0.41,
+                 ("manpages", "hybrid"): 0.25, ("manpages", "rrf"): 0.31, ("manpages", "keyword"): 0.43}
+
+
+def test_quality_floor_with_the_lexical_embedder(tmp_path: Path) -> None:
+    """Both sets with the hashed n-gram embedder (no model, a few seconds): MRR@10 per mode above its floor."""
+    rows = _eval_rows(tmp_path / "lexical.db", "hashed", "pydoc", "manpages")
+    for key, floor in LEXICAL_FLOOR.items():
+        assert rows[key]["MRR@10"] >= floor, (key, rows[key])
+
+
+@pytest.mark.slow
+def test_minilm_quality_floor_on_the_held_out_set(tmp_path: Path, minilm_dir: Path) -> None:
+    """The default hybrid mode with MiniLM on the held-out man pages (reached: MRR@10 0.538, R@5 0.80): it stays
+    there and well ahead of keyword search alone. The issue's targets (0.80 / 0.95) are not reached yet."""
+    rows = _eval_rows(tmp_path / "minilm.db", "minilm", "manpages")
+    hybrid, keyword = rows["manpages", "hybrid"], rows["manpages", "keyword"]
+    assert hybrid["MRR@10"] >= 0.51 and hybrid["R@5"] >= 0.76, hybrid
+    assert hybrid["MRR@10"] >= keyword["MRR@10"] + 0.1 and hybrid["R@10"] >= keyword["R@10"], (hybrid, keyword)
