@@ -7,8 +7,8 @@ llama-bench's tg128), rocmforge's with end-of-generation tokens banned so every 
 loop evaluates every token it is given). llama.cpp runs with ``--threads`` (2), rocmforge with
 ``--rocmforge-threads`` BLAS threads (2, the same cores; ``rocmforge.load`` defaults to half the cores, as
 llama-cpp-python does, because both engines' spin-waiting threads collapse on a busy machine); cpu-exact splits
-its large calls over the cores itself (``rocmforge.exact.threads``). The engines alternate, ``--rounds`` times per
-model, so a busy spell on a shared machine hits all of them; each number is the best over all rounds. Prints a
+its large calls over ``--rocmforge-threads`` numba threads itself (``rocmforge.exact.threads``). The engines
+alternate, ``--rounds`` times per model, so a busy spell on a shared machine hits all of them; each number is the best over all rounds. Prints a
 Markdown table and, with ``--write``, replaces the whole "CPU generation" section of BENCHMARKS.md (notes
 included). Run it with ``OPENBLAS_CORETYPE`` unset (some machines here set it for an older OpenBLAS; it forces a
 slower kernel on current numpy): the table names the BLAS kernel each worker ran.
@@ -48,6 +48,10 @@ def run_rocmforge(name: str, threads: int, reps: int, n_prompt: int, device: str
     import rocmforge
     from rocmforge.cli.bench import measure_speed
 
+    if device == "cpu-exact":  # its kernels split over numba's threads (rocmforge.exact.threads), not BLAS's
+        import numba
+
+        numba.set_num_threads(threads)
     model = rocmforge.load(name, device=device, n_ctx=max(1024, n_prompt + 8), n_threads=threads)
     if device == "cpu-exact":
         measure_speed(model, 16, 8, 1)  # compiles (or loads from numba's disk cache) the kernels for these shapes
@@ -62,6 +66,7 @@ def run_llama_cpp(name: str, threads: int, reps: int, n_prompt: int) -> dict:
     from rocmforge.registry import resolve
 
     llm = Llama(model_path=str(resolve(name)), n_ctx=max(1024, n_prompt + 8), n_batch=512, n_threads=threads,
+                n_threads_batch=threads,  # else prefill takes every core whatever --threads says
                 verbose=False)
     ids = _prompt_ids(llm.n_vocab(), n_prompt)
     pp, tg = [], []
