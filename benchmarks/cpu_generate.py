@@ -3,14 +3,14 @@
 
 Each (engine, model) runs in its own subprocess so peak RSS (``ru_maxrss``) belongs to that engine alone. All get
 the same ``--n-prompt`` (512) random token ids for prefill; decode is 128 greedy tokens from a 1-token prompt (as
-llama-bench's tg128), rocmforge's with end-of-generation tokens banned so every run makes all 128 (llama.cpp's
-loop evaluates every token it is given). llama.cpp runs with ``--threads`` (2), rocmforge with
-``--rocmforge-threads`` BLAS threads (2, the same cores; ``rocmforge.load`` defaults to half the cores, as
-llama-cpp-python does, because both engines' spin-waiting threads collapse on a busy machine); cpu-exact splits
-its large calls over ``--rocmforge-threads`` numba threads itself (``rocmforge.exact.threads``). The engines
-alternate, ``--rounds`` times per model, so a busy spell on a shared machine hits all of them; each number is the
-best over all rounds. Prints a Markdown table and, with ``--write``, replaces the whole "CPU generation" section of
-BENCHMARKS.md (notes included). Run it with ``OPENBLAS_CORETYPE`` unset (some machines here set it for an older OpenBLAS; it forces a
+llama-bench's tg128), rocmforge's with end-of-generation tokens banned so every run makes all 128 (llama.cpp's loop
+evaluates every token it is given). llama.cpp runs with ``--threads`` (2), rocmforge with ``--rocmforge-threads``
+BLAS threads (2, the same cores; ``rocmforge.load`` defaults to half the cores, as llama-cpp-python does, because
+both engines' spin-waiting threads collapse on a busy machine); cpu-exact splits its large calls over
+``--rocmforge-threads`` numba threads itself (``rocmforge.exact.threads``). The engines alternate, ``--rounds``
+times per model, so a busy spell on a shared machine hits all of them; each number is the best over all rounds.
+Prints a Markdown table and, with ``--write``, replaces the whole "CPU generation" section of BENCHMARKS.md (notes
+included). Run it with ``OPENBLAS_CORETYPE`` unset (some machines here set it for an older OpenBLAS; it forces a
 slower kernel on current numpy): the table names the BLAS kernel each worker ran.
 
 The peer is the llama-cpp-python the venv imports, or ``--llama-cpp DIR``: another build of it installed with
