@@ -5,8 +5,8 @@ forward of any token that is not in the cache yet (the prompt, or the token samp
 token from the logits. ``step_layer()`` runs that same pending forward one layer at a time, so a notebook can look
 at ``gen.state`` (the residual stream, the layer about to run) between layers. ``step_all`` advances several
 generations with ONE batched forward: what the server's continuous batching calls each tick.
-On a GPU, when every sequence decodes one token (no constraint, no logprobs) and no hook is registered, that tick
-is one replayed graph that also samples on the device (``GpuBackend.graph_step_batch``): only token ids come
+On a GPU, when every sequence decodes one token (no logprobs) and no hook is registered, that tick is a replayed
+graph that also samples on the device (``GpuBackend.graph_step_batch``), grammar masks included: only token ids come
 back, so ``gen.logits`` is None after such a step (hooks, or ``step_all_forward``, keep the logits).
 
 >>> from rocmforge import load
@@ -275,8 +275,9 @@ def step_all(generations: Sequence[Generation]) -> list[int | None]:
     """One decode tick for several generations: one batched forward, then each samples its next token.
 
     Prompts that were never prefilled go into the same batch (as their own segments). Returns each generation's
-    new token, or None for those already finished. A tick of decode steps only, without hooks, constraints or
-    logprobs, on a backend with ``graph_step_batch`` (the GPU) samples on the device as well (module docstring).
+    new token, or None for those already finished. A tick of decode steps only, without hooks or logprobs, on a
+    backend with ``graph_step_batch`` (the GPU) samples on the device as well, under each constraint's mask
+    (computed while the device runs the forward; module docstring).
     """
     chosen = _decode_on_device([g for g in generations if g._needs_forward()])
     if chosen is not None:
@@ -294,17 +295,23 @@ def _decode_on_device(pending: Sequence[Generation]) -> dict[int, int] | None:
     model = pending[0].model
     ops = model.ops
     if (not hasattr(ops, "graph_step_batch") or model.ctx.hooks.active or len(pending) > ops.max_batch_rows
-            or any(g._inflight is not None or len(g.tokens) - g._fed != 1 or g.constraint is not None
-                   or g.n_logprobs is not None for g in pending)):
+            or any(g._inflight is not None or len(g.tokens) - g._fed != 1 or g.n_logprobs is not None
+                   for g in pending)):
         return None
     rows = [g.sampler.device_row(g.tokens, model.cfg.vocab_size, ops.device_sampling_capacity) for g in pending]
     if any(r is None for r in rows):
         return None
     rows = [g.sampler.draw(r) for g, r in zip(pending, rows)]
     batch = model.kv.prepare([(g.seq_id, g.tokens[g._fed:]) for g in pending])
-    tokens = ops.graph_step_batch(batch, lambda b: model.arch.forward(model.ctx, b, rows=b.last_rows), model.kv, rows)
+    constraints = [g.constraint for g in pending]
+
+    def masks() -> list[np.ndarray | None]:  # called while the device runs the forward
+        return [c.mask() if c is not None else None for c in constraints]
+
+    tokens = ops.graph_step_batch(batch, lambda b: model.arch.forward(model.ctx, b, rows=b.last_rows), model.kv,
+                                  rows, masks if any(c is not None for c in constraints) else None)
     if (tokens < 0).any():
-        raise ValueError("every token is banned (all logits are -inf after logit_bias)")
+        raise ValueError("every token is banned (all logits are -inf after logit_bias and the grammar's mask)")
     for g in pending:
         g.logits, g._fed = None, len(g.tokens)
     return {id(g): int(t) for g, t in zip(pending, tokens)}

@@ -172,13 +172,16 @@ class Sampler:
 
     def device_row(self, history: Sequence[int], vocab_size: int, capacity: int) -> DeviceRow | None:
         """This token's settings for a device sampler (``uniform`` still 0: see ``draw``); None when more than
-        ``capacity`` ids are adjusted or a biased id is outside the vocabulary (``sample`` on the host says so).
+        ``capacity`` ids are adjusted, a biased id is outside the vocabulary (``sample`` on the host says so) or the
+        ``repeat_ngram`` loop guard is on.
 
         >>> row = Sampler(SamplingParams(temperature=0, logit_bias={3: -1.0})).device_row([3, 3], 10, 8)
         >>> row.ids.tolist(), row.bias.tolist(), row.counts.tolist()
         ([3], [-1.0], [0.0])
         """
         p = self.params
+        if p.repeat_ngram:  # the loop guard reads the whole history: host only
+            return None
         neutral = p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
         if neutral or p.repeat_last_n == 0:  # the same every token: made once
             if self._device_row is None:

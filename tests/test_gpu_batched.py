@@ -27,8 +27,11 @@ from rocmforge.ops.attention import attention
 from rocmforge.ops.matmul import round_activations
 from rocmforge.sampler import Sampler, SamplingParams
 from rocmforge.weights import Weights
+from rocmforge.ops.sample_rows import sample_rows
 from tests.test_gpu_kernels import MATMUL_TYPES, f32, random_weight, rel_err
 from tests.gpu_runtimes import gpu_runtime
+from tests.test_sample_rows import case as sample_case
+from tests.test_sample_rows import EveryThirdToken, kernel_inputs
 from tests.tiny_gguf import write_model
 
 pytestmark = pytest.mark.gpu
@@ -156,9 +159,21 @@ def test_sample_rows_picks_the_host_samplers_token(gpu):
     inputs = SimpleNamespace(
         iparams=gpu._upload(np.array([(r.top_k, len(r.ids)) for r in rows], np.int32)),
         fparams=gpu._upload(np.array([(*r.floats, r.uniform, 0.0) for r in rows], np.float32)),
-        adjust_ids=gpu._upload(ids), adjust=gpu._upload(adjust))
+        adjust_ids=gpu._upload(ids), adjust=gpu._upload(adjust), masks=None)
     got = gpu.to_host(gpu._sample_rows(gpu.from_host(logits), inputs))
     assert got.tolist() == expected
+
+
+def test_sample_rows_applies_grammar_masks_like_the_host_sampler(gpu):
+    """Rows with no mask, half the vocabulary, 3 tokens (fewer than top_k) and 1 token allowed: the kernel's token
+    equals the host sampler's under the same mask (``Sampler.sample(mask=)``) and the numpy twin's."""
+    logits, rows, masks, expected = sample_case(np.random.default_rng(1), 5000, 8 * len(SAMPLING))
+    host_inputs = kernel_inputs(rows, masks, 5000)
+    fparams, iparams, ids, adjust, words = (gpu._upload(a) for a in host_inputs)
+    inputs = SimpleNamespace(iparams=iparams, fparams=fparams, adjust_ids=ids, adjust=adjust, masks=words)
+    got = gpu.to_host(gpu._sample_rows(gpu.from_host(logits), inputs))
+    assert got.tolist() == expected
+    assert got.tolist() == sample_rows(logits, *host_inputs).tolist()
 
 
 # --- the whole model --------------------------------------------------------------------------------------------
@@ -269,3 +284,36 @@ def test_step_all_samples_on_the_device_like_the_host(models):
         assert step_all(gens) == expected
         assert all(g.logits is None for g in gens)  # only ids came back
     assert [bucket for bucket, _ in ops._row_graphs] == [8]  # captured once (6 rows padded to 8), replayed after
+
+
+def test_step_all_applies_grammar_masks_on_the_device(models):
+    """Constrained generations (beside an unconstrained one) stay on the replayed graph: each token equals the
+    host sampler's under the same mask on the same step's logits, and only ids come back."""
+    ops = make_gpu()
+    ctx, arch = context(models[0], ops, 256, 4)
+    model = SimpleNamespace(ops=ops, ctx=ctx, kv=ctx.kv, arch=arch, cfg=ctx.cfg, n_ctx=256,
+                            tokenizer=SimpleNamespace(eot_ids=set(), incremental_decoder=lambda: None))
+    vocab = ctx.cfg.vocab_size
+    settings = [dict(temperature=0), dict(temperature=0.8, seed=5), dict(temperature=1.0, top_k=0, top_p=0.9, seed=6),
+                dict(temperature=0.9, seed=8)]
+    constraints = [EveryThirdToken(vocab), EveryThirdToken(vocab), EveryThirdToken(vocab), None]
+    gens = [Generation(model, list(range(3 + 5 * i, 12 + 5 * i)), SamplingParams(**s), 10, constraint=c)
+            for i, (s, c) in enumerate(zip(settings, constraints))]
+    step_all(gens)  # the prompts (eager) and the first token, sampled on the host
+    mirrors = []
+    for g in gens:
+        mirror = Sampler(g.params)
+        mirror.rng = np.random.default_rng(g.sampler.seed)
+        if g.params.temperature > 0:
+            mirror.rng.random()
+        mirrors.append(mirror)
+    for _ in range(5):
+        batch = ctx.kv.prepare([(g.seq_id, g.tokens[-1:]) for g in gens])
+        logits = ops.forward_rows(batch, lambda b: arch.forward(ctx, b, rows=b.last_rows), ctx.kv)
+        for g in gens:
+            ctx.kv.truncate(g.seq_id, ctx.kv.length(g.seq_id) - 1)
+        masks = [c.mask() if c is not None else None for c in constraints]
+        expected = [m.sample(row, g.tokens, mask) for m, row, g, mask in zip(mirrors, logits, gens, masks)]
+        assert step_all(gens) == expected
+        assert all(g.logits is None for g in gens)  # the graph ran: only ids came back
+    assert all(len(c.accepted) == 6 for c in constraints[:3])

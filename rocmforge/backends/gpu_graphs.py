@@ -4,8 +4,10 @@
 Batched decode: one graph per bucket of rows (``BUCKETS``; a live batch is padded up to the next one with
 copies of its first row, which compute and store exactly what that row does). Everything that changes between
 tokens lives in one int32 device buffer the host refills before each replay: each row's token, position, cache
-slot, block table and sampling settings (``rocmforge.sampler.DeviceRow``). The graph ends with the sampling
-kernel, so only the rows' token ids come back. Kernels whose result for a row could depend on the rows around
+slot, block table and sampling settings (``rocmforge.sampler.DeviceRow``). Each bucket is two graphs: the
+forward, then the sampling kernel. Between the two replays the host computes the grammar masks of constrained
+rows (while the device runs the forward) and uploads them, so the mask is applied on the device too and only the
+rows' token ids come back. Kernels whose result for a row could depend on the rows around
 it are not used here (see ``rocmforge.backends.gpu_launch``): a sequence's logits are the same bits alone as
 inside a batch of 64, and so is its text.
 
@@ -55,12 +57,14 @@ class RowInputs:
     tickets: DeviceArray     # attention merge counters, [rows * MAX_HEADS], zero between launches
     block_size: int
     n_ctx: int
+    masks: DeviceArray | None = None  # [rows, 1 + vocab / 32]: a flag (0: no grammar), the packed allowed tokens
 
 
 @dataclass
 class RowsGraph:
     """A captured batched decode step of ``rows`` rows: its input buffer (device + host), the batch the forward
-    was captured with (its arrays stand for the inputs), and the graph with its private memory and output."""
+    was captured with (its arrays stand for the inputs), and the two graphs (forward, sampling) with their
+    private memory, the logits between them and the output."""
 
     rows: int
     buffer: DeviceArray
@@ -69,9 +73,12 @@ class RowsGraph:
     inputs: RowInputs
     batch: Batch
     pool: Pool
-    executable: Any = None
+    executable: Any = None          # the forward
+    sampling: Any = None            # the sampling kernel
+    logits: DeviceArray | None = None
     output: DeviceArray | None = None
     table_key: tuple = field(default_factory=tuple)
+    masks_host: np.ndarray | None = None  # [rows, 1 + vocab / 32], what ``inputs.masks`` was last filled with
 
 
 class DecodeGraphs:
@@ -137,13 +144,16 @@ class DecodeGraphs:
 
     # --- a batch of sequences -------------------------------------------------------------------------------
     def graph_step_batch(self, batch: Batch, forward: Callable[[Batch], DeviceArray], cache: KVCache,
-                         rows: Sequence[Any]) -> np.ndarray:
-        """One decode token for every sequence of ``batch`` (one token each) and its sampled successor, as one
-        replayed graph -> the next token id of each row (int32; -1 where every token is banned).
+                         rows: Sequence[Any],
+                         masks: Callable[[], Sequence[np.ndarray | None]] | None = None) -> np.ndarray:
+        """One decode token for every sequence of ``batch`` (one token each) and its sampled successor, as
+        replayed graphs -> the next token id of each row (int32; -1 where every token is banned).
 
         ``forward(b)`` runs the model over a batch ``b`` and returns its logits (one row per sequence);
-        ``rows[i]`` is row i's ``rocmforge.sampler.DeviceRow``. The first call for a bucket runs eagerly once,
-        then captures; later calls refill the inputs and replay.
+        ``rows[i]`` is row i's ``rocmforge.sampler.DeviceRow``. ``masks()``, called while the device runs the
+        forward, gives each row's grammar mask (packed int32 bitmask, ``rocmforge.constraints``) or None; the
+        sampling kernel bans what a mask does not allow. The first call for a bucket runs eagerly once, then
+        captures; later calls refill the inputs and replay.
         """
         n = len(batch.segments)
         if batch.n_tokens != n:
@@ -159,6 +169,8 @@ class DecodeGraphs:
             self._capture_rows(graph, forward)
             self._row_graphs[key] = graph
         self.rt.replay(graph.executable)
+        self._fill_masks(graph, n, masks() if masks is not None else None)  # while the forward runs
+        self.rt.replay(graph.sampling)
         out = np.empty(bucket, np.int32)
         self.rt.copy_to_host(out, graph.output.address)
         return out[:n]
@@ -215,6 +227,22 @@ class DecodeGraphs:
             self.rt.copy_to_device(graph.buffer.address + off["adjust_ids"] * 4, host[off["adjust_ids"]:off["end"]])
         self.rt.copy_to_device(graph.buffer.address, host[:upload_end])
 
+    def _fill_masks(self, graph: RowsGraph, n: int, masks: Sequence[np.ndarray | None] | None) -> None:
+        """Upload this step's grammar masks (rows past the batch repeat its first row's); clear the flags after
+        a step that had some."""
+        host = graph.masks_host
+        if not any(m is not None for m in masks or ()):
+            if host[:, 0].any():
+                host[:, 0] = 0
+                self.rt.copy_to_device(graph.inputs.masks.address, host)
+            return
+        for i in range(graph.rows):
+            mask = masks[i if i < n else 0]
+            host[i, 0] = mask is not None
+            if mask is not None:  # a tokenizer smaller than the model's vocabulary: the ids past it are banned
+                host[i, 1:1 + len(mask)], host[i, 1 + len(mask):] = mask, 0
+        self.rt.copy_to_device(graph.inputs.masks.address, host)
+
     def forward_rows(self, batch: Batch, forward: Callable[[Batch], DeviceArray], cache: KVCache) -> np.ndarray:
         """The logits ``[rows, vocab]`` of a batched decode step, run eagerly with the kernels its graph replays
         (what the batch-invariance test compares; the graph itself returns token ids only)."""
@@ -238,14 +266,24 @@ class DecodeGraphs:
         stand_in, inputs = graph.batch, graph.inputs
         self._enter_rows(graph)
         try:
-            self._sample_rows(forward(stand_in), inputs)  # warm-up: compiles, fills the pools; same K/V as the replay
+            logits = forward(stand_in)  # warm-up: compiles, fills the pools; same K/V as the replay
+            self._flush()
+            words = 1 + -(-logits.shape[1] // 32)
+            graph.masks_host = np.zeros((graph.rows, words), np.int32)
+            inputs.masks = self._empty(graph.masks_host.shape, np.int32)
+            self.rt.copy_to_device(inputs.masks.address, graph.masks_host)
+            self._sample_rows(logits, inputs)
             self._flush()
             outer, self._pool, self._capturing = self._pool, graph.pool, True
             try:
                 self.rt.begin_capture()
-                graph.output = self._sample_rows(forward(stand_in), inputs)
+                graph.logits = forward(stand_in)  # kept alive: the sampling graph reads it
                 self._flush()
                 graph.executable = self.rt.end_capture()
+                self.rt.begin_capture()
+                graph.output = self._sample_rows(graph.logits, inputs)
+                self._flush()
+                graph.sampling = self.rt.end_capture()
             finally:
                 self._pool, self._capturing, self._pending = outer, False, None
         finally:

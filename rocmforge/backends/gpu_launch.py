@@ -223,11 +223,14 @@ class GpuLaunches:
         return out
 
     def _sample_rows(self, logits: DeviceArray, rows: Any) -> DeviceArray:
-        """The next token of every row, sampled on the device (``kernels/sample.hip``, ``sample_rows``)."""
+        """The next token of every row, sampled on the device (``kernels/sample_rows.hip``); ``rows.masks``
+        (``[rows, 1 + vocab / 32]``: a flag, then the grammar's packed bitmask) may be None: no grammar."""
         n, vocab = logits.shape
         out = self._empty((n,), np.int32)
-        self._launch("sample", "sample_rows", (n,), 1024,
+        masks = rows.masks
+        self._launch("sample_rows", "sample_rows", (n,), 1024,
                      [ptr(logits.address), i32(vocab), ptr(rows.fparams.address), ptr(rows.iparams.address),
                       ptr(rows.adjust_ids.address), ptr(rows.adjust.address), i32(rows.adjust_ids.shape[1]),
+                      ptr(masks.address if masks is not None else 0), i32(masks.shape[1] if masks is not None else 0),
                       ptr(out.address)])
         return out
