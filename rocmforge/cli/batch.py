@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from rocmforge.cli.types import DEVICE
 from rocmforge.registry import DEFAULT_MODEL
 
 
@@ -17,7 +18,7 @@ from rocmforge.registry import DEFAULT_MODEL
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Results (JSON lines).")
 @click.option("-m", "--model", "model_name", default=DEFAULT_MODEL, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
 @click.option("--n-ctx", default=2048, show_default=True, type=click.IntRange(16))
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(1), help="generate: new tokens.")
 @click.option("--workers", type=click.IntRange(1), default=None,

@@ -10,6 +10,7 @@ import time
 import click
 import numpy as np
 
+from rocmforge.cli.types import DEVICE
 from rocmforge.registry import DEFAULT_MODEL
 
 
@@ -42,10 +43,13 @@ def measure_speed(model, n_prompt: int = 512, n_gen: int = 128, reps: int = 3) -
 
 @click.command()
 @click.option("-m", "--model", "model_name", default=DEFAULT_MODEL, show_default=True, help="Registry name or .gguf path.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, hip or cuda.")
-@click.option("-p", "--n-prompt", default=512, show_default=True, help="Prompt tokens for the prefill test.")
-@click.option("-n", "--n-gen", default=128, show_default=True, help="Tokens for the decode test.")
-@click.option("-r", "--reps", default=3, show_default=True, help="Repetitions; the best is reported.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
+@click.option("-p", "--n-prompt", default=512, show_default=True, type=click.IntRange(1),
+              help="Prompt tokens for the prefill test.")
+@click.option("-n", "--n-gen", default=128, show_default=True, type=click.IntRange(1),
+              help="Tokens for the decode test.")
+@click.option("-r", "--reps", default=3, show_default=True, type=click.IntRange(1),
+              help="Repetitions; the best is reported.")
 def bench(model_name: str, device: str, n_prompt: int, n_gen: int, reps: int) -> None:
     """Prefill (ppN) and decode (tgN) tokens per second of MODEL on DEVICE."""
     import rocmforge

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from rocmforge.cli.types import DEVICE
 from rocmforge.registry import DEFAULT_MODEL
 
 
@@ -13,7 +14,7 @@ def _sampling_options(fn: Any) -> Any:
     options = [
         click.option("-m", "--model", "model_name", default=DEFAULT_MODEL, show_default=True,
                      help="Registry name or path to a .gguf file."),
-        click.option("--device", default="auto", show_default=True,
+        click.option("--device", default="auto", show_default=True, type=DEVICE,
                      help="auto, cpu, cpu-exact (llama.cpp's CPU numbers bit for bit), cuda or hip."),
         click.option("-n", "--max-tokens", "max_tokens", type=click.IntRange(min=1), default=None,
                      help="Tokens to generate (default 128; an answer from --context: up to 256, it ends itself)."),

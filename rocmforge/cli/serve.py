@@ -9,6 +9,7 @@ import logging
 
 import click
 
+from rocmforge.cli.types import DEVICE, HOST, non_empty
 from rocmforge.registry import DEFAULT_MODEL
 from rocmforge.server.build import ServeOptions, build_app
 
@@ -21,9 +22,10 @@ log = logging.getLogger(__name__)
 @click.option("--context", "context_db", default=None,
               help="Context store for /v1/context and \"context\" requests: a SQLite file (created if missing) or a "
                    "postgresql:// URL.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
+@click.option("--host", default="127.0.0.1", show_default=True, type=HOST,
+              help="Interface to listen on (loopback by default).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--api-key", envvar="ROCMFORGE_API_KEY", default=None,
+@click.option("--api-key", envvar="ROCMFORGE_API_KEY", default=None, callback=non_empty,
               help="Require 'Authorization: Bearer KEY' on every route but /health (env: ROCMFORGE_API_KEY).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 256),
               help="Sequences decoded together in one batched forward.")
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
               help="Requests that may wait for a batch slot; beyond that the server answers 429.")
 @click.option("--n-ctx", default=2048, show_default=True, type=click.IntRange(16),
               help="Context window per sequence (capped at the model's).")
-@click.option("--device", default="auto", show_default=True,
+@click.option("--device", default="auto", show_default=True, type=DEVICE,
               help="auto, cpu, cpu-exact (llama.cpp's CPU numbers bit for bit), cuda or hip.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU: forwards run in parallel, each on one BLAS thread; a batch is split between them, at "
@@ -51,6 +53,8 @@ def serve(model_name: str, context_db: str | None, host: str, port: int, api_key
           max_queue: int, n_ctx: int, device: str, threads: int | None, blas_threads: int,
           batch_invariant: bool, no_embeddings: bool, replicas: int | None, ray_address: str | None) -> None:
     """Serve MODEL over HTTP with /v1/completions, /v1/chat/completions, /v1/embeddings and /v1/context."""
+    if ray_address is not None and replicas is None:
+        raise click.BadOptionUsage("ray_address", "--ray-address needs --replicas N")
     options = ServeOptions(model=model_name, context=context_db, api_key=api_key, max_batch=max_batch,
                            max_queue=max_queue, n_ctx=n_ctx, device=device, threads=threads,
                            blas_threads=blas_threads, batch_invariant=batch_invariant, embeddings=not no_embeddings)
