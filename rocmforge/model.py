@@ -36,7 +36,7 @@ from rocmforge.logprobs import chat_logprobs, completion_logprobs
 from rocmforge.registry import DEFAULT_MODEL, resolve
 from rocmforge.sampler import SamplingParams
 from rocmforge.tokenizer import Tokenizer
-from rocmforge.tools import assistant_message, forced_call_grammar, template_knows_tools, tool_messages
+from rocmforge.tools import OfferedTools, assistant_message, forced_call_grammar, template_knows_tools, tool_messages
 from rocmforge.weights import Weights
 
 ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": llama, "qwen3": llama, "gemma3": gemma3}
@@ -266,23 +266,28 @@ class Model(HookedModel):
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: Any = None,
                     response_format: Any = None, grammar: Grammar | str | None = None
-                    ) -> tuple[str, Grammar | None, list[dict] | None]:
-        """(prompt text, the grammar the answer must follow or None, the tools the answer may call or None)
-        for a chat request; raises ``GrammarError`` (a ``ValueError``) on a bad schema, grammar or tool."""
+                    ) -> tuple[str, Grammar | None, OfferedTools | None]:
+        """(prompt text, the grammar the answer must follow or None, the tools the answer may call and their call
+        syntax, or None) for a chat request; raises ``GrammarError`` (a ``ValueError``) on a bad schema, grammar or
+        tool."""
         found = grammar_from(grammar=grammar, response_format=response_format)
-        tools = tools if tools and tool_choice != "none" else None
-        if tools:
-            knows_tools = template_knows_tools(self.tokenizer.chat_template)
-            messages = tool_messages(messages, tools, knows_tools)
-            forced = forced_call_grammar(tools, tool_choice)
-            if forced is not None and found is not None:
-                raise GrammarError("a forced tool call and a response_format or grammar cannot both apply")
-            found = forced or found
-            prompt = apply_chat_template(self.tokenizer, messages, tools=tools) if knows_tools else \
-                self.apply_chat_template(messages)
-        else:
-            prompt = self.apply_chat_template(messages)
-        return prompt, found, tools
+        if not tools or tool_choice == "none":
+            return self.apply_chat_template(messages), found, None
+        template = self.tokenizer.chat_template
+        offered = OfferedTools.of(tools, template)
+        knows_tools = template_knows_tools(template)
+        messages = tool_messages(messages, tools, knows_tools)
+        forced = forced_call_grammar(offered, tool_choice, self._special_id)
+        if forced is not None and found is not None:
+            raise GrammarError("a forced tool call and a response_format or grammar cannot both apply")
+        prompt = apply_chat_template(self.tokenizer, messages, tools=tools) if knows_tools else \
+            self.apply_chat_template(messages)
+        return prompt, forced or found, offered
+
+    def _special_id(self, text: str) -> int | None:
+        """The id of the special token spelled ``text`` (``[TOOL_CALLS]``), or None when the vocabulary has none."""
+        ids = self.tokenizer.encode(text, add_bos=False, special=True)
+        return ids[0] if len(ids) == 1 and self.tokenizer.is_special(ids[0]) else None
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for ``messages`` under the model's chat template, ready for ``tokenize(prompt)``
@@ -327,7 +332,7 @@ class Model(HookedModel):
             yield {**chunk(i, "", gen.take_logprobs() if gen.n_logprobs is not None else None, gen.finish_reason),
                    **({"usage": _usage(gens)} if i == len(gens) - 1 else {})}
 
-    def _chat_chunks(self, gens: list[Generation], head: dict, tools: list[dict] | None) -> Iterator[dict]:
+    def _chat_chunks(self, gens: list[Generation], head: dict, tools: OfferedTools | None) -> Iterator[dict]:
         head = {**head, "object": "chat.completion.chunk"}
 
         def chunk(i: int, delta: dict, finish: str | None) -> dict:

@@ -1,30 +1,32 @@
 """Tool calls (OpenAI's ``tools`` / ``tool_choice``) on top of a model's chat template.
 
-A template that knows tools (it reads the ``tools`` variable) renders them its own way. For one that does not
-(SmolLM2's, Gemma 3's) the tools go into the system message in the Hermes convention many small models were
-tuned on: JSON signatures inside ``<tools></tools>``, a call answered as ``<tool_call>{"name": ...,
-"arguments": {...}}</tool_call>``, a result sent back inside ``<tool_response></tool_response>``. Either way
-the answer is parsed for ``<tool_call>`` blocks.
+A template that knows tools (it reads the ``tools`` variable) renders them its own way, and the model answers in
+the template's own call syntax (``rocmforge.tool_formats``: Hermes/Qwen ``<tool_call>``, Llama 3.1's JSON,
+Mistral's ``[TOOL_CALLS]``). For one that does not (SmolLM2's, Gemma 3's) the tools go into the system message in
+the Hermes convention many small models were tuned on: JSON signatures inside ``<tools></tools>``, a call
+answered as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, a result sent back inside
+``<tool_response></tool_response>``.
 
 ``tool_choice``: ``"none"`` leaves the tools out; ``"auto"`` (the default) lets the model answer in text or
-call; ``"required"`` or ``{"type": "function", "function": {"name": ...}}`` forces a call through a grammar
-(the call's JSON must match the function's ``parameters`` schema), so even a small model calls correctly.
+call; ``"required"`` or ``{"type": "function", "function": {"name": ...}}`` forces a call through a grammar in
+the template's syntax (the call's JSON must match the function's ``parameters`` schema), so even a small model
+calls correctly.
 
->>> tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
->>> parse_tool_calls('<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>', tools)[0]["function"]
+>>> offered = OfferedTools.of([{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}])
+>>> parse_tool_calls('<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>', offered)[0]["function"]
 {'name': 'add', 'arguments': '{"a": 1}'}
 """
 from __future__ import annotations
 
 import json
-import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rocmforge.constraints import Grammar, GrammarError
+from rocmforge.tool_formats import HERMES, ToolFormat, format_for
 
-CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 SYSTEM = ("You are a function calling AI model. You may call one or more functions to assist with the user query. "
           "Here are the available tools: <tools>{tools}</tools> For each function call return a JSON object with "
           "the function name and arguments within <tool_call></tool_call> tags:\n<tool_call>\n"
@@ -39,6 +41,24 @@ def _functions(tools: Sequence[Mapping[str, Any]]) -> list[dict]:
             raise GrammarError("each tool must be {\"type\": \"function\", \"function\": {\"name\": ..., ...}}")
         out.append(dict(function))
     return out
+
+
+@dataclass(frozen=True)
+class OfferedTools:
+    """The tools a chat request offers (OpenAI's ``tools`` list, checked) and the syntax the model calls them in."""
+
+    tools: tuple[dict, ...]
+    format: ToolFormat = HERMES
+
+    @classmethod
+    def of(cls, tools: Sequence[Mapping[str, Any]], template: str | None = None) -> OfferedTools:
+        """``tools`` for a model with chat ``template``: its own call syntax when it knows tools, else Hermes."""
+        _functions(tools)
+        return cls(tuple(dict(t) for t in tools), format_for(template) if template_knows_tools(template) else HERMES)
+
+    @property
+    def functions(self) -> list[dict]:
+        return _functions(self.tools)
 
 
 def template_knows_tools(template: str | None) -> bool:
@@ -84,9 +104,11 @@ def _call_json(call: Mapping[str, Any]) -> dict:
     return {"name": function.get("name"), "arguments": arguments}
 
 
-def forced_call_grammar(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> Grammar | None:
-    """The grammar that forces a call for ``tool_choice`` "required" or a named function; None otherwise."""
-    functions = _functions(tools)
+def forced_call_grammar(offered: OfferedTools, tool_choice: Any,
+                        special_id: Callable[[str], int | None] = lambda text: None) -> Grammar | None:
+    """The grammar that forces a call for ``tool_choice`` "required" or a named function, in the offered tools'
+    syntax; None otherwise. ``special_id(text)``: the id of a special token (``[TOOL_CALLS]``), None if absent."""
+    functions = offered.functions
     if tool_choice in (None, "auto", "none"):
         return None
     if tool_choice == "required":
@@ -99,42 +121,22 @@ def forced_call_grammar(tools: Sequence[Mapping[str, Any]], tool_choice: Any) ->
     else:
         raise GrammarError('tool_choice must be "none", "auto", "required" or {"type": "function", '
                            '"function": {"name": ...}}')
-    schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": _strict(f)},
-                         "required": ["name", "arguments"], "additionalProperties": False} for f in chosen],
-              "x-guidance": {"whitespace_flexible": False}}
-    return Grammar.lark(f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json {json.dumps(schema)}\n')
+    return Grammar.lark(offered.format.forced_grammar(chosen, special_id))
 
 
-def _strict(function: Mapping[str, Any]) -> dict:
-    """The function's parameters schema; an object schema that does not say otherwise takes no other keys
-    (as OpenAI's strict mode), so a forced call cannot wander into invented arguments."""
-    parameters = dict(function.get("parameters") or {"type": "object"})
-    if "properties" in parameters and "additionalProperties" not in parameters:
-        parameters["additionalProperties"] = False
-    return parameters
-
-
-def parse_tool_calls(text: str, tools: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """The ``<tool_call>`` blocks of ``text`` naming one of ``tools``, in OpenAI's ``tool_calls`` shape."""
-    names = {f["name"] for f in _functions(tools)}
-    calls = []
-    for block in CALL.findall(text):
-        try:
-            call = json.loads(block)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(call, dict) and call.get("name") in names:
-            arguments = call.get("arguments", {})
-            calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                          "function": {"name": call["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}})
-    return calls
+def parse_tool_calls(text: str, offered: OfferedTools) -> list[dict]:
+    """The calls in ``text`` (in the offered tools' syntax) naming one of them, in OpenAI's ``tool_calls`` shape."""
+    names = {f["name"] for f in offered.functions}
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+            for name, arguments in offered.format.parse(text, names)]
 
 
 def assistant_message(text: str, finish_reason: str | None,
-                      tools: Sequence[Mapping[str, Any]] | None) -> tuple[dict, str | None]:
+                      offered: OfferedTools | None) -> tuple[dict, str | None]:
     """(the assistant message for ``text``, its finish_reason): with tools offered and called, the calls parsed
     out as ``tool_calls`` (content None) and finish_reason "tool_calls"."""
-    calls = parse_tool_calls(text, tools) if tools else []
+    calls = parse_tool_calls(text, offered) if offered else []
     if calls:
         return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
     return {"role": "assistant", "content": text}, finish_reason

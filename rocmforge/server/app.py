@@ -53,7 +53,7 @@ from rocmforge.server.scheduler import (Event, Failed, Finished, GenerationReque
                                         Scheduler, TextPiece)
 from rocmforge.server.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, DocumentIn,
                                       EmbeddingRequest, SamplingFields, TokenizeRequest)
-from rocmforge.tools import assistant_message
+from rocmforge.tools import OfferedTools, assistant_message
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class Server:
         return min(requested or self.limits.max_tokens, n_ctx - n_prompt)
 
     async def _generate(self, request: Request, body: SamplingFields, prompts: list[tuple[list[int], str]],
-                        max_tokens: int | None, head: dict, grammar: Grammar | None, tools: list[dict] | None,
+                        max_tokens: int | None, head: dict, grammar: Grammar | None, tools: OfferedTools | None,
                         n_top: int | None, score_prompt: bool, chat: bool = False) -> Response:
         """Run ``body.n`` choices of each prompt (choice ``p * n + j``; the first of a prompt runs it, the others
         read its KV blocks) and answer with all of them, as JSON or as one SSE stream."""
@@ -422,7 +422,7 @@ class _Choice:
 class _Answer:
     """Turns the choices' events into OpenAI's shapes: chunks as they come (``take``) and the whole answer."""
 
-    def __init__(self, tokenizer: Any, head: dict, choices: list[_Choice], chat: bool, tools: list[dict] | None,
+    def __init__(self, tokenizer: Any, head: dict, choices: list[_Choice], chat: bool, tools: OfferedTools | None,
                  n_top: int | None):
         self.tokenizer, self.choices, self.chat, self.tools, self.n_top = tokenizer, choices, chat, tools, n_top
         self.head = {**head, "object": "chat.completion.chunk"} if chat else head
