@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from rocmforge.cli.types import DEVICE
 from rocmforge.registry import DEFAULT_MODEL
 
 
@@ -13,7 +14,7 @@ from rocmforge.registry import DEFAULT_MODEL
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Directory for shards + index.json.")
 @click.option("-m", "--model", "model_name", default=DEFAULT_MODEL, show_default=True,
               help="Registry name or path to a .gguf file.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cpu-exact, cuda or hip.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help="auto, cpu, cpu-exact, cuda or hip.")
 @click.option("--batch-tokens", default=4096, show_default=True, help="Tokens per batched forward.")
 @click.option("--shard-tokens", default=1 << 16, show_default=True, help="Rows per shard file.")
 @click.option("--n-ctx", default=None, type=int, help="Context window (longer documents are cut into pieces).")
