@@ -21,8 +21,6 @@ __device__ __forceinline__ u32 order_key(float x) {
     return (b & 0x80000000u) ? ~b : b | 0x80000000u;
 }
 
-__device__ __forceinline__ float key_value(u32 k) { return __uint_as_float((k & 0x80000000u) ? k & 0x7fffffffu : ~k); }
-
 // exp(x - m) (at most 1) as a 32.32 fixed-point weight
 __device__ __forceinline__ u64s fixed_mass(float x, float m) { return (u64s)(expf(x - m) * 4294967296.0f); }
 
