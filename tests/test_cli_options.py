@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from rocmforge.backends.select import DEVICES
+
 
 @pytest.mark.parametrize("args, option", [
     (["--temp", "-1"], "--temp"), (["--top-p", "7"], "--top-p"), (["--top-p", "0"], "--top-p"),
@@ -48,8 +50,7 @@ def test_a_bad_schema_or_grammar_is_one_line_too(tmp_path):
     (["--replicas", "0"], "Invalid value for '--replicas': 0 is not in the range x>=1."),
     (["--threads", "0"], "Invalid value for '--threads': 0 is not in the range x>=1."),
     (["--blas-threads", "0"], "Invalid value for '--blas-threads': 0 is not in the range x>=1."),
-    (["--device", "gpu"], "Invalid value for '--device': 'gpu' is not one of 'auto', 'hip', 'cuda', 'cpu', "
-                          "'cpu-exact'."),
+    (["--device", "gpu"], f"Invalid value for '--device': 'gpu' is not one of {', '.join(map(repr, DEVICES))}."),
     (["--api-key", " "], "Invalid value for '--api-key': must not be empty"),
     (["--ray-address", "auto"], "--ray-address needs --replicas N"),
 ])

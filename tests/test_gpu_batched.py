@@ -25,13 +25,13 @@ from rocmforge.kv_cache import Batch, KVCache
 from rocmforge.model import ARCHITECTURES
 from rocmforge.ops.attention import attention
 from rocmforge.ops.matmul import round_activations
+from rocmforge.ops.sample_rows import sample_rows
 from rocmforge.sampler import Sampler, SamplingParams
 from rocmforge.weights import Weights
-from rocmforge.ops.sample_rows import sample_rows
 from tests.test_gpu_kernels import MATMUL_TYPES, f32, random_weight, rel_err
 from tests.gpu_runtimes import gpu_runtime
-from tests.test_sample_rows import case as sample_case
 from tests.test_sample_rows import EveryThirdToken, kernel_inputs
+from tests.test_sample_rows import case as sample_case
 from tests.tiny_gguf import write_model
 
 pytestmark = pytest.mark.gpu
