@@ -1,10 +1,12 @@
-"""Decode speed with a JSON-schema constraint vs without: tokens/s of the same model, prompt and sampler, the two
-alternating ``--rounds`` times so a busy spell on a shared machine hits both; the ratio is what to read.
+"""Decode speed with a JSON-schema constraint vs without: tokens/s of the same model, prompt and sampler; the
+ratio is what to read.
 
-Each run prefills the prompt, then times ``--tokens`` decode steps (sampled at temperature 0.8, end tokens banned
-through logit_bias in both, so both make every token; the schema allows a long array, so the grammar never
-finishes first). The constrained run computes llguidance's token mask each step and the sampler applies it. Also
-reports the mask's own cost per token. Works with any ``device`` (``--device cuda`` on a GPU machine, with a
+Each round starts both generations (sampled at temperature 0.8, end tokens banned through logit_bias in both, so
+both make every token; the schema allows a long array, so the grammar never finishes first), prefills them, then
+times ``--tokens`` decode steps of each, the two alternating token by token (which goes first swaps every token),
+so a busy spell on a shared machine hits both alike. The constrained one computes llguidance's token mask each
+step, applied by the sampler on the host or by the sampling kernel on a GPU. Also reports the mask's own cost per
+token. Works with any ``device`` (``--device cuda`` on a GPU machine, with a
 shape twin from benchmarks/shape_twin.py as the model).
 
     python benchmarks/structured_output.py [--model smollm2-135m] [--device cpu] [--tokens 64] [--rounds 3]
@@ -28,20 +30,25 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["items"]
 PROMPT = "A shopping list as JSON, with a note for each item:"
 
 
-def decode_rate(model, n_tokens: int, seed: int, constrained: bool) -> float:
+def decode_rates(model, n_tokens: int, seed: int) -> tuple[float, float]:
+    """(unconstrained, json schema) decode tokens/s of one round, the two generations stepping in turn."""
     ban_end = {t: float("-inf") for t in model.tokenizer.eot_ids}
-    gen = model.start(PROMPT, max_new_tokens=n_tokens, temperature=0.8, seed=seed, logit_bias=ban_end,
-                      json_schema=SCHEMA if constrained else None)
+    gens = [model.start(PROMPT, max_new_tokens=n_tokens + 1, temperature=0.8, seed=seed, logit_bias=ban_end,
+                        json_schema=schema) for schema in (None, SCHEMA)]
     try:
-        gen.prefill()
-        gen.step()  # the first token comes from the prefill's logits: time whole decode steps only
-        start, n = time.perf_counter(), 0
-        while not gen.finished:
-            gen.step()
-            n += 1
-        return n / (time.perf_counter() - start)
+        for gen in gens:
+            gen.prefill()
+            gen.step()  # the first token comes from the prefill's logits: time whole decode steps only
+        seconds = [0.0, 0.0]
+        for i in range(n_tokens):
+            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+                start = time.perf_counter()
+                gens[which].step()
+                seconds[which] += time.perf_counter() - start
+        return n_tokens / seconds[0], n_tokens / seconds[1]
     finally:
-        gen.close()
+        for gen in gens:
+            gen.close()
 
 
 def mask_microseconds(model, n_tokens: int) -> float:
@@ -65,14 +72,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     model = load(args.model, device=args.device, n_ctx=512)
-    decode_rate(model, 8, 0, True)  # warm-up: kernels, the llguidance tokenizer, a decode graph on GPU
-    decode_rate(model, 8, 0, False)
+    decode_rates(model, 8, 0)  # warm-up: kernels, the llguidance tokenizer, a decode graph on GPU
     rates: dict[str, list[float]] = {"unconstrained": [], "json schema": []}
     for r in range(args.rounds):
-        order = [False, True] if r % 2 == 0 else [True, False]
-        for constrained in order:
-            rates["json schema" if constrained else "unconstrained"].append(
-                decode_rate(model, args.tokens, r, constrained))
+        free, constrained = decode_rates(model, args.tokens, r)
+        rates["unconstrained"].append(free)
+        rates["json schema"].append(constrained)
     free, constrained = statistics.median(rates["unconstrained"]), statistics.median(rates["json schema"])
     mask_us = mask_microseconds(model, 200)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
