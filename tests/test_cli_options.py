@@ -1,5 +1,5 @@
-"""Bad option values of ``rocmforge generate`` / ``chat`` are refused by click's own types and ranges before any
-model loads: one line on stderr, exit code 2, nothing on stdout."""
+"""Bad option values of ``rocmforge generate`` / ``chat`` / ``serve`` are refused by click's own types and ranges
+before any model loads: one line on stderr, exit code 2, nothing on stdout."""
 from __future__ import annotations
 
 import subprocess
