@@ -2,12 +2,12 @@
 ratio is what to read.
 
 Each round starts both generations (sampled at temperature 0.8, end tokens banned through logit_bias in both, so
-both make every token; the schema allows a long array, so the grammar never finishes first), prefills them, then
-times ``--tokens`` decode steps of each, the two alternating token by token (which goes first swaps every token),
-so a busy spell on a shared machine hits both alike. The constrained one computes llguidance's token mask each
-step, applied by the sampler on the host or by the sampling kernel on a GPU. Also reports the mask's own cost per
-token. Works with any ``device`` (``--device cuda`` on a GPU machine, with a
-shape twin from benchmarks/shape_twin.py as the model).
+both make every token; the schema asks for at least 40 items, so the grammar never finishes first), prefills
+them, then times ``--tokens`` decode steps of each, the two alternating token by token (which goes first swaps
+every token), so a busy spell on a shared machine hits both alike. The constrained one computes llguidance's
+token mask each step, applied by the sampler on the host or by the sampling kernel on a GPU. Also reports the
+mask's own cost per token. Works with any ``device`` (``--device cuda`` on a GPU machine, with a shape twin from
+benchmarks/shape_twin.py as the model).
 
     python benchmarks/structured_output.py [--model smollm2-135m] [--device cpu] [--tokens 64] [--rounds 3]
 """
@@ -23,7 +23,7 @@ from rocmforge.constraints import Constraint, Grammar
 from rocmforge.model import load
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["items"], "properties": {"items": {
-    "type": "array", "items": {
+    "type": "array", "minItems": 40, "items": {
         "type": "object", "additionalProperties": False, "required": ["name", "quantity", "note"],
         "properties": {"name": {"type": "string", "maxLength": 24}, "quantity": {"type": "integer"},
                        "note": {"type": "string", "maxLength": 48}}}}}}
@@ -39,13 +39,16 @@ def decode_rates(model, n_tokens: int, seed: int) -> tuple[float, float]:
         for gen in gens:
             gen.prefill()
             gen.step()  # the first token comes from the prefill's logits: time whole decode steps only
-        seconds = [0.0, 0.0]
+        seconds, made = [0.0, 0.0], [0, 0]
         for i in range(n_tokens):
             for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+                if gens[which].finished:  # the JSON closed early: only the steps that made a token count
+                    continue
                 start = time.perf_counter()
                 gens[which].step()
                 seconds[which] += time.perf_counter() - start
-        return n_tokens / seconds[0], n_tokens / seconds[1]
+                made[which] += 1
+        return made[0] / seconds[0], made[1] / seconds[1]
     finally:
         for gen in gens:
             gen.close()
