@@ -15,7 +15,8 @@ from rocmforge.tools import OfferedTools, forced_call_grammar, parse_tool_calls
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                   "required": ["city"]}}}
 CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 
 # the parts of the real templates that tell their syntax (Llama 3.1 8B Instruct, Mistral 7B v0.3, Qwen 2.5)
