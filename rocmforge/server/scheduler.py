@@ -14,6 +14,10 @@ A tick is a token boundary. Each tick the scheduler
 5. samples each sequence's next token with its own ``Sampler`` (its own seeded generator), streams the new
    text, and finishes (and frees the blocks of) those that hit an end token, a stop string or their limit.
 
+On a GPU backend the tick's plain decode rows (one token, no grammar, no logprobs) skip steps 4–5: they run as
+one replayed graph per batch-size bucket that also samples on the device (``GpuBackend.graph_step_batch``), and
+only their token ids come back; prompt chunks and the other rows run through ``forward`` in the same tick.
+
 Prompts are cut at fixed multiples of ``chunk_size`` whatever else is running, so a sequence's forward sees the
 same shapes alone or batched; with ``batch_invariant.BatchInvariantCpuBackend`` the text is then identical.
 
@@ -269,6 +273,16 @@ class Scheduler:
 
     def _tick(self) -> None:
         members, inputs = self._plan()
+        try:
+            members, inputs = self._decode_on_device(members, inputs)
+        except Exception as exc:  # as below: the rows it ran end, the server goes on
+            log.exception("device decode step failed")
+            self.metrics.count_engine_error()
+            for seq in members:
+                self._fail(seq, f"the engine failed: {type(exc).__name__}: {exc}")
+            return
+        if not members:
+            return
         # the masks of constrained sequences that sample this tick are computed while the forward runs
         constraints = [seq.request.constraint if seq.fed + len(tokens) >= seq.n_prompt else None
                        for seq, tokens in zip(members, inputs)]
@@ -292,6 +306,41 @@ class Scheduler:
         for seq, rows, _ in logits:
             if not seq.prefilling:
                 self._advance(seq, rows[-1], mask_of.get(id(seq)))
+
+    def _decode_on_device(self, members: list[_Sequence],
+                          inputs: list[list[int]]) -> tuple[list[_Sequence], list[list[int]]]:
+        """On a backend with ``graph_step_batch`` (the GPU), run this tick's plain decode rows — one token, no
+        constraint, no logprobs, sampling the device takes — as one replayed graph that samples on the device
+        (only token ids come back), and advance them; returns the members and inputs left for ``_forward``.
+        Requests join and leave between ticks: the graph of each batch-size bucket is captured once."""
+        ops, model = self.model.ops, self.model
+        if not hasattr(ops, "graph_step_batch") or model.ctx.hooks.active:
+            return members, inputs
+        chosen, rows = [], []
+        for seq, tokens in zip(members, inputs):
+            request = seq.request
+            if seq.prefilling or len(tokens) != 1 or request.constraint is not None or request.logprobs is not None:
+                continue
+            row = seq.sampler.device_row(seq.tokens, model.cfg.vocab_size, ops.device_sampling_capacity)
+            if row is not None and len(chosen) < ops.max_batch_rows:
+                chosen.append(seq)
+                rows.append(seq.sampler.draw(row))
+        if not chosen:
+            return members, inputs
+        batch = model.kv.prepare([(seq.seq_id, seq.tokens[seq.fed:]) for seq in chosen])
+        tokens = ops.graph_step_batch(batch, lambda b: model.arch.forward(model.ctx, b, rows=b.last_rows),
+                                      model.kv, rows)
+        self.ticks += 1
+        self.metrics.observe_batch(len(chosen))
+        for seq, token in zip(chosen, tokens.tolist()):
+            seq.fed += 1
+            if token < 0:
+                self._fail(seq, "every token is banned (all logits are -inf after logit_bias)")
+            else:
+                self._accept(seq, token)
+        ran = {id(seq) for seq in chosen}
+        left = [(seq, tokens) for seq, tokens in zip(members, inputs) if id(seq) not in ran]
+        return [seq for seq, _ in left], [tokens for _, tokens in left]
 
     def _score_prompt(self, seq: _Sequence, rows: np.ndarray, start: int) -> None:
         """Log-probabilities of the prompt tokens this chunk's rows predict (row i: token ``start + i + 1``)."""
@@ -354,8 +403,8 @@ class Scheduler:
         return out
 
     def _advance(self, seq: _Sequence, logits: np.ndarray, mask: np.ndarray | None = None) -> None:
-        """Sample one token for ``seq`` (under ``mask``, its constraint's mask), stream its text, and finish the
-        sequence if it is done."""
+        """Sample one token for ``seq`` from its logits (under ``mask``, its constraint's mask), then ``_accept``
+        it."""
         request, constraint = seq.request, seq.request.constraint
         if constraint is not None and mask is None:
             mask = constraint.mask()
@@ -368,6 +417,11 @@ class Scheduler:
             return
         if request.logprobs is not None:
             seq.unsent_logprobs.append(score(logits, token, request.logprobs))
+        self._accept(seq, token)
+
+    def _accept(self, seq: _Sequence, token: int) -> None:
+        """Append the sampled ``token``, stream its text, and finish the sequence if it is done."""
+        request, constraint = seq.request, seq.request.constraint
         seq.tokens.append(token)
         if seq.n_generated == 1:
             self.metrics.observe_ttft(time.perf_counter() - request.arrived)
