@@ -272,10 +272,11 @@ extern "C" __global__ void attn_mix(const float* pattern, const float* Vc, const
 // decode step). Row b's query is Q[b] at positions[b]; its key at position p lives in slot
 // tables[b * max_blocks + p / block_size] * block_size + p % block_size (the paged cache's block table).
 // The keys are split at fixed multiples of RF_SPLIT counted from position 0 — a fixed split size, not a
-// number of splits — so a row's arithmetic depends on its own length only, never on the batch around it
-// (batch invariance). Blocks past a row's keys return at once; the last block of a (row, head) to finish
-// merges that row's slices in split order. grid = (splits for the longest context, H, rows).
-#define RF_SPLIT 256
+// number of splits — so a row's arithmetic depends on its own length only, never on the batch around it or on
+// which block computes which slice (batch invariance). Block x of (row, head) takes slices x, x + gridDim.x, ...
+// of that row; the block that finishes a row's last slice merges the slices in split order.
+// grid = (blocks per row and head, H, rows), block = 64 threads (launched with at most 8 warps).
+#define RF_SPLIT 64
 
 __device__ __forceinline__ int paged_slot(const int* table, int block_size, int p) {
     return table[p / block_size] * block_size + p % block_size;
@@ -284,7 +285,7 @@ __device__ __forceinline__ int paged_slot(const int* table, int block_size, int 
 template <int DMAX, bool EXACT>
 __device__ void decode_rows(const float* Q, const float* Kc, const float* Vc, const int* positions, const int* tables,
                             int max_blocks, int block_size, int H, int Hkv, int D_arg, float scale, float softcap,
-                            int window, float* part_o, float* part_ml, int* tickets, float* out) {
+                            int window, int max_splits, float* part_o, float* part_ml, int* tickets, float* out) {
     constexpr int PER_LANE = (DMAX + RF_WARP - 1) / RF_WARP;
     const int D = EXACT ? DMAX : D_arg;
     __shared__ float qs[DMAX];
@@ -292,113 +293,119 @@ __device__ void decode_rows(const float* Q, const float* Kc, const float* Vc, co
     __shared__ float w_o[8][DMAX];  // launched with at most 8 warps
     __shared__ int is_last;
     const int n_warps = blockDim.x / RF_WARP, warp = threadIdx.x / RF_WARP, lane = threadIdx.x % RF_WARP;
-    const int split = blockIdx.x, max_splits = gridDim.x, h = blockIdx.y, b = blockIdx.z, kvh = h / (H / Hkv);
+    const int h = blockIdx.y, b = blockIdx.z, kvh = h / (H / Hkv);
     const int qp = positions[b];
     const int lo = window > 0 ? max(0, qp - window + 1) : 0;
     const int first_split = lo / RF_SPLIT, last_split = qp / RF_SPLIT;
-    if (split < first_split || split > last_split) return;
-    const int s0 = max(lo, split * RF_SPLIT), s1 = min(qp + 1, (split + 1) * RF_SPLIT);
+    if (first_split + (int)blockIdx.x > last_split) return;
     const int* table = tables + (long)b * max_blocks;
     const long head = (long)b * H + h;
-
-    float o[PER_LANE];
-    for (int i = 0; i < PER_LANE; i++) o[i] = 0.0f;
-    float m = RF_NEG_INF, l = 0.0f;
-    int k0 = s0 + warp * RF_TILE;
-    int slot = k0 < s1 ? paged_slot(table, block_size, k0 + min(lane % RF_TILE, min(RF_TILE, s1 - k0) - 1)) : 0;
     for (int d = threadIdx.x; d < D; d += blockDim.x) qs[d] = Q[head * D + d] * scale;
     __syncthreads();
-    for (; k0 < s1; k0 += n_warps * RF_TILE) {
-        const int n_keys = min(RF_TILE, s1 - k0);  // loads clamped to the tile's last key, weighted 0 (as decode)
-        if (k0 != s0 + warp * RF_TILE) slot = paged_slot(table, block_size, k0 + min(lane % RF_TILE, n_keys - 1));
-        const long row = ((long)slot * Hkv + kvh) * D;
-        float s = 0.0f;
-        for (int d = 0; d < D; d += 4) {
-            const float4 kk = *(const float4*)(Kc + row + d);
-            s += qs[d] * kk.x + qs[d + 1] * kk.y + qs[d + 2] * kk.z + qs[d + 3] * kk.w;
-        }
-        s = lane < n_keys ? capped(s, softcap) : RF_NEG_INF;
-        const float p = online_update<DMAX>(s, m, l, o);
-        constexpr int UNROLL = PER_LANE <= 2 ? RF_TILE : PER_LANE <= 4 ? 16 : 8;
-        for (int j0 = 0; j0 < n_keys; j0 += UNROLL) {
-            #pragma unroll
-            for (int jj = 0; jj < UNROLL; jj++) {
-                const int j = j0 + jj;
-                const float pj = shfl(p, j);
-                const long vrow = ((long)shfl_int(slot, j) * Hkv + kvh) * D;
+
+    for (int split = first_split + blockIdx.x; split <= last_split; split += gridDim.x) {
+        const int s0 = max(lo, split * RF_SPLIT), s1 = min(qp + 1, (split + 1) * RF_SPLIT);
+        float o[PER_LANE];
+        #pragma unroll
+        for (int i = 0; i < PER_LANE; i++) o[i] = 0.0f;
+        float m = RF_NEG_INF, l = 0.0f;
+        int k0 = s0 + warp * RF_TILE;
+        int slot = k0 < s1 ? paged_slot(table, block_size, k0 + min(lane % RF_TILE, min(RF_TILE, s1 - k0) - 1)) : 0;
+        for (; k0 < s1; k0 += n_warps * RF_TILE) {
+            const int n_keys = min(RF_TILE, s1 - k0);  // loads clamped to the tile's last key, weighted 0 (as decode)
+            if (k0 != s0 + warp * RF_TILE) slot = paged_slot(table, block_size, k0 + min(lane % RF_TILE, n_keys - 1));
+            const long row = ((long)slot * Hkv + kvh) * D;
+            float s = 0.0f;
+            for (int d = 0; d < D; d += 4) {
+                const float4 kk = *(const float4*)(Kc + row + d);
+                s += qs[d] * kk.x + qs[d + 1] * kk.y + qs[d + 2] * kk.z + qs[d + 3] * kk.w;
+            }
+            s = lane < n_keys ? capped(s, softcap) : RF_NEG_INF;
+            const float p = online_update<DMAX>(s, m, l, o);
+            constexpr int UNROLL = PER_LANE <= 2 ? RF_TILE : PER_LANE <= 4 ? 16 : 8;
+            for (int j0 = 0; j0 < n_keys; j0 += UNROLL) {
                 #pragma unroll
-                for (int i = 0; i < PER_LANE; i++) {
-                    const int d = lane + i * RF_WARP;
-                    if (d < D) o[i] += pj * Vc[vrow + d];
+                for (int jj = 0; jj < UNROLL; jj++) {
+                    const int j = j0 + jj;
+                    const float pj = shfl(p, j);
+                    const long vrow = ((long)shfl_int(slot, j) * Hkv + kvh) * D;
+                    #pragma unroll
+                    for (int i = 0; i < PER_LANE; i++) {
+                        const int d = lane + i * RF_WARP;
+                        if (d < D) o[i] += pj * Vc[vrow + d];
+                    }
                 }
             }
         }
-    }
-    // the warps of this block -> one slice (max, sum, unnormalised output)
-    if (lane == 0) { w_m[warp] = m; w_l[warp] = l; }
-    __syncthreads();
-    float mb = RF_NEG_INF;
-    for (int w = 0; w < n_warps; w++) mb = fmaxf(mb, w_m[w]);
-    const float mine_scale = m == RF_NEG_INF ? 0.0f : expf(m - mb);
-    for (int i = 0; i < PER_LANE; i++) {
-        const int d = lane + i * RF_WARP;
-        if (d < D) w_o[warp][d] = o[i] * mine_scale;
-    }
-    __syncthreads();
-    float lb = 0.0f;
-    for (int w = 0; w < n_warps; w++) lb += w_m[w] == RF_NEG_INF ? 0.0f : w_l[w] * expf(w_m[w] - mb);
-    if (first_split == last_split) {  // one slice: it is the answer (the merge below would give the same bits)
+        // the warps of this block -> one slice (max, sum, unnormalised output)
+        if (lane == 0) { w_m[warp] = m; w_l[warp] = l; }
+        __syncthreads();
+        float mb = RF_NEG_INF;
+        for (int w = 0; w < n_warps; w++) mb = fmaxf(mb, w_m[w]);
+        const float mine_scale = m == RF_NEG_INF ? 0.0f : expf(m - mb);
+        #pragma unroll
+        for (int i = 0; i < PER_LANE; i++) {
+            const int d = lane + i * RF_WARP;
+            if (d < D) w_o[warp][d] = o[i] * mine_scale;
+        }
+        __syncthreads();
+        float lb = 0.0f;
+        for (int w = 0; w < n_warps; w++) lb += w_m[w] == RF_NEG_INF ? 0.0f : w_l[w] * expf(w_m[w] - mb);
+        if (first_split == last_split) {  // one slice: it is the answer
+            for (int d = threadIdx.x; d < D; d += blockDim.x) {
+                float acc = 0.0f;
+                for (int w = 0; w < n_warps; w++) acc += w_o[w][d];
+                out[head * D + d] = acc / lb;
+            }
+            return;
+        }
+        const long part = head * max_splits + split;
         for (int d = threadIdx.x; d < D; d += blockDim.x) {
             float acc = 0.0f;
             for (int w = 0; w < n_warps; w++) acc += w_o[w][d];
-            out[head * D + d] = acc / lb;
+            part_o[part * D + d] = acc;
         }
-        return;
-    }
-    const long part = head * max_splits + split;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int w = 0; w < n_warps; w++) acc += w_o[w][d];
-        part_o[part * D + d] = acc;
-    }
-    if (threadIdx.x == 0) {
-        part_ml[part * 2] = mb;
-        part_ml[part * 2 + 1] = lb;
-    }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(&tickets[head], 1) == last_split - first_split;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    // every thread walks the slices in split order (a row has few: its length / RF_SPLIT)
-    const float* ml = part_ml + head * max_splits * 2;
-    const float* po = part_o + head * max_splits * D;
-    float mx = RF_NEG_INF;
-    for (int s = first_split; s <= last_split; s++) mx = fmaxf(mx, load_l2(ml + 2 * s));
-    float den = 0.0f;
-    for (int s = first_split; s <= last_split; s++) {
-        const float ms = load_l2(ml + 2 * s);
-        den += ms == RF_NEG_INF ? 0.0f : expf(ms - mx) * load_l2(ml + 2 * s + 1);
-    }
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float num = 0.0f;
-        for (int s = first_split; s <= last_split; s++) {
-            const float ms = load_l2(ml + 2 * s);
-            num += ms == RF_NEG_INF ? 0.0f : expf(ms - mx) * load_l2(po + s * D + d);
+        if (threadIdx.x == 0) {
+            part_ml[part * 2] = mb;
+            part_ml[part * 2 + 1] = lb;
         }
-        out[head * D + d] = num / den;
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) is_last = atomicAdd(&tickets[head], 1) == last_split - first_split;
+        __syncthreads();
+        if (is_last) {
+            __threadfence();
+            // every thread walks the slices in split order
+            const float* ml = part_ml + head * max_splits * 2;
+            const float* po = part_o + head * max_splits * D;
+            float mx = RF_NEG_INF;
+            for (int s = first_split; s <= last_split; s++) mx = fmaxf(mx, load_l2(ml + 2 * s));
+            float den = 0.0f;
+            for (int s = first_split; s <= last_split; s++) {
+                const float ms = load_l2(ml + 2 * s);
+                den += ms == RF_NEG_INF ? 0.0f : expf(ms - mx) * load_l2(ml + 2 * s + 1);
+            }
+            for (int d = threadIdx.x; d < D; d += blockDim.x) {
+                float num = 0.0f;
+                for (int s = first_split; s <= last_split; s++) {
+                    const float ms = load_l2(ml + 2 * s);
+                    num += ms == RF_NEG_INF ? 0.0f : expf(ms - mx) * load_l2(po + s * D + d);
+                }
+                out[head * D + d] = num / den;
+            }
+            if (threadIdx.x == 0) tickets[head] = 0;  // ready for the next launch
+        }
+        __syncthreads();  // w_m, w_o and is_last are reused by this block's next slice
     }
-    if (threadIdx.x == 0) tickets[head] = 0;  // ready for the next launch
 }
 
 #define RF_ATTENTION_ROWS_KERNELS(suffix, DMAX, EXACT)                                                          \
-    extern "C" __global__ void __launch_bounds__(256) attn_decode_rows_##suffix(                                                 \
+    extern "C" __global__ void RF_AMD_MAX_THREADS(256) attn_decode_rows_##suffix(                                \
         const float* Q, const float* Kc, const float* Vc, const int* positions, const int* tables, int max_blocks, \
-        int block_size, int H, int Hkv, int D, float scale, float softcap, int window, float* part_o,         \
-        float* part_ml, int* tickets, float* out) {                                                           \
+        int block_size, int H, int Hkv, int D, float scale, float softcap, int window, int max_splits,          \
+        float* part_o, float* part_ml, int* tickets, float* out) {                                            \
         decode_rows<DMAX, EXACT>(Q, Kc, Vc, positions, tables, max_blocks, block_size, H, Hkv, D, scale, softcap, \
-                                 window, part_o, part_ml, tickets, out);                                       \
+                                 window, max_splits, part_o, part_ml, tickets, out);                           \
     }
 RF_ATTENTION_ROWS_KERNELS(d64, 64, true)
 RF_ATTENTION_ROWS_KERNELS(d128, 128, true)

@@ -278,11 +278,11 @@ extern "C" __global__ void round_activations(const float* x, float* y, long n, i
 }
 
 // Batched decode: M token rows (one per sequence) against the same matrices, as in matvec but with every
-// weight value read once for all the rows of a chunk. The block stages `chunk` rows at a time (RMSNorm'd when a
-// norm is folded in, and rounded), then each warp takes its output rows and dots each weight slice with every
-// staged row. A row's result depends only on that row: the per-lane order over K and the
+// weight value read once for all the rows of a chunk. A block stages a chunk of up to RF_ROWS rows (RMSNorm'd when
+// a norm is folded in, and rounded; grid.y spreads the chunks over blocks), then each warp takes its output rows
+// and dots each weight slice with every staged row. A row's result depends only on that row: the per-lane order over K and the
 // warp reduction are those of row_dot whatever M, the chunk or the row's place in it (batch invariance).
-#define RF_ROWS 8  // most rows staged at once: one accumulator each in registers
+#define RF_ROWS 16  // most rows a block stages at once: one accumulator each in registers
 
 template <int T, int NW>
 __device__ __forceinline__ void rows_dot(const u8* const* rows, const float* xs, int K, int R, int lane,
@@ -305,7 +305,8 @@ __device__ __forceinline__ void rows_dot(const u8* const* rows, const float* xs,
     #pragma unroll
     for (int m = 0; m < NW; m++)
         #pragma unroll
-        for (int r = 0; r < RF_ROWS; r++) acc[m][r] = warp_sum(acc[m][r]);
+        for (int r = 0; r < RF_ROWS; r++)
+            if (r < R) acc[m][r] = warp_sum(acc[m][r]);
 }
 
 // Stage rows m0 .. m0 + R - 1 of x into xs: RMSNorm'd when norm_w is given (block 0 also writes the normalized
@@ -366,7 +367,7 @@ __device__ void matvec_rows(const float* x, int M, int K, int act, const float* 
     extern __shared__ float xs[];
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP, n_warps = blockDim.x / RF_WARP;
     const int first = blockIdx.x * rows_per_warp * n_warps + warp;
-    for (int m0 = 0; m0 < M; m0 += chunk) {
+    for (int m0 = blockIdx.y * chunk; m0 < M; m0 += gridDim.y * chunk) {  // grid.y: chunks of rows side by side
         const int R = min(chunk, M - m0);
         stage_rows(x, m0, R, K, act, norm_w, eps, x_out, xs);
         for (int i = 0; i < rows_per_warp; i++) {
@@ -403,7 +404,7 @@ __device__ void matvec_rows_glu(const float* x, int M, int K, int act_round, con
     extern __shared__ float xs[];
     const int lane = threadIdx.x % RF_WARP, warp = threadIdx.x / RF_WARP, n_warps = blockDim.x / RF_WARP;
     const int first = blockIdx.x * rows_per_warp * n_warps + warp;
-    for (int m0 = 0; m0 < M; m0 += chunk) {
+    for (int m0 = blockIdx.y * chunk; m0 < M; m0 += gridDim.y * chunk) {  // grid.y: chunks of rows side by side
         const int R = min(chunk, M - m0);
         stage_rows(x, m0, R, K, act_round, norm_w, eps, x_out, xs);
         for (int i = 0; i < rows_per_warp; i++) {
@@ -432,14 +433,14 @@ __device__ void matvec_rows_glu(const float* x, int M, int K, int act_round, con
 }
 
 #define RF_MATVEC_ROWS_KERNELS(name, T)                                                                          \
-    extern "C" __global__ void __launch_bounds__(256) matvec_rows_##name(                                                           \
+    extern "C" __global__ void RF_AMD_MAX_THREADS(256) matvec_rows_##name(                                                           \
         const float* x, int M, int K, int act, const float* norm_w, float eps, float* x_out, const u8* W0,       \
         long rb0, float* y0, int N0, const u8* W1, long rb1, float* y1, int N1, const u8* W2, long rb2,          \
         float* y2, int N2, const float* add, float* sum, int rows_per_warp, int chunk) {                         \
         matvec_rows<T>(x, M, K, act, norm_w, eps, x_out, W0, rb0, y0, N0, W1, rb1, y1, N1, W2, rb2, y2, N2, add, \
                        sum, rows_per_warp, chunk);                                                               \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(256) matvec_rows_glu_##name(                                                       \
+    extern "C" __global__ void RF_AMD_MAX_THREADS(256) matvec_rows_glu_##name(                                                       \
         const float* x, int M, int K, int act_round, const float* norm_w, float eps, float* x_out, const u8* Wg, \
         const u8* Wu, long rb, float* g, float* u, float* y, int N, int act, int rows_per_warp, int chunk) {     \
         matvec_rows_glu<T>(x, M, K, act_round, norm_w, eps, x_out, Wg, Wu, rb, g, u, y, N, act, rows_per_warp,   \

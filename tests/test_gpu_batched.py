@@ -95,10 +95,13 @@ def attend_rows(gpu, cache: KVCache, batch, q: np.ndarray, scale: float, window,
         gpu._rows, gpu._static = None, []
 
 
-@pytest.mark.parametrize("d,window,softcap", [(64, None, None), (256, 50, None), (128, None, 30.0)])
-def test_attention_rows_matches_numpy_for_every_row(gpu, d, window, softcap):
-    """One launch for 5 sequences of different lengths (one past two 256-key slices), GQA 8/2; each row alone
-    gives the same bits as inside the batch."""
+@pytest.mark.parametrize("d,window,softcap,sms", [(64, None, None, None), (256, 50, None, None), (128, None, 30.0, None),
+                                                  (64, None, None, 1)])
+def test_attention_rows_matches_numpy_for_every_row(gpu, d, window, softcap, sms, monkeypatch):
+    """One launch for 5 sequences of different lengths (up to 10 slices of 64 keys), GQA 8/2; each row alone gives
+    the same bits as inside the batch. ``sms=1``: one block per (row, head) walks all of that row's slices."""
+    if sms is not None:
+        monkeypatch.setattr(gpu.rt, "multiprocessors", sms)
     heads, n_kv, lengths = 8, 2, [1, 37, 300, 600, 129]
     cache, seqs, keys, values = paged_cache(gpu, lengths, n_kv, d)
     batch = cache.prepare([(s, [1]) for s in seqs])

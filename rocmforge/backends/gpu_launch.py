@@ -24,8 +24,8 @@ from rocmforge.backends.gpu_records import (ACT_NONE, MATVEC_WARPS, PendingHeadN
 from rocmforge.backends.runtime import f32, i32, i64, ptr
 
 ROWS_STAGE_BYTES = 46 * 1024  # staged token rows per matvec_rows block: under the 48 KB a launch gets without opting in
-ROWS_CHUNK = 8                # at most this many rows staged at once (RF_ROWS in kernels/matmul.hip)
-SPLIT = 256                   # keys per attention slice in a batched decode step (RF_SPLIT in kernels/attention.hip)
+ROWS_CHUNK = 16               # at most this many rows staged at once (RF_ROWS in kernels/matmul.hip)
+SPLIT = 64                    # keys per attention slice in a batched decode step (RF_SPLIT in kernels/attention.hip)
 
 
 class GpuLaunches:
@@ -181,12 +181,12 @@ class GpuLaunches:
         weight = g.items[0][0]
         k, m = weight.shape[1], g.m
         chunk = max(1, min(ROWS_CHUNK, ROWS_STAGE_BYTES // (k * 4)))
+        chunks = -(-m // chunk)  # side by side on grid.y: every block stages one chunk
         rows = sum(w.shape[0] for w, _ in g.items) if g.glu is None else weight.shape[0]
-        # many blocks while there is little to stage, about one per multiprocessor when every block stages many rows
+        # about 16 blocks per multiprocessor over the whole grid, at most 16 output rows per warp
         sms = getattr(self.rt, "multiprocessors", 64)
-        blocks_wanted = sms * max(1, 8 // -(-m // chunk))
-        per_warp = max(1, -(-rows // (MATVEC_WARPS * blocks_wanted)))
-        grid = (-(-rows // (MATVEC_WARPS * per_warp)),)
+        per_warp = max(1, min(16, -(-rows // (MATVEC_WARPS * max(1, 16 * sms // chunks)))))
+        grid = (-(-rows // (MATVEC_WARPS * per_warp)), chunks)
         block, shared = MATVEC_WARPS * self.rt.warp_size, chunk * k * 4
         norm = [ptr(g.norm.weight.address), f32(g.norm.eps), ptr(g.norm.out.address)] if g.norm else [ptr(0), f32(0.0), ptr(0)]
         common = [ptr((g.norm.x if g.norm else g.x).address), i32(m), i32(k), i32(weight.act), *norm]
@@ -215,10 +215,12 @@ class GpuLaunches:
         splits = -(-rows.n_ctx // SPLIT)
         part_o, part_ml = self._empty((n, heads, splits, d)), self._empty((n, heads, splits, 2))
         kind = f"d{d}" if d in (64, 128, 256) else "any"
-        self._launch("attention", f"attn_decode_rows_{kind}", (splits, heads, n), 256 if d <= 128 else 128,
+        # about 16 blocks per multiprocessor; each block walks its row's slices blockIdx.x, + gridDim.x, ...
+        blocks = max(1, min(splits, -(-16 * getattr(self.rt, "multiprocessors", 64) // (n * heads))))
+        self._launch("attention", f"attn_decode_rows_{kind}", (blocks, heads, n), 64,
                      [ptr(q.address), ptr(k_pool.address), ptr(v_pool.address), ptr(rows.positions.address),
                       ptr(rows.tables.address), i32(rows.tables.shape[1]), i32(rows.block_size), i32(heads),
-                      i32(k_pool.shape[1]), i32(d), f32(scale), f32(softcap or 0.0), i32(window or 0),
+                      i32(k_pool.shape[1]), i32(d), f32(scale), f32(softcap or 0.0), i32(window or 0), i32(splits),
                       ptr(part_o.address), ptr(part_ml.address), ptr(rows.tickets.address), ptr(out.address)])
         return out
 
