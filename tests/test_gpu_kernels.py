@@ -118,7 +118,8 @@ def test_many_row_qkv_in_one_matrix_unit_launch(gpu):
     tensors = [random_weight(Q.Q4_1, rows, 576) for rows in (576, 192, 100)]
     dx, weights = gpu.from_host(x), [gpu.load_weight(t) for t in tensors]
     outs, timed = gpu.profile(lambda: [gpu.matmul(dx, w) for w in weights])
-    assert [kernel for _, kernel, _ in timed] == ["quantize_q8", "mma_m32_q4_1"]
+    # 32- or 64-token tiles, by how many multiprocessors the device has
+    assert [kernel.replace("mma_m32_", "mma_") for _, kernel, _ in timed] == ["quantize_q8", "mma_q4_1"]
     rounded = round_activations(x, Q.Q4_1).astype(np.float64)
     for out, t in zip(outs, tensors):
         ref = rounded @ dequantize(t.raw, Q.Q4_1).reshape(t.shape).astype(np.float64).T
@@ -133,7 +134,8 @@ def test_many_row_norm_folds_into_the_quantization(gpu, ggml_type):
     tensor = random_weight(ggml_type, 300, 768)
     dx, dw, weight = gpu.from_host(x), gpu.from_host(w), gpu.load_weight(tensor)
     (normed, y), timed = gpu.profile(lambda: (lambda n: (n, gpu.matmul(n, weight)))(gpu.rms_norm(dx, dw, 1e-5)))
-    assert [kernel for _, kernel, _ in timed] == ["quantize_q8_norm", f"mma_m32_{weight.kernel_suffix}"]
+    assert [kernel.replace("mma_m32_", "mma_") for _, kernel, _ in timed] == ["quantize_q8_norm",
+                                                                           f"mma_{weight.kernel_suffix}"]
     host_normed = gpu.to_host(normed)
     assert rel_err(host_normed, rms_norm(x, w, 1e-5)) < 1e-6
     ref = round_activations(host_normed, ggml_type).astype(np.float64) @ dequantize(tensor.raw, ggml_type).reshape(

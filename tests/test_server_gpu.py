@@ -1,5 +1,5 @@
 """The scheduler on a GPU backend: plain decode rows go through the replayed batched graph with sampling on the
-device (``Scheduler._decode_on_device``), everything else through ``forward`` in the same tick. Concurrent
+device (``Scheduler._decode_on_device``), everything else through ``forward`` in the same tick. Six concurrent
 requests get the texts they get alone (greedy and seeded), rows with logprobs or a grammar still work beside
 them, and the graph is captured once per batch-size bucket. Runs on a GPU, else on HIP-CPU
 (``tests/gpu_runtimes.py``) with a tiny model; skipped with the reason otherwise."""
@@ -28,7 +28,7 @@ def model(tmp_path_factory):
     return load(path, device=device, n_ctx=128, n_parallel=12)
 
 
-def run(scheduler: Scheduler, prompts: list[list[int]], params: list[SamplingParams], max_tokens: int = 8,
+def run(scheduler: Scheduler, prompts: list[list[int]], params: list[SamplingParams], max_tokens: int = 5,
         **request_options) -> list[tuple[list[str], object]]:
     """Submit every request at once; returns each one's text pieces and its last event."""
     events: list[list] = [[] for _ in prompts]
@@ -51,10 +51,10 @@ def test_concurrent_decode_on_the_device_equals_each_request_alone(model, monkey
         return original(batch, *args, **kwargs)
 
     monkeypatch.setattr(ops, "graph_step_batch", counting)
-    prompts = [[1] + [20 + 37 * i + j for j in range(3 + 5 * i)] for i in range(10)]
+    prompts = [[1] + [20 + 37 * i + j for j in range(3 + 9 * i)] for i in range(6)]
     params = [SamplingParams(temperature=0) if i % 2 == 0 else
-              SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=i) for i in range(10)]
-    scheduler = Scheduler(model, max_batch=10, chunk_size=16, prefill_budget=64)
+              SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=i) for i in range(6)]
+    scheduler = Scheduler(model, max_batch=6, chunk_size=16, prefill_budget=64)
     scheduler.start()
     try:
         alone = [run(scheduler, [p], [sp])[0] for p, sp in zip(prompts, params)]
@@ -74,10 +74,10 @@ def test_logprob_and_grammar_rows_run_beside_device_rows(model):
     try:
         plain = run(scheduler, [[1, 40, 41, 42]] * 3, [SamplingParams(temperature=0)] * 3)
         events: list = []
-        scored = GenerationRequest([1, 40, 41, 42], SamplingParams(temperature=0), 8, events.append, logprobs=2)
+        scored = GenerationRequest([1, 40, 41, 42], SamplingParams(temperature=0), 5, events.append, logprobs=2)
         grammar: list = []
         constraint = Constraint(model.tokenizer, Grammar.regex("[a-z]{1,12}"))
-        constrained = GenerationRequest([1, 50, 51], SamplingParams(temperature=0), 8, grammar.append,
+        constrained = GenerationRequest([1, 50, 51], SamplingParams(temperature=0), 5, grammar.append,
                                         constraint=constraint)
         for request in (scored, constrained):
             scheduler.submit(request)
