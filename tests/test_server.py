@@ -281,6 +281,24 @@ def tokens_of(events: list) -> int:
     return sum(isinstance(e, TextPiece) for e in events)
 
 
+def test_a_long_prompt_alone_reaches_the_cache_chunk_by_chunk(model):
+    # alone, its first chunks want no logits; their forwards must still run (they were once skipped, so the
+    # prediction read a cache holding only the last chunk)
+    scheduler = Scheduler(model, max_batch=1, chunk_size=32, prefill_budget=32)
+    long_ids = model.tokenize("The old map showed " + "rivers and roads and hills, " * 12)
+    events: list = []
+    request = GenerationRequest(long_ids, SamplingParams(temperature=0), max_tokens=1, emit=events.append)
+    scheduler.start()
+    try:
+        scheduler.submit(request)
+        assert request.done.wait(300)
+    finally:
+        scheduler.stop()
+    assert len(long_ids) > 64
+    text = next(e.text for e in events if isinstance(e, TextPiece))
+    assert model.tokenize(text, add_bos=False)[0] == int(np.argmax(model.forward(long_ids)[-1]))
+
+
 @pytest.mark.parametrize("chunk", [32, 1024])
 def test_a_long_prompt_is_prefilled_between_decode_steps(model, http, chunk):
     # A scheduler of its own on the module's (idle) model, driven through its public API.

@@ -384,7 +384,8 @@ class Scheduler:
                     continue
                 wanted.append((seq, len(picked), start))
                 rows.extend(picked)
-            if not wanted:
+            if not wanted:  # prompt chunks only: no logits wanted, but their keys and values must reach the cache
+                model.arch.forward(model.ctx, batch, rows=np.array([batch.n_tokens - 1], dtype=np.int64))
                 return []
             logits = model.ops.to_host(model.arch.forward(model.ctx, batch, rows=np.array(rows, dtype=np.int64)))
             out, at = [], 0
