@@ -5,7 +5,7 @@ them, and the graph is captured once per batch-size bucket. Runs on a GPU, else 
 (``tests/gpu_runtimes.py``) with a tiny model; skipped with the reason otherwise."""
 from __future__ import annotations
 
-import threading
+import re
 
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -68,7 +68,16 @@ def test_concurrent_decode_on_the_device_equals_each_request_alone(model, monkey
         assert "".join(text) == "".join(text_alone) and last.completion_tokens == last_alone.completion_tokens
 
 
-def test_logprob_and_grammar_rows_run_beside_device_rows(model):
+def test_logprob_and_grammar_rows_run_beside_device_rows(model, monkeypatch):
+    masked: list[int] = []  # rows of the device steps that carried grammar masks
+    original = model.ops.graph_step_batch
+
+    def recording(batch, forward, cache, rows, masks=None):
+        if masks is not None:
+            masked.append(len(batch.segments))
+        return original(batch, forward, cache, rows, masks)
+
+    monkeypatch.setattr(model.ops, "graph_step_batch", recording)
     scheduler = Scheduler(model, max_batch=6, chunk_size=16)
     scheduler.start()
     try:
@@ -89,3 +98,5 @@ def test_logprob_and_grammar_rows_run_beside_device_rows(model):
     assert not any(isinstance(e, Failed) for e in events + grammar)
     pieces = [e for e in events if isinstance(e, TextPiece)]
     assert pieces and all(len(p.logprobs) >= 1 for p in pieces)  # the eager rows still carry logprobs
+    assert masked  # the grammar row decoded on the device, under its mask
+    assert re.fullmatch("[a-z]{1,12}", "".join(e.text for e in grammar if isinstance(e, TextPiece)))

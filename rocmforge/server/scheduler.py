@@ -14,9 +14,9 @@ A tick is a token boundary. Each tick the scheduler
 5. samples each sequence's next token with its own ``Sampler`` (its own seeded generator), streams the new
    text, and finishes (and frees the blocks of) those that hit an end token, a stop string or their limit.
 
-On a GPU backend the tick's plain decode rows (one token, no grammar, no logprobs) skip steps 4–5: they run as
-one replayed graph per batch-size bucket that also samples on the device (``GpuBackend.graph_step_batch``), and
-only their token ids come back; prompt chunks and the other rows run through ``forward`` in the same tick.
+On a GPU backend the tick's plain decode rows (one token, no logprobs) skip steps 4–5: they run as one replayed
+graph per batch-size bucket that also samples on the device (``GpuBackend.graph_step_batch``; a grammar's mask is
+uploaded while the forward runs and applied there), and only their token ids come back; prompt chunks and the other rows run through ``forward`` in the same tick.
 
 Prompts are cut at fixed multiples of ``chunk_size`` whatever else is running, so a sequence's forward sees the
 same shapes alone or batched; with ``batch_invariant.BatchInvariantCpuBackend`` the text is then identical.
@@ -310,8 +310,8 @@ class Scheduler:
     def _decode_on_device(self, members: list[_Sequence],
                           inputs: list[list[int]]) -> tuple[list[_Sequence], list[list[int]]]:
         """On a backend with ``graph_step_batch`` (the GPU), run this tick's plain decode rows — one token, no
-        constraint, no logprobs, sampling the device takes — as one replayed graph that samples on the device
-        (only token ids come back), and advance them; returns the members and inputs left for ``_forward``.
+        logprobs, sampling the device takes — as one replayed graph that samples on the device, grammar masks
+        included (computed while the device runs the forward; only token ids come back), and advance them; returns the members and inputs left for ``_forward``.
         Requests join and leave between ticks: the graph of each batch-size bucket is captured once."""
         ops, model = self.model.ops, self.model
         if not hasattr(ops, "graph_step_batch") or model.ctx.hooks.active:
@@ -319,7 +319,7 @@ class Scheduler:
         chosen, rows = [], []
         for seq, tokens in zip(members, inputs):
             request = seq.request
-            if seq.prefilling or len(tokens) != 1 or request.constraint is not None or request.logprobs is not None:
+            if seq.prefilling or len(tokens) != 1 or request.logprobs is not None:
                 continue
             row = seq.sampler.device_row(seq.tokens, model.cfg.vocab_size, ops.device_sampling_capacity)
             if row is not None and len(chosen) < ops.max_batch_rows:
@@ -328,16 +328,27 @@ class Scheduler:
         if not chosen:
             return members, inputs
         batch = model.kv.prepare([(seq.seq_id, seq.tokens[seq.fed:]) for seq in chosen])
+        constraints = [seq.request.constraint for seq in chosen]
+
+        def masks() -> list[np.ndarray | None]:  # called while the device runs the forward
+            return [c.mask() if c is not None else None for c in constraints]
+
         tokens = ops.graph_step_batch(batch, lambda b: model.arch.forward(model.ctx, b, rows=b.last_rows),
-                                      model.kv, rows)
+                                      model.kv, rows, masks if any(c is not None for c in constraints) else None)
         self.ticks += 1
         self.metrics.observe_batch(len(chosen))
-        for seq, token in zip(chosen, tokens.tolist()):
+        for seq, constraint, token in zip(chosen, constraints, tokens.tolist()):
             seq.fed += 1
             if token < 0:
-                self._fail(seq, "every token is banned (all logits are -inf after logit_bias)")
-            else:
-                self._accept(seq, token)
+                self._fail(seq, "every token is banned (all logits are -inf after logit_bias and the grammar's mask)")
+                continue
+            if constraint is not None:
+                try:
+                    constraint.accept(token)
+                except ValueError as exc:
+                    self._fail(seq, str(exc))
+                    continue
+            self._accept(seq, token)
         ran = {id(seq) for seq in chosen}
         left = [(seq, tokens) for seq, tokens in zip(members, inputs) if id(seq) not in ran]
         return [seq for seq, _ in left], [tokens for _, tokens in left]
