@@ -156,7 +156,7 @@ def test_batched_sweeps_equal_one_patch_at_a_time(gpu):
     corrupted = list(clean)
     corrupted[4] += 1
     metric = logit_diff(5, 6)
-    layers = [0, 10, gpu.cfg.n_layers - 1]
+    layers = [0, gpu.cfg.n_layers // 2, gpu.cfg.n_layers - 1]
     batched = patch_residual(gpu, clean, corrupted, metric, layers=layers)
     alone = patch_residual(gpu, clean, corrupted, metric, layers=layers, max_batch=1)
     _close(batched, alone)
