@@ -20,7 +20,7 @@ from rocmforge.hooks import Hooks
 from rocmforge.kv_cache import KVCache
 from rocmforge.ops.sample_rows import sample_rows
 from rocmforge.sampler import Sampler, SamplingParams
-from tests.test_sample_rows import EveryThirdToken, pack
+from tests.test_sample_rows import EveryThirdToken, mirror_samplers, pack
 
 C_TYPES = {ctypes.c_void_p: "pointer", ctypes.c_int: "int", ctypes.c_int64: "long", ctypes.c_float: "float"}
 
@@ -172,13 +172,7 @@ def test_step_all_keeps_constrained_generations_on_the_device_path():
             for i, (s, c) in enumerate(zip(settings, constraints))]
     arch.host[:] = rng.standard_normal((8, vocab)).astype(np.float32)
     step_all(gens)  # the prompts: eager forward, host sampling
-    mirrors = []
-    for g in gens:
-        mirror = Sampler(g.params)
-        mirror.rng = np.random.default_rng(g.sampler.seed)
-        if g.params.temperature > 0:
-            mirror.rng.random()
-        mirrors.append(mirror)
+    mirrors = mirror_samplers(gens)
     for _ in range(5):
         arch.host[:] = (rng.standard_normal((8, vocab)) * 3).astype(np.float32)
         masks = [c.mask() if c is not None else None for c in constraints]

@@ -30,7 +30,7 @@ from rocmforge.sampler import Sampler, SamplingParams
 from rocmforge.weights import Weights
 from tests.test_gpu_kernels import MATMUL_TYPES, f32, random_weight, rel_err
 from tests.gpu_runtimes import gpu_runtime
-from tests.test_sample_rows import EveryThirdToken, kernel_inputs
+from tests.test_sample_rows import SAMPLING, EveryThirdToken, FixedDraw, kernel_inputs, mirror_samplers
 from tests.test_sample_rows import case as sample_case
 from tests.tiny_gguf import write_model
 
@@ -117,26 +117,6 @@ def test_attention_rows_matches_numpy_for_every_row(gpu, d, window, softcap, sms
                         (replace(batch.segments[3], rows=slice(0, 1)),))
     alone = attend_rows(gpu, cache, alone_batch, q[3:4], 0.1, window, softcap)
     np.testing.assert_array_equal(alone[0], got[3])
-
-
-SAMPLING = [
-    SamplingParams(temperature=0),
-    SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
-    SamplingParams(temperature=1.3, top_k=0, top_p=0.5, min_p=0.0),
-    SamplingParams(temperature=0.7, top_k=0, top_p=1.0, min_p=0.2),
-    SamplingParams(temperature=1.0, top_k=5, top_p=1.0, min_p=0.0),
-    SamplingParams(temperature=0.9, top_k=100, top_p=0.9, min_p=0.01, repeat_penalty=1.3, frequency_penalty=0.4,
-                   presence_penalty=0.2, logit_bias={7: 5.0, 11: -np.inf, 4095: 2.5}),
-    SamplingParams(temperature=0, repeat_penalty=2.0, repeat_last_n=8, logit_bias={3: 1.5}),
-]
-
-
-class FixedDraw:
-    def __init__(self, u: float):
-        self.u = u
-
-    def random(self) -> float:
-        return self.u
 
 
 def test_sample_rows_picks_the_host_samplers_token(gpu):
@@ -271,13 +251,7 @@ def test_step_all_samples_on_the_device_like_the_host(models):
                 dict(temperature=0.9, logit_bias={5: 3.0}, seed=8)]
     gens = [Generation(model, list(range(3 + 5 * i, 12 + 5 * i)), SamplingParams(**s), 10) for i, s in enumerate(settings)]
     step_all(gens)  # the prompts (eager) and the first token, sampled on the host
-    mirrors = []
-    for g in gens:  # the same seeded generator, one draw on (the first token's) if not greedy
-        mirror = Sampler(g.params)
-        mirror.rng = np.random.default_rng(g.sampler.seed)
-        if g.params.temperature > 0:
-            mirror.rng.random()
-        mirrors.append(mirror)
+    mirrors = mirror_samplers(gens)
     for _ in range(6):
         batch = ctx.kv.prepare([(g.seq_id, g.tokens[-1:]) for g in gens])
         logits = ops.forward_rows(batch, lambda b: arch.forward(ctx, b, rows=b.last_rows), ctx.kv)
@@ -303,13 +277,7 @@ def test_step_all_applies_grammar_masks_on_the_device(models):
     gens = [Generation(model, list(range(3 + 5 * i, 12 + 5 * i)), SamplingParams(**s), 10, constraint=c)
             for i, (s, c) in enumerate(zip(settings, constraints))]
     step_all(gens)  # the prompts (eager) and the first token, sampled on the host
-    mirrors = []
-    for g in gens:
-        mirror = Sampler(g.params)
-        mirror.rng = np.random.default_rng(g.sampler.seed)
-        if g.params.temperature > 0:
-            mirror.rng.random()
-        mirrors.append(mirror)
+    mirrors = mirror_samplers(gens)
     for _ in range(5):
         batch = ctx.kv.prepare([(g.seq_id, g.tokens[-1:]) for g in gens])
         logits = ops.forward_rows(batch, lambda b: arch.forward(ctx, b, rows=b.last_rows), ctx.kv)

@@ -22,6 +22,18 @@ SAMPLING = [
 ]
 
 
+def mirror_samplers(generations) -> list[Sampler]:
+    """A fresh sampler per generation, seeded as its own and past the draw its first (host-sampled) token took."""
+    mirrors = []
+    for g in generations:
+        mirror = Sampler(g.params)
+        mirror.rng = np.random.default_rng(g.sampler.seed)
+        if g.params.temperature > 0:
+            mirror.rng.random()
+        mirrors.append(mirror)
+    return mirrors
+
+
 class FixedDraw:
     """Stands in for a sampler's generator: every draw is ``u``."""
 
