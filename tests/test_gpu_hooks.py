@@ -29,8 +29,8 @@ def path(request, device, tmp_path_factory):
     if os.environ.get("ROCMFORGE_TWIN"):
         return os.environ["ROCMFORGE_TWIN"]
     if device == "hip-cpu":  # emulated kernels are slow: a 10-layer model of SmolLM2's type, not SmolLM2
-        return write_model(tmp_path_factory.mktemp("tiny") / "tiny10.gguf", d_model=512, n_heads=8, n_kv_heads=4,
-                           d_ff=512, vocab=1000, n_layers=10, weight_type=Q.Q4_1, tokenizer=True)
+        return write_model(tmp_path_factory.mktemp("tiny") / "tiny10.gguf", d_model=256, n_heads=8, n_kv_heads=4,
+                           d_ff=256, vocab=1000, n_layers=10, weight_type=Q.Q4_1, tokenizer=True)
     return request.getfixturevalue("smollm2_path")
 
 
