@@ -239,13 +239,27 @@ def test_batched_logits_match_numpy_without_rounding(models, monkeypatch):
         assert errors.max() < 1e-3, path.name
 
 
+def engine_model(ops, ctx, arch) -> SimpleNamespace:
+    """What ``Generation`` and ``step_all`` read of a model, around a bare forward context."""
+    return SimpleNamespace(ops=ops, ctx=ctx, kv=ctx.kv, arch=arch, cfg=ctx.cfg, n_ctx=256,
+                           tokenizer=SimpleNamespace(eot_ids=set(), incremental_decoder=lambda: None))
+
+
+def next_step_logits(ops, ctx, arch, gens) -> np.ndarray:
+    """The logits of every generation's next decode step (taken with forward_rows), leaving the caches as they were."""
+    batch = ctx.kv.prepare([(g.seq_id, g.tokens[-1:]) for g in gens])
+    logits = ops.forward_rows(batch, lambda b: arch.forward(ctx, b, rows=b.last_rows), ctx.kv)
+    for g in gens:
+        ctx.kv.truncate(g.seq_id, ctx.kv.length(g.seq_id) - 1)
+    return logits
+
+
 def test_step_all_samples_on_the_device_like_the_host(models):
     """``step_all`` over 6 generations goes through the replayed graph; each token equals the host sampler's on the
     same step's logits (taken with forward_rows) with the same seed, greedy and sampled."""
     ops = make_gpu()
     ctx, arch = context(models[0], ops, 256, 6)
-    model = SimpleNamespace(ops=ops, ctx=ctx, kv=ctx.kv, arch=arch, cfg=ctx.cfg, n_ctx=256,
-                            tokenizer=SimpleNamespace(eot_ids=set(), incremental_decoder=lambda: None))
+    model = engine_model(ops, ctx, arch)
     settings = [dict(temperature=0), dict(temperature=0.8, seed=5), dict(temperature=1.0, top_k=0, top_p=0.9, seed=6),
                 dict(temperature=0, repeat_penalty=1.5), dict(temperature=0.7, min_p=0.1, seed=7),
                 dict(temperature=0.9, logit_bias={5: 3.0}, seed=8)]
@@ -253,10 +267,7 @@ def test_step_all_samples_on_the_device_like_the_host(models):
     step_all(gens)  # the prompts (eager) and the first token, sampled on the host
     mirrors = mirror_samplers(gens)
     for _ in range(6):
-        batch = ctx.kv.prepare([(g.seq_id, g.tokens[-1:]) for g in gens])
-        logits = ops.forward_rows(batch, lambda b: arch.forward(ctx, b, rows=b.last_rows), ctx.kv)
-        for g in gens:
-            ctx.kv.truncate(g.seq_id, ctx.kv.length(g.seq_id) - 1)
+        logits = next_step_logits(ops, ctx, arch, gens)
         expected = [m.sample(row, g.tokens) for m, row, g in zip(mirrors, logits, gens)]
         assert step_all(gens) == expected
         assert all(g.logits is None for g in gens)  # only ids came back
@@ -268,8 +279,7 @@ def test_step_all_applies_grammar_masks_on_the_device(models):
     host sampler's under the same mask on the same step's logits, and only ids come back."""
     ops = make_gpu()
     ctx, arch = context(models[0], ops, 256, 4)
-    model = SimpleNamespace(ops=ops, ctx=ctx, kv=ctx.kv, arch=arch, cfg=ctx.cfg, n_ctx=256,
-                            tokenizer=SimpleNamespace(eot_ids=set(), incremental_decoder=lambda: None))
+    model = engine_model(ops, ctx, arch)
     vocab = ctx.cfg.vocab_size
     settings = [dict(temperature=0), dict(temperature=0.8, seed=5), dict(temperature=1.0, top_k=0, top_p=0.9, seed=6),
                 dict(temperature=0.9, seed=8)]
@@ -279,10 +289,7 @@ def test_step_all_applies_grammar_masks_on_the_device(models):
     step_all(gens)  # the prompts (eager) and the first token, sampled on the host
     mirrors = mirror_samplers(gens)
     for _ in range(5):
-        batch = ctx.kv.prepare([(g.seq_id, g.tokens[-1:]) for g in gens])
-        logits = ops.forward_rows(batch, lambda b: arch.forward(ctx, b, rows=b.last_rows), ctx.kv)
-        for g in gens:
-            ctx.kv.truncate(g.seq_id, ctx.kv.length(g.seq_id) - 1)
+        logits = next_step_logits(ops, ctx, arch, gens)
         masks = [c.mask() if c is not None else None for c in constraints]
         expected = [m.sample(row, g.tokens, mask) for m, row, g, mask in zip(mirrors, logits, gens, masks)]
         assert step_all(gens) == expected
