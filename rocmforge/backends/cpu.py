@@ -13,6 +13,7 @@ import ctypes
 import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -89,8 +90,8 @@ class CpuBackend:
         self.round_activations = round_activations
         self._last_rounding: tuple[np.ndarray, object, np.ndarray] | None = None  # (x, format, rounded x)
         self._last_group: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (x, group, x @ group.T)
-        # rope tables of the batch being run: (its positions array, {(theta, n_rot, factors id, scale): (cos, sin)})
-        self._rope_tables: tuple[np.ndarray | None, dict] = (None, {})
+        # values computed once for the batch being run (its rope tables): (its positions array, {key: value})
+        self._batch_values: tuple[np.ndarray | None, dict] = (None, {})
         self._arena = _Arena()
 
     def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -203,17 +204,21 @@ class CpuBackend:
 
     def rope(self, x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
              freq_factors: np.ndarray | None = None, freq_scale: float = 1.0) -> np.ndarray:
-        # every layer rotates q and k at the same positions: compute cos/sin once per batch (a Batch's positions
-        # array is never written, so holding it and comparing identity is safe). The server runs several batches
-        # in threads at once: read the slot once, so a check and its use always see the same batch's tables.
-        held = self._rope_tables
-        if held[0] is not positions:
-            held = self._rope_tables = (positions, {})
-        key = (theta, n_rot, id(freq_factors), freq_scale)
-        tables = held[1].get(key)
-        if tables is None:
-            tables = held[1][key] = rope_tables(positions * freq_scale, n_rot, theta, freq_factors)
+        tables = self._per_batch(positions, (theta, n_rot, id(freq_factors), freq_scale),
+                                 lambda: rope_tables(positions * freq_scale, n_rot, theta, freq_factors))
         return rotate(x, *tables, neox, n_rot)
+
+    def _per_batch(self, positions: np.ndarray, key: tuple, make: Callable[[], Any]) -> Any:
+        """``make()`` once per batch and ``key`` (every layer rotates q and k at the same positions). A Batch's
+        positions array is never written, so holding it and comparing identity is safe. The server runs several
+        batches in threads at once: the slot is read once, so a check and its use always see the same batch."""
+        held = self._batch_values
+        if held[0] is not positions:
+            held = self._batch_values = (positions, {})
+        value = held[1].get(key)
+        if value is None:
+            value = held[1][key] = make()
+        return value
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return swiglu(gate, up)

@@ -148,15 +148,8 @@ class ExactCpuBackend(CpuBackend):
 
     def rope(self, x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
              freq_factors: np.ndarray | None = None, freq_scale: float = 1.0) -> np.ndarray:
-        # q and k of every layer rotate at the batch's positions: one cos/sin table per batch (the same identity
-        # check and single read of the slot as CpuBackend.rope, for the server's concurrent batches)
-        held = self._rope_tables
-        if held[0] is not positions:
-            held = self._rope_tables = (positions, {})
-        key = (theta, n_rot, id(freq_factors), freq_scale)
-        table = held[1].get(key)
-        if table is None:
-            table = held[1][key] = rope_table(positions, theta, n_rot, freq_factors, freq_scale)
+        table = self._per_batch(positions, (theta, n_rot, id(freq_factors), freq_scale),
+                                lambda: rope_table(positions, theta, n_rot, freq_factors, freq_scale))
         return rotate(x, table, neox, n_rot)
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
