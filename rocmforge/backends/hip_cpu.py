@@ -48,7 +48,7 @@ __device__ inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u
 __device__ inline int __float_as_int(float x) { int u; std::memcpy(&u, &x, 4); return u; }
 #define __align__(n) __attribute__((aligned(n)))
 static unsigned char* rf_dynamic_shared() {
-    alignas(256) static thread_local unsigned char shared[262144];
+    alignas(256) static thread_local unsigned char shared[RF_HIP_CPU_SHARED_BYTES];
     return shared;
 }
 // the integer overloads of min/max CUDA and HIP give device code (an unsigned one must not go through int)
@@ -158,8 +158,9 @@ class HipCpuRuntime(Runtime):
     # --- kernels ------------------------------------------------------------------------------------------
     def compile_options(self) -> list[str]:
         # -O0: each kernel file then compiles in seconds, and tests run small shapes
-        return [*super().compile_options(), f"-DRF_HIP_CPU_HARNESS={self._harness}", "-DHIP_CPU_FIBER_STACK=65536",
-                "-std=c++17", "-O0", "-fPIC", "-w"]
+        return [*super().compile_options(), f"-DRF_HIP_CPU_HARNESS={self._harness}",
+                f"-DRF_HIP_CPU_SHARED_BYTES={SHARED_BYTES}", "-DHIP_CPU_FIBER_STACK=65536", "-std=c++17", "-O0", "-fPIC",
+                "-w"]
 
     def _compile(self, source: str, name: str, options: list[str]) -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
