@@ -159,8 +159,8 @@ class HipCpuRuntime(Runtime):
     def compile_options(self) -> list[str]:
         # -O0: each kernel file then compiles in seconds, and tests run small shapes
         return [*super().compile_options(), f"-DRF_HIP_CPU_HARNESS={self._harness}",
-                f"-DRF_HIP_CPU_SHARED_BYTES={SHARED_BYTES}", "-DHIP_CPU_FIBER_STACK=65536", "-std=c++17", "-O0", "-fPIC",
-                "-w"]
+                f"-DRF_HIP_CPU_SHARED_BYTES={SHARED_BYTES}", "-DHIP_CPU_FIBER_STACK=65536",
+                "-std=c++17", "-O0", "-fPIC", "-w"]
 
     def _compile(self, source: str, name: str, options: list[str]) -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
