@@ -79,7 +79,11 @@ class Backend(Protocol):
     def attention_mix(self, pattern: Array, cache: KVCache, layer: int, segment: Segment) -> Array:
         """``pattern`` ``[head, t, L]`` times the sequence's cached values -> ``[t, head, d_v]``."""
 
-    # --- running a whole step -------------------------------------------------------------------------------
+    # --- running a whole block or step ----------------------------------------------------------------------
+    def fused_block(self, family: str, ctx: Any, layer: int, resid: Array, batch: Batch) -> Array | None:
+        """Block ``layer`` of a ``rocmforge.arch`` ``family`` ("llama", "gemma3") on ``resid`` in the backend's own
+        fused form, the same numbers as the forward's ops; None when it has none for this batch (the forward then
+        runs op by op). Called only while no hook is registered."""
     def graph_step(self, batch: Batch, step: Callable[[], Array]) -> Array:
         """``step()`` (one forward over ``batch``), which a backend may capture once and replay for later
         batches of the same shape (the GPU's decode graph); the CPU simply calls it."""

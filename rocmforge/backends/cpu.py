@@ -257,6 +257,9 @@ class CpuBackend:
     def attention_mix(self, pattern: np.ndarray, cache: KVCache, layer: int, segment: Segment) -> np.ndarray:
         return attention_mix(pattern, cache.v[layer][segment.key_slots])
 
+    def fused_block(self, family: str, ctx: Any, layer: int, resid: np.ndarray, batch: Batch) -> None:
+        return None  # numpy's ops are the block
+
     def graph_step(self, batch: Batch, step: Callable[[], np.ndarray]) -> np.ndarray:
         return step()  # nothing to capture: numpy has no launch cost to save
 

@@ -27,6 +27,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from rocmforge.backends.cpu import CpuBackend
+from rocmforge.backends.exact_decode import DecodeBlocks
 from rocmforge.errors import UnsupportedError
 from rocmforge.exact import attention as exact_attention
 from rocmforge.exact.compile_cache import compile_once
@@ -66,6 +67,7 @@ class ExactCpuBackend(CpuBackend):
         super().__init__(round_activations=True)
         self._last_quantized: tuple[np.ndarray, Any, Any] | None = None  # (x, quantize function, result)
         self._last_group: tuple[np.ndarray, Any, np.ndarray] | None = None  # (x, group's prepared weight, x @ W.T)
+        self._decode = DecodeBlocks()
 
     def finish_load(self, model: Any) -> None:
         """Compile the kernels ``model`` needs before its first request, once per set of weight types (a line and
@@ -148,9 +150,25 @@ class ExactCpuBackend(CpuBackend):
 
     def rope(self, x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
              freq_factors: np.ndarray | None = None, freq_scale: float = 1.0) -> np.ndarray:
-        table = self._per_batch(positions, (theta, n_rot, id(freq_factors), freq_scale),
-                                lambda: rope_table(positions, theta, n_rot, freq_factors, freq_scale))
-        return rotate(x, table, neox, n_rot)
+        return rotate(x, self.rope_cos_sin(positions, theta, n_rot, freq_factors, freq_scale), neox, n_rot)
+
+    def rope_cos_sin(self, positions: np.ndarray, theta: float, n_rot: int, freq_factors: np.ndarray | None,
+                     freq_scale: float) -> np.ndarray:
+        """ggml's cos/sin table for ``positions`` (``exact.rope.rope_table``), made once per batch."""
+        return self._per_batch(positions, (theta, n_rot, id(freq_factors), freq_scale),
+                               lambda: rope_table(positions, theta, n_rot, freq_factors, freq_scale))
+
+    def fused_block(self, family: str, ctx: Any, layer: int, resid: np.ndarray, batch: Batch) -> np.ndarray | None:
+        """A one-token decode step's block as a few numba calls (``backends.exact_decode``), the same bits as the
+        op-by-op forward; None for anything else."""
+        if not self._decode.supports(family, ctx.cfg, batch):
+            return None
+        return self._decode.run(self, family, ctx, layer, resid, batch)
+
+    def kqv_batch_rows(self, ubatch_rows: int) -> int:
+        """The query rows of the llama.cpp ubatch whose kqv order a row follows: with one, ``ggml_vec_dot_f32``'s;
+        from two on, tinyBLAS's."""
+        return ubatch_rows
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return swiglu(gate, up)
@@ -172,7 +190,7 @@ class ExactCpuBackend(CpuBackend):
                 ubatch_rows = min(UBATCH, n - start // UBATCH * UBATCH)
                 positions = seg.positions[start - seg.rows.start:stop - seg.rows.start]
                 z[start:stop] = exact_attention.attention(q[start:stop], keys, values, positions, scale, window,
-                                                          batch_rows=ubatch_rows)
+                                                          batch_rows=self.kqv_batch_rows(ubatch_rows))
         return z
 
     def attention_scores(self, q: np.ndarray, cache: KVCache, layer: int, segment: Segment, scale: float,

@@ -387,6 +387,9 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits, GpuLaunches, DecodeGraphs):
             offset += part.nbytes
         return out
 
+    def fused_block(self, family: str, ctx: Any, layer: int, resid: DeviceArray, batch: Batch) -> None:
+        return None  # launches already fuse where the next op can join; a decode step is one replayed graph
+
     # --- attention ------------------------------------------------------------------------------------------
     def kv_write(self, cache: KVCache, layer: int, batch: Batch, k: DeviceArray, v: DeviceArray) -> None:
         k_pool, v_pool = cache.k[layer], cache.v[layer]

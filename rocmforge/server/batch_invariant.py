@@ -38,8 +38,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from rocmforge.backends.cpu import CpuBackend, CpuWeight
-from rocmforge.backends.exact import ExactCpuBackend, ExactWeight, refuse_softcap
-from rocmforge.exact import attention as exact_attention
+from rocmforge.backends.exact import ExactCpuBackend, ExactWeight
 from rocmforge.kv_cache import Batch, KVCache, Segment
 from rocmforge.ops.attention import attention
 from rocmforge.ops.softmax import softmax
@@ -142,15 +141,8 @@ class BatchInvariantExactBackend(ExactCpuBackend):
 
     ROW_INDEPENDENT = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0})
 
-    def attention(self, q: np.ndarray, cache: KVCache, layer: int, batch: Batch, scale: float,
-                  window: int | None, softcap: float | None) -> np.ndarray:
-        refuse_softcap(softcap)
-        z = np.empty(q.shape[:2] + (cache.v[layer].shape[-1],), dtype=np.float32)
-        for seg in batch.segments:
-            z[seg.rows] = exact_attention.attention(q[seg.rows], cache.k[layer][seg.key_slots],
-                                                    cache.v[layer][seg.key_slots], seg.positions, scale, window,
-                                                    batch_rows=2)
-        return z
+    def kqv_batch_rows(self, ubatch_rows: int) -> int:
+        return 2  # tinyBLAS's order for every query row, alone or batched
 
 
 def use_batch_invariant_backend(model: Any) -> bool:
