@@ -204,11 +204,11 @@ class CpuBackend:
 
     def rope(self, x: np.ndarray, positions: np.ndarray, theta: float, neox: bool, n_rot: int,
              freq_factors: np.ndarray | None = None, freq_scale: float = 1.0) -> np.ndarray:
-        tables = self._per_batch(positions, (theta, n_rot, id(freq_factors), freq_scale),
+        tables = self.per_batch(positions, (theta, n_rot, id(freq_factors), freq_scale),
                                  lambda: rope_tables(positions * freq_scale, n_rot, theta, freq_factors))
         return rotate(x, *tables, neox, n_rot)
 
-    def _per_batch(self, positions: np.ndarray, key: tuple, make: Callable[[], Any]) -> Any:
+    def per_batch(self, positions: np.ndarray, key: tuple, make: Callable[[], Any]) -> Any:
         """``make()`` once per batch and ``key`` (every layer rotates q and k at the same positions). A Batch's
         positions array is never written, so holding it and comparing identity is safe. The server runs several
         batches in threads at once: the slot is read once, so a check and its use always see the same batch."""

@@ -155,7 +155,7 @@ class ExactCpuBackend(CpuBackend):
     def rope_cos_sin(self, positions: np.ndarray, theta: float, n_rot: int, freq_factors: np.ndarray | None,
                      freq_scale: float) -> np.ndarray:
         """ggml's cos/sin table for ``positions`` (``exact.rope.rope_table``), made once per batch."""
-        return self._per_batch(positions, (theta, n_rot, id(freq_factors), freq_scale),
+        return self.per_batch(positions, (theta, n_rot, id(freq_factors), freq_scale),
                                lambda: rope_table(positions, theta, n_rot, freq_factors, freq_scale))
 
     def fused_block(self, family: str, ctx: Any, layer: int, resid: np.ndarray, batch: Batch) -> np.ndarray | None:

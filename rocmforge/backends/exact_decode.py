@@ -73,8 +73,8 @@ class RowMatmul:
         if self.lane is not None:
             self.n_out = prepared.n_out
             nb = n_in // 32  # decode's interleave4 layouts: the shared empty ones
-            self._interleaved = (interleave4(np.empty((1, nb, 32), np.int8)),
-                                 interleave4(np.empty((1, nb), np.float32)), interleave4(np.empty((1, nb, 8), np.int32)))
+            self._interleaved = tuple(interleave4(np.empty(shape, dtype)) for shape, dtype in
+                                      (((1, nb, 32), np.int8), ((1, nb), np.float32), ((1, nb, 8), np.int32)))
 
     def __call__(self, row: RowInput) -> np.ndarray:
         if self.lane is None:
@@ -104,15 +104,38 @@ FAMILIES = {"llama": Family(per_layer_rope=False, post_norms=False, neox=None),
             "gemma3": Family(per_layer_rope=True, post_norms=True, neox=True)}
 
 
+class _Group(NamedTuple):
+    """Weights that multiply one input: its distinct products (one for a prepared group) and, per weight, which
+    product and columns are its output."""
+
+    products: tuple[RowMatmul, ...]
+    outputs: tuple[tuple[int, slice | None], ...]
+    offset: int  # how the input is rounded: for the first lane kernel (others form their own corrections)
+
+    def __call__(self, row: RowInput) -> list[np.ndarray]:
+        full = [product(row) for product in self.products]
+        return [full[i] if rows is None else full[i][:, rows] for i, rows in self.outputs]
+
+
 class _Layer(NamedTuple):
-    matmuls: dict[str, tuple[RowMatmul, slice | None]]  # weight name -> its (group's) product, its columns
-    offsets: dict[str, int]                             # a matmul group's first weight -> how its input is rounded
+    """What one block's decode step reads that does not change between steps."""
+
+    qkv: _Group
+    attn_output: _Group
+    gate_up: _Group
+    down: _Group
+    norms: tuple[np.ndarray, ...]  # attn_norm, q_norm, k_norm, post_attention_norm, ffn_norm, post_ffw_norm
+    rope: tuple[float, Any, float]  # theta, freq_factors, freq_scale
+    window: int                     # 0: the whole sequence
+    step_key: tuple                 # what a step's rope table and key range depend on (``CpuBackend.per_batch``)
+    neox: bool
+    gelu: np.ndarray                # GeGLU's fp16 table; empty: SwiGLU
+    made_for: tuple[Any, Any]       # (the config, the block's weights) it was made from: another is a new plan
 
 
 class DecodeBlocks:
-    """The fused decode block of one model's backend: per layer, its ``RowMatmul``s (built at the first step)."""
-
-    GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
+    """The fused decode block of one model's backend: per layer, its ``RowMatmul``s and settings (built at the
+    first step)."""
 
     def __init__(self) -> None:
         self._layers: dict[int, _Layer] = {}
@@ -125,75 +148,80 @@ class DecodeBlocks:
 
     def run(self, backend: Any, family: str, ctx: Any, layer: int, resid: np.ndarray, batch: Batch) -> np.ndarray:
         """Block ``layer`` of ``family`` on the residual ``[1, d_model]`` of a one-token ``batch``."""
-        cfg, w, fam = ctx.cfg, ctx.weights.blocks[layer], FAMILIES[family]
+        cfg, w = ctx.cfg, ctx.weights.blocks[layer]
         plan = self._layers.get(layer)
-        if plan is None or plan.matmuls["attn_q"][0].prepared is not w["attn_q"].prepared:
-            plan = self._layers[layer] = _plan(w)
+        if plan is None or plan.made_for[0] is not cfg or plan.made_for[1] is not w:
+            plan = self._layers[layer] = _plan(w, cfg, FAMILIES[family], layer, ctx.weights.rope_freqs)
         eps = np.float32(cfg.norm_eps)
+        attn_norm, q_norm, k_norm, post_attention_norm, ffn_norm, post_ffw_norm = plan.norms
         n_heads, n_kv, d_head, d_v = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim_v
 
-        x = row_input(resid.shape[1], plan.offsets["attn_q"])
-        norm_step(resid, w["attn_norm"], eps, *x)
-        q, k, v = _products(plan, x, self.GROUPS[0])
+        x = row_input(resid.shape[1], plan.qkv.offset)
+        norm_step(resid, attn_norm, eps, *x)
+        q, k, v = plan.qkv(x)
 
-        sliding = fam.per_layer_rope and cfg.is_sliding(layer)
-        theta = cfg.rope_base_for(layer) if fam.per_layer_rope else cfg.rope_base
-        freq_scale = 1.0 / cfg.rope_scale_factor if (cfg.rope_scaling == "linear" and not sliding) else 1.0
-        freq_factors = None if fam.per_layer_rope else ctx.weights.rope_freqs
-        cos_sin = backend.rope_cos_sin(batch.positions, theta, cfg.rope_dims, freq_factors, freq_scale)
+        cos_sin, first, last = backend.per_batch(batch.positions, plan.step_key,
+                                                 lambda: _positions(backend, batch, plan, cfg.rope_dims))
         seg = batch.segments[0]
-        position = int(seg.positions[0])
-        n_keys = len(seg.key_slots)
-        last = np.array([min(position + 1, n_keys)], dtype=np.int64)
-        first = np.array([max(position - cfg.sliding_window + 1, 0) if sliding else 0], dtype=np.int64)
-        z = row_input(n_heads * d_v, plan.offsets["attn_output"])
-        q_norm, k_norm = (w["attn_q_norm"], w["attn_k_norm"]) if cfg.qk_norm else (_EMPTY, _EMPTY)
-        neox = cfg.rope_neox if fam.neox is None else fam.neox
+        z = row_input(n_heads * d_v, plan.attn_output.offset)
         attention_step(q.reshape(1, n_heads, d_head), k.reshape(1, n_kv, d_head), v.reshape(1, n_kv, d_v), q_norm,
-                       k_norm, eps, cos_sin, neox, cfg.rope_dims, ctx.kv.k[layer], ctx.kv.v[layer],
-                       int(batch.slots[0]), seg.key_slots, first, last, np.float32(cfg.attention_scale),
+                       k_norm, eps, cos_sin, plan.neox, cfg.rope_dims, ctx.kv.k[layer], ctx.kv.v[layer],
+                       batch.slots[0], seg.key_slots, first, last, np.float32(cfg.attention_scale),
                        backend.kqv_batch_rows(1) >= 2, z.x.reshape(1, n_heads, d_v), *z[1:])
-        (attn_out,) = _products(plan, z, self.GROUPS[1])
+        (attn_out,) = plan.attn_output(z)
 
         resid_mid = np.empty_like(resid)
-        h = row_input(resid.shape[1], plan.offsets["ffn_gate"])
-        residual_step(resid, attn_out, w["post_attention_norm"] if fam.post_norms else _EMPTY, w["ffn_norm"], eps,
-                      resid_mid, *h)
-        gate, up = _products(plan, h, self.GROUPS[2])
-        act = row_input(gate.shape[1], plan.offsets["ffn_down"])
-        glu_step(gate, up, gelu_table() if cfg.ffn_activation == "gelu_tanh" else _EMPTY, *act)
-        (mlp_out,) = _products(plan, act, self.GROUPS[3])
+        h = row_input(resid.shape[1], plan.gate_up.offset)
+        residual_step(resid, attn_out, post_attention_norm, ffn_norm, eps, resid_mid, *h)
+        gate, up = plan.gate_up(h)
+        act = row_input(gate.shape[1], plan.down.offset)
+        glu_step(gate, up, plan.gelu, *act)
+        (mlp_out,) = plan.down(act)
 
         resid_post = np.empty_like(resid)
-        residual_step(resid_mid, mlp_out, w["post_ffw_norm"] if fam.post_norms else _EMPTY, _EMPTY, eps, resid_post,
-                      *row_input(0, -1))
+        residual_step(resid_mid, mlp_out, post_ffw_norm, _EMPTY, eps, resid_post, *_NO_INPUT)
         return resid_post
 
 
-def _plan(w: dict) -> _Layer:
-    matmuls: dict[str, tuple[RowMatmul, slice | None]] = {}
+_NO_INPUT = RowInput(np.empty((1, 0), np.float32), *row_input(0, -1)[1:])
+
+
+def _positions(backend: Any, batch: Batch, plan: _Layer, n_rot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A step's rope table and the keys its query reads (``first``..``last``, as ``exact.attention.attention``)."""
+    position, n_keys = int(batch.positions[0]), len(batch.segments[0].key_slots)
+    first = max(position - plan.window + 1, 0) if plan.window else 0
+    return (backend.rope_cos_sin(batch.positions, plan.rope[0], n_rot, plan.rope[1], plan.rope[2]),
+            np.array([first], dtype=np.int64), np.array([min(position + 1, n_keys)], dtype=np.int64))
+
+
+def _plan(w: dict, cfg: Any, fam: Family, layer: int, rope_freqs: Any) -> _Layer:
     by_prepared: dict[int, RowMatmul] = {}
-    offsets = {}
-    for group in DecodeBlocks.GROUPS:
-        for name in group:
+
+    def group(*names: str) -> _Group:
+        products: list[RowMatmul] = []
+        outputs = []
+        for name in names:
             weight = w[name]
             product = by_prepared.get(id(weight.prepared))
             if product is None:
                 product = by_prepared[id(weight.prepared)] = RowMatmul(weight.ggml_type, weight.prepared,
                                                                         weight.shape[1])
-            matmuls[name] = (product, weight.rows)
-        # the input is rounded for the group's first lane kernel (others form their own corrections)
-        offsets[group[0]] = next((matmuls[n][0].offset for n in group if matmuls[n][0].offset >= 0), -1)
-    return _Layer(matmuls, offsets)
+            if product not in products:
+                products.append(product)
+            outputs.append((products.index(product), weight.rows))
+        offset = next((p.offset for p in products if p.offset >= 0), -1)
+        return _Group(tuple(products), tuple(outputs), offset)
 
-
-def _products(plan: _Layer, row: RowInput, names: tuple[str, ...]) -> list[np.ndarray]:
-    done: dict[int, np.ndarray] = {}
-    outs = []
-    for name in names:
-        product, rows = plan.matmuls[name]
-        full = done.get(id(product))
-        if full is None:
-            full = done[id(product)] = product(row)
-        outs.append(full if rows is None else full[:, rows])
-    return outs
+    # as arch.llama / arch.gemma3 set them up
+    sliding = fam.per_layer_rope and cfg.is_sliding(layer)
+    theta = cfg.rope_base_for(layer) if fam.per_layer_rope else cfg.rope_base
+    freq_scale = 1.0 / cfg.rope_scale_factor if (cfg.rope_scaling == "linear" and not sliding) else 1.0
+    qk_norms = (w["attn_q_norm"], w["attn_k_norm"]) if cfg.qk_norm else (_EMPTY, _EMPTY)
+    post_norms = (w["post_attention_norm"], w["post_ffw_norm"]) if fam.post_norms else (_EMPTY, _EMPTY)
+    freq_factors = None if fam.per_layer_rope else rope_freqs
+    window = cfg.sliding_window if sliding else 0
+    return _Layer(group("attn_q", "attn_k", "attn_v"), group("attn_output"), group("ffn_gate", "ffn_up"),
+                  group("ffn_down"), (w["attn_norm"], *qk_norms, post_norms[0], w["ffn_norm"], post_norms[1]),
+                  (theta, freq_factors, freq_scale), window, ("decode", theta, id(freq_factors), freq_scale, window),
+                  cfg.rope_neox if fam.neox is None else fam.neox,
+                  gelu_table() if cfg.ffn_activation == "gelu_tanh" else _EMPTY, (cfg, w))

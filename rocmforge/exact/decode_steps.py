@@ -65,12 +65,18 @@ def attention_step(q, k, v, q_norm, k_norm, eps, cos_sin, neox, n_rot, cache_k, 
     _rotate(k, cos_sin, neox, n_rot, k_rot, 0, 1)
     cache_k[slot] = k_rot[0]
     cache_v[slot] = v[0]
-    n_keys = key_slots.size
-    keys = np.empty((n_keys, n_kv_heads, d_head), dtype=np.float32)
-    values = np.empty((n_keys, n_kv_heads, cache_v.shape[2]), dtype=np.float32)
+    n_keys, start = key_slots.size, key_slots[0]
+    in_order = True  # one run of slots (a sequence's blocks one after another): the cache itself, no copy
     for j in range(n_keys):
-        keys[j] = cache_k[key_slots[j]]
-        values[j] = cache_v[key_slots[j]]
+        in_order = in_order and key_slots[j] == start + j
+    if in_order:
+        keys, values = cache_k[start:start + n_keys], cache_v[start:start + n_keys]
+    else:
+        keys = np.empty((n_keys, n_kv_heads, d_head), dtype=np.float32)
+        values = np.empty((n_keys, n_kv_heads, cache_v.shape[2]), dtype=np.float32)
+        for j in range(n_keys):
+            keys[j] = cache_k[key_slots[j]]
+            values[j] = cache_v[key_slots[j]]
     unused = np.empty((0, 0, 0, 0), dtype=np.float32)  # the prefill lane layouts
     _attention(q_rot, keys, unused, values, unused, first, last, scale, n_heads // n_kv_heads, tinyblas, z, 0,
                n_heads)
