@@ -46,11 +46,28 @@ def cache_dir() -> Path:
 
 def configure() -> None:
     """Point numba's cache at ``cache_dir()`` when the package directory is not writable (numba's own fallback
-    would be a user-wide directory outside ``$ROCMFORGE_HOME``). A ``NUMBA_CACHE_DIR`` the user set wins."""
+    would be a user-wide directory outside ``$ROCMFORGE_HOME``). A ``NUMBA_CACHE_DIR`` the user set wins. Then
+    ``skip_blas_probe()``."""
     directory = cache_dir()
     if directory.name == "numba" and not numba.config.CACHE_DIR:
         directory.mkdir(parents=True, exist_ok=True)
         numba.config.CACHE_DIR = str(directory)
+    skip_blas_probe()
+
+
+def skip_blas_probe() -> None:
+    """Import ``numba.np.arraymath`` (which numba imports before it compiles or loads its first kernel) with its
+    BLAS probe failing: the probe imports ``scipy.linalg`` and scipy's own OpenBLAS, ~17 MiB resident, only to
+    learn whether ``np.dot`` may be compiled, and no kernel here calls BLAS. Nothing changes when scipy's BLAS
+    is already loaded (the probe then finds it)."""
+    probe = "scipy.linalg.cython_blas"
+    if probe in sys.modules or "numba.np.arraymath" in sys.modules:
+        return
+    sys.modules[probe] = None  # an import of it fails (ImportError) without importing scipy.linalg first
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        del sys.modules[probe]
 
 
 def _marker(key: Iterable[str]) -> Path:
