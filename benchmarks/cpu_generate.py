@@ -15,7 +15,9 @@ slower kernel on current numpy): the table names the BLAS kernel each worker ran
 
 The peer is the llama-cpp-python the venv imports, or ``--llama-cpp DIR``: another build of it installed with
 ``pip install --target DIR`` (e.g. one built for this CPU without AMX, whose kernels crash here); the table names
-the peer's CPU features (``llama_print_system_info``). ``--engines`` picks the engines to run.
+the peer's CPU features (``llama_print_system_info``). ``--engines`` picks the engines to run. ``--cpu-time`` times
+each engine by its process's CPU time instead of wall time: with ``--threads 1 --rocmforge-threads 1`` the steadier
+measure on a machine other jobs keep busy.
 
     env -u OPENBLAS_CORETYPE .venv/bin/python benchmarks/cpu_generate.py [--n-prompt 128] [--models gemma3-270m]
         [--engines "rocmforge cpu-exact" llama.cpp] [--llama-cpp /tmp/llama_avx512]
@@ -30,6 +32,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -44,7 +47,8 @@ def _prompt_ids(vocab: int, n_prompt: int) -> list[int]:
     return [int(i) for i in np.random.default_rng(0).integers(1000, min(vocab, 30000), n_prompt)]
 
 
-def run_rocmforge(name: str, threads: int, reps: int, n_prompt: int, device: str = "cpu") -> dict:
+def run_rocmforge(name: str, threads: int, reps: int, n_prompt: int, device: str = "cpu",
+                  clock: Callable[[], float] = time.perf_counter) -> dict:
     import rocmforge
     from rocmforge.cli.bench import measure_speed
 
@@ -55,11 +59,12 @@ def run_rocmforge(name: str, threads: int, reps: int, n_prompt: int, device: str
     model = rocmforge.load(name, device=device, n_ctx=max(1024, n_prompt + 8), n_threads=threads)
     if device == "cpu-exact":
         measure_speed(model, 16, 8, 1)  # compiles (or loads from numba's disk cache) the kernels for these shapes
-    speed = measure_speed(model, n_prompt, N_DECODE, reps)  # the same prompt ids as _prompt_ids
+    speed = measure_speed(model, n_prompt, N_DECODE, reps, clock)  # the same prompt ids as _prompt_ids
     return {"pp": speed["prefill_tok_s"], "tg": speed["decode_tok_s"]}
 
 
-def run_llama_cpp(name: str, threads: int, reps: int, n_prompt: int) -> dict:
+def run_llama_cpp(name: str, threads: int, reps: int, n_prompt: int,
+                  clock: Callable[[], float] = time.perf_counter) -> dict:
     import llama_cpp
     from llama_cpp import Llama
 
@@ -72,30 +77,31 @@ def run_llama_cpp(name: str, threads: int, reps: int, n_prompt: int) -> dict:
     pp, tg = [], []
     for _ in range(reps):
         llm.reset()
-        start = time.perf_counter()
+        start = clock()
         llm.eval(ids)
-        pp.append(n_prompt / (time.perf_counter() - start))
+        pp.append(n_prompt / (clock() - start))
     for _ in range(reps):
         llm.reset()
         llm.eval(ids[:1])
         token = int(np.argmax(llm.scores[0]))
-        start = time.perf_counter()
+        start = clock()
         for _ in range(N_DECODE):
             llm.eval([token])
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        tg.append(N_DECODE / (time.perf_counter() - start))
+        tg.append(N_DECODE / (clock() - start))
     features = llama_cpp.llama_print_system_info().decode().replace("CPU :", "").split("|")
     return {"pp": max(pp), "tg": max(tg),
             "build": " ".join(f.split("=")[0].strip() for f in features if f.strip().endswith("= 1"))}
 
 
-def worker(engine: str, name: str, threads: int, reps: int, n_prompt: int) -> None:
+def worker(engine: str, name: str, threads: int, reps: int, n_prompt: int, cpu_time: bool = False) -> None:
     """Run one engine on one model in this process and print its numbers as JSON."""
+    clock = time.process_time if cpu_time else time.perf_counter
     if engine == "llama.cpp":
-        result = run_llama_cpp(name, threads, reps, n_prompt)
+        result = run_llama_cpp(name, threads, reps, n_prompt, clock)
     else:
         device = "cpu-exact" if engine.endswith("cpu-exact") else "cpu"
-        result = run_rocmforge(name, threads, reps, n_prompt, device=device)
+        result = run_rocmforge(name, threads, reps, n_prompt, device=device, clock=clock)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if engine == "rocmforge":
         result["blas"] = _blas()
@@ -129,11 +135,14 @@ def main() -> None:
     parser.add_argument("--n-prompt", type=int, default=512, help="prefill prompt length (the pp column)")
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     parser.add_argument("--llama-cpp", type=Path, help="a llama-cpp-python installed with pip --target DIR (the peer)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time by this process's CPU time, not wall time (with --threads 1: steadier on a busy "
+                             "machine, where a waiting thread's time does not count)")
     parser.add_argument("--write", action="store_true", help="replace the CPU generation section of BENCHMARKS.md")
     parser.add_argument("--worker", nargs=2, metavar=("ENGINE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], args.worker[1], args.threads, args.reps, args.n_prompt)
+        worker(args.worker[0], args.worker[1], args.threads, args.reps, args.n_prompt, args.cpu_time)
         return
     if "llama.cpp" not in args.engines:
         parser.error("--engines needs llama.cpp: every ratio is against it")
@@ -149,7 +158,8 @@ def main() -> None:
             for engine in args.engines:
                 threads = args.rocmforge_threads if engine.startswith("rocmforge") else args.threads
                 out = subprocess.run([sys.executable, __file__, "--worker", engine, name, "--threads", str(threads),
-                                      "--reps", str(args.reps), "--n-prompt", str(args.n_prompt)],
+                                      "--reps", str(args.reps), "--n-prompt", str(args.n_prompt),
+                                      *(["--cpu-time"] if args.cpu_time else [])],
                                      capture_output=True, text=True, check=True,
                                      env=peer_env if engine == "llama.cpp" else None)
                 run = json.loads(out.stdout.strip().splitlines()[-1])
@@ -158,14 +168,14 @@ def main() -> None:
                 best.update({key: max(best[key], run[key]) for key in ("pp", "tg")},
                             peak_rss_mib=max(best["peak_rss_mib"], run["peak_rss_mib"]))
     table = _markdown(rows, args.models, args.engines, args.n_prompt, args.threads, args.rocmforge_threads,
-                      args.reps * args.rounds)
+                      args.reps * args.rounds, args.cpu_time)
     print(table)
     if args.write:
         _write_section(table)
 
 
 def _markdown(rows: dict, models: list[str], engines: list[str], n_prompt: int, threads: int, rocmforge_threads: int,
-              reps: int) -> str:
+              reps: int, cpu_time: bool = False) -> str:
     pp, tg = f"pp{n_prompt}", f"tg{N_DECODE}"
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     blas = rows[models[0], "rocmforge"]["blas"] if "rocmforge" in engines else "not run"
@@ -182,6 +192,7 @@ def _markdown(rows: dict, models: list[str], engines: list[str], n_prompt: int, 
         f"arithmetic in numba kernels; llama.cpp is llama-cpp-python with its own quantized kernels. {pp}: "
         f"{n_prompt}-token prompt; {tg}: {N_DECODE} greedy tokens from a 1-token prompt; best of {reps} runs (the "
         "engines alternating); "
+        f"{'tokens per second of CPU time (process_time); ' if cpu_time else ''}"
         "peak RSS (the highest seen) of a process that loads the model and runs both.",
         "",
         f"| model | engine | {pp} tok/s | {tg} tok/s | peak RSS MiB | pp vs llama.cpp | tg vs llama.cpp "
