@@ -95,7 +95,14 @@ class CpuBackend:
         self._arena = _Arena()
 
     def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
-        return np.zeros(shape, dtype=np.float32)
+        """float32 zeros; from 128 KiB on (the KV pools) an anonymous memory map, whose pages become resident only
+        when written. (np.zeros may be given heap memory that calloc must clear, all of it resident at once:
+        glibc serves allocations up to 32 MiB from the heap once large arrays have come and gone.)"""
+        size = int(np.prod(shape))
+        if size * 4 < 128 << 10:
+            return np.zeros(shape, dtype=np.float32)
+        pages = mmap.mmap(-1, size * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # a forked child gets a copy
+        return np.frombuffer(pages, dtype=np.float32).reshape(shape)
 
     def from_host(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x, dtype=np.float32)
