@@ -214,6 +214,22 @@ def _operands(context, builder: ir.IRBuilder, signature, args, layout: BlockLayo
     return weight, pointer(n), args[n + 1], pointer(n + 2), args[n + 3], corr
 
 
+# how far ahead of the block being read a decode matvec asks for the weight bytes: a decode step streams every
+# weight once, and the hardware prefetcher alone left it waiting on memory (a 3072x576 Q4_1 matvec over 40
+# weights not in cache, this Intel Xeon: 101.7 -> 76.1 us median, 4096 bytes ahead; 2048: 76.2, 8192: 71.5)
+PREFETCH_BYTES = 4096
+
+
+def prefetch(builder: ir.IRBuilder, pointer: ir.Value, index: ir.Value, ahead: int) -> None:
+    """IR: ``llvm.prefetch`` (read, keep in all cache levels) of ``pointer[index + ahead]``: a hint, never a fault,
+    so it may point past the end."""
+    byte_pointer = ir.IntType(8).as_pointer()
+    signature = ir.FunctionType(ir.VoidType(), [byte_pointer, _I32, _I32, _I32])
+    fn = cgutils.get_or_insert_function(builder.module, signature, "llvm.prefetch.p0")
+    address = builder.bitcast(builder.gep(pointer, [builder.add(index, ir.Constant(index.type, ahead))]), byte_pointer)
+    builder.call(fn, [address, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
 def _row_dot(layout: BlockLayout, n_rows: int):
     """The lane dot of one row of ``layout`` blocks with ``n_rows`` consecutive activation rows: each weight block is
     loaded once for all of them. (Interleaving weight rows instead made a decode step's large matmuls slower:
@@ -227,6 +243,8 @@ def _row_dot(layout: BlockLayout, n_rows: int):
         accs = [cgutils.alloca_once_value(builder, ir.Constant(V8F32, None)) for _ in range(n_rows)]
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
+            if layout is not UNPACKED:
+                prefetch(builder, weight[0], offset(builder, weight[1], b, layout.block_bytes), PREFETCH_BYTES)
             q_bytes, w_d = _weight_block(builder, layout, weight, b)
             for r, acc in enumerate(accs):
                 rb = builder.add(row[r], b)  # block b of row r
