@@ -87,13 +87,19 @@ def _field_value(field: ReaderField) -> Any:
 
 
 class LazyMetadata(dict):
-    """Metadata dict whose values are decoded on first access (string arrays are the slow part)."""
+    """Metadata dict whose values are decoded on first access (string arrays are the slow part) and kept, except
+    ``READ_ONCE`` keys, decoded on every access: the BPE merges are read once, by the tokenizer, which keeps its own
+    form of them (SmolLM2's 48,900 as a list: 4 MiB for the life of the model)."""
+
+    READ_ONCE = frozenset({"tokenizer.ggml.merges"})
 
     def __init__(self, fields: dict[str, ReaderField]):
         super().__init__()
         self._fields = fields
 
     def __getitem__(self, key: str) -> Any:
+        if key in self.READ_ONCE:
+            return _field_value(self._fields[key])
         if not dict.__contains__(self, key):
             dict.__setitem__(self, key, _field_value(self._fields[key]))
         return dict.__getitem__(self, key)
