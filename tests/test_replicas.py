@@ -1,6 +1,6 @@
-"""``rocmforge serve --replicas``: the router and two CPU engines (Ray Serve's local testing mode: every deployment
-in this process, no cluster) behind a live HTTP endpoint, checked with the ``openai`` client against the plain
-server (the same ``build_app``); an engine that fails mid-request gives its clients a clear error."""
+"""``rocmforge serve --replicas``'s routing pieces in-process: ``ProxyFront`` (what Ray's proxy runs in front of its
+routing) over a stand-in for the proxy, behind a live HTTP endpoint, and ``AffinityRouter``'s ranking. The whole
+path (Ray's proxy, two engines, a killed engine) is ``test_replicas_cluster.py``."""
 from __future__ import annotations
 
 import asyncio
@@ -12,14 +12,23 @@ import pytest
 
 from conftest import require_distributed
 from live_server import live_server
-from replica_clients import (KEY, assert_two_replicas_give_the_plain_texts, no_end, options,  # noqa: F401 (fixtures)
-                             plain_url)
 
-class HandleApp:
-    """What Ray Serve's HTTP proxy does, in-process: each request (body read first) goes to the router's handle."""
+require_distributed("ray")
 
-    def __init__(self, handle):
-        self.handle = handle
+from ray.serve._private.common import RequestMetadata  # noqa: E402 - after the check that Ray is installed
+from ray.serve.request_router import PendingRequest  # noqa: E402
+
+from rocmforge.server import replica_routing  # noqa: E402
+from rocmforge.server.replica_routing import (AffinityRouter, ProxyFront, affinity_key, key_digest,  # noqa: E402
+                                              rendezvous_order)
+
+
+class StandInProxy:
+    """Answers like Ray's proxy: records what reached it; ``dies_after`` stream events, the engine "dies" (the
+    proxy logs it and ends the response unfinished) and the router had noted ``engine1`` for the request."""
+
+    def __init__(self, dies_after: int | None = None, stream: bool = False):
+        self.dies_after, self.stream, self.seen = dies_after, stream, []
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -27,139 +36,109 @@ class HandleApp:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
-        from starlette.requests import Request
-
-        body = await Request(scope, receive).body()
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.Event().wait()  # never a disconnect: the test clients stay
-
-        response = await self.handle.remote(Request(scope, replay))
-        await response(scope, replay, send)
-
-
-@pytest.fixture(scope="module")
-def replicas_url(options):
-    require_distributed("ray")
-    from ray import serve
-
-    from rocmforge.server.replicas import APP_NAME, build_application
-
-    handle = serve.run(build_application(options, 2, {"num_cpus": 1}), name=APP_NAME, route_prefix="/",
-                       _local_testing_mode=True)
-    with live_server(HandleApp(handle)) as url:
-        yield url
-
-
-def test_two_replicas_serve_16_clients_the_plain_servers_texts(replicas_url, plain_url, no_end) -> None:
-    assert_two_replicas_give_the_plain_texts(replicas_url, plain_url, no_end)
-
-
-def test_routes_auth_and_errors_are_the_plain_servers(replicas_url, plain_url) -> None:
-    auth = {"Authorization": f"Bearer {KEY}"}
-    cases = [("GET", "/health", None, {}), ("GET", "/v1/models", None, {}), ("GET", "/v1/models", None, auth),
-             ("POST", "/v1/completions", {"prompt": "x", "max_tokens": -1}, auth),
-             ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 1}, {"Authorization": "Bearer wrong"}),
-             ("POST", "/v1/embeddings", {"input": "x"}, auth), ("GET", "/v1/context/search?q=x", None, auth),
-             ("GET", "/no/such/route", None, auth)]
-    for method, path, body, headers in cases:
-        want = httpx.request(method, plain_url + path, json=body, headers=headers, timeout=120)
-        got = httpx.request(method, replicas_url + path, json=body, headers=headers, timeout=120)
-        assert (got.status_code, got.json()) == (want.status_code, want.json()), (method, path)
-    too_big = httpx.post(f"{replicas_url}/v1/completions", content=b"x" * (2 << 20),
-                         headers={**auth, "Content-Type": "application/json"}, timeout=120)
-    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "body_too_large"
-
-
-def test_a_conversation_stays_on_one_replica(replicas_url) -> None:
-    client = openai.OpenAI(base_url=f"{replicas_url}/v1", api_key=KEY, max_retries=0, timeout=600)
-    for opening in ("Tell me about owls.", "Tell me about bees.", "Tell me about rivers.", "Tell me about maps."):
-        messages = [{"role": "user", "content": opening}]
-        seen = set()
-        for turn in range(3):
-            raw = client.chat.completions.with_raw_response.create(model="m", messages=messages, max_tokens=3,
-                                                                   temperature=0)
-            seen.add(raw.headers["x-rocmforge-replica"])
-            messages += [{"role": "assistant", "content": raw.parse().choices[0].message.content},
-                         {"role": "user", "content": f"And then? ({turn})"}]
-        assert len(seen) == 1, opening
-    from rocmforge.server.replicas import rendezvous_order
-
-    pinned = next(f"s{i}" for i in range(100) if rendezvous_order(f"session:s{i}", 2)[0] == 1)
-    for prompt in ("one", "two", "three"):
-        raw = client.completions.with_raw_response.create(model="m", prompt=prompt, max_tokens=1,
-                                                          extra_headers={"X-Session-ID": pinned})
-        assert raw.headers["x-rocmforge-replica"] == "engine1"
-
-
-def _dying_engine(stream_pieces: int):
-    """A deployment that answers like an engine and dies mid-answer, as a killed replica looks to the router."""
-    from ray import serve
-    from ray.exceptions import ActorDiedError
-
-    @serve.deployment(name="engine0")
-    class DyingEngine:
-        async def asgi(self, scope, body):
-            stream = json.loads(body).get("stream", False)
-            kind = b"text/event-stream" if stream else b"application/json"
-            yield {"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind)]}
+        body, more = b"", True
+        while more:  # the whole body, as the engine reads it
+            message = await receive()
+            body, more = body + message["body"], message.get("more_body", False)
+        headers = dict(scope["headers"])
+        self.seen.append((headers.get(b"x-session-id", b"").decode(), body, headers[b"x-request-id"].decode(),
+                          [k for k, _ in scope["headers"]].count(b"x-session-id")))
+        replica_routing._ROUTED[headers[b"x-request-id"].decode()] = "engine1"  # AffinityRouter.on_request_routed
+        if self.dies_after is None:
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"whole"})
+            return
+        if self.stream:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream"), (b"x-rocmforge-replica", b"engine1")]})
             piece = {"choices": [{"index": 0, "text": "x", "logprobs": None, "finish_reason": None}]}
-            for _ in range(stream_pieces if stream else 0):
-                yield {"type": "http.response.body", "body": f"data: {json.dumps(piece)}\n\n".encode(),
-                       "more_body": True}
-            raise ActorDiedError()
-
-    return DyingEngine
+            for _ in range(self.dies_after):
+                await send({"type": "http.response.body", "body": f"data: {json.dumps(piece)}\n\n".encode(),
+                            "more_body": True})
 
 
-@pytest.fixture(scope="module")
-def half_dead(options):
-    """engine0 dies in every answer, engine1 is a real engine."""
-    from ray import serve
+def test_the_front_hands_serve_the_affinity_key_and_the_body_as_it_came() -> None:
+    proxy = StandInProxy()
+    with live_server(ProxyFront(proxy)) as url:
+        chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "More"}]}
+        answers = [httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30),
+                   httpx.post(f"{url}/v1/completions", json={"prompt": "p" * 300}, timeout=30),
+                   httpx.post(f"{url}/v1/completions", json={"prompt": "q"}, headers={"X-Session-ID": "alice"},
+                              timeout=30),
+                   httpx.get(f"{url}/v1/models", timeout=30)]
+    assert [(a.status_code, a.text) for a in answers] == [(200, "whole")] * 4
+    assert not replica_routing._ROUTED  # the front forgets every request's engine when it ends
+    keys = [affinity_key({}, json.dumps(chat).encode()), "prompt:" + "p" * 256, "session:alice", None]
+    assert keys[0] == "chat:" + json.dumps(chat["messages"][:2], sort_keys=True)
+    sent = [chat, {"prompt": "p" * 300}, {"prompt": "q"}, None]
+    for (session, body, request_id, n_headers), key, payload in zip(proxy.seen, keys, sent):
+        assert session == (key_digest(key) if key else "") and n_headers == (key is not None)
+        assert (json.loads(body) if body else None) == payload
+    assert len({request_id for _, _, request_id, _ in proxy.seen}) == 4  # the router's notes, one per request
 
-    from rocmforge.server.replicas import EngineReplica, Router
 
-    app = Router.bind(_dying_engine(2).bind(), EngineReplica.options(name="engine1").bind(options))
-    handle = serve.run(app, name="half-dead", route_prefix="/half-dead", _local_testing_mode=True)
-    with live_server(HandleApp(handle)) as url:
-        yield url
+def test_the_clients_request_id_is_kept() -> None:
+    proxy = StandInProxy()
+    with live_server(ProxyFront(proxy)) as url:
+        answer = httpx.get(f"{url}/v1/models", headers={"X-Request-ID": "mine"}, timeout=30)
+    assert answer.status_code == 200 and proxy.seen[0][2] == "mine"
+
+def test_a_long_body_reaches_the_app_whole() -> None:
+    """The front reads no further than the limit for the key; the rest follows as it came (the engine's own
+    check answers 413: the cluster test sees it; another app on the proxy gets its whole upload)."""
+    proxy = StandInProxy()
+    with live_server(ProxyFront(proxy)) as url:
+        httpx.post(f"{url}/v1/completions", content=b"x" * (3 << 20), timeout=60)
+    assert proxy.seen[0][1] == b"x" * (3 << 20)
+
+def test_an_engine_that_dies_before_answering_gives_a_clear_503() -> None:
+    with live_server(ProxyFront(StandInProxy(dies_after=0))) as url:
+        response = httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, timeout=30)
+    assert response.status_code == 503 and response.headers["x-rocmforge-replica"] == "engine1"
+    error = response.json()["error"]
+    assert error["code"] == "replica_failed" and "engine1" in error["message"] and "retried" in error["message"]
 
 
-def test_a_stream_cut_by_a_dying_engine_ends_with_an_error_event(half_dead, no_end, monkeypatch) -> None:
-    from rocmforge.server import replicas as module
-    from rocmforge.server.replicas import rendezvous_order
-
-    monkeypatch.setattr(module, "DOWN_SECONDS", 0.0)  # engine0 keeps getting its sessions (the next test needs it)
-    doomed = next(f"s{i}" for i in range(100) if rendezvous_order(f"session:s{i}", 2)[0] == 0)
-    client = openai.OpenAI(base_url=f"{half_dead}/v1", api_key=KEY, max_retries=0, timeout=600)
-    stream = client.completions.create(model="m", prompt="Count to ten:", max_tokens=8, temperature=0, stream=True,
-                                       logit_bias=no_end, extra_headers={"X-Session-ID": doomed})
-    texts = []
-    with pytest.raises(openai.APIError, match="engine0 failed while answering"):
-        for chunk in stream:
-            texts.append(chunk.choices[0].text)
+def test_a_stream_cut_by_a_dying_engine_ends_with_an_error_event() -> None:
+    with live_server(ProxyFront(StandInProxy(dies_after=2, stream=True))) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, timeout=60)
+        texts = []
+        with pytest.raises(openai.APIError, match="engine1 failed while answering"):
+            for chunk in client.completions.create(model="m", prompt="Count:", max_tokens=8, stream=True):
+                texts.append(chunk.choices[0].text)
     assert texts == ["x", "x"]  # what the engine sent before it died reached the client
 
 
-def test_a_dying_engine_gives_clear_errors_and_the_other_keeps_serving(half_dead, no_end) -> None:
-    """Plain and streaming requests on a dying engine fail with replica_failed (never a hang); the router then
-    sends that engine's sessions to the other engine, which answers."""
-    from rocmforge.server.replicas import rendezvous_order
+class FakeReplica:
+    def __init__(self, name: str):
+        self.replica_metadata = {"name": name}
 
-    doomed = next(f"s{i}" for i in range(100) if rendezvous_order(f"session:s{i}", 2)[0] == 0)
-    headers = {"Authorization": f"Bearer {KEY}", "X-Session-ID": doomed}
-    body = {"prompt": "Count to ten:", "max_tokens": 4, "temperature": 0, "logit_bias": no_end}
-    plain = httpx.post(f"{half_dead}/v1/completions", json=body, headers=headers, timeout=300)
-    assert plain.status_code == 503 and plain.headers["x-rocmforge-replica"] == "engine0"
-    error = plain.json()["error"]
-    assert error["code"] == "replica_failed" and "engine0" in error["message"] and "retried" in error["message"]
-    # engine0 is now marked down: its session goes to engine1, which answers in full
-    client = openai.OpenAI(base_url=f"{half_dead}/v1", api_key=KEY, max_retries=0, timeout=600)
-    raw = client.completions.with_raw_response.create(model="m", prompt="Hello", max_tokens=2, temperature=0,
-                                                      extra_headers={"X-Session-ID": doomed})
-    assert raw.headers["x-rocmforge-replica"] == "engine1" and raw.parse().choices[0].text
+
+def _choose(candidates: list[FakeReplica], session: str) -> tuple[list[list[str]], bool]:
+    """AffinityRouter's ranks for a request with this session id (its state is not used), and its backoff flag."""
+    async def run():
+        request = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(request_id="r", internal_request_id="i",
+                                                                               session_id=session))
+        ranks = await AffinityRouter.choose_replicas(None, candidates, request)
+        return [[r.replica_metadata["name"] for r in rank] for rank in ranks], request.routing_context.should_backoff
+
+    return asyncio.run(run())
+
+
+def test_the_router_ranks_engines_by_rendezvous_hashing_of_the_key() -> None:
+    engines = [FakeReplica(f"engine{i}") for i in range(4)]
+    for i in range(20):
+        digest = key_digest(f"session:s{i}")
+        ranks, backoff = _choose(engines, digest)
+        order = rendezvous_order(digest, [f"engine{j}" for j in range(4)])
+        assert ranks == [[name] for name in order] and backoff
+        assert _choose(engines[::-1], digest)[0] == ranks  # whatever order Serve lists them in
+        down = [e for e in engines if e.replica_metadata["name"] != order[0]]
+        assert _choose(down, digest)[0] == [[name] for name in order[1:]]  # only the dead engine's keys move
+    assert {_choose(engines, key_digest(f"k{i}"))[0][0][0] for i in range(40)} == {f"engine{i}" for i in range(4)}
+
+
+def test_a_request_without_a_key_may_go_to_any_engine() -> None:
+    engines = [FakeReplica("engine0"), FakeReplica("engine1")]
+    assert _choose(engines, "") == ([["engine0", "engine1"]], False)  # Serve takes the shortest queue
