@@ -338,21 +338,32 @@ class Server:
     async def _sse(self, first: tuple[int, Event], events: _Events, jobs: list[GenerationRequest],
                    answer: _Answer) -> AsyncIterator[str]:
         """``data: {chunk}`` lines; each choice's last chunk has its finish_reason (the very last one the usage),
-        then ``data: [DONE]``."""
+        then ``data: [DONE]``. The lines of every event already waiting go out as one write: a token's chunk with
+        the finish and ``[DONE]`` that follow it, or the tokens that queued while the loop was busy (each write
+        is a message through Ray Serve's proxy under ``serve --replicas``)."""
         try:
-            for chunk in answer.opening_chunks():
-                yield _sse_line(chunk)
+            lines = [_sse_line(chunk) for chunk in answer.opening_chunks()]
             item: tuple[int, Event] | _Disconnected = first
             while True:
-                if isinstance(item, _Disconnected):
-                    return
-                if isinstance(item[1], Failed):
-                    yield _sse_line(error_body(500, item[1].message, code="engine_error"))
-                    return
-                for chunk in answer.take(*item):
-                    yield _sse_line(chunk)
-                if answer.done:
-                    yield "data: [DONE]\n\n"
+                end = False
+                while True:
+                    if isinstance(item, _Disconnected):
+                        return
+                    if isinstance(item[1], Failed):
+                        lines.append(_sse_line(error_body(500, item[1].message, code="engine_error")))
+                        end = True
+                    else:
+                        lines += [_sse_line(chunk) for chunk in answer.take(*item)]
+                        if answer.done:
+                            lines.append("data: [DONE]\n\n")
+                            end = True
+                    if end or events.queue.empty():
+                        break
+                    item = events.queue.get_nowait()
+                if lines:
+                    yield "".join(lines)
+                    lines = []
+                if end:
                     return
                 item = await events.queue.get()
         finally:  # the client went away, or we are done: either way no sequence may keep its blocks
