@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import logging
 import uuid
 from typing import Any
 
@@ -33,8 +32,6 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from starlette.middleware import Middleware
 
 from rocmforge.server.errors import error_body
-
-log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-rocmforge-replica"
 SESSION_HEADER = "x-session-id"  # the client's; also where Ray's proxy reads a session id (its default name)
