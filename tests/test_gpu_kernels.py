@@ -393,6 +393,18 @@ def test_gelu(gpu, n):
     assert rel_err(gpu.to_host(gpu.gelu(gpu.from_host(x))), gelu(x)) < 1e-6
 
 
+def test_encoder_linear_gelu_bias_and_residual_norm(gpu):
+    """The encoder's biased forms (linear, gelu of x + bias, layer norm of x + residual) against the twins."""
+    x, bias, residual, w = f32(40, 64), f32(64), f32(40, 64), f32(64)
+    tensor = random_weight(Q.F32, 64, 64)
+    linear = gpu.to_host(gpu.linear(gpu.from_host(x), gpu.load_weight(tensor), gpu.from_host(bias)))
+    assert rel_err(linear, x @ dequantize(tensor.raw, Q.F32).reshape(64, 64).T + bias) < 2e-6
+    assert rel_err(gpu.to_host(gpu.gelu(gpu.from_host(x), bias=gpu.from_host(bias))), gelu(x, bias)) < 1e-6
+    got = gpu.to_host(gpu.layer_norm(gpu.from_host(x), gpu.from_host(w), gpu.from_host(bias), 1e-12,
+                                     residual=gpu.from_host(residual)))
+    assert rel_err(got, layer_norm(x, w, bias, 1e-12, residual)) < 2e-6
+
+
 @pytest.mark.parametrize("d_head", [32, 64])
 @pytest.mark.parametrize("lengths", [[1], [5, 64, 65, 1, 256], [200] * 9])
 def test_encoder_attention(gpu, d_head, lengths):

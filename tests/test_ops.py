@@ -204,12 +204,44 @@ def test_layer_norm_matches_float64(rng):
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
 
 
+def test_layer_norm_of_a_residual_sum_matches_float64(rng):
+    x, residual = ((rng.standard_normal((37, 384)) * 3 + 5).astype(np.float32) for _ in range(2))
+    w, b = rng.standard_normal(384).astype(np.float32), rng.standard_normal(384).astype(np.float32)
+    total = x.astype(np.float64) + residual
+    ref = (total - total.mean(-1, keepdims=True)) / np.sqrt(total.var(-1, keepdims=True) + 1e-12) * w + b
+    np.testing.assert_allclose(layer_norm(x, w, b, 1e-12, residual=residual), ref, rtol=2e-5, atol=2e-5)
+
+
 def test_gelu_is_exact_erf_gelu(rng):
     x = (rng.standard_normal(10_000) * 4).astype(np.float32)
     ref = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
     np.testing.assert_allclose(gelu(x), ref, rtol=1e-6, atol=1e-7)
     tanh_form = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
     assert np.abs(gelu(x) - tanh_form).max() > 1e-4  # not the tanh approximation
+
+
+def test_gelu_adds_its_bias_first(rng):
+    x = (rng.standard_normal((30, 64)) * 4).astype(np.float32)
+    bias = (rng.standard_normal(64) * 4).astype(np.float32)
+    shifted = (x.astype(np.float64) + bias).ravel()
+    ref = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in shifted]).reshape(x.shape)
+    np.testing.assert_allclose(gelu(x, bias=bias), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_vector_exp_is_within_an_ulp_of_exp():
+    import numba
+
+    from rocmforge.ops.vector_exp import exp_f32
+
+    @numba.njit
+    def exp_all(x, out):
+        for i in range(x.size):
+            out[i] = exp_f32(x[i])
+
+    x = np.linspace(-87, 88, 200_001).astype(np.float32)
+    out = np.empty_like(x)
+    exp_all(x, out)
+    np.testing.assert_allclose(out, np.exp(x.astype(np.float64)), rtol=1.2e-7)  # float32's ulp is 6e-8 to 1.2e-7
 
 
 def test_encoder_attention_matches_padded_masked_attention(rng):
@@ -225,6 +257,22 @@ def test_encoder_attention_matches_padded_masked_attention(rng):
             p = np.exp(scores - scores.max(1, keepdims=True))
             ref = (p / p.sum(1, keepdims=True)) @ v[rows, cols]
             np.testing.assert_allclose(got[rows, cols], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_attention_of_long_and_peaked_sequences(rng):
+    """Sequences up to 256 tokens (a BERT window) and scores far apart, against the float64 textbook formula."""
+    lengths, heads, d_head = [256, 3, 130], 2, 32
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    q, k, v = ((rng.standard_normal((offsets[-1], heads * d_head)) * 3).astype(np.float32) for _ in range(3))
+    got = encoder_attention(q, k, v, offsets, heads, 0.5)
+    for s in range(len(lengths)):
+        rows = slice(offsets[s], offsets[s + 1])
+        for h in range(heads):
+            cols = slice(h * d_head, (h + 1) * d_head)
+            scores = q[rows, cols].astype(np.float64) @ k[rows, cols].T * 0.5
+            p = np.exp(scores - scores.max(1, keepdims=True))
+            np.testing.assert_allclose(got[rows, cols], (p / p.sum(1, keepdims=True)) @ v[rows, cols],
+                                       rtol=1e-4, atol=1e-4)  # scores up to ~30: float32 rounding
 
 
 

@@ -126,19 +126,20 @@ class BertEncoder:
         return ops.to_host(h)[:n]
 
     def _linear(self, x: Any, name: str) -> Any:
-        return self.ops.add(self.ops.matmul(x, self.w[name + ".weight"]), self.w[name + ".bias"])
+        return self.ops.linear(x, self.w[name + ".weight"], self.w[name + ".bias"])
 
     def _layer(self, h: Any, offsets: np.ndarray, p: str) -> Any:
         ops, w, cfg = self.ops, self.w, self.config
         q, k, v = (self._linear(h, p + f"attention.self.{name}") for name in ("query", "key", "value"))
         context = ops.encoder_attention(q, k, v, offsets, cfg.num_heads,
                                         1.0 / float(np.sqrt(cfg.hidden_size // cfg.num_heads)))
-        h = ops.layer_norm(ops.add(h, self._linear(context, p + "attention.output.dense")),
+        h = ops.layer_norm(self._linear(context, p + "attention.output.dense"),
                            w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"],
-                           cfg.layer_norm_eps)
-        ffn = self._linear(ops.gelu(self._linear(h, p + "intermediate.dense")), p + "output.dense")
-        return ops.layer_norm(ops.add(h, ffn), w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"],
-                              cfg.layer_norm_eps)
+                           cfg.layer_norm_eps, residual=h)
+        up = p + "intermediate.dense"
+        ffn = self._linear(ops.gelu(ops.matmul(h, w[up + ".weight"]), bias=w[up + ".bias"]), p + "output.dense")
+        return ops.layer_norm(ffn, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"],
+                              cfg.layer_norm_eps, residual=h)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Texts -> unit-length sentence vectors [n, hidden] (float32): mean over each text's tokens, then L2."""

@@ -47,6 +47,8 @@ class Backend(Protocol):
     # --- ops -----------------------------------------------------------------------------------------------
     def embedding(self, table: Weight, tokens: np.ndarray) -> Array: ...
     def matmul(self, x: Array, weight: Weight) -> Array: ...
+    def linear(self, x: Array, weight: Weight, bias: Array) -> Array:
+        """``matmul(x, weight)`` plus a bias vector on every row (an encoder's biased projections)."""
     def add(self, a: Array, b: Array) -> Array:
         """Elementwise ``a + b``; ``b`` may be a bias vector broadcast over rows."""
     def scale(self, x: Array, factor: float) -> Array: ...
@@ -58,10 +60,11 @@ class Backend(Protocol):
     def geglu(self, gate: Array, up: Array) -> Array: ...
     def softcap(self, x: Array, cap: float) -> Array: ...
     def take_rows(self, x: Array, rows: np.ndarray | slice) -> Array: ...
-    def layer_norm(self, x: Array, weight: Array, bias: Array, eps: float) -> Array:
-        """Encoders (BERT): zero mean, unit variance over the last axis, then ``* weight + bias``."""
-    def gelu(self, x: Array) -> Array:
-        """The exact (erf) GELU, elementwise."""
+    def layer_norm(self, x: Array, weight: Array, bias: Array, eps: float, residual: Array | None = None) -> Array:
+        """Encoders (BERT): zero mean, unit variance over the last axis of ``x`` (of ``x + residual`` if given),
+        then ``* weight + bias``."""
+    def gelu(self, x: Array, bias: Array | None = None) -> Array:
+        """The exact (erf) GELU, elementwise, of ``x`` (of ``x + bias``, a vector over the last axis, if given)."""
     def encoder_attention(self, q: Array, k: Array, v: Array, offsets: np.ndarray, n_heads: int,
                           scale: float) -> Array:
         """Bidirectional attention over packed sequences (``offsets``: where each starts) -> ``[n, heads * d]``."""

@@ -180,6 +180,13 @@ class CpuBackend:
             last = self._last_group = (x, weight.group, matmul(x, weight.group))
         return last[2][:, weight.rows]
 
+    def linear(self, x: np.ndarray, weight: CpuWeight, bias: np.ndarray) -> np.ndarray:
+        product = self.matmul(x, weight)
+        if weight.group is not None:  # perhaps a view of the group's shared product: not this call's to write
+            return add(product, bias)
+        product += bias  # the product is this call's own new array: the bias goes in without a second one
+        return product
+
     def _rounded(self, x: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
         # q/k/v (and gate/up) multiply the same x: round it once per activation format, not once per weight
         fmt = ACTIVATION_FORMAT.get(ggml_type, ggml_type)
@@ -199,11 +206,12 @@ class CpuBackend:
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         return rms_norm(x, weight, eps)
 
-    def layer_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
-        return layer_norm(x, weight, bias, eps)
+    def layer_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
+                   residual: np.ndarray | None = None) -> np.ndarray:
+        return layer_norm(x, weight, bias, eps, residual)
 
-    def gelu(self, x: np.ndarray) -> np.ndarray:
-        return gelu(x)
+    def gelu(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        return gelu(x, bias)
 
     def encoder_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, offsets: np.ndarray, n_heads: int,
                           scale: float) -> np.ndarray:

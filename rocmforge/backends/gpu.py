@@ -188,6 +188,9 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits, GpuLaunches, DecodeGraphs):
         group.items.append((weight, out))
         return out
 
+    def linear(self, x: DeviceArray, weight: GpuWeight, bias: DeviceArray) -> DeviceArray:
+        return self.add(self.matmul(x, weight), bias)  # the add kernel broadcasts the bias over the rows
+
     def add(self, a: DeviceArray, b: DeviceArray) -> DeviceArray:
         g = self._pending
         if isinstance(g, PendingNorm) and g.sum is None:  # a residual behind a norm: the norm's launch adds it
@@ -314,14 +317,19 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits, GpuLaunches, DecodeGraphs):
         return out
 
     # --- encoder (BERT) ops -----------------------------------------------------------------------------------
-    def layer_norm(self, x: DeviceArray, weight: DeviceArray, bias: DeviceArray, eps: float) -> DeviceArray:
+    def layer_norm(self, x: DeviceArray, weight: DeviceArray, bias: DeviceArray, eps: float,
+                   residual: DeviceArray | None = None) -> DeviceArray:
+        if residual is not None:
+            x = self.add(x, residual)
         d = x.shape[-1]
         out = self._empty(x.shape)
         self._launch("layer_norm", "layer_norm", (x.size // d,), 128,
                      [ptr(x.address), ptr(weight.address), ptr(bias.address), ptr(out.address), i32(d), f32(eps)])
         return out
 
-    def gelu(self, x: DeviceArray) -> DeviceArray:
+    def gelu(self, x: DeviceArray, bias: DeviceArray | None = None) -> DeviceArray:
+        if bias is not None:
+            x = self.add(x, bias)
         out = self._empty(x.shape)
         self._launch("gelu", "gelu", self._elementwise_grid(x.size), 256, [ptr(x.address), ptr(out.address), i64(x.size)])
         return out

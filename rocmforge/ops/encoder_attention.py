@@ -2,15 +2,89 @@
 
 Sequences of different lengths sit one after another in ``[n_tokens, heads * d_head]`` rows (no padding);
 ``offsets`` (``[n_seq + 1]``) says where each starts. Every token attends to every token of its own sequence.
+
+On the CPU one numba kernel runs every (head, sequence) pair, spread over the cores; each pair is two BLAS
+products and a softmax between them:
+- BLAS (SciPy's, the one numba's ``np.dot`` calls, one thread per call: the pairs fill the cores) reads a head's
+  ``[t, d_head]`` block of q, k and v where it lies in the packed rows (leading dimension ``heads * d_head``) and
+  writes the mixed values straight into the output's columns: no copies per head (they cost as much as the
+  products).
+- The scores are computed transposed, ``[keys, queries]``, so the softmax over keys runs down the columns: the
+  running max, the exponentials and the sums are elementwise over a row of queries, which LLVM vectorizes, where
+  a reduction along a row would go one value at a time.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401  the BLAS that numba_xxgemm calls, loaded now so _BLAS can limit it
+from numba import types
+from numba.extending import intrinsic
 from threadpoolctl import ThreadpoolController
 
-from rocmforge.ops.softmax import softmax
+from rocmforge.ops.vector_exp import exp_f32
 
 _BLAS = ThreadpoolController()
+
+# numba's own entry into SciPy's BLAS (what its np.dot calls): column-major gemm with explicit leading dimensions
+_GEMM = types.ExternalFunction("numba_xxgemm", types.intc(
+    types.int8, types.int8, types.int8, types.intp, types.intp, types.intp,     # kind, transa, transb, m, n, k
+    types.voidptr, types.voidptr, types.intp, types.voidptr, types.intp,        # alpha, a, lda, b, ldb
+    types.voidptr, types.voidptr, types.intp))                                  # beta, c, ldc
+_SINGLE, _N, _T = np.int8(ord("s")), np.int8(ord("n")), np.int8(ord("t"))
+
+
+@intrinsic
+def _element(typingctx, array, index):
+    """The address of ``array.flat[index]`` as a ``void*`` (what BLAS takes), for a C-contiguous array."""
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.bitcast(builder.gep(data, [args[1]]), context.get_value_type(types.voidptr))
+
+    return types.voidptr(array, types.intp), codegen
+
+
+@numba.njit(fastmath={"contract"}, cache=True)
+def _softmax_columns(s: np.ndarray, totals: np.ndarray) -> None:
+    """``s`` ``[keys, queries]`` -> exp(s - each column's max) in place; ``totals`` gets the column sums."""
+    peak = s[0].copy()
+    for j in range(1, s.shape[0]):
+        for i in range(s.shape[1]):
+            peak[i] = max(peak[i], s[j, i])
+    totals[:] = 0
+    for j in range(s.shape[0]):
+        for i in range(s.shape[1]):
+            e = exp_f32(s[j, i] - peak[i])
+            s[j, i] = e
+            totals[i] += e
+
+
+@numba.njit(parallel=True, fastmath=False, cache=True)
+def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, offsets: np.ndarray, n_heads: int, scale: np.float32,
+            out: np.ndarray) -> None:
+    width = q.shape[1]
+    d = width // n_heads
+    n_seq = len(offsets) - 1
+    factors = np.array([scale, 1.0, 0.0], np.float32)  # BLAS's alpha and beta, passed by address
+    # heads outer: each thread's contiguous share of pairs holds every sequence length alike
+    for pair in numba.prange(n_seq * n_heads):
+        head, start = pair // n_seq, offsets[pair % n_seq]
+        t = offsets[pair % n_seq + 1] - start
+        first = start * width + head * d  # the pair's first element in q, k, v and out
+        # row-major [t, d] at leading dimension `width` is column-major d x t: BLAS reads the blocks in place.
+        # scores, column-major queries x keys = (scale q) k^T, is the row-major [keys, queries] array
+        scores = np.empty((t, t), np.float32)
+        _GEMM(_SINGLE, _T, _N, t, t, d, _element(factors, 0), _element(q, first), width, _element(k, first), width,
+              _element(factors, 2), _element(scores, 0), t)
+        totals = np.empty(t, np.float32)
+        _softmax_columns(scores, totals)
+        # out's block, column-major d x queries at leading dimension `width` = v^T p
+        _GEMM(_SINGLE, _N, _T, d, t, t, _element(factors, 1), _element(v, first), width, _element(scores, 0), t,
+              _element(factors, 2), _element(out, first), width)
+        for i in range(t):
+            inverse = np.float32(1.0) / totals[i]
+            for c in range(head * d, head * d + d):
+                out[start + i, c] *= inverse
 
 
 def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, offsets: np.ndarray, n_heads: int,
@@ -22,21 +96,8 @@ def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, offsets: np.n
     >>> encoder_attention(x, x, x, np.array([0, 1, 2]), n_heads=1, scale=1.0).tolist()  # two 1-token sequences
     [[1.0, 0.0], [0.0, 1.0]]
     """
-    n, width = q.shape
-    d_head = width // n_heads
-    out = np.empty((n, width), dtype=np.float32)
-    # one BLAS thread: these products are small (t x d_head x t), and a second thread's hand-off costs more
-    # than it saves (10x more on a busy machine, where the other thread waits for a core)
+    q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v))
+    out = np.empty(q.shape, dtype=np.float32)
     with _BLAS.limit(limits=1, user_api="blas"):
-        for start, end in zip(offsets[:-1], offsets[1:]):
-            _one_sequence(q, k, v, out, int(start), int(end), n_heads, d_head, scale)
+        _attend(q, k, v, np.asarray(offsets, np.int64), n_heads, np.float32(scale), out)
     return out
-
-
-def _one_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, start: int, end: int, n_heads: int,
-                  d_head: int, scale: float) -> None:
-    t = end - start
-    heads = [x[start:end].reshape(t, n_heads, d_head).transpose(1, 0, 2) for x in (q, k, v)]
-    qh, kh, vh = (np.ascontiguousarray(h) for h in heads)  # batched matmul on strided views is ~20x slower
-    pattern = softmax(qh @ kh.transpose(0, 2, 1) * np.float32(scale))
-    out[start:end] = (pattern @ vh).transpose(1, 0, 2).reshape(t, n_heads * d_head)
