@@ -15,6 +15,7 @@ from rocmforge.ops.encoder_attention import encoder_attention
 from rocmforge.ops.geglu import geglu
 from rocmforge.ops.gelu import gelu
 from rocmforge.ops.layer_norm import layer_norm
+from rocmforge.ops.linear import linear
 from rocmforge.ops.matmul import matmul, quantized_matmul
 from rocmforge.ops.rms_norm import rms_norm
 from rocmforge.ops.rope import rope
@@ -220,18 +221,23 @@ def test_gelu_is_exact_erf_gelu(rng):
     assert np.abs(gelu(x) - tanh_form).max() > 1e-4  # not the tanh approximation
 
 
-def test_gelu_adds_its_bias_first(rng):
-    x = (rng.standard_normal((30, 64)) * 4).astype(np.float32)
-    bias = (rng.standard_normal(64) * 4).astype(np.float32)
-    shifted = (x.astype(np.float64) + bias).ravel()
-    ref = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in shifted]).reshape(x.shape)
-    np.testing.assert_allclose(gelu(x, bias=bias), ref, rtol=1e-6, atol=1e-6)
+def test_linear_matches_float64(rng):
+    weight = rng.standard_normal((96, 48)).astype(np.float32)
+    bias = rng.standard_normal(96).astype(np.float32)
+    for rows in (1, 255, 600):  # one block, a block and a bit, several blocks (BLOCK_ROWS = 256)
+        x = rng.standard_normal((rows, 48)).astype(np.float32)
+        got = linear(x, weight, bias)
+        assert got.dtype == np.float32 and got.shape == (rows, 96)
+        ref = x.astype(np.float64) @ weight.T + bias
+        np.testing.assert_allclose(got, ref, rtol=RTOL, atol=1e-5)
+        gelu_ref = 0.5 * ref * (1 + np.vectorize(math.erf)(ref / math.sqrt(2)))
+        np.testing.assert_allclose(linear(x, weight, bias, gelu=True), gelu_ref, rtol=RTOL, atol=1e-5)
 
 
-def test_vector_exp_is_within_an_ulp_of_exp():
+def test_exp_f32_is_within_an_ulp_of_exp():
     import numba
 
-    from rocmforge.ops.vector_exp import exp_f32
+    from rocmforge.ops.cpu_kernels import exp_f32
 
     @numba.njit
     def exp_all(x, out):

@@ -125,8 +125,8 @@ class BertEncoder:
             h = self._layer(h, offsets, f"encoder.layer.{i}.")
         return ops.to_host(h)[:n]
 
-    def _linear(self, x: Any, name: str) -> Any:
-        return self.ops.linear(x, self.w[name + ".weight"], self.w[name + ".bias"])
+    def _linear(self, x: Any, name: str, gelu: bool = False) -> Any:
+        return self.ops.linear(x, self.w[name + ".weight"], self.w[name + ".bias"], gelu)
 
     def _layer(self, h: Any, offsets: np.ndarray, p: str) -> Any:
         ops, w, cfg = self.ops, self.w, self.config
@@ -136,8 +136,7 @@ class BertEncoder:
         h = ops.layer_norm(self._linear(context, p + "attention.output.dense"),
                            w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"],
                            cfg.layer_norm_eps, residual=h)
-        up = p + "intermediate.dense"
-        ffn = self._linear(ops.gelu(ops.matmul(h, w[up + ".weight"]), bias=w[up + ".bias"]), p + "output.dense")
+        ffn = self._linear(self._linear(h, p + "intermediate.dense", gelu=True), p + "output.dense")
         return ops.layer_norm(ffn, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"],
                               cfg.layer_norm_eps, residual=h)
 

@@ -47,8 +47,9 @@ class Backend(Protocol):
     # --- ops -----------------------------------------------------------------------------------------------
     def embedding(self, table: Weight, tokens: np.ndarray) -> Array: ...
     def matmul(self, x: Array, weight: Weight) -> Array: ...
-    def linear(self, x: Array, weight: Weight, bias: Array) -> Array:
-        """``matmul(x, weight)`` plus a bias vector on every row (an encoder's biased projections)."""
+    def linear(self, x: Array, weight: Weight, bias: Array, gelu: bool = False) -> Array:
+        """``matmul(x, weight)`` plus a bias vector on every row (an encoder's biased projections); ``gelu``: then
+        the exact GELU of every value (``gelu`` below)."""
     def add(self, a: Array, b: Array) -> Array:
         """Elementwise ``a + b``; ``b`` may be a bias vector broadcast over rows."""
     def scale(self, x: Array, factor: float) -> Array: ...
@@ -63,8 +64,8 @@ class Backend(Protocol):
     def layer_norm(self, x: Array, weight: Array, bias: Array, eps: float, residual: Array | None = None) -> Array:
         """Encoders (BERT): zero mean, unit variance over the last axis of ``x`` (of ``x + residual`` if given),
         then ``* weight + bias``."""
-    def gelu(self, x: Array, bias: Array | None = None) -> Array:
-        """The exact (erf) GELU, elementwise, of ``x`` (of ``x + bias``, a vector over the last axis, if given)."""
+    def gelu(self, x: Array) -> Array:
+        """The exact (erf) GELU, elementwise."""
     def encoder_attention(self, q: Array, k: Array, v: Array, offsets: np.ndarray, n_heads: int,
                           scale: float) -> Array:
         """Bidirectional attention over packed sequences (``offsets``: where each starts) -> ``[n, heads * d]``."""

@@ -28,6 +28,7 @@ from rocmforge.ops.encoder_attention import encoder_attention
 from rocmforge.ops.geglu import geglu
 from rocmforge.ops.gelu import gelu
 from rocmforge.ops.layer_norm import layer_norm
+from rocmforge.ops.linear import linear
 from rocmforge.ops.matmul import ACTIVATION_FORMAT, dequantize_weight, matmul, round_activations
 from rocmforge.ops.rms_norm import rms_norm
 from rocmforge.ops.rope import rope_tables, rotate
@@ -180,12 +181,11 @@ class CpuBackend:
             last = self._last_group = (x, weight.group, matmul(x, weight.group))
         return last[2][:, weight.rows]
 
-    def linear(self, x: np.ndarray, weight: CpuWeight, bias: np.ndarray) -> np.ndarray:
-        product = self.matmul(x, weight)
-        if weight.group is not None:  # perhaps a view of the group's shared product: not this call's to write
-            return add(product, bias)
-        product += bias  # the product is this call's own new array: the bias goes in without a second one
-        return product
+    def linear(self, x: np.ndarray, weight: CpuWeight, bias: np.ndarray, gelu: bool = False) -> np.ndarray:
+        if self.round_activations:  # llama.cpp's rounded activations: the matmul twin, then the bias (and GELU)
+            out = add(self.matmul(x, weight), bias)
+            return self.gelu(out) if gelu else out
+        return linear(x, weight.matrix, bias, gelu)
 
     def _rounded(self, x: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
         # q/k/v (and gate/up) multiply the same x: round it once per activation format, not once per weight
@@ -210,8 +210,8 @@ class CpuBackend:
                    residual: np.ndarray | None = None) -> np.ndarray:
         return layer_norm(x, weight, bias, eps, residual)
 
-    def gelu(self, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-        return gelu(x, bias)
+    def gelu(self, x: np.ndarray) -> np.ndarray:
+        return gelu(x)
 
     def encoder_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, offsets: np.ndarray, n_heads: int,
                           scale: float) -> np.ndarray:

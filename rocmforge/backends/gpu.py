@@ -188,8 +188,9 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits, GpuLaunches, DecodeGraphs):
         group.items.append((weight, out))
         return out
 
-    def linear(self, x: DeviceArray, weight: GpuWeight, bias: DeviceArray) -> DeviceArray:
-        return self.add(self.matmul(x, weight), bias)  # the add kernel broadcasts the bias over the rows
+    def linear(self, x: DeviceArray, weight: GpuWeight, bias: DeviceArray, gelu: bool = False) -> DeviceArray:
+        out = self.add(self.matmul(x, weight), bias)  # the add kernel broadcasts the bias over the rows
+        return self.gelu(out) if gelu else out
 
     def add(self, a: DeviceArray, b: DeviceArray) -> DeviceArray:
         g = self._pending
@@ -327,9 +328,7 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits, GpuLaunches, DecodeGraphs):
                      [ptr(x.address), ptr(weight.address), ptr(bias.address), ptr(out.address), i32(d), f32(eps)])
         return out
 
-    def gelu(self, x: DeviceArray, bias: DeviceArray | None = None) -> DeviceArray:
-        if bias is not None:
-            x = self.add(x, bias)
+    def gelu(self, x: DeviceArray) -> DeviceArray:
         out = self._empty(x.shape)
         self._launch("gelu", "gelu", self._elementwise_grid(x.size), 256, [ptr(x.address), ptr(out.address), i64(x.size)])
         return out

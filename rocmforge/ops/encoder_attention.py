@@ -5,7 +5,7 @@ Sequences of different lengths sit one after another in ``[n_tokens, heads * d_h
 
 On the CPU one numba kernel runs every (head, sequence) pair, spread over the cores; each pair is two BLAS
 products and a softmax between them:
-- BLAS (SciPy's, the one numba's ``np.dot`` calls, one thread per call: the pairs fill the cores) reads a head's
+- BLAS (``cpu_kernels.gemm``, one thread per call: the pairs fill the cores) reads a head's
   ``[t, d_head]`` block of q, k and v where it lies in the packed rows (leading dimension ``heads * d_head``) and
   writes the mixed values straight into the output's columns: no copies per head (they cost as much as the
   products).
@@ -17,31 +17,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-import scipy.linalg.cython_blas  # noqa: F401  the BLAS that numba_xxgemm calls, loaded now so _BLAS can limit it
-from numba import types
-from numba.extending import intrinsic
-from threadpoolctl import ThreadpoolController
 
-from rocmforge.ops.vector_exp import exp_f32
-
-_BLAS = ThreadpoolController()
-
-# numba's own entry into SciPy's BLAS (what its np.dot calls): column-major gemm with explicit leading dimensions
-_GEMM = types.ExternalFunction("numba_xxgemm", types.intc(
-    types.int8, types.int8, types.int8, types.intp, types.intp, types.intp,     # kind, transa, transb, m, n, k
-    types.voidptr, types.voidptr, types.intp, types.voidptr, types.intp,        # alpha, a, lda, b, ldb
-    types.voidptr, types.voidptr, types.intp))                                  # beta, c, ldc
-_SINGLE, _N, _T = np.int8(ord("s")), np.int8(ord("n")), np.int8(ord("t"))
-
-
-@intrinsic
-def _element(typingctx, array, index):
-    """The address of ``array.flat[index]`` as a ``void*`` (what BLAS takes), for a C-contiguous array."""
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        return builder.bitcast(builder.gep(data, [args[1]]), context.get_value_type(types.voidptr))
-
-    return types.voidptr(array, types.intp), codegen
+from rocmforge.ops.cpu_kernels import BLAS, NO_TRANSPOSE, SINGLE, TRANSPOSE, element, exp_f32, gemm
 
 
 @numba.njit(fastmath={"contract"}, cache=True)
@@ -74,13 +51,13 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, offsets: np.ndarray, n_
         # row-major [t, d] at leading dimension `width` is column-major d x t: BLAS reads the blocks in place.
         # scores, column-major queries x keys = (scale q) k^T, is the row-major [keys, queries] array
         scores = np.empty((t, t), np.float32)
-        _GEMM(_SINGLE, _T, _N, t, t, d, _element(factors, 0), _element(q, first), width, _element(k, first), width,
-              _element(factors, 2), _element(scores, 0), t)
+        gemm(SINGLE, TRANSPOSE, NO_TRANSPOSE, t, t, d, element(factors, 0), element(q, first), width,
+             element(k, first), width, element(factors, 2), element(scores, 0), t)
         totals = np.empty(t, np.float32)
         _softmax_columns(scores, totals)
         # out's block, column-major d x queries at leading dimension `width` = v^T p
-        _GEMM(_SINGLE, _N, _T, d, t, t, _element(factors, 1), _element(v, first), width, _element(scores, 0), t,
-              _element(factors, 2), _element(out, first), width)
+        gemm(SINGLE, NO_TRANSPOSE, TRANSPOSE, d, t, t, element(factors, 1), element(v, first), width,
+             element(scores, 0), t, element(factors, 2), element(out, first), width)
         for i in range(t):
             inverse = np.float32(1.0) / totals[i]
             for c in range(head * d, head * d + d):
@@ -98,6 +75,6 @@ def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, offsets: np.n
     """
     q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v))
     out = np.empty(q.shape, dtype=np.float32)
-    with _BLAS.limit(limits=1, user_api="blas"):
+    with BLAS.limit(limits=1, user_api="blas"):
         _attend(q, k, v, np.asarray(offsets, np.int64), n_heads, np.float32(scale), out)
     return out
