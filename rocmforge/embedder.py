@@ -31,8 +31,8 @@ _WORD = re.compile(r"\w+")
 
 
 class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 sentence embeddings. Texts are sorted by length and packed into batches of about
-    ``batch_tokens`` tokens (no padding); ``device`` is "cpu", "cuda", "hip" or "auto" (``$ROCMFORGE_DEVICE``).
+    """all-MiniLM-L6-v2 sentence embeddings. Texts are packed, in order, into batches of at most ``batch_tokens``
+    tokens (a longer text alone; no padding); ``device`` is "cpu", "cuda", "hip" or "auto" (``$ROCMFORGE_DEVICE``).
 
     >>> embed = MiniLMEmbedder()            # doctest: +SKIP
     >>> embed(["hello world"]).shape        # doctest: +SKIP
@@ -55,18 +55,17 @@ class MiniLMEmbedder:
     def __call__(self, texts: list[str]) -> np.ndarray:
         texts = list(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        batch: list[int] = []
-        budget = 0
-        for i in order:
-            cost = min(len(texts[i]) // 3 + 2, self.max_tokens)  # ~3 characters a word piece: a cheap estimate
-            if batch and budget + cost > self.batch_tokens:
-                out[batch] = self.encoder.encode([texts[j] for j in batch])
-                batch, budget = [], 0
-            batch.append(i)
-            budget += cost
-        if batch:
-            out[batch] = self.encoder.encode([texts[j] for j in batch])
+        if not texts:
+            return out
+        ids, offsets = self.encoder.tokenize(texts)  # all at once: batches are then cut by true token counts
+        first = 0
+        while first < len(texts):
+            last = first + 1
+            while last < len(texts) and offsets[last + 1] - offsets[first] <= self.batch_tokens:
+                last += 1
+            out[first:last] = self.encoder.encode_tokens(ids[offsets[first]:offsets[last]],
+                                                         offsets[first:last + 1] - offsets[first])
+            first = last
         return out
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:

@@ -144,7 +144,10 @@ class BertEncoder:
         """Texts -> unit-length sentence vectors [n, hidden] (float32): mean over each text's tokens, then L2."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        ids, offsets = self.tokenize(texts)
+        return self.encode_tokens(*self.tokenize(texts))
+
+    def encode_tokens(self, ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """``tokenize``'s packed ids and offsets -> unit-length sentence vectors [n_texts, hidden] (float32)."""
         h = self.hidden_states(ids, offsets)
         mean = np.add.reduceat(h, offsets[:-1], axis=0) / np.diff(offsets)[:, None].astype(np.float32)
         norm = np.linalg.norm(mean, axis=1, keepdims=True)
