@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,24 @@ def test_batching_and_order_do_not_change_vectors(minilm: MiniLMEmbedder) -> Non
     shuffled_order = [3, 0, 6, 2, 5, 1, 4]
     batched = minilm([texts[i] for i in shuffled_order])
     np.testing.assert_allclose(batched, one_by_one[shuffled_order], atol=2e-6)
+
+
+def test_embedding_from_three_threads_at_once_equals_embedding_alone(minilm: MiniLMEmbedder) -> None:
+    """The store embeds from any thread: three at once (one batched, two a text at a time) get the lone vectors."""
+    texts, _ = _reference()
+    alone = minilm(texts)
+    got: dict[int, np.ndarray] = {}
+
+    def embed(i: int) -> None:
+        got[i] = minilm(texts) if i == 0 else np.concatenate([minilm([t]) for t in texts])
+
+    threads = [threading.Thread(target=embed, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(3):
+        np.testing.assert_allclose(got[i], alone, atol=2e-6)
 
 
 def test_minilm_ranks_paraphrase_above_unrelated(minilm: MiniLMEmbedder) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -282,12 +283,66 @@ def test_encoder_attention_of_long_and_peaked_sequences(rng):
 
 
 
+def test_encoder_ops_from_four_threads_run_blas_on_one_thread_and_equal_one_thread(rng, monkeypatch):
+    """The encoder kernels call SciPy's BLAS from numba's threads, so it must be on one thread inside each of them,
+    whatever else holds threadpoolctl: here a live thread that set a limit first (threadpoolctl then ignores every
+    other thread's limits) while four threads embed at once (the store may). Each result is the one it gets
+    alone, to the bit, and the BLAS thread count is put back afterwards."""
+    from threadpoolctl import threadpool_limits
+
+    from rocmforge.ops import cpu_kernels, encoder_attention as attention_module, linear as linear_module
+
+    weight, bias = rng.standard_normal((384, 384)).astype(np.float32), rng.standard_normal(384).astype(np.float32)
+    offsets = np.array([0, 100, 190, 300])
+    inputs = [rng.standard_normal((300, 384)).astype(np.float32) for _ in range(4)]
+    alone = [(linear(x, weight, bias), encoder_attention(x, x, x, offsets, 12, 0.125)) for x in inputs]
+    inside: list[int] = []
+
+    def counting(kernel):
+        def run(*args):
+            inside.extend(cpu_kernels.SCIPY_BLAS.counts())
+            kernel(*args)
+        return run
+
+    monkeypatch.setattr(linear_module, "_linear_blocks", counting(linear_module._linear_blocks))
+    monkeypatch.setattr(attention_module, "_attend", counting(attention_module._attend))
+    got: dict[int, list] = {i: [] for i in range(4)}
+
+    def work(i: int) -> None:
+        for _ in range(10):
+            got[i].append((linear(inputs[i], weight, bias), encoder_attention(*[inputs[i]] * 3, offsets, 12, 0.125)))
+
+    holding, done = threading.Event(), threading.Event()
+
+    def hold_threadpoolctl() -> None:
+        with threadpool_limits(2, user_api="blas"):
+            holding.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=hold_threadpoolctl)
+    holder.start()
+    try:
+        assert holding.wait(10)
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = cpu_kernels.SCIPY_BLAS.counts()
+    finally:
+        done.set()
+        holder.join()
+    assert set(inside) == {1} and set(after) == {2}, (sorted(set(inside)), after)
+    for i in range(4):
+        for linear_out, attention_out in got[i]:
+            np.testing.assert_array_equal(linear_out, alone[i][0])
+            np.testing.assert_array_equal(attention_out, alone[i][1])
+
+
 def test_cpu_backend_rope_from_two_threads_uses_each_batchs_positions(rng, monkeypatch):
     # the server runs two groups of sequences as forwards in parallel threads on one backend. Its per-batch cache
     # of cos/sin tables once handed one thread the other's tables (a broadcast error in CI): force that
     # interleaving — thread A computes its tables while thread B runs a layer — then B runs its next layer
-    import threading
-
     import rocmforge.backends.cpu as cpu
 
     backend = cpu.CpuBackend()

@@ -10,7 +10,13 @@
   row-major arrays addressed in place (``linear``, ``encoder_attention``), from inside numba's parallel loops, so
   one thread pool (numba's) runs the whole encoder. BLAS's own threads would otherwise spin for a while after
   each product and take a core from the next kernel (measured: the attention ran 2.2x slower right after a
-  matmul). Call it with SciPy's BLAS held to one thread (``BLAS.limit(limits=1, user_api="blas")``).
+  matmul). Call such a kernel inside ``blas_on_numba_threads()``.
+- ``blas_on_numba_threads``: one such kernel at a time in the process, with SciPy's BLAS on one thread while it
+  runs, else each of numba's threads starts a threaded sgemm (OpenBLAS has a history of wrong results when
+  threaded calls overlap: OpenMathLib/OpenBLAS#1755, #2126, #5825). The per-call ``threadpoolctl`` limit it
+  replaces let that happen two ways: threadpoolctl ignores a limit from any Python thread but the one that set one
+  first while that one lives (a test's server thread, say), and two threads' limits interleave their set and
+  restore (the store embeds from any thread), which also left the process at 1 BLAS thread afterwards.
 
 >>> import numpy as np, numba
 >>> numba.njit(lambda x: exp_f32(x))(np.float32(1.0))  # doctest: +ELLIPSIS
@@ -18,11 +24,19 @@
 """
 from __future__ import annotations
 
+import ctypes
+import itertools
 import math
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import numba
 import numpy as np
-import scipy.linalg.cython_blas  # noqa: F401  the BLAS numba_xxgemm calls, loaded now so BLAS below sees it
+import scipy
+import scipy.linalg.cython_blas  # noqa: F401  the BLAS numba_xxgemm calls, loaded now so _SCIPY_BLAS sees it
 from numba import types
 from numba.extending import intrinsic
 from threadpoolctl import ThreadpoolController
@@ -31,7 +45,64 @@ _LOG2E = np.float32(1.4426950408889634)
 _LN2_HIGH = np.float32(0.693359375)  # few significant bits: n * _LN2_HIGH is exact for the n that occur
 _LN2_LOW = np.float32(-2.12194440e-4)
 
-BLAS = ThreadpoolController()
+
+class _BlasThreads:
+    """Get/set the thread count of the BLAS library ``numba_xxgemm`` ends in: the OpenBLAS SciPy's wheel bundles
+    (``scipy.libs/``; else, SciPy built against a system BLAS, every BLAS library loaded). numpy's own OpenBLAS is
+    left alone: the LLM's CPU forwards run on it, possibly in other threads at the same time. An OpenBLAS count is
+    set through the library's own function: threadpoolctl (>= 3.6) lets only one Python thread, the first that
+    set a limit while it lives, change a pthreads OpenBLAS, and ignores the others without a word."""
+
+    def __init__(self) -> None:
+        blas = ThreadpoolController().select(user_api="blas")
+        scipy_home = Path(scipy.__file__).resolve().parent
+        bundled = [lib for lib in blas.lib_controllers
+                   if Path(lib.filepath).resolve().parent in (scipy_home.with_name("scipy.libs"), scipy_home)]
+        self.libraries = bundled or blas.lib_controllers
+        self._functions = [self._openblas_functions(lib) or (lib.get_num_threads, lib.set_num_threads)
+                           for lib in self.libraries]
+
+    @staticmethod
+    def _openblas_functions(lib: Any) -> tuple[Callable[[], int], Callable[[int], None]] | None:
+        if lib.internal_api != "openblas" or lib.threading_layer == "openmp":
+            return None
+        dynlib = ctypes.CDLL(lib.filepath)
+        for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_", "_64")):
+            get = getattr(dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            if get is not None:
+                return get, getattr(dynlib, f"{prefix}openblas_set_num_threads{suffix}")
+        return None
+
+    def counts(self) -> list[int]:
+        return [get() for get, _ in self._functions]
+
+    def set(self, counts: list[int]) -> None:
+        for (get, set_count), n in zip(self._functions, counts):
+            if get() != n:
+                set_count(n)
+
+
+SCIPY_BLAS = _BlasThreads()
+_ONE_KERNEL_AT_A_TIME = threading.Lock()
+
+
+@contextmanager
+def blas_on_numba_threads() -> Iterator[None]:
+    """Run a numba kernel whose threads call ``gemm``: the only one in the process (it uses every core anyway),
+    with SciPy's BLAS on one thread, put back as it was afterwards.
+
+    >>> with blas_on_numba_threads():
+    ...     SCIPY_BLAS.counts() == [1] * len(SCIPY_BLAS.libraries)
+    True
+    """
+    with _ONE_KERNEL_AT_A_TIME:
+        before = SCIPY_BLAS.counts()
+        SCIPY_BLAS.set([1] * len(before))
+        try:
+            yield
+        finally:
+            SCIPY_BLAS.set(before)
+
 
 # column-major sgemm with explicit leading dimensions: numba_xxgemm(kind, transa, transb, m, n, k, &alpha, a, lda,
 # b, ldb, &beta, c, ldc) from numba's helper library

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from rocmforge.ops.cpu_kernels import BLAS, NO_TRANSPOSE, SINGLE, TRANSPOSE, element, exp_f32, gemm
+from rocmforge.ops.cpu_kernels import NO_TRANSPOSE, SINGLE, TRANSPOSE, blas_on_numba_threads, element, exp_f32, gemm
 
 
 @numba.njit(fastmath={"contract"}, cache=True)
@@ -75,6 +75,6 @@ def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, offsets: np.n
     """
     q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v))
     out = np.empty(q.shape, dtype=np.float32)
-    with BLAS.limit(limits=1, user_api="blas"):
+    with blas_on_numba_threads():
         _attend(q, k, v, np.asarray(offsets, np.int64), n_heads, np.float32(scale), out)
     return out

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from rocmforge.ops.cpu_kernels import BLAS, NO_TRANSPOSE, SINGLE, TRANSPOSE, element, gelu_f32, gemm
+from rocmforge.ops.cpu_kernels import (NO_TRANSPOSE, SINGLE, TRANSPOSE, blas_on_numba_threads, element, gelu_f32,
+                                      gemm)
 
 # rows per block: BLAS is at full speed from a few hundred rows, and a thread that falls behind (a busy machine)
 # then holds up a small share of the work
@@ -53,6 +54,6 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, gelu: bool = Fal
     rows = x.reshape(-1, x.shape[-1])
     weight = np.ascontiguousarray(weight, dtype=np.float32)
     out = np.empty((rows.shape[0], weight.shape[0]), dtype=np.float32)
-    with BLAS.limit(limits=1, user_api="blas"):
+    with blas_on_numba_threads():
         _linear_blocks(rows, weight, np.asarray(bias, np.float32), gelu, out)
     return out.reshape(*x.shape[:-1], weight.shape[0])
