@@ -300,7 +300,7 @@ def test_encoder_ops_from_four_threads_run_blas_on_one_thread_and_equal_one_thre
 
     def counting(kernel):
         def run(*args):
-            inside.extend(cpu_kernels.SCIPY_BLAS.counts())
+            inside.extend(cpu_kernels.scipy_blas().counts())
             kernel(*args)
         return run
 
@@ -328,7 +328,7 @@ def test_encoder_ops_from_four_threads_run_blas_on_one_thread_and_equal_one_thre
             t.start()
         for t in threads:
             t.join()
-        after = cpu_kernels.SCIPY_BLAS.counts()
+        after = cpu_kernels.scipy_blas().counts()
     finally:
         done.set()
         holder.join()
