@@ -27,7 +27,7 @@ import heapq
 import os
 import re
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,21 @@ _LLAMA3_REGEX = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\
                  r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_REGEX = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|"
                 r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+class _BpeTexts:
+    """Token id -> text from the ``tokenizers`` BPE model, which holds the vocabulary anyway: a list of the texts
+    beside it (and the metadata's copy) would keep SmolLM2's 49k strings twice more, ~6 MiB for the model's life."""
+
+    def __init__(self, bpe: HFTokenizer, tokens: list[str], token_to_id: dict[str, int]):
+        self._id_to_token = bpe.id_to_token
+        # a text listed under several ids: the model knows it by its last id, so the earlier ones are kept here
+        self._shadowed = {} if len(token_to_id) == len(tokens) else \
+            {i: text for i, text in enumerate(tokens) if token_to_id[text] != i}
+
+    def __getitem__(self, token_id: int) -> str:
+        text = self._shadowed.get(token_id)
+        return self._id_to_token(token_id) if text is None else text
 
 
 @dataclass(frozen=True)
@@ -196,9 +211,12 @@ class Tokenizer:
             raise ModelFileError("the file has no tokenizer.ggml.tokens: cannot build a tokenizer")
         self.model: str = model
         tokens = metadata["tokenizer.ggml.tokens"]
-        self.tokens: list[str] = tokens if isinstance(tokens, list) else list(tokens)  # the metadata's own list
-        self.vocab_size: int = len(self.tokens)
-        self._token_to_id = {text: i for i, text in enumerate(self.tokens)}
+        tokens = tokens if isinstance(tokens, list) else list(tokens)
+        self.vocab_size: int = len(tokens)
+        token_to_id = {text: i for i, text in enumerate(tokens)}
+        # id -> text and text -> id (None when absent): the list and dict here, or the BPE model's own vocabulary
+        self._texts: _BpeTexts | list[str] = tokens
+        self._id_of: Callable[[str], int | None] = token_to_id.get
         self.architecture: str = str(metadata.get("general.architecture", "unknown"))
         self.chat_template: str | None = metadata.get("tokenizer.chat_template")
 
@@ -212,7 +230,8 @@ class Tokenizer:
             self._cleans_spaces, add_bos, bos_default, eos_default = pre.clean_spaces, pre.add_bos, 11, 11
             if "tokenizer.ggml.merges" not in metadata:
                 raise ModelFileError("the file's BPE vocabulary has no tokenizer.ggml.merges")
-            self._bpe = self._build_bpe(metadata["tokenizer.ggml.merges"], pre)
+            self._bpe = self._build_bpe(token_to_id, metadata["tokenizer.ggml.merges"], pre)
+            self._texts, self._id_of = _BpeTexts(self._bpe, tokens, token_to_id), self._bpe.token_to_id
         else:  # llama.cpp ignores tokenizer.ggml.pre for SentencePiece vocabs
             self.pre_tokenizer = "default"
             self._cleans_spaces, add_bos, bos_default, eos_default = False, True, 1, 2
@@ -234,8 +253,8 @@ class Tokenizer:
 
         # Special tokens in llama.cpp's matching order: longest (in UTF-8 bytes) first.
         special = [i for i, a in enumerate(self._attrs) if a & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)]
-        self._special_ids = sorted(special, key=lambda i: (-len(self.tokens[i].encode()), i))
-        texts = {self.tokens[i] for i in special}
+        self._special_ids = sorted(special, key=lambda i: (-len(self._texts[i].encode()), i))
+        texts = {self._texts[i] for i in special}
         self._special_regex = _longest_match_regex(texts) if texts else None
         # Every special text that is a prefix of another: finding the longest match at a position
         # then tells which shorter special tokens also occur there.
@@ -259,12 +278,12 @@ class Tokenizer:
         value = int(metadata.get(key, default))
         return value if 0 <= value < self.vocab_size else None
 
-    def _build_bpe(self, merges: Iterable[str], pre: _PreTokenizer) -> HFTokenizer:
+    def _build_bpe(self, token_to_id: dict[str, int], merges: Iterable[str], pre: _PreTokenizer) -> HFTokenizer:
         pairs = []
         for merge in merges:
             split = merge.find(" ", 1)  # llama.cpp splits at the first space after the first byte
             pairs.append((merge[:split], merge[split + 1:]))
-        bpe = HFTokenizer(models.BPE(self._token_to_id, pairs, ignore_merges=pre.ignore_merges))
+        bpe = HFTokenizer(models.BPE(token_to_id, pairs, ignore_merges=pre.ignore_merges))
         splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
         bpe.pre_tokenizer = pre_tokenizers.Sequence(
             [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -281,19 +300,19 @@ class Tokenizer:
         for key, texts in _FIM_TOKENS.items():
             tid = self._special_id(metadata, key, -1)
             if tid is None:
-                tid = next((self._token_to_id[t] for t in texts if t in self._token_to_id), None)
+                tid = next((found for t in texts if (found := self._id_of(t)) is not None), None)
                 if tid is not None:
                     self._attrs[tid] |= ATTR_CONTROL
             if tid is not None and key in _FIM_EOG_KEYS:
                 eog.add(tid)
         for text in _EOG_TEXTS:
-            if (tid := self._token_to_id.get(text)) is not None:
+            if (tid := self._id_of(text)) is not None:
                 eog.add(tid)
                 self._attrs[tid] |= ATTR_CONTROL
         for text in _ALWAYS_PRINTED:
-            if (tid := self._token_to_id.get(text)) is not None:
+            if (tid := self._id_of(text)) is not None:
                 self._attrs[tid] = ATTR_USER_DEFINED
-        texts = {self.tokens[i]: i for i in eog}
+        texts = {self._texts[i]: i for i in eog}
         # gpt-oss / solar-open: "<|end|>" closes a message but not the generation.
         if "<|end|>" in texts and (("<|return|>" in texts and "<|call|>" in texts)
                                    or ("<|calls|>" in texts and "<|flush|>" in texts)):
@@ -349,7 +368,7 @@ class Tokenizer:
         present = {p for longest in set(self._special_regex.findall(text)) for p in self._special_prefixes[longest]}
         fragments: list[str | int] = [text]
         for tid in self._special_ids:
-            token = self.tokens[tid]
+            token = self._texts[tid]
             if token not in present or (not special and self._attrs[tid] & (ATTR_CONTROL | ATTR_UNKNOWN)):
                 continue
             split: list[str | int] = []
@@ -374,11 +393,11 @@ class Tokenizer:
         n = len(symbols)
         next_ = [*range(1, n), -1]
         prev = list(range(-1, n - 1))
-        vocab, scores = self._token_to_id, self._scores
+        id_of, scores = self._id_of, self._scores
 
         def candidate(left: int, right: int):
             merged = symbols[left] + symbols[right]
-            tid = vocab.get(merged)
+            tid = id_of(merged)
             return None if tid is None else (-scores[tid], left, right, len(merged))
 
         queue = [c for i in range(1, n) if (c := candidate(i - 1, i)) is not None]
@@ -397,7 +416,7 @@ class Tokenizer:
                     heapq.heappush(queue, c)
         i = 0
         while i != -1:
-            tid = vocab.get(symbols[i])
+            tid = id_of(symbols[i])
             if tid is not None:
                 out.append(tid)
             else:  # no token covers this character: one <0xXX> token per UTF-8 byte
@@ -405,9 +424,9 @@ class Tokenizer:
             i = next_[i]
 
     def _byte_token(self, byte: int) -> int:
-        tid = self._token_to_id.get(f"<0x{byte:02X}>")
+        tid = self._id_of(f"<0x{byte:02X}>")
         if tid is None and byte < 0x80:  # llama.cpp falls back to the byte itself as a token
-            tid = self._token_to_id.get(chr(byte))
+            tid = self._id_of(chr(byte))
         if tid is None:
             raise ModelFileError(f"the vocabulary has no byte token <0x{byte:02X}> to spell an unknown character")
         return tid
@@ -416,7 +435,7 @@ class Tokenizer:
     def _piece(self, token_id: int) -> bytes:
         """A token's bytes as llama.cpp's token_to_piece(special=True) gives them (made when asked: a table of
         every token's bytes would hold Gemma's 262k vocabulary twice)."""
-        attr, text = self._attrs[token_id], self.tokens[token_id]
+        attr, text = self._attrs[token_id], self._texts[token_id]
         if attr & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN):
             return text.encode()
         if attr & ATTR_NORMAL:
@@ -435,7 +454,7 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         """A control token (``<|im_end|>``, ``<bos>``), or a user-defined one written like one (``<tool_call>``):
         marked as never spelled by ordinary text, as llama.cpp's grammar sampler treats them."""
-        attr, text = self._attrs[token_id], self.tokens[token_id]
+        attr, text = self._attrs[token_id], self._texts[token_id]
         return bool(attr & (ATTR_CONTROL | ATTR_UNKNOWN)
                     or attr & ATTR_USER_DEFINED and text.startswith("<") and text.endswith(">"))
 
