@@ -237,9 +237,12 @@ def release_pages(raw: np.ndarray) -> None:
     if owner is None:  # not a file mapping (a test's array, a stacked copy): MADV_DONTNEED would zero it
         return
     page = mmap.PAGESIZE
-    start = raw.ctypes.data // page * page  # whole pages only: a neighbour's page is simply read again if needed
-    stop = -(-(raw.ctypes.data + raw.nbytes) // page) * page
-    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), 4)  # 4: MADV_DONTNEED (Linux)
+    # only the pages wholly inside: one shared with a neighbour the forward reads (a norm vector, a weight read in
+    # place) would be faulted back, and the kernel maps up to 64 KiB of cached pages around each fault
+    start = -(-raw.ctypes.data // page) * page
+    stop = (raw.ctypes.data + raw.nbytes) // page * page
+    if stop > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), 4)  # 4: MADV_DONTNEED (Linux)
 
 
 def coverage(gguf: Any) -> tuple[bool, str]:
