@@ -29,17 +29,24 @@ def embed(ctx: ForwardContext, tokens: np.ndarray) -> Any:
 
 def block(ctx: ForwardContext, layer: int, resid: Any, batch: Batch) -> Any:
     """One Gemma 3 block on the residual stream ``[n, d_model]`` of ``batch``."""
-    cfg, ops, hooks, w = ctx.cfg, ctx.ops, ctx.hooks, ctx.weights.blocks[layer]
+    hooks = ctx.hooks
     if not hooks.active:  # nothing to look at inside: the backend may run the whole block fused (same numbers)
-        fused = ops.fused_block("gemma3", ctx, layer, resid, batch)
+        fused = ctx.ops.fused_block("gemma3", ctx, layer, resid, batch)
         if fused is not None:
             return fused
     p = f"blocks.{layer}"
-    n, eps = resid.shape[0], cfg.norm_eps
-    sliding = cfg.is_sliding(layer)
     resid = hooks(f"{p}.hook_resid_pre", resid)
+    resid = hooks(f"{p}.hook_resid_mid", ctx.ops.add(resid, attn(ctx, layer, resid, batch)))
+    return hooks(f"{p}.hook_resid_post", ctx.ops.add(resid, mlp(ctx, layer, resid)))
 
-    # attention, with QK-norm and the layer's own rope base and window
+
+def attn(ctx: ForwardContext, layer: int, resid: Any, batch: Batch) -> Any:
+    """The attention sublayer, with QK-norm and the layer's own rope base and window: residual stream
+    ``[n, d_model]`` -> ``hook_attn_out`` (post-norm applied). Its own function so that its intermediates are freed
+    before the MLP runs."""
+    cfg, ops, hooks, w = ctx.cfg, ctx.ops, ctx.hooks, ctx.weights.blocks[layer]
+    p, n, eps = f"blocks.{layer}", resid.shape[0], cfg.norm_eps
+    sliding = cfg.is_sliding(layer)
     x = hooks(f"{p}.ln1.hook_normalized", ops.rms_norm(resid, w["attn_norm"], eps))
     q = hooks(f"{p}.attn.hook_q", ops.matmul(x, w["attn_q"]).reshape(n, cfg.n_heads, cfg.head_dim))
     k = hooks(f"{p}.attn.hook_k", ops.matmul(x, w["attn_k"]).reshape(n, cfg.n_kv_heads, cfg.head_dim))
@@ -53,16 +60,19 @@ def block(ctx: ForwardContext, layer: int, resid: Any, batch: Batch) -> Any:
     softcap = cfg.attn_logit_softcap or None
     z = hooks(f"{p}.attn.hook_z", attend(ctx, layer, q, k, v, batch, window, softcap))
     attn_out = ops.matmul(z.reshape(n, cfg.n_heads * cfg.head_dim_v), w["attn_output"])
-    attn_out = hooks(f"{p}.hook_attn_out", ops.rms_norm(attn_out, w["post_attention_norm"], eps))
-    resid = hooks(f"{p}.hook_resid_mid", ops.add(resid, attn_out))
+    return hooks(f"{p}.hook_attn_out", ops.rms_norm(attn_out, w["post_attention_norm"], eps))
 
-    # feed-forward (GeGLU)
+
+def mlp(ctx: ForwardContext, layer: int, resid: Any) -> Any:
+    """The GeGLU feed-forward sublayer: residual stream ``[n, d_model]`` -> ``hook_mlp_out`` (post-norm applied).
+    The gate is not kept past the GLU (a prefill's largest activations: ``[n, d_ff]``)."""
+    cfg, ops, hooks, w = ctx.cfg, ctx.ops, ctx.hooks, ctx.weights.blocks[layer]
+    p, eps = f"blocks.{layer}", cfg.norm_eps
     x = hooks(f"{p}.ln2.hook_normalized", ops.rms_norm(resid, w["ffn_norm"], eps))
-    gate = hooks(f"{p}.mlp.hook_pre", ops.matmul(x, w["ffn_gate"]))
-    act = hooks(f"{p}.mlp.hook_post", ops.geglu(gate, ops.matmul(x, w["ffn_up"])))
+    act = hooks(f"{p}.mlp.hook_post", ops.geglu(hooks(f"{p}.mlp.hook_pre", ops.matmul(x, w["ffn_gate"])),
+                                                ops.matmul(x, w["ffn_up"])))
     mlp_out = ops.rms_norm(ops.matmul(act, w["ffn_down"]), w["post_ffw_norm"], eps)
-    mlp_out = hooks(f"{p}.hook_mlp_out", mlp_out)
-    return hooks(f"{p}.hook_resid_post", ops.add(resid, mlp_out))
+    return hooks(f"{p}.hook_mlp_out", mlp_out)
 
 
 def unembed(ctx: ForwardContext, resid: Any) -> Any:

@@ -68,8 +68,8 @@ class ExactCpuBackend(CpuBackend):
         super().__init__(round_activations=True)
         # values made from the last activation x, kept while x lives (``_remember``): (x, (quantize function,
         # result)) and (x, (the group's prepared weight, x @ W.T))
-        self._last_quantized: tuple[weakref.ref, tuple[Any, Any]] | None = None
-        self._last_group: tuple[weakref.ref, tuple[Any, np.ndarray]] | None = None
+        self._last_quantized: tuple[weakref.ref, tuple[Any, Any], object] | None = None
+        self._last_group: tuple[weakref.ref, tuple[Any, np.ndarray], object] | None = None
         self._decode = DecodeBlocks()
 
     def finish_load(self, model: Any) -> None:
@@ -154,13 +154,15 @@ class ExactCpuBackend(CpuBackend):
         """Keep ``value`` (made from activation ``x``) in ``slot`` while ``x`` lives, for the next op that reads the
         same ``x``; once the forward lets go of ``x`` the value goes too (they held 15 MiB after a 512-token
         SmolLM2 prefill)."""
-        entry = (weakref.ref(x), value)
+        key = object()  # what the finalizer holds: the entry itself would keep ``value`` alive as long as ``x``
+        entry = (weakref.ref(x), value, key)
         setattr(self, slot, entry)
-        weakref.finalize(x, self._forget, slot, entry)
+        weakref.finalize(x, self._forget, slot, key)
         return entry
 
-    def _forget(self, slot: str, entry: tuple) -> None:
-        if getattr(self, slot) is entry:
+    def _forget(self, slot: str, key: object) -> None:
+        entry = getattr(self, slot)
+        if entry is not None and entry[2] is key:
             setattr(self, slot, None)
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
