@@ -106,9 +106,11 @@ class ExactCpuBackend(CpuBackend):
         # kernels chosen by row count (Q4_0 repacked from 8, tinyBLAS from 4) must see each weight's own rows
         if len({t.ggml_type for t in tensors}) > 1 or any(t.shape[0] % 8 for t in tensors):
             return [self.load_weight(t) for t in tensors]
+        raw = np.concatenate([t.raw for t in tensors])
+        raw.flags.writeable = False  # as the file's own blocks: the in-place kernels compile one signature, not two
         stacked = TensorRef("+".join(t.name for t in tensors), tensors[0].ggml_type,
-                            (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]),
-                            np.concatenate([t.raw for t in tensors]), sum(t.n_bytes for t in tensors))
+                            (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), raw,
+                            sum(t.n_bytes for t in tensors))
         group = self.load_weight(stacked)
         for t in tensors:
             release_pages(t.raw)

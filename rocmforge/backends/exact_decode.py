@@ -27,6 +27,9 @@ from rocmforge.exact.threads import split_rows
 from rocmforge.kv_cache import Batch
 
 _EMPTY = np.empty(0, dtype=np.float32)
+# read-only like the norm weights it stands in for (views of the read-only file): one compiled signature of each
+# step, not one per mix of absent and present norms (each loaded kernel costs memory)
+_EMPTY.flags.writeable = False
 
 
 class _Lane(NamedTuple):

@@ -71,8 +71,9 @@ def skip_blas_probe() -> None:
 
 
 def _marker(key: Iterable[str]) -> Path:
-    # the kernels' sources and numba's version are part of the key: an upgrade compiles (and shows it) again
-    sources = sorted(PACKAGE_DIR.glob("*.py"))
+    # the kernels' sources, the backend files whose arguments pick their compiled signatures, and numba's version
+    # are part of the key: an upgrade compiles (and shows it) again
+    sources = sorted(PACKAGE_DIR.glob("*.py")) + sorted((PACKAGE_DIR.parent / "backends").glob("exact*.py"))
     digest = hashlib.sha256("\n".join([numba.__version__, *key, *(f"{p.name}:{p.stat().st_mtime_ns}:"
                                                                      f"{p.stat().st_size}" for p in sources)])
                             .encode()).hexdigest()[:16]
