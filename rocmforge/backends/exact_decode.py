@@ -86,7 +86,7 @@ class RowMatmul:
         xi, xdi, corri = self._interleaved
         out = np.empty((1, self.n_out), dtype=np.float32)
         if self.lane.minimums:
-            args = (self.prepared.raw, row.qs, row.d, row.s.T, xi, xdi, out)
+            args = (self.prepared.raw, row.qs, row.d, row.s.T, xi, xdi, corri, out)
         else:
             corr = row.corr if row.offset == self.offset else lane_corrections(row.qs, self.offset)
             args = (self.prepared.raw, row.qs, row.d, corr, xi, xdi, corri, out)

@@ -16,7 +16,8 @@ import numpy as np
 from numba import njit, prange
 
 from rocmforge.exact.dot_q8_0 import RawBlocks, raw_rows
-from rocmforge.exact.lanes import OUT_TILE, Q4_1_BLOCK, fp16_at, interleave4, q4_1_lane_dot, q4_1_lane_dot_x4
+from rocmforge.exact.lane_tiles import TILE_OUTPUTS, byte_slot, tile_rows, unpack_q4_1
+from rocmforge.exact.lanes import Q4_1_BLOCK, fp16_at, interleave4, q4_1_lane_dot
 from rocmforge.exact.q8_activations import Q8Blocks, quantize_q8
 from rocmforge.exact.simd import fma32
 from rocmforge.exact.threads import split_rows
@@ -26,32 +27,35 @@ split_q4_1 = raw_rows(BLOCK_BYTES)
 
 
 @njit(cache=True, nogil=True)
-def _matmul(raw, xq, xd, xs_t, xi, xdi, out, start, stop):  # pragma: no cover - compiled
-    # output rows start..stop, OUT_TILE at a time (their weight rows stay in L1 while all activation rows pass, and
-    # each activation row's outputs are written as one cache line): ggml's 8 lanes through lane_dot (rows 4 at
-    # a time from their interleaved copies xi, xdi: lanes.interleave4; the rest one by one), then the minimums'
-    # fma chain added (m: the fp16 at byte 2 of each block)
+def _matmul(raw, xq, xd, xs_t, xi, xdi, zeros, out, start, stop):  # pragma: no cover - compiled
+    # output rows start..stop, TILE_OUTPUTS at a time: ggml's 8 lanes as dot_q8_0._matmul computes them (groups of 4
+    # rows in lane_tiles' register tiles, with no lane correction: ``zeros``), then the minimums' fma chain added
+    # (m: the fp16 at byte 2 of each block)
     row_bytes = raw.shape[1]
     nb = row_bytes // BLOCK_BYTES
     n = xq.shape[0]
     raw_flat, x_flat, xd_flat = raw.reshape(-1), xq.reshape(-1), xd.reshape(-1)
-    xi_flat, xdi_flat = xi.reshape(-1), xdi.reshape(-1)
-    summs = np.empty((OUT_TILE, n), dtype=np.float32)
-    for o0 in range(start, stop, OUT_TILE):
-        o1 = min(o0 + OUT_TILE, stop)
+    grouped = 4 * xi.shape[0]
+    w = np.empty(TILE_OUTPUTS * nb * 32 if grouped else 0, np.uint8)
+    ws = np.empty(TILE_OUTPUTS * nb if grouped else 0, np.float32)
+    summs = np.empty((TILE_OUTPUTS, n), dtype=np.float32)
+    for o0 in range(start, stop, TILE_OUTPUTS):
+        o1 = min(o0 + TILE_OUTPUTS, stop)
         for o in range(o0, o1 if n >= 4 else o0):  # prefill: the rows' chains side by side (vectorized)
             summs[o - o0] = 0
             for b in range(nb):
                 m = fp16_at(raw_flat, o * row_bytes + b * BLOCK_BYTES + 2)
                 for r in range(n):
                     summs[o - o0, r] = fma32(m, xs_t[b, r], summs[o - o0, r])
-        for g in range(xi.shape[0]):
-            r = 4 * g
+        done = o0
+        if grouped:
             for o in range(o0, o1):
-                out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = q4_1_lane_dot_x4(
-                    raw_flat, o * row_bytes, xi_flat, g * nb * 128, xdi_flat, g * nb * 4, nb)
-        for r in range(4 * xi.shape[0], n):
-            for o in range(o0, o1):
+                for b in range(nb):
+                    slot = byte_slot(o - o0, nb, b)
+                    unpack_q4_1(raw_flat, o * row_bytes, b, w, slot, ws, slot >> 5)
+            done = o0 + tile_rows(w, ws, o1 - o0, nb, xi, xdi, zeros, out, o0)
+        for r in range(n):
+            for o in range(done if r < grouped else o0, o1):
                 out[r, o] = q4_1_lane_dot(raw_flat, o * row_bytes, x_flat, r * nb * 32, xd_flat, r * nb, nb, 1)
         for r in range(n):
             for o in range(o0, o1):
@@ -87,6 +91,8 @@ def matmul_q4_1(x: np.ndarray | Q8Blocks, weight: RawBlocks) -> np.ndarray:
     n, k = blocks.qs.shape[0], blocks.qs.shape[1] * 32
     out = np.empty((n, weight.n_out), dtype=np.float32)
     sums_t = np.ascontiguousarray(blocks.s.T)  # [block, row]: the minimums' chains run over rows side by side
-    args = (weight.raw, blocks.qs, blocks.d, sums_t, interleave4(blocks.qs), interleave4(blocks.d), out)
+    xi = interleave4(blocks.qs)
+    zeros = np.zeros((*xi.shape[:3], 8), np.int32)  # Q4_1's bytes are the weights: no lane correction
+    args = (weight.raw, blocks.qs, blocks.d, sums_t, xi, interleave4(blocks.d), zeros, out)
     split_rows(_matmul_parallel, _matmul, args, weight.n_out, work=n * k * weight.n_out)
     return out

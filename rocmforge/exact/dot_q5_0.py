@@ -18,29 +18,33 @@ import numpy as np
 from numba import njit, prange
 
 from rocmforge.exact.dot_q8_0 import RawBlocks, lane_matmul, raw_rows
-from rocmforge.exact.lanes import OUT_TILE, Q5_0_BLOCK, q5_0_lane_dot, q5_0_lane_dot_x4
+from rocmforge.exact.lane_tiles import TILE_OUTPUTS, byte_slot, tile_rows, unpack_q5_0
+from rocmforge.exact.lanes import Q5_0_BLOCK, q5_0_lane_dot
 from rocmforge.exact.q8_activations import Q8Blocks
 
 split_q5_0 = raw_rows(Q5_0_BLOCK.block_bytes)
 
 
 @njit(cache=True, nogil=True)
-def _matmul(raw, xq, xd, corr, xi, xdi, corri, out, start, stop):  # pragma: no cover - compiled
+def _matmul(raw, xq, xd, corr, xi, xdi, ncorri, out, start, stop):  # pragma: no cover - compiled
     # dot_q8_0._matmul with Q5_0 blocks
     row_bytes = raw.shape[1]
     nb = row_bytes // Q5_0_BLOCK.block_bytes
-    n = xq.shape[0]
+    n, grouped = xq.shape[0], 4 * xi.shape[0]
     raw_flat, x_flat, xd_flat = raw.reshape(-1), xq.reshape(-1), xd.reshape(-1)
-    xi_flat, xdi_flat, corri_flat = xi.reshape(-1), xdi.reshape(-1), corri.reshape(-1)
-    for o0 in range(start, stop, OUT_TILE):
-        o1 = min(o0 + OUT_TILE, stop)
-        for g in range(xi.shape[0]):
-            r = 4 * g
+    w = np.empty(TILE_OUTPUTS * nb * 32 if grouped else 0, np.uint8)
+    ws = np.empty(TILE_OUTPUTS * nb if grouped else 0, np.float32)
+    for o0 in range(start, stop, TILE_OUTPUTS):
+        o1 = min(o0 + TILE_OUTPUTS, stop)
+        done = o0
+        if grouped:
             for o in range(o0, o1):
-                out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = q5_0_lane_dot_x4(
-                    raw_flat, o * row_bytes, xi_flat, g * nb * 128, xdi_flat, g * nb * 4, corri_flat, g * nb * 32, nb)
-        for r in range(4 * xi.shape[0], n):
-            for o in range(o0, o1):
+                for b in range(nb):
+                    slot = byte_slot(o - o0, nb, b)
+                    unpack_q5_0(raw_flat, o * row_bytes, b, w, slot, ws, slot >> 5)
+            done = o0 + tile_rows(w, ws, o1 - o0, nb, xi, xdi, ncorri, out, o0)
+        for r in range(n):
+            for o in range(done if r < grouped else o0, o1):
                 out[r, o] = q5_0_lane_dot(raw_flat, o * row_bytes, x_flat, r * nb * 32, xd_flat, r * nb, corr,
                                           r * nb * 8, nb, 1)
 

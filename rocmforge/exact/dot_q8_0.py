@@ -2,7 +2,8 @@
 (decode) and llamafile's ``tinyBLAS_Q0_AVX`` for two or more (prefill). Both give each output the same bits:
 8 float lanes, lane ``l`` owning elements ``4l..4l+3`` of every block, ``acc[l] = fma(dw*dx, sum_4 qw*qx, acc[l])``
 with the float32 product of the two fp16 scales, then ``hsum8``. So one kernel serves both: ``lanes.q8_0_lane_dot``
-(``q8_0_lane_dot_x4`` for four activation rows at once), reading the raw blocks in place (memory-mapped).
+reading the raw blocks in place (memory-mapped), or for four activation rows and more ``lane_tiles``' register
+tiles over blocks decoded once per tile of outputs.
 
 A Q8_0 block (34 bytes) is an fp16 scale and 32 int8 values. ``vpdpbusd`` multiplies unsigned by signed bytes, so
 the kernel flips each weight byte's top bit (the weight + 128, unsigned) and subtracts ``128 * sum x`` per lane.
@@ -16,8 +17,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from rocmforge.exact.lanes import (OUT_TILE, Q8_0_BLOCK, LaneWeight, interleave4, lane_dot, lane_dot_x4, q8_0_lane_dot,
-                                   q8_0_lane_dot_x4)
+from rocmforge.exact.lane_tiles import TILE_OUTPUTS, byte_slot, tile_rows, unpack_q8_0
+from rocmforge.exact.lanes import Q8_0_BLOCK, LaneWeight, interleave4, lane_dot, q8_0_lane_dot
 from rocmforge.exact.q8_activations import Q8Blocks, quantize_q8
 from rocmforge.exact.threads import split_rows
 
@@ -59,24 +60,27 @@ def lane_corrections(xq, offset):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _matmul(raw, xq, xd, corr, xi, xdi, corri, out, start, stop):  # pragma: no cover - compiled
-    # output rows start..stop, OUT_TILE at a time (their weight rows stay in L1 while all activation rows pass, and
-    # each activation row's outputs are written as one cache line): activation rows 4 at a time from their
-    # interleaved copies (xi, xdi, corri: lanes.interleave4), the rest one by one
+def _matmul(raw, xq, xd, corr, xi, xdi, ncorri, out, start, stop):  # pragma: no cover - compiled
+    # output rows start..stop, TILE_OUTPUTS at a time: with 4 or more activation rows their blocks are decoded once
+    # into scratch and every interleaved group of 4 rows (xi, xdi, ncorri: lanes.interleave4) passes over them in
+    # register tiles (lane_tiles); the other rows (and an odd last output) one by one
     row_bytes = raw.shape[1]
     nb = row_bytes // Q8_0_BLOCK.block_bytes
-    n = xq.shape[0]
+    n, grouped = xq.shape[0], 4 * xi.shape[0]
     raw_flat, x_flat, xd_flat = raw.reshape(-1), xq.reshape(-1), xd.reshape(-1)
-    xi_flat, xdi_flat, corri_flat = xi.reshape(-1), xdi.reshape(-1), corri.reshape(-1)
-    for o0 in range(start, stop, OUT_TILE):
-        o1 = min(o0 + OUT_TILE, stop)
-        for g in range(xi.shape[0]):
-            r = 4 * g
+    w = np.empty(TILE_OUTPUTS * nb * 32 if grouped else 0, np.uint8)
+    ws = np.empty(TILE_OUTPUTS * nb if grouped else 0, np.float32)
+    for o0 in range(start, stop, TILE_OUTPUTS):
+        o1 = min(o0 + TILE_OUTPUTS, stop)
+        done = o0
+        if grouped:
             for o in range(o0, o1):
-                out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = q8_0_lane_dot_x4(
-                    raw_flat, o * row_bytes, xi_flat, g * nb * 128, xdi_flat, g * nb * 4, corri_flat, g * nb * 32, nb)
-        for r in range(4 * xi.shape[0], n):
-            for o in range(o0, o1):
+                for b in range(nb):
+                    slot = byte_slot(o - o0, nb, b)
+                    unpack_q8_0(raw_flat, o * row_bytes, b, w, slot, ws, slot >> 5)
+            done = o0 + tile_rows(w, ws, o1 - o0, nb, xi, xdi, ncorri, out, o0)
+        for r in range(n):
+            for o in range(done if r < grouped else o0, o1):
                 out[r, o] = q8_0_lane_dot(raw_flat, o * row_bytes, x_flat, r * nb * 32, xd_flat, r * nb, corr,
                                           r * nb * 8, nb, 1)
 
@@ -112,28 +116,31 @@ def lane_matmul(x: np.ndarray | Q8Blocks, weight: tuple[np.ndarray, ...], n_out:
     out = np.empty((n, n_out), dtype=np.float32)
     corr = lane_corrections(blocks.qs, offset)
     args = (*weight, blocks.qs, blocks.d, corr, interleave4(blocks.qs), interleave4(blocks.d),
-            interleave4(corr.reshape(n, -1, 8)), out)
+            np.negative(interleave4(corr.reshape(n, -1, 8))), out)
     split_rows(driver, kernel, args, n_out, work=n * k * n_out)
     return out
 
 
 @njit(cache=True, nogil=True)
-def _matmul_unpacked(q, wd, xq, xd, corr, xi, xdi, corri, out, start, stop):  # pragma: no cover - compiled
+def _matmul_unpacked(q, wd, xq, xd, corr, xi, xdi, ncorri, out, start, stop):  # pragma: no cover - compiled
     # _matmul over LaneWeight's bytes and float32 scales
     nb = wd.shape[1]
-    n = xq.shape[0]
+    n, grouped = xq.shape[0], 4 * xi.shape[0]
     q_flat, wd_flat, x_flat, xd_flat = q.reshape(-1), wd.reshape(-1), xq.reshape(-1), xd.reshape(-1)
-    xi_flat, xdi_flat, corri_flat = xi.reshape(-1), xdi.reshape(-1), corri.reshape(-1)
-    for o0 in range(start, stop, OUT_TILE):
-        o1 = min(o0 + OUT_TILE, stop)
-        for g in range(xi.shape[0]):
-            r = 4 * g
+    w = np.empty(TILE_OUTPUTS * nb * 32 if grouped else 0, np.uint8)
+    ws = np.empty(TILE_OUTPUTS * nb if grouped else 0, np.float32)
+    for o0 in range(start, stop, TILE_OUTPUTS):
+        o1 = min(o0 + TILE_OUTPUTS, stop)
+        done = o0
+        if grouped:
             for o in range(o0, o1):
-                out[r, o], out[r + 1, o], out[r + 2, o], out[r + 3, o] = lane_dot_x4(
-                    q_flat, o * nb * 32, wd_flat, o * nb, xi_flat, g * nb * 128, xdi_flat, g * nb * 4, corri_flat,
-                    g * nb * 32, nb)
-        for r in range(4 * xi.shape[0], n):
-            for o in range(o0, o1):
+                for b in range(nb):
+                    slot = byte_slot(o - o0, nb, b)
+                    w[slot:slot + 32] = q_flat[(o * nb + b) * 32:(o * nb + b + 1) * 32]
+                    ws[slot >> 5] = wd[o, b]
+            done = o0 + tile_rows(w, ws, o1 - o0, nb, xi, xdi, ncorri, out, o0)
+        for r in range(n):
+            for o in range(done if r < grouped else o0, o1):
                 out[r, o] = lane_dot(q_flat, o * nb * 32, wd_flat, o * nb, x_flat, r * nb * 32, xd_flat, r * nb,
                                      corr, r * nb * 8, nb, 1)
 

@@ -13,9 +13,7 @@ exactly ggml's lanes) forms ``sum q*x`` and the offset comes back as ``offset * 
 same sums come from widened multiplies that LLVM vectorizes. The float part is ggml's instruction for instruction:
 the block's fp16 ``d_w`` widened exactly, a float32 ``d_w*d_x``, one ``llvm.fma.v8f32`` per block.
 
-Prefill takes activation rows four at a time (``*_lane_dot_x4``, rows laid out by ``interleave4``): with AVX-512
-two rows' blocks fill one zmm register, whose halves are each row's 8 lanes, so one ``vpdpbusd`` and one fma serve
-two rows (about 2x the throughput of four ymm passes, same bits).
+Prefill takes activation rows four at a time (rows laid out by ``interleave4``) in ``lane_tiles``' register tiles.
 
 ``lanes_reference`` is the same lane sum in numpy (tests compare against it).
 """
@@ -260,70 +258,12 @@ def _row_dot(layout: BlockLayout, n_rows: int):
     return codegen
 
 
-def _row_dot_x4(layout: BlockLayout):
-    """``_row_dot`` of 4 activation rows interleaved block by block (``interleave4``): the blocks ``b`` of rows
-    ``r, r+1`` are one 64-byte vector, so one zmm ``vpdpbusd`` and one 16-lane fma serve two rows; each half of a
-    register is exactly the 8 lanes of its row (same integer sums, same fma chain)."""
-
-    def codegen(context, builder, signature, args):
-        weight, x_ptr, x0, xd_ptr, xd0, corr = _operands(context, builder, signature, args, layout)
-        n_blocks = args[-1]
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(V16F32, None)) for _ in range(2)]
-        index = n_blocks.type
-        with cgutils.for_range(builder, n_blocks) as loop:
-            b = loop.index
-            q_bytes, w_d = _weight_block(builder, layout, weight, b)
-            q_pair = builder.shuffle_vector(q_bytes, q_bytes, ir.Constant(ir.VectorType(_I32, 64), list(range(32)) * 2))
-            w_d = splat(builder, w_d, ir.VectorType(_F32, 4))
-            # the four float32 products d_w * d_x, one per row
-            d = builder.fmul(w_d, load_vector(builder, xd_ptr, offset(builder, xd0, b, 4), ir.VectorType(_F32, 4)))
-            for pair, acc in enumerate(accs):
-                x = load_vector(builder, x_ptr, builder.add(offset(builder, x0, b, 128), ir.Constant(index, 64 * pair)),
-                                V64I8)
-                lanes = lane_sums_pair(builder, q_pair, x)
-                if corr is not None:
-                    corr_at = builder.add(offset(builder, corr[1], b, 32), ir.Constant(index, 16 * pair))
-                    lanes = builder.sub(lanes, load_vector(builder, corr[0], corr_at, V16I32))
-                scale = builder.shuffle_vector(d, d, ir.Constant(V16I32, [2 * pair] * 8 + [2 * pair + 1] * 8))
-                builder.store(fma_v16(builder, scale, builder.sitofp(lanes, V16F32), builder.load(acc)), acc)
-        sums = []
-        for acc in accs:
-            value = builder.load(acc)
-            for half in range(2):
-                lanes = builder.shuffle_vector(value, value, ir.Constant(V8I32, list(range(8 * half, 8 * half + 8))))
-                sums.append(hsum8_ir(builder, lanes))
-        return context.make_tuple(builder, signature.return_type, sums)
-
-    return codegen
-
-
-def _lane_dot_x4(layout: BlockLayout):
-    """The ``_row_dot_x4`` intrinsic of ``layout`` (arguments as ``_lane_dot``'s, without ``n_rows``): a tuple of 4
-    float32."""
-
-    def typer(*args):
-        return types.UniTuple(types.float32, 4)(*args), _row_dot_x4(layout)
-
-    # numba lowers intrinsics with named parameters only: one signature per argument list
-    if layout is UNPACKED:
-        def dot_x4(typingctx, q, q0, wd, wd0, x, x0, xd, xd0, corr, corr0, n_blocks):
-            return typer(q, q0, wd, wd0, x, x0, xd, xd0, corr, corr0, n_blocks)
-    elif layout.offset:
-        def dot_x4(typingctx, raw, raw0, x, x0, xd, xd0, corr, corr0, n_blocks):
-            return typer(raw, raw0, x, x0, xd, xd0, corr, corr0, n_blocks)
-    else:
-        def dot_x4(typingctx, raw, raw0, x, x0, xd, xd0, n_blocks):
-            return typer(raw, raw0, x, x0, xd, xd0, n_blocks)
-
-    return intrinsic(dot_x4)
-
-
 _NO_GROUPS: dict[tuple, np.ndarray] = {}
 
 
 def interleave4(a: np.ndarray) -> np.ndarray:
     """Rows ``[n, nb, ...]`` -> ``[n // 4, nb, 4, ...]`` (the first ``n - n % 4`` rows): block ``b`` of 4
-    consecutive rows side by side, as ``lane_dot_x4`` reads them."""
+    consecutive rows side by side, as ``lane_tiles.tile_dot`` reads them."""
     groups = a.shape[0] // 4
     if groups == 0:  # decode: nothing to lay out (one shared empty array: no numpy work per call)
         key = (a.dtype, a.shape[2:])
@@ -348,8 +288,7 @@ def _lane_dot(layout: BlockLayout):
     and the row's first byte; ``UNPACKED``: ``q`` uint8, start, ``wd`` float32 scales, start), ``x`` int8
     activations, ``xd`` their float32 scales, ``corr`` int32 (8 per block: ``offset * sum x`` of each lane; not for
     a layout with offset 0), then ``n_blocks`` and ``n_rows`` (a constant: consecutive activation rows at once):
-    a float32, or a tuple of ``n_rows``. For 4 rows laid out by ``interleave4`` (``x`` int8 ``[.., nb, 4, 32]``,
-    ``xd`` ``[.., nb, 4]``, ``corr`` ``[.., nb, 4, 8]``) the ``_x4`` intrinsic serves two rows per register."""
+    a float32, or a tuple of ``n_rows``."""
 
     def typer(*args):
         rows = _rows(args[-1])
@@ -368,10 +307,8 @@ def _lane_dot(layout: BlockLayout):
     return intrinsic(dot)
 
 
-lane_dot, lane_dot_x4 = _lane_dot(UNPACKED), _lane_dot_x4(UNPACKED)
-q8_0_lane_dot, q8_0_lane_dot_x4 = _lane_dot(Q8_0_BLOCK), _lane_dot_x4(Q8_0_BLOCK)
-q5_0_lane_dot, q5_0_lane_dot_x4 = _lane_dot(Q5_0_BLOCK), _lane_dot_x4(Q5_0_BLOCK)
-q4_1_lane_dot, q4_1_lane_dot_x4 = _lane_dot(Q4_1_BLOCK), _lane_dot_x4(Q4_1_BLOCK)
+lane_dot, q8_0_lane_dot, q5_0_lane_dot, q4_1_lane_dot = (_lane_dot(layout) for layout in
+                                                          (UNPACKED, Q8_0_BLOCK, Q5_0_BLOCK, Q4_1_BLOCK))
 
 
 @intrinsic
