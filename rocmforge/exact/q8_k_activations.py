@@ -49,18 +49,27 @@ def quantize_q8_k(x: np.ndarray) -> Q8KBlocks:
 def _quantize(blocks, qs, d, bsums, start, stop):  # pragma: no cover - compiled
     for r in range(start, stop):
         for b in range(blocks.shape[1]):
-            amax, signed_max = np.float32(0), np.float32(0)
-            for i in range(BLOCK):  # the first of equal magnitudes wins
-                if abs(blocks[r, b, i]) > amax:
-                    amax, signed_max = abs(blocks[r, b, i]), blocks[r, b, i]
+            # the largest magnitude as the bits of |x| (an integer max: vectorized, where a float one with
+            # ggml's "first of equal magnitudes" would run element by element), then the first element that has it
+            bits = blocks[r, b].view(np.int32)
+            amax_bits = np.int32(0)
+            for i in range(BLOCK):
+                magnitude = bits[i] & 0x7FFFFFFF
+                amax_bits = max(amax_bits, magnitude if magnitude <= 0x7F800000 else 0)  # a NaN never wins
+            signed_max = np.float32(0)
+            for i in range(BLOCK):
+                if bits[i] & 0x7FFFFFFF == amax_bits:
+                    signed_max = blocks[r, b, i]
+                    break
             iscale = np.float32(-127) / signed_max if signed_max != 0 else np.float32(0)
             d[r, b] = np.float32(1) / iscale if signed_max != 0 else np.float32(0)
+            x, q = blocks[r, b], qs[r, b]
+            for i in range(BLOCK):
+                q[i] = np.int8(min(np.rint(x[i] * iscale), np.float32(127)))
             for group in range(16):
-                total = 0
+                total = np.int32(0)
                 for i in range(16 * group, 16 * group + 16):
-                    q = np.int8(min(np.rint(blocks[r, b, i] * iscale), np.float32(127)))
-                    qs[r, b, i] = q
-                    total += q
+                    total += np.int32(q[i])
                 bsums[r, b, group] = total
 
 
