@@ -25,10 +25,19 @@ import llvmlite.binding as llvm_binding
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
+from numba.core import cgutils, config
 from numba.extending import intrinsic
 
-_FEATURES = llvm_binding.get_host_cpu_features()
+
+def _target_features() -> dict[str, bool]:
+    """The CPU features numba compiles for: the host's, or ``NUMBA_CPU_FEATURES`` (``+avx2,+fma,...``; with
+    ``NUMBA_CPU_NAME=haswell`` the kernels an AVX2-only CPU runs, on any x86 machine)."""
+    if config.CPU_FEATURES is not None:
+        return {f[1:]: f[0] == "+" for f in config.CPU_FEATURES.split(",") if f}
+    return dict(llvm_binding.get_host_cpu_features())
+
+
+_FEATURES = _target_features()
 # vpdpbusd on ymm: AVX-VNNI (VEX) or AVX512-VNNI with AVX512VL (EVEX); same intrinsic in LLVM
 HAS_VNNI = bool(_FEATURES.get("avxvnni") or (_FEATURES.get("avx512vnni") and _FEATURES.get("avx512vl")))
 OUT_TILE = 16  # output rows a prefill matmul takes together: 16 float32 outputs of an activation row = a cache line
