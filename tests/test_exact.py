@@ -123,8 +123,9 @@ def _q8_ref_dot(w_int, w_d, x_int, x_d, minimums=None, x_s=None) -> np.float32:
 
 @pytest.mark.parametrize("ggml_type", [T.Q4_1, T.Q8_0])
 def test_quantized_matmul_is_ggmls_dot(ggml_type):
-    """Ten activation rows: eight through the kernel's four-row pass (interleaved, two rows per register), two
-    through its one-row pass; 21 outputs: a full tile of 16 and a part; and one row alone (decode)."""
+    """Ten activation rows: eight through the kernel's four-row register tiles (``lane_tiles``: 8 weight rows,
+    then pairs), two through its one-row pass; 21 outputs: two tiles of 8, two pairs and an odd one; and one row
+    alone (decode)."""
     w = RNG.standard_normal((21, 96)).astype(f32)
     x = RNG.standard_normal((10, 96)).astype(f32)
     raw = quantize(w, ggml_type)
@@ -191,8 +192,8 @@ def test_lane_sums_are_exact_quads(vnni):
 @pytest.mark.parametrize("vnni_512", [False, pytest.param(True, marks=pytest.mark.skipif(
     not lanes.HAS_VNNI_512, reason="no AVX512-VNNI on this CPU"))])
 def test_lane_sums_of_a_block_pair_are_each_blocks_lanes(vnni_512):
-    """Two rows' blocks in one 64-byte vector (``lane_dot_x4``): lanes 0-7 are the first block's, 8-15 the
-    second's."""
+    """Two blocks in one 64-byte vector (``lane_tiles.tile_dot`` without AVX512-VNNI): lanes 0-7 are the first
+    block's, 8-15 the second's."""
     run = _lane_sums_kernel(lambda builder, q, x: lanes.lane_sums_pair(builder, q, x, vnni_512=vnni_512),
                             lanes.V64I8, lanes.V16I32)
     q = RNG.integers(0, 256, (20, 64)).astype(np.uint8)

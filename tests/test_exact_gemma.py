@@ -207,7 +207,7 @@ def test_q4_k_gemm_rows_then_gemv_rows():
 @pytest.mark.parametrize(("kind", "block_bytes", "fields"), [(T.Q4_K, 144, {0: 0.002, 2: 0.004}),
                                                               (T.Q6_K, 210, {208: 0.01})])
 def test_k_quant_output_tiles_change_no_bits(kind, block_bytes, fields):
-    """A prefill matmul takes its outputs 16 at a time: 40 outputs in one call give the bits of five calls of 8
+    """A matmul takes its outputs in column groups of 8: 40 outputs in one call give the bits of five calls of 8
     (each checked above against ggml's order), on both sides of the GEMM/GEMV and tiled/vec_dot switches."""
     split, multiply = (split_q4_k, matmul_q4_k) if kind == T.Q4_K else (split_q6_k, matmul_q6_k)
     raw = _random_blocks(40, 2, block_bytes, fields)
