@@ -20,6 +20,8 @@ come from 8 ``vpdpbusd`` (int32 lanes, exact), times its scale; the float part i
 """
 from __future__ import annotations
 
+from functools import reduce
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -27,8 +29,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from rocmforge.errors import UnsupportedError
-from rocmforge.exact.lanes import (HAS_VNNI, V8F32, V8I32, V32I8, data_pointer, fma_v8, lane_sums, load_vector, offset,
-                                   splat)
+from rocmforge.exact.lanes import (HAS_VNNI, PREFETCH_BYTES, V8F32, V8I32, V32I8, data_pointer, fma_v8, lane_sums,
+                                   load_vector, offset, prefetch, splat)
 from rocmforge.exact.q8_k_activations import Q8KBlocks, quantize_q8_k
 from rocmforge.exact.threads import split_rows
 
@@ -86,6 +88,17 @@ def dpbusd(builder: ir.IRBuilder, start: ir.Value, q: ir.Value, x: ir.Value) -> 
     return builder.add(start, lane_sums(builder, q, x))
 
 
+def quad_sums(builder: ir.IRBuilder, q_ptr: ir.Value, x_ptr: ir.Value, q_at: ir.Value, x_at: ir.Value, quad: int,
+              start: ir.Value) -> ir.Value:
+    """IR: ``start`` + each of 8 outputs' sums of 4 products with activation quad ``quad`` (the 4 bytes at
+    ``x_at + 4*quad``, in every lane; the outputs' 4 bytes each at ``q_at + 32*quad``): one ``vpdpbusd``."""
+    index = q_at.type
+    q_bytes = load_vector(builder, q_ptr, q_at, V32I8, 32 * quad)
+    x4 = builder.load(builder.bitcast(builder.gep(x_ptr, [builder.add(x_at, ir.Constant(index, 4 * quad))]),
+                                      _I32.as_pointer()), align=1)
+    return dpbusd(builder, start, q_bytes, builder.bitcast(splat(builder, x4, V8I32), V32I8))
+
+
 def _columns_dot(subs_per_fma: int, n_rows: int):
     """An intrinsic: 8 outputs (one column group of ``split_q4_k``, a float lane each, as ggml's repacked kernels
     keep them) of ``n_rows`` consecutive activation rows, one fma pair per ``subs_per_fma`` sub-blocks of 32 (2:
@@ -108,35 +121,38 @@ def _columns_dot(subs_per_fma: int, n_rows: int):
             # row i's first activation block, and its first sub-block sum
             x_row = [builder.add(x0, builder.mul(nb, ir.Constant(index, 256 * i))) for i in rows]
             xs_row = [builder.add(xs0, builder.mul(nb, ir.Constant(index, 8 * i))) for i in rows]
+            xd_row = [builder.add(xd0, builder.mul(nb, ir.Constant(index, i))) for i in rows]
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 w_d = load_vector(builder, wd_ptr, offset(builder, wd0, b, 8), V8F32)
                 w_dmin = load_vector(builder, wdmin_ptr, offset(builder, wd0, b, 8), V8F32)
-                x_d = [splat(builder, builder.load(builder.gep(xd_ptr, [builder.add(builder.add(xd0, b),
-                                                                                      builder.mul(nb, ir.Constant(index, i)))])))
-                       for i in rows]
+                x_d = [splat(builder, builder.load(builder.gep(xd_ptr, [builder.add(xd_row[i], b)]))) for i in rows]
                 scale = [builder.fmul(w_d, x_d[i]) for i in rows]
                 scale_min = [builder.fmul(w_dmin, x_d[i]) for i in rows]
                 q_block, sc_block = offset(builder, q0, b, 2048), offset(builder, sc0, b, 64)
+                if n_rows == 1:  # a decode step streams every weight once: ask for the bytes ahead
+                    for line in range(0, 2048, 64):
+                        prefetch(builder, q_ptr, q_block, PREFETCH_BYTES + line)
                 x_block = [offset(builder, x_row[i], b, 256) for i in rows]
                 xs_block = [offset(builder, xs_row[i], b, 8) for i in rows]
                 for first in range(0, 8, subs_per_fma):
                     isum, imin = [zero_i] * n_rows, [zero_i] * n_rows
                     for sub in range(first, first + subs_per_fma):
-                        sums = [zero_i] * n_rows
-                        for quad in range(8):
-                            q_bytes = load_vector(builder, q_ptr, q_block, V32I8, 256 * sub + 32 * quad)
+                        # each row's sums in 4 chains (rows x chains >= 4: vpdpbusd's latency hidden; exact in
+                        # any order)
+                        chains = max(1, 4 // n_rows)
+                        parts = [[zero_i] * chains for _ in rows]
+                        for k, quad in enumerate(range(8 * sub, 8 * sub + 8)):
                             for i in rows:
-                                x4 = builder.load(builder.bitcast(builder.gep(x_ptr, [builder.add(
-                                    x_block[i], ir.Constant(index, 32 * sub + 4 * quad))]), _I32.as_pointer()),
-                                                  align=1)
-                                sums[i] = dpbusd(builder, sums[i], q_bytes,
-                                                 builder.bitcast(splat(builder, x4, V8I32), V32I8))
+                                parts[i][k % chains] = quad_sums(builder, q_ptr, x_ptr, q_block, x_block[i], quad,
+                                                                 parts[i][k % chains])
+                        sums = [reduce(builder.add, parts[i]) for i in rows]
                         scales = load_vector(builder, sc_ptr, sc_block, V8I32, 8 * sub)
                         mins_sub = load_vector(builder, min_ptr, sc_block, V8I32, 8 * sub)
                         for i in rows:
                             isum[i] = builder.add(isum[i], builder.mul(sums[i], scales))
-                            x_sum = builder.load(builder.gep(xs_ptr, [builder.add(xs_block[i], ir.Constant(index, sub))]))
+                            x_sum = builder.load(builder.gep(xs_ptr, [builder.add(xs_block[i],
+                                                                                  ir.Constant(index, sub))]))
                             imin[i] = builder.add(imin[i], builder.mul(mins_sub, splat(builder, x_sum, V8I32)))
                     for i in rows:
                         builder.store(fma_v8(builder, builder.sitofp(isum[i], V8F32), scale[i], builder.load(acc[i])),

@@ -25,8 +25,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from rocmforge.exact.dot_q4_k import dpbusd
-from rocmforge.exact.lanes import V8F32, V8I32, V16I32, V32I8, data_pointer, fma_v8, load_vector, offset, splat
+from rocmforge.exact.dot_q4_k import quad_sums
+from rocmforge.exact.lanes import (PREFETCH_BYTES, V8F32, V8I32, V16I32, data_pointer, fma_v8, load_vector, offset,
+                                   prefetch, splat)
 from rocmforge.exact.q8_k_activations import Q8KBlocks, quantize_q8_k
 from rocmforge.exact.threads import split_rows
 
@@ -83,15 +84,6 @@ def split_q6_k(raw: np.ndarray) -> Q6KColumns:
     return Q6KColumns(*(np.ascontiguousarray(a) for a in (q, scales, d)), n_out)
 
 
-def _quad_sums(builder, q_ptr, x_ptr, q_at, x_at, quad: int, start):
-    """IR: ``start`` + each output's sum of 4 products of activation quad ``quad`` (one ``vpdpbusd``)."""
-    index = q_at.type
-    q_bytes = load_vector(builder, q_ptr, q_at, V32I8, 32 * quad)
-    x4 = builder.load(builder.bitcast(builder.gep(x_ptr, [builder.add(x_at, ir.Constant(index, 4 * quad))]),
-                                      _I32.as_pointer()), align=1)
-    return dpbusd(builder, start, q_bytes, builder.bitcast(splat(builder, x4, V8I32), V32I8))
-
-
 def _columns_dot(tiled: bool, n_rows: int):
     """An intrinsic: 8 outputs (one column group, a lane each) of ``n_rows`` consecutive activation rows, stored to
     ``out[out0 + i*out_stride:][:8]`` for row ``i``: ggml's vec_dot lanes (``tiled=False``, one row), kept as 8
@@ -116,6 +108,9 @@ def _columns_dot(tiled: bool, n_rows: int):
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 q_block, sc_block = offset(builder, q0, b, 2048), offset(builder, sc0, b, 128)
+                if not tiled:  # a decode step streams every weight once: ask for the bytes ahead
+                    for line in range(0, 2048, 64):
+                        prefetch(builder, q_ptr, q_block, PREFETCH_BYTES + line)
                 x_block = [offset(builder, x_row[i], b, 256) for i in rows]
                 bsums = [load_vector(builder, bs_ptr, offset(builder, bs_row[i], b, 16), V16I32) for i in rows]
                 scales = [load_vector(builder, sc_ptr, sc_block, V8I32, 8 * sub) for sub in range(16)]
@@ -126,7 +121,7 @@ def _columns_dot(tiled: bool, n_rows: int):
                     for sub in range(16):
                         sums = [zero_i] * n_rows
                         for quad in range(4 * sub, 4 * sub + 4):
-                            sums = [_quad_sums(builder, q_ptr, x_ptr, q_block, x_block[i], quad, sums[i]) for i in rows]
+                            sums = [quad_sums(builder, q_ptr, x_ptr, q_block, x_block[i], quad, sums[i]) for i in rows]
                         for i in rows:  # scale * (sum q*x - 32 * sum x): the weights are q - 32
                             x_sum = builder.extract_element(bsums[i], ir.Constant(_I32, sub))
                             minus = splat(builder, builder.shl(x_sum, ir.Constant(_I32, 5)), V8I32)
@@ -149,7 +144,7 @@ def _columns_dot(tiled: bool, n_rows: int):
                         total = builder.sub(zero_i, total)
                         for chunk in range(8):
                             quad = 8 * chunk + lane
-                            sums = _quad_sums(builder, q_ptr, x_ptr, q_block, x_block[0], quad, zero_i)
+                            sums = quad_sums(builder, q_ptr, x_ptr, q_block, x_block[0], quad, zero_i)
                             total = builder.add(total, builder.mul(sums, scales[2 * chunk + lane // 4]))
                         builder.store(fma_v8(builder, d, builder.sitofp(total, V8F32), builder.load(acc[0][lane])),
                                       acc[0][lane])

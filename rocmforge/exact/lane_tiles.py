@@ -83,7 +83,8 @@ def tile_dot(typingctx, w, w0, ws, ws0, x, x0, xd, xd0, ncorr, nc0, out, out0, o
             for p in range(pairs):
                 value = builder.load(accs[i][p])
                 for half in range(2):
-                    lanes = builder.shuffle_vector(value, value, ir.Constant(V8I32, list(range(8 * half, 8 * half + 8))))
+                    half_lanes = ir.Constant(V8I32, list(range(8 * half, 8 * half + 8)))
+                    lanes = builder.shuffle_vector(value, value, half_lanes)
                     builder.store(hsum8_ir(builder, lanes),
                                   builder.gep(out_ptr, [builder.add(row, ir.Constant(index, 2 * p + half))]))
         return context.get_dummy_value()
