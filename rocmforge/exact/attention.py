@@ -79,59 +79,68 @@ def _mix_row(values, kv, p, j_start, j_stop, tinyblas, acc, out):
 @njit(cache=True, nogil=True)
 def _attention(q, keys, key_tiles, values, value_lanes, first, last, scale, group, tinyblas, out, start,
                stop):  # pragma: no cover - compiled
-    # rows start..stop of (query, head) pairs, queries in the order 0, t-1, 1, t-2, ... so that equal slices of
-    # rows get equal causal work; the three steps in one pass per row, only over the keys the row may read
-    # (first[i]..last[i]): a masked key's probability is exactly 0 and adds nothing anywhere.
+    # query rows start..stop, in the order 0, t-1, 1, t-2, ... so that equal slices of rows get equal causal work;
+    # the three steps in one pass per row and head, only over the keys the row may read (first[i]..last[i]): a
+    # masked key's probability is exactly 0 and adds nothing anywhere. Every head of a row takes a block of keys
+    # (or values) in turn while it is in L1 (heads that share a KV head read the same block).
     # key_tiles / value_lanes (prefill; empty for a few rows) are the cache re-laid for the lane kernels
     t, n_heads, d = q.shape
-    n_kv_heads, d_v = values.shape[1], values.shape[2]
+    d_v = values.shape[2]
     padded = -(-keys.shape[0] // _PAD) * _PAD
     q_flat, tiles_flat, lanes_flat = q.reshape(-1), key_tiles.reshape(-1), value_lanes.reshape(-1)
-    kq = np.empty(padded, dtype=np.float32)
+    kq = np.empty((n_heads, padded), dtype=np.float32)
     w = np.empty(padded, dtype=np.float32)
-    p = np.empty(padded, dtype=np.float32)
-    key_lanes = np.empty(8 * d_v, dtype=np.float32)
+    p = np.empty((n_heads, padded), dtype=np.float32)
+    kq_flat = kq.reshape(-1)
+    key_lanes = np.empty(n_heads * 8 * d_v, dtype=np.float32)
     acc = np.empty((32, d_v), dtype=np.float32)
-    for r in range(start, stop):
-        m, h = r // n_heads, r % n_heads
+    for m in range(start, stop):
         i = m // 2 if m % 2 == 0 else t - 1 - m // 2
-        kv = h // group
         lo, hi = first[i], last[i]
         b0, b1 = lo // 32 * 32, -(-hi // 32) * 32  # whole blocks of 32 keys (padded is a multiple of 32)
         if key_tiles.size:
             for j0 in range(b0, b1, 32):
-                kq_32(tiles_flat, (kv * padded + j0) * d, 32, q_flat, (i * n_heads + h) * d, d, kq, j0)
+                for h in range(n_heads):
+                    kq_32(tiles_flat, ((h // group) * padded + j0) * d, 32, q_flat, (i * n_heads + h) * d, d,
+                          kq_flat, h * padded + j0)
         else:
-            for j in range(lo, hi):
-                kq[j] = vec_dot_f32(keys[j, kv], q[i, h])
-        row_max = np.float32(-np.inf)
-        for j in range(b0, b1):
-            w[j] = kq[j] * scale if lo <= j < hi else np.float32(-np.inf)
-            row_max = max(row_max, w[j])
-        total = 0.0  # ggml_vec_soft_max_f32: hsum8 of each 8 exps added to a double
-        for j0 in range(b0, b1, 8):
-            total += np.float64(exp_8(w, j0, row_max, p))
-        inverse = np.float32(1.0 / total)
-        for j in range(b0, b1):
-            p[j] *= inverse
+            for h in range(n_heads):
+                for j in range(lo, hi):
+                    kq[h, j] = vec_dot_f32(keys[j, h // group], q[i, h])
+        for h in range(n_heads):
+            row_max = np.float32(-np.inf)
+            for j in range(b0, b1):
+                w[j] = kq[h, j] * scale if lo <= j < hi else np.float32(-np.inf)
+                row_max = max(row_max, w[j])
+            total = 0.0  # ggml_vec_soft_max_f32: hsum8 of each 8 exps added to a double
+            ph = p[h]
+            for j0 in range(b0, b1, 8):
+                total += np.float64(exp_8(w, j0, row_max, ph))
+            inverse = np.float32(1.0 / total)
+            for j in range(b0, b1):
+                ph[j] *= inverse
+            if not value_lanes.size:
+                _mix_row(values, h // group, ph, lo, hi, tinyblas, acc, out[i, h])
         if not value_lanes.size:
-            _mix_row(values, kv, p, lo, hi, tinyblas, acc, out[i, h])
             continue
         for lane in range(8):  # tinyBLAS: key j in lane j % 8
             j = lo + (lane - lo) % 8
-            start_v, count = ((kv * 8 + lane) * (padded // 8) + j // 8) * d_v, max(0, -(-(hi - j) // 8))
-            if d_v % 128 == 0:
-                kqv_lane_wide(lanes_flat, start_v, d_v, p, j, count, d_v, key_lanes, lane * d_v)
-            else:
-                kqv_lane(lanes_flat, start_v, d_v, p, j, count, d_v, key_lanes, lane * d_v)
-        a = key_lanes.reshape(8, d_v)
-        for c in range(d_v):  # hsum8 of the 8 lanes
-            out[i, h, c] = ((a[0, c] + a[4, c]) + (a[2, c] + a[6, c])) + ((a[1, c] + a[5, c]) + (a[3, c] + a[7, c]))
+            count = max(0, -(-(hi - j) // 8))
+            for h in range(n_heads):
+                start_v = (((h // group) * 8 + lane) * (padded // 8) + j // 8) * d_v
+                if d_v % 128 == 0:
+                    kqv_lane_wide(lanes_flat, start_v, d_v, p[h], j, count, d_v, key_lanes, (h * 8 + lane) * d_v)
+                else:
+                    kqv_lane(lanes_flat, start_v, d_v, p[h], j, count, d_v, key_lanes, (h * 8 + lane) * d_v)
+        for h in range(n_heads):
+            a = key_lanes[h * 8 * d_v:(h + 1) * 8 * d_v].reshape(8, d_v)
+            for c in range(d_v):  # hsum8 of the 8 lanes
+                out[i, h, c] = ((a[0, c] + a[4, c]) + (a[2, c] + a[6, c])) + ((a[1, c] + a[5, c]) + (a[3, c] + a[7, c]))
 
 
 @njit(cache=True, parallel=True)
 def _attention_parallel(args, n_rows, n_slices):  # pragma: no cover - compiled
-    for i in prange(n_slices):  # one slice of (query, head) rows per thread (threads.split_rows)
+    for i in prange(n_slices):  # one slice of query rows per thread (threads.split_rows)
         _attention(*args, n_rows * i // n_slices, n_rows * (i + 1) // n_slices)
 
 
@@ -203,5 +212,5 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, q_positions: 
     args = (np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(keys, dtype=np.float32), key_tiles,
             np.ascontiguousarray(values, dtype=np.float32), value_lanes, first, last, np.float32(scale),
             n_heads // n_kv_heads, batch_rows >= 2, out)
-    split_rows(_attention_parallel, _attention, args, t * n_heads, work=t * n_keys * (d + d_v) * n_heads)
+    split_rows(_attention_parallel, _attention, args, t, work=t * n_keys * (d + d_v) * n_heads)
     return out

@@ -78,8 +78,7 @@ def attention_step(q, k, v, q_norm, k_norm, eps, cos_sin, neox, n_rot, cache_k, 
             keys[j] = cache_k[key_slots[j]]
             values[j] = cache_v[key_slots[j]]
     unused = np.empty((0, 0, 0, 0), dtype=np.float32)  # the prefill lane layouts
-    _attention(q_rot, keys, unused, values, unused, first, last, scale, n_heads // n_kv_heads, tinyblas, z, 0,
-               n_heads)
+    _attention(q_rot, keys, unused, values, unused, first, last, scale, n_heads // n_kv_heads, tinyblas, z, 0, 1)
     quantize_row(z.reshape(-1), qs, d, s, corr, offset)
 
 
