@@ -223,6 +223,25 @@ def test_large_matmul_split_over_threads_keeps_every_row(monkeypatch):
         assert y[0, o] == ref, o
 
 
+
+@pytest.mark.parametrize("n_rows", [1, 16])
+def test_grouped_weight_alone_is_its_columns_of_the_group(n_rows):
+    """q/k/v (gate/up) stacked into one weight: a decode step takes each weight's columns of the group's product, a
+    prefill multiplies each weight alone over its rows of the stacked blocks; both are the group's bits."""
+    from rocmforge.backends.exact import ExactCpuBackend
+    from rocmforge.gguf_file import TensorRef
+
+    sizes, k = (16, 8, 8), 64
+    refs = [TensorRef(f"w{i}", T.Q4_1, (n, k), quantize(RNG.standard_normal((n, k)).astype(f32), T.Q4_1),
+                      n * k // 32 * 20) for i, n in enumerate(sizes)]
+    weights = ExactCpuBackend().load_weight_group(refs)
+    x = RNG.standard_normal((n_rows, k)).astype(f32)
+    group = matmul_q4_1(x, weights[0].prepared)
+    backend = ExactCpuBackend()
+    for w in weights:
+        assert w.alone is not None
+        assert np.array_equal(backend.matmul(x, w), group[:, w.rows])
+
 # --- float32 ops ----------------------------------------------------------------------------------------------
 def test_f32_dots_follow_ggmls_lanes():
     x, y = RNG.standard_normal((2, 64)).astype(f32)

@@ -44,19 +44,23 @@ from rocmforge.ops.embedding import quantized_embedding
 
 # llama.cpp computes a batch in ubatches of this many rows (n_ubatch: its default, and the fixtures' setting)
 UBATCH = 512
+# from this many activation rows a grouped weight read in place is multiplied alone (``ExactWeight.alone``)
+ALONE_FROM_ROWS = 8
 
 
 @dataclass(frozen=True)
 class ExactWeight:
     """A weight kept as its raw GGUF blocks (``raw``) plus what its exact kernel reads (``prepared``). In a group
     of weights that multiply the same activation, ``prepared`` is the whole group's and ``rows`` this weight's
-    outputs in it."""
+    outputs in it; for a kernel that reads the blocks in place, ``alone`` is this weight by itself (its rows of the
+    group's blocks, not copied)."""
 
     raw: np.ndarray
     prepared: Any
     ggml_type: GGMLQuantizationType
     shape: tuple[int, ...]
     rows: slice | None = None
+    alone: ExactWeight | None = None
 
 
 class ExactCpuBackend(CpuBackend):
@@ -115,7 +119,10 @@ class ExactCpuBackend(CpuBackend):
         for t in tensors:
             release_pages(t.raw)
         bounds = np.cumsum([0] + [t.shape[0] for t in tensors])
-        return [ExactWeight(t.raw, group.prepared, t.ggml_type, tuple(t.shape), slice(start, stop))
+        kernel = MATMULS[tensors[0].ggml_type]
+        return [ExactWeight(t.raw, group.prepared, t.ggml_type, tuple(t.shape), slice(start, stop),
+                            ExactWeight(t.raw, kernel.prepare(raw[start:stop]), t.ggml_type, tuple(t.shape))
+                            if kernel.in_place else None)
                 for t, start, stop in zip(tensors, bounds[:-1], bounds[1:])]
 
     def load_embedding(self, tensor: TensorRef, tied: bool) -> ExactWeight | TensorRef:
@@ -128,6 +135,10 @@ class ExactCpuBackend(CpuBackend):
     def matmul(self, x: np.ndarray, weight: ExactWeight) -> np.ndarray:
         if weight.rows is None:
             return self._multiply(x, weight)
+        if weight.alone is not None and x.shape[0] >= ALONE_FROM_ROWS:
+            # a prefill's product is large enough to split over the cores by itself, and the group's product plus
+            # a copy of each weight's columns were the largest arrays of a prefill (gate/up: 12 MiB at 512 rows)
+            return self._multiply(x, weight.alone)
         last = self._last_group
         if last is None or last[0]() is not x or last[1][0] is not weight.prepared:
             last = self._remember("_last_group", x, (weight.prepared, self._multiply(x, weight)))
