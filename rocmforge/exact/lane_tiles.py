@@ -1,6 +1,6 @@
 """Prefill's register tile for the 32-block lane kernels (Q8_0, Q5_0, Q4_1 in place; Q4_0, Q5_1, IQ4_NL unpacked):
 4 activation rows times ``2 * n_pairs`` weight rows per pass over the blocks, from weight rows decoded once per
-tile of outputs into a scratch buffer (``unpack_tile``) instead of once per 4 activation rows.
+tile of outputs into a scratch buffer (``unpack_*``) instead of once per 4 activation rows.
 
 Each output keeps ggml's 8 float lanes and per-block ``acc = fma(d_w*d_x, float(lanes - corr), acc)``, then
 ``hsum8`` (``lanes``' module docstring), so the bits are those of ``lane_dot``; only where the integers and products
@@ -41,7 +41,7 @@ def tile_dot(typingctx, w, w0, ws, ws0, x, x0, xd, xd0, ncorr, nc0, out, out0, o
     """``out[out0 + i*out_stride + j] = hsum8(lanes of activation row i, weight row j)`` for 4 rows (one
     ``interleave4`` group: ``x`` int8 at ``x0`` ``[nb, 4, 32]``, ``xd`` float32 ``[nb, 4]``, ``ncorr`` int32
     ``[nb, 4, 8]``: minus each lane's correction, zeros for a layout without one) and ``2 * n_pairs`` weight rows
-    (a constant) from ``unpack_tile``'s scratch (``w`` uint8 from ``w0``: ``[pair, nb, 2, 32]``, ``ws`` float32
+    (a constant) from the ``unpack_*`` scratch (``w`` uint8 from ``w0``: ``[pair, nb, 2, 32]``, ``ws`` float32
     scales from ``ws0``: ``[pair, nb, 2]``)."""
     if not isinstance(n_pairs, types.IntegerLiteral):
         return None
@@ -114,7 +114,7 @@ unpack_q8_0, unpack_q5_0, unpack_q4_1 = (_unpack_block(layout) for layout in (Q8
 
 @njit(cache=True, nogil=True)
 def byte_slot(j, nb, b):  # pragma: no cover - compiled
-    """Where block ``b`` of the tile's weight row ``j`` goes in ``unpack_tile``'s byte scratch (its scale: the
+    """Where block ``b`` of the tile's weight row ``j`` goes in the byte scratch (its scale: the
     same divided by 32)."""
     return ((j >> 1) * nb + b) * 64 + (j & 1) * 32
 
