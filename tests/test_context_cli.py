@@ -53,7 +53,7 @@ def test_search_ndjson_matches_the_store(run, tmp_path: Path) -> None:
     lines = run("search", "reciprocal rank fusion", "-k", "3", "--json").output.splitlines()
     hits = [json.loads(line) for line in lines]
     assert [h["rank"] for h in hits] == [1, 2, 3]
-    assert hits[0]["source"].endswith("context-store.md")
+    assert hits[0]["source"] == "rocmforge/docs/context-store.md"  # not where rocmforge is installed
     with ContextStore(run.db, embed=HashedNgramEmbedder()) as store:
         direct = store.search("reciprocal rank fusion", k=3)
         assert [h["chunk_id"] for h in hits] == [h.chunk_id for h in direct]

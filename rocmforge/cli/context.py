@@ -131,7 +131,7 @@ def add(ctx: click.Context, paths: tuple[str, ...], texts: tuple[str, ...], glob
         for start in range(0, len(items), ADD_BATCH):
             part = items[start:start + ADD_BATCH]
             texts = [_read(item) if kind == "file" else item for kind, item in part]
-            sources = [str(Path(item).resolve()) if kind == "file" else f"<{kind}>" for kind, item in part]
+            sources = [_source(item) if kind == "file" else f"<{kind}>" for kind, item in part]
             for result in store.add_texts(texts, sources, [dict(metadata) for _ in part], collection):
                 skipped += result.skipped
                 added += not result.skipped
@@ -139,6 +139,16 @@ def add(ctx: click.Context, paths: tuple[str, ...], texts: tuple[str, ...], glob
             bar.update(len(part))
             bar.set_postfix(chunks=chunks)
     click.echo(f"added {added} document(s), {chunks} chunk(s); skipped {skipped} already stored")
+
+
+def _source(path: Path) -> str:
+    """A file's source: its resolved path; a bundled note's is ``rocmforge/docs/NAME``. The source is quoted in
+    the prompts built from the store, so an answer from the bundled notes would otherwise depend on where
+    rocmforge is installed."""
+    path = path.resolve()
+    if path.is_relative_to(bundled_docs_dir()):
+        return f"rocmforge/docs/{path.relative_to(bundled_docs_dir()).as_posix()}"
+    return str(path)
 
 
 def _read(path: Path) -> str:
