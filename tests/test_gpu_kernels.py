@@ -403,6 +403,10 @@ def test_encoder_linear_and_residual_norm(gpu):
     got = gpu.to_host(gpu.layer_norm(gpu.from_host(x), gpu.from_host(w), gpu.from_host(bias), 1e-12,
                                      residual=gpu.from_host(residual)))
     assert rel_err(got, layer_norm(x, w, bias, 1e-12, residual)) < 2e-6
+    got = gpu.to_host(gpu.linear(gpu.from_host(x), gpu.load_weight(tensor), gpu.from_host(bias),
+                                 norm=(gpu.from_host(residual), gpu.from_host(w), gpu.from_host(bias), 1e-12)))
+    want = linear(x, dequantize(tensor.raw, Q.F32).reshape(64, 64), bias, norm=(residual, w, bias, 1e-12))
+    assert rel_err(got, want) < 2e-6
 
 
 @pytest.mark.parametrize("d_head", [32, 64])

@@ -235,6 +235,20 @@ def test_linear_matches_float64(rng):
         np.testing.assert_allclose(linear(x, weight, bias, gelu=True), gelu_ref, rtol=RTOL, atol=1e-5)
 
 
+def test_linear_with_a_residual_norm_is_linear_then_layer_norm(rng):
+    """The norm fused into the linear's blocks (the encoder's output projections) gives layer_norm's bits."""
+    weight, bias = rng.standard_normal((384, 96)).astype(np.float32), rng.standard_normal(384).astype(np.float32)
+    norm_weight, norm_bias = rng.standard_normal(384).astype(np.float32), rng.standard_normal(384).astype(np.float32)
+    for rows in (1, 600):
+        x, residual = rng.standard_normal((rows, 96)).astype(np.float32), rng.standard_normal((rows, 384)).astype(np.float32)
+        got = linear(x, weight, bias, norm=(residual, norm_weight, norm_bias, 1e-12))
+        want = layer_norm(linear(x, weight, bias), norm_weight, norm_bias, 1e-12, residual=residual)
+        np.testing.assert_array_equal(got, want)
+        total = x.astype(np.float64) @ weight.T + bias + residual  # and the textbook formula in float64
+        ref = (total - total.mean(1, keepdims=True)) / np.sqrt(total.var(1, keepdims=True) + 1e-12)
+        np.testing.assert_allclose(got, ref * norm_weight + norm_bias, rtol=1e-4, atol=1e-4)
+
+
 def test_exp_f32_is_within_an_ulp_of_exp():
     import numba
 
@@ -281,6 +295,16 @@ def test_encoder_attention_of_long_and_peaked_sequences(rng):
             np.testing.assert_allclose(got[rows, cols], (p / p.sum(1, keepdims=True)) @ v[rows, cols],
                                        rtol=1e-4, atol=1e-4)  # scores up to ~30: float32 rounding
 
+
+
+def test_encoder_attention_reads_column_blocks_of_one_projection_in_place(rng):
+    """q, k and v as column blocks of one q|k|v product (the CPU encoder's) give the bits of contiguous copies."""
+    offsets = np.array([0, 7, 200, 201])
+    qkv = rng.standard_normal((201, 3 * 96)).astype(np.float32)
+    q, k, v = qkv[:, :96], qkv[:, 96:192], qkv[:, 192:]
+    got = encoder_attention(q, k, v, offsets, 3, 0.2)
+    np.testing.assert_array_equal(got, encoder_attention(*(np.ascontiguousarray(a) for a in (q, k, v)), offsets, 3, 0.2))
+    assert got.flags.c_contiguous and got.shape == (201, 96)
 
 
 def test_encoder_ops_from_four_threads_run_blas_on_one_thread_and_equal_one_thread(rng, monkeypatch):

@@ -37,6 +37,7 @@ from rocmforge.gguf_file import TensorRef
 
 # A GPU batch's token count is rounded up to this, so the device memory pool sees few distinct sizes.
 GPU_TOKEN_STEP = 512
+QKV = ("query", "key", "value")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,11 @@ class BertEncoder:
         # the embedding tables stay on the host: a batch's lookups are summed there and uploaded once
         self.word, self.position = w["embeddings.word_embeddings.weight"], w["embeddings.position_embeddings.weight"]
         self.token_type = w["embeddings.token_type_embeddings.weight"][0]
+        if not self.on_gpu:  # one q|k|v product per layer (the CPU attention reads its column blocks in place)
+            for i in range(config.num_layers):
+                p = f"encoder.layer.{i}.attention.self."
+                for kind in ("weight", "bias"):
+                    w[p + "qkv." + kind] = np.concatenate([w.pop(p + f"{name}.{kind}") for name in QKV])
         self.w = {name: self._load(name, value) for name, value in w.items() if not name.startswith("embeddings.")
                   or "LayerNorm" in name}
 
@@ -125,20 +131,27 @@ class BertEncoder:
             h = self._layer(h, offsets, f"encoder.layer.{i}.")
         return ops.to_host(h)[:n]
 
-    def _linear(self, x: Any, name: str, gelu: bool = False) -> Any:
-        return self.ops.linear(x, self.w[name + ".weight"], self.w[name + ".bias"], gelu)
+    def _linear(self, x: Any, name: str, gelu: bool = False, residual_norm: tuple[Any, str] | None = None) -> Any:
+        """``residual_norm=(h, norm_name)``: then LayerNorm ``norm_name`` of the output + ``h`` (in one kernel on
+        the CPU)."""
+        norm = None
+        if residual_norm is not None:
+            residual, norm_name = residual_norm
+            norm = (residual, self.w[norm_name + ".weight"], self.w[norm_name + ".bias"], self.config.layer_norm_eps)
+        return self.ops.linear(x, self.w[name + ".weight"], self.w[name + ".bias"], gelu, norm)
 
     def _layer(self, h: Any, offsets: np.ndarray, p: str) -> Any:
-        ops, w, cfg = self.ops, self.w, self.config
-        q, k, v = (self._linear(h, p + f"attention.self.{name}") for name in ("query", "key", "value"))
-        context = ops.encoder_attention(q, k, v, offsets, cfg.num_heads,
-                                        1.0 / float(np.sqrt(cfg.hidden_size // cfg.num_heads)))
-        h = ops.layer_norm(self._linear(context, p + "attention.output.dense"),
-                           w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"],
-                           cfg.layer_norm_eps, residual=h)
-        ffn = self._linear(self._linear(h, p + "intermediate.dense", gelu=True), p + "output.dense")
-        return ops.layer_norm(ffn, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"],
-                              cfg.layer_norm_eps, residual=h)
+        cfg = self.config
+        if self.on_gpu:  # the GPU kernel reads q, k and v as arrays of their own
+            q, k, v = (self._linear(h, p + f"attention.self.{name}") for name in QKV)
+        else:
+            qkv = self._linear(h, p + "attention.self.qkv")
+            q, k, v = (qkv[:, i * self.dim:(i + 1) * self.dim] for i in range(3))
+        context = self.ops.encoder_attention(q, k, v, offsets, cfg.num_heads,
+                                             1.0 / float(np.sqrt(cfg.hidden_size // cfg.num_heads)))
+        h = self._linear(context, p + "attention.output.dense", residual_norm=(h, p + "attention.output.LayerNorm"))
+        return self._linear(self._linear(h, p + "intermediate.dense", gelu=True), p + "output.dense",
+                            residual_norm=(h, p + "output.LayerNorm"))
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Texts -> unit-length sentence vectors [n, hidden] (float32): mean over each text's tokens, then L2."""

@@ -47,9 +47,11 @@ class Backend(Protocol):
     # --- ops -----------------------------------------------------------------------------------------------
     def embedding(self, table: Weight, tokens: np.ndarray) -> Array: ...
     def matmul(self, x: Array, weight: Weight) -> Array: ...
-    def linear(self, x: Array, weight: Weight, bias: Array, gelu: bool = False) -> Array:
+    def linear(self, x: Array, weight: Weight, bias: Array, gelu: bool = False,
+               norm: tuple[Array, Array, Array, float] | None = None) -> Array:
         """``matmul(x, weight)`` plus a bias vector on every row (an encoder's biased projections); ``gelu``: then
-        the exact GELU of every value (``gelu`` below)."""
+        the exact GELU of every value (``gelu`` below); ``norm=(residual, weight, bias, eps)``: then
+        ``layer_norm(..., residual=residual)`` (a post-norm encoder's projection back into its residual stream)."""
     def add(self, a: Array, b: Array) -> Array:
         """Elementwise ``a + b``; ``b`` may be a bias vector broadcast over rows."""
     def scale(self, x: Array, factor: float) -> Array: ...

@@ -181,11 +181,14 @@ class CpuBackend:
             last = self._last_group = (x, weight.group, matmul(x, weight.group))
         return last[2][:, weight.rows]
 
-    def linear(self, x: np.ndarray, weight: CpuWeight, bias: np.ndarray, gelu: bool = False) -> np.ndarray:
-        if self.round_activations:  # llama.cpp's rounded activations: the matmul twin, then the bias (and GELU)
+    def linear(self, x: np.ndarray, weight: CpuWeight, bias: np.ndarray, gelu: bool = False,
+               norm: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None) -> np.ndarray:
+        if self.round_activations:  # llama.cpp's rounded activations: the matmul twin, then the bias (and the rest)
             out = add(self.matmul(x, weight), bias)
+            if norm is not None:
+                return layer_norm(out, *norm[1:], residual=norm[0])
             return self.gelu(out) if gelu else out
-        return linear(x, weight.matrix, bias, gelu)
+        return linear(x, weight.matrix, bias, gelu, norm)
 
     def _rounded(self, x: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
         # q/k/v (and gate/up) multiply the same x: round it once per activation format, not once per weight

@@ -188,8 +188,12 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits, GpuLaunches, DecodeGraphs):
         group.items.append((weight, out))
         return out
 
-    def linear(self, x: DeviceArray, weight: GpuWeight, bias: DeviceArray, gelu: bool = False) -> DeviceArray:
+    def linear(self, x: DeviceArray, weight: GpuWeight, bias: DeviceArray, gelu: bool = False,
+               norm: tuple[DeviceArray, DeviceArray, DeviceArray, float] | None = None) -> DeviceArray:
         out = self.add(self.matmul(x, weight), bias)  # the add kernel broadcasts the bias over the rows
+        if norm is not None:
+            residual, weight, bias, eps = norm
+            return self.layer_norm(out, weight, bias, eps, residual=residual)
         return self.gelu(out) if gelu else out
 
     def add(self, a: DeviceArray, b: DeviceArray) -> DeviceArray:

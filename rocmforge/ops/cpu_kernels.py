@@ -123,7 +123,9 @@ SINGLE, NO_TRANSPOSE, TRANSPOSE = np.int8(ord("s")), np.int8(ord("n")), np.int8(
 
 @intrinsic
 def element(typingctx, array, index):
-    """The address of ``array.flat[index]`` as a ``void*`` (what BLAS takes), for a C-contiguous array."""
+    """The address of the element ``index`` elements past ``array``'s first, as a ``void*`` (what BLAS takes):
+    ``array.flat[index]`` of a C-contiguous array; of a view whose rows are ``ld`` elements apart, row
+    ``index // ld``'s column ``index % ld``."""
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         return builder.bitcast(builder.gep(data, [args[1]]), context.get_value_type(types.voidptr))
