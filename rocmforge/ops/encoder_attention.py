@@ -4,9 +4,9 @@ Sequences of different lengths sit one after another in ``[n_tokens, heads * d_h
 CPU q, k and v may be column blocks of one ``[n_tokens, 3 * heads * d_head]`` projection, read where they lie);
 ``offsets`` (``[n_seq + 1]``) says where each starts. Every token attends to every token of its own sequence.
 
-On the CPU one numba kernel runs every (head, sequence) pair, spread over the cores; each pair is two BLAS
-products and a softmax between them:
-- BLAS (``cpu_kernels.gemm``, one thread per call: the pairs fill the cores) reads a head's
+On the CPU one numba kernel runs every (head, sequence) pair, one after another on one thread (see ``_attend``);
+each pair is two BLAS products and a softmax between them:
+- BLAS (``cpu_kernels.gemm``, one thread per call) reads a head's
   ``[t, d_head]`` block of q, k and v where it lies in the packed rows (leading dimension: their row stride) and
   writes the mixed values straight into the output's columns: no copies per head (they cost as much as the
   products).
@@ -37,15 +37,17 @@ def _softmax_columns(s: np.ndarray, totals: np.ndarray) -> None:
             totals[i] += e
 
 
-@numba.njit(parallel=True, fastmath=False, cache=True)
+# one thread: the pairs' small sgemms, called at once from numba's threads, gave wrong mixes in a full CI run
+# (tests/test_ops.py's four-thread check, 7% of one text's values) with SciPy's BLAS at one thread; the cause was not
+# found, and attention is ~16% of the encoder's time
+@numba.njit(fastmath=False, cache=True)
 def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, ld: int, offsets: np.ndarray, n_heads: int,
             scale: np.float32, out: np.ndarray) -> None:
     width = q.shape[1]
     d = width // n_heads
     n_seq = len(offsets) - 1
     factors = np.array([scale, 1.0, 0.0], np.float32)  # BLAS's alpha and beta, passed by address
-    # heads outer: each thread's contiguous share of pairs holds every sequence length alike
-    for pair in numba.prange(n_seq * n_heads):
+    for pair in range(n_seq * n_heads):
         head, start = pair // n_seq, offsets[pair % n_seq]
         t = offsets[pair % n_seq + 1] - start
         first = start * ld + head * d  # the pair's first element in q, k and v (rows `ld` apart)
