@@ -192,8 +192,8 @@ class GpuBackend(GpuHookOps, GpuMatrixUnits, GpuLaunches, DecodeGraphs):
                norm: tuple[DeviceArray, DeviceArray, DeviceArray, float] | None = None) -> DeviceArray:
         out = self.add(self.matmul(x, weight), bias)  # the add kernel broadcasts the bias over the rows
         if norm is not None:
-            residual, weight, bias, eps = norm
-            return self.layer_norm(out, weight, bias, eps, residual=residual)
+            residual, norm_weight, norm_bias, eps = norm
+            return self.layer_norm(out, norm_weight, norm_bias, eps, residual=residual)
         return self.gelu(out) if gelu else out
 
     def add(self, a: DeviceArray, b: DeviceArray) -> DeviceArray:
