@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numba
 import pytest
 
 from rocmforge.exact import compile_cache
@@ -22,8 +23,16 @@ os.access = lambda path, mode, *a, **k: False if "rocmforge/exact" in str(path) 
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 import numba, rocmforge
 model = rocmforge.load(sys.argv[1], device="cpu-exact")
+llvm_kib = 0
+for line in open("/proc/self/smaps"):
+    fields = line.split()
+    if not fields[0].endswith(":"):
+        library = fields[-1] if len(fields) > 5 else ""
+    elif fields[0] == "Rss:" and library.endswith("libllvmlite.so"):
+        llvm_kib += int(fields[1])
 print(numba.config.CACHE_DIR)
-print(model.generate("The capital of France is", max_new_tokens=4, temperature=0))
+print(repr(model.generate("The capital of France is", max_new_tokens=4, temperature=0)))
+print(llvm_kib)  # right after the load
 """
 
 
@@ -37,22 +46,48 @@ def _run(model_path: Path, home: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_read_only_install_compiles_once_into_rocmforge_home(smollm2_path, tmp_path):
     first = _run(smollm2_path, tmp_path)
-    cache_dir, text = first.stdout.splitlines()[:2]
+    cache_dir, text, _ = first.stdout.splitlines()[-3:]
     assert cache_dir == str(tmp_path / "numba")
     assert "rocmforge.exact: compiled" in first.stderr, first.stderr
     assert list((tmp_path / "numba").rglob("*.nbi")) and list((tmp_path / "numba").glob("rocmforge-warm-*"))
     second = _run(smollm2_path, tmp_path)
     assert "compiled" not in second.stderr, second.stderr  # nothing compiled: loaded from the cache
-    assert second.stdout.splitlines()[1] == text
+    assert second.stdout.splitlines()[-2] == text
+    if compile_cache.release_compiler_pages():  # Linux: LLVM's code went back at the end of the load
+        assert int(second.stdout.splitlines()[-1]) < 8 * 1024  # (a kernel loaded later brings some back)
+
+
+def _llvm_resident_kib() -> int:
+    total, library = 0, ""
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if not fields[0].endswith(":"):
+                library = fields[-1] if len(fields) > 5 else ""
+            elif fields[0] == "Rss:" and library.endswith("libllvmlite.so"):
+                total += int(fields[1])
+    return total
+
+
+def test_compiler_pages_go_back_and_numba_still_compiles():
+    """``release_compiler_pages`` drops LLVM's resident code; the next compile faults back what it needs."""
+    if not Path("/proc/self/smaps").exists():
+        pytest.skip("no /proc/self/smaps (not Linux): nothing to release")
+    numba.njit(lambda x: x + 1)(1)
+    before = _llvm_resident_kib()
+    assert compile_cache.release_compiler_pages() > 0
+    assert before > 16 * 1024 and _llvm_resident_kib() < before // 4
+    assert numba.njit(lambda x: x * 3)(7) == 21
+    assert _llvm_resident_kib() > 1024
 
 
 def test_compile_message_on_a_terminal(tmp_path, monkeypatch, capsys):
     """The one line a new user sees (``show``: stderr is a terminal) -- and a second call with the same key
-    does nothing."""
+    shows nothing."""
     monkeypatch.setattr(compile_cache, "cache_dir", lambda: tmp_path)
     monkeypatch.setattr(compile_cache.numba.config, "CACHE_DIR", "")
     calls = []
     assert compile_cache.compile_once(["test", "Q8_0"], lambda: calls.append(1), show=True) == 0
     assert compile_cache.MESSAGE.format(tmp_path) in capsys.readouterr().err
     assert compile_cache.compile_once(["test", "Q8_0"], lambda: calls.append(1), show=True) == 0
-    assert calls == [1] and capsys.readouterr().err == ""
+    assert calls == [1, 1] and capsys.readouterr().err == ""  # run again (it loads the kernels), quietly

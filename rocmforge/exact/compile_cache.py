@@ -5,7 +5,9 @@ install may sit in a directory the user cannot write: then the cache goes under 
 (``configure()``, run when ``rocmforge.exact`` is first imported, before any kernel is defined).
 
 The first load of a model compiles its kernels (seconds); ``compile_once`` does that up front with one line and a
-progress bar on a terminal, and leaves a marker so later loads of a model with the same weight types skip it.
+progress bar on a terminal, and leaves a marker so later loads of a model with the same weight types only load them
+(quietly). Then ``release_compiler_pages`` drops LLVM's code from the process's memory: loading the kernels runs
+~68 MiB of libllvmlite, which nothing touches again until another kernel is compiled or loaded.
 
 >>> from rocmforge.exact import compile_cache
 >>> compile_cache.cache_dir().name in ("__pycache__", "numba")
@@ -13,6 +15,7 @@ True
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -98,12 +101,13 @@ class _Progress(event.Listener):
 
 
 def compile_once(key: Iterable[str], run: Callable[[], object], show: bool | None = None) -> int:
-    """Run ``run`` (a few forward steps that call every kernel a model needs) unless a previous call with the
-    same ``key`` (e.g. the model's weight types) already did with these kernel sources; returns how many kernels
-    were compiled (0 when skipped or all were cached). ``show`` (default: stderr is a terminal) prints one line
-    and a progress bar while it compiles."""
+    """Run ``run`` (a few forward steps that call every kernel a model needs, so numba compiles them or loads them
+    from its cache now, not during the first request); returns how many kernels were compiled. The first call
+    with a ``key`` (e.g. the model's weight types) and these kernel sources prints, when ``show`` (default:
+    stderr is a terminal), one line and a progress bar; later ones are quiet."""
     marker = _marker(key)
     if marker.exists():
+        run()  # loads the cached kernels: ~0.4 s that the first request would otherwise pay
         return 0
     show = sys.stderr.isatty() if show is None else show
     progress = _Progress()
@@ -123,3 +127,37 @@ def compile_once(key: Iterable[str], run: Callable[[], object], show: bool | Non
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     return progress.count
+
+
+_MADV_DONTNEED = 4  # Linux: a private file mapping forgets its pages, and reads them again on the next touch
+
+
+def release_compiler_pages() -> int:
+    """Drop the resident pages of llvmlite's library (LLVM's code, ~68 MiB once a model's kernels are loaded) from
+    this process: nothing runs that code again until numba compiles or loads another kernel, which then faults
+    what it needs back in from the page cache. Only mappings the process cannot write and never did (no
+    anonymous, copied-on-write page, as the loader leaves in relocated read-only data), whose pages are the
+    file's. Returns the bytes dropped (0 without ``/proc``).
+
+    >>> release_compiler_pages() >= 0
+    True
+    """
+    from llvmlite.binding import ffi
+
+    library = os.path.realpath(Path(ffi.__file__).with_name(ffi.get_library_name()))
+    try:
+        with open("/proc/self/smaps") as smaps:
+            lines = smaps.read().splitlines()
+    except OSError:
+        return 0
+    regions, current = [], None  # (start, stop) of each read-only, never-written mapping of the library
+    for line in lines:
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping's first line: address range, permissions, ..., path
+            ours = len(fields) > 5 and "w" not in fields[1] and os.path.realpath(fields[5]) == library
+            current = tuple(int(address, 16) for address in fields[0].split("-")) if ours else None
+        elif fields[0] == "Anonymous:" and current is not None and fields[1] == "0":
+            regions.append(current)
+    libc = ctypes.CDLL(None, use_errno=True)
+    return sum(stop - start for start, stop in regions
+               if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_DONTNEED) == 0)
