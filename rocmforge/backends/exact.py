@@ -79,7 +79,7 @@ class ExactCpuBackend(CpuBackend):
     def finish_load(self, model: Any) -> None:
         """Compile (once per set of weight types, with a line and a progress bar on a terminal) or load the
         kernels ``model`` needs before its first request (``rocmforge.exact.compile_cache``): an 8-row prefill (the
-        tiled and lane kernels) and a one-row decode step; then hand LLVM's code pages back."""
+        tiled and lane kernels) and a one-row decode step; then drop LLVM's code pages."""
         types = sorted({ref.ggml_type.name for ref in model.gguf.tensors.values()})
 
         def run() -> None:

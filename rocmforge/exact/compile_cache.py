@@ -152,9 +152,9 @@ def release_compiler_pages() -> int:
         return 0
     regions, current = [], None  # (start, stop) of each read-only, never-written mapping of the library
     for line in lines:
-        fields = line.split()
+        fields = line.split(maxsplit=5)
         if not fields[0].endswith(":"):  # a mapping's first line: address range, permissions, ..., path
-            ours = len(fields) > 5 and "w" not in fields[1] and os.path.realpath(fields[5]) == library
+            ours = len(fields) > 5 and "w" not in fields[1] and os.path.realpath(fields[5].strip()) == library
             current = tuple(int(address, 16) for address in fields[0].split("-")) if ours else None
         elif fields[0] == "Anonymous:" and current is not None and fields[1] == "0":
             regions.append(current)
