@@ -308,13 +308,14 @@ def test_encoder_attention_reads_column_blocks_of_one_projection_in_place(rng):
 
 
 def test_encoder_ops_from_four_threads_run_blas_on_one_thread_and_equal_one_thread(rng, monkeypatch):
-    """The encoder kernels call SciPy's BLAS from numba's threads, so it must be on one thread inside each of them,
-    whatever else holds threadpoolctl: here a live thread that set a limit first (threadpoolctl then ignores every
-    other thread's limits) while four threads embed at once (the store may). Each result is the one it gets
-    alone, to the bit, and the BLAS thread count is put back afterwards."""
+    """``linear`` calls SciPy's BLAS from numba's threads, so it must be on one thread inside each call, whatever
+    else holds threadpoolctl: here a live thread that set a limit first (threadpoolctl then ignores every other
+    thread's limits) while four threads embed at once (the store may). ``encoder_attention`` (no BLAS) runs its
+    parallel loop from the same four threads. Each result is the one it gets alone, to the bit, and the BLAS
+    thread count is put back afterwards."""
     from threadpoolctl import threadpool_limits
 
-    from rocmforge.ops import cpu_kernels, encoder_attention as attention_module, linear as linear_module
+    from rocmforge.ops import cpu_kernels, linear as linear_module
 
     weight, bias = rng.standard_normal((384, 384)).astype(np.float32), rng.standard_normal(384).astype(np.float32)
     offsets = np.array([0, 100, 190, 300])
@@ -329,7 +330,6 @@ def test_encoder_ops_from_four_threads_run_blas_on_one_thread_and_equal_one_thre
         return run
 
     monkeypatch.setattr(linear_module, "_linear_blocks", counting(linear_module._linear_blocks))
-    monkeypatch.setattr(attention_module, "_attend", counting(attention_module._attend))
     got: dict[int, list] = {i: [] for i in range(4)}
 
     def work(i: int) -> None:

@@ -4,22 +4,27 @@ Sequences of different lengths sit one after another in ``[n_tokens, heads * d_h
 CPU q, k and v may be column blocks of one ``[n_tokens, 3 * heads * d_head]`` projection, read where they lie);
 ``offsets`` (``[n_seq + 1]``) says where each starts. Every token attends to every token of its own sequence.
 
-On the CPU one numba kernel runs every (head, sequence) pair, one after another on one thread (see ``_attend``);
-each pair is two BLAS products and a softmax between them:
-- BLAS (``cpu_kernels.gemm``, one thread per call) reads a head's
-  ``[t, d_head]`` block of q, k and v where it lies in the packed rows (leading dimension: their row stride) and
-  writes the mixed values straight into the output's columns: no copies per head (they cost as much as the
-  products).
-- The scores are computed transposed, ``[keys, queries]``, so the softmax over keys runs down the columns: the
-  running max, the exponentials and the sums are elementwise over a row of queries, which LLVM vectorizes, where
-  a reduction along a row would go one value at a time.
+On the CPU one numba kernel spreads the (head, sequence) pairs over numba's threads (head by head, so two threads
+get the same work whatever the lengths), each pair as plain loops that LLVM vectorizes, no BLAS: small sgemms
+called at once from numba's threads gave wrong mixes once inside OpenBLAS (tests/test_ops.py's four-thread check,
+cause not found), and a pair's products are too small for BLAS to beat these loops by much.
+- The scores are computed transposed, ``[keys, queries]``, from the pair's queries transposed and scaled
+  (``[d_head, queries]``): every loop then runs along a row of queries, so the products, the running max, the
+  exponentials and the sums are elementwise across contiguous values, which LLVM vectorizes; a reduction along a
+  row would go one value at a time. The mixed values come out transposed too, ``[d_head, queries]``.
+- Rows of queries are padded to a multiple of 32 (zeros): the vectorized loops then never end in a scalar tail
+  (up to half of a 60-token row otherwise).
+- ``_combine_rows`` (both products) makes two output rows per pass, each value a sum of eight terms, so each
+  vector load of the rows serves 16 multiply-adds.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
 
-from rocmforge.ops.cpu_kernels import NO_TRANSPOSE, SINGLE, TRANSPOSE, blas_on_numba_threads, element, exp_f32, gemm
+from rocmforge.ops.cpu_kernels import exp_f32
+
+QUERY_STEP = 32  # padded query rows: a whole number of the widest vector loop (8 lanes x 4 interleaved, or 16 x 2)
 
 
 @numba.njit(fastmath={"contract"}, cache=True)
@@ -37,34 +42,69 @@ def _softmax_columns(s: np.ndarray, totals: np.ndarray) -> None:
             totals[i] += e
 
 
-# one thread: the pairs' small sgemms, called at once from numba's threads, gave wrong mixes in a full CI run
-# (tests/test_ops.py's four-thread check, 7% of one text's values) with SciPy's BLAS at one thread; the cause was not
-# found, and attention is ~16% of the encoder's time
-@numba.njit(fastmath=False, cache=True)
-def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, ld: int, offsets: np.ndarray, n_heads: int,
-            scale: np.float32, out: np.ndarray) -> None:
-    width = q.shape[1]
-    d = width // n_heads
+# contract: the sums of products as FMAs; the terms are added in order (no reassociation), so any vector width
+# gives the same bits
+@numba.njit(fastmath={"contract"}, inline="always")
+def _combine_rows(coef: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """``out[r] = sum over a of coef[r, a] * rows[a]`` for each ``r < coef.shape[0]``; ``out`` has a spare row past
+    them (an odd count's last pass writes it)."""
+    n_out, n_terms = coef.shape
+    width = rows.shape[1]
+    whole = n_terms - n_terms % 8
+    for r in range(0, n_out, 2):
+        partner = min(r + 1, n_out - 1)  # an odd count's last row pairs with itself, into the spare row
+        o0, o1 = out[r], out[r + 1]
+        o0[:] = 0
+        o1[:] = 0
+        for a in range(0, whole, 8):
+            x0, x1, x2, x3, x4, x5, x6, x7 = (rows[a], rows[a + 1], rows[a + 2], rows[a + 3], rows[a + 4],
+                                              rows[a + 5], rows[a + 6], rows[a + 7])
+            c0, c1, c2, c3, c4, c5, c6, c7 = (coef[r, a], coef[r, a + 1], coef[r, a + 2], coef[r, a + 3],
+                                              coef[r, a + 4], coef[r, a + 5], coef[r, a + 6], coef[r, a + 7])
+            e0, e1, e2, e3, e4, e5, e6, e7 = (coef[partner, a], coef[partner, a + 1], coef[partner, a + 2],
+                                              coef[partner, a + 3], coef[partner, a + 4], coef[partner, a + 5],
+                                              coef[partner, a + 6], coef[partner, a + 7])
+            for i in range(width):
+                y0, y1, y2, y3, y4, y5, y6, y7 = x0[i], x1[i], x2[i], x3[i], x4[i], x5[i], x6[i], x7[i]
+                o0[i] = o0[i] + c0 * y0 + c1 * y1 + c2 * y2 + c3 * y3 + c4 * y4 + c5 * y5 + c6 * y6 + c7 * y7
+                o1[i] = o1[i] + e0 * y0 + e1 * y1 + e2 * y2 + e3 * y3 + e4 * y4 + e5 * y5 + e6 * y6 + e7 * y7
+        for a in range(whole, n_terms):
+            x, c, e = rows[a], coef[r, a], coef[partner, a]
+            for i in range(width):
+                o0[i] += c * x[i]
+                o1[i] += e * x[i]
+
+
+@numba.njit(fastmath={"contract"}, cache=True)
+def _attend_pair(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: np.float32, out: np.ndarray) -> None:
+    """One head of one sequence: ``q``, ``k``, ``v`` and ``out`` are its ``[t, d_head]`` blocks (views)."""
+    t, d = q.shape
+    padded = (t + QUERY_STEP - 1) // QUERY_STEP * QUERY_STEP
+    queries = np.zeros((d, padded), np.float32)  # scale q, transposed
+    for i in range(t):
+        for c in range(d):
+            queries[c, i] = q[i, c] * scale
+    scores = np.empty((t + 1, padded), np.float32)  # [keys, queries]
+    _combine_rows(k, queries, scores)
+    totals = np.empty(padded, np.float32)
+    _softmax_columns(scores[:t], totals)
+    mixed = np.empty((d + 1, padded), np.float32)  # [d_head, queries] = v^T p
+    _combine_rows(v.T, scores[:t], mixed)
+    for i in range(t):
+        inverse = np.float32(1.0) / totals[i]
+        for c in range(d):
+            out[i, c] = mixed[c, i] * inverse
+
+
+@numba.njit(parallel=True, cache=True)
+def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, offsets: np.ndarray, n_heads: int, scale: np.float32,
+            out: np.ndarray) -> None:
+    d = q.shape[1] // n_heads
     n_seq = len(offsets) - 1
-    factors = np.array([scale, 1.0, 0.0], np.float32)  # BLAS's alpha and beta, passed by address
-    for pair in range(n_seq * n_heads):
-        head, start = pair // n_seq, offsets[pair % n_seq]
-        t = offsets[pair % n_seq + 1] - start
-        first = start * ld + head * d  # the pair's first element in q, k and v (rows `ld` apart)
-        # row-major [t, d] at leading dimension `ld` is column-major d x t: BLAS reads the blocks in place.
-        # scores, column-major queries x keys = (scale q) k^T, is the row-major [keys, queries] array
-        scores = np.empty((t, t), np.float32)
-        gemm(SINGLE, TRANSPOSE, NO_TRANSPOSE, t, t, d, element(factors, 0), element(q, first), ld,
-             element(k, first), ld, element(factors, 2), element(scores, 0), t)
-        totals = np.empty(t, np.float32)
-        _softmax_columns(scores, totals)
-        # out's block, column-major d x queries at leading dimension `width` = v^T p
-        gemm(SINGLE, NO_TRANSPOSE, TRANSPOSE, d, t, t, element(factors, 1), element(v, first), ld,
-             element(scores, 0), t, element(factors, 2), element(out, start * width + head * d), width)
-        for i in range(t):
-            inverse = np.float32(1.0) / totals[i]
-            for c in range(head * d, head * d + d):
-                out[start + i, c] *= inverse
+    for pair in numba.prange(n_seq * n_heads):  # head-major: each thread's share holds whole heads of every text
+        head, seq = pair // n_seq, pair % n_seq
+        rows, cols = slice(offsets[seq], offsets[seq + 1]), slice(head * d, head * d + d)
+        _attend_pair(q[rows, cols], k[rows, cols], v[rows, cols], scale, out[rows, cols])
 
 
 def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, offsets: np.ndarray, n_heads: int,
@@ -80,14 +120,8 @@ def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, offsets: np.n
     [[1.0, 0.0], [0.0, 1.0]]
     """
     q, k, v = (np.asarray(a, dtype=np.float32) for a in (q, k, v))
-    row_bytes = q.strides[0]
-    # column blocks of one [n, 3 * width] q|k|v product are read in place, rows `row_bytes` apart
-    if not (q.ndim == 2 and q.shape == k.shape == v.shape and row_bytes == k.strides[0] == v.strides[0]
-            and row_bytes % 4 == 0 and row_bytes >= 4 * q.shape[1] and all(a.strides[1] == 4 for a in (q, k, v))):
-        q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
-        row_bytes = q.strides[0]
+    if not (q.ndim == 2 and q.shape == k.shape == v.shape):
+        raise ValueError(f"encoder_attention: q, k and v must be 2-D of one shape, got {q.shape}, {k.shape}, {v.shape}")
     out = np.empty(q.shape, dtype=np.float32)
-    with blas_on_numba_threads():
-        _attend(q, k, v, max(row_bytes // 4, q.shape[1]), np.asarray(offsets, np.int64), n_heads, np.float32(scale),
-                out)
+    _attend(q, k, v, np.asarray(offsets, np.int64), n_heads, np.float32(scale), out)
     return out
