@@ -7,8 +7,8 @@
   Relative error < 1 ulp on [-87, 88]; below -87 it gives exp(-87) ~ 1.6e-38 instead of a subnormal, above 88 exp(88).
 - ``gelu_f32``: the exact GELU on ``exp_f32`` (``gelu``, ``linear``).
 - ``gemm`` and ``element``: SciPy's single-precision BLAS gemm (the entry numba's own ``np.dot`` calls) on blocks of
-  row-major arrays addressed in place (``linear`` from inside numba's parallel loop, ``encoder_attention`` from
-  one thread), so one thread pool (numba's) runs the whole encoder. BLAS's own threads would otherwise spin for a while after
+  row-major arrays addressed in place (``linear``, from inside numba's parallel loop; ``encoder_attention`` calls
+  no BLAS), so one thread pool (numba's) runs the whole encoder. BLAS's own threads would otherwise spin for a while after
   each product and take a core from the next kernel (measured: the attention ran 2.2x slower right after a
   matmul). Call such a kernel inside ``blas_on_numba_threads()``.
 - ``blas_on_numba_threads``: one such kernel at a time in the process, with SciPy's BLAS on one thread while it
