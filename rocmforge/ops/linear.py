@@ -27,7 +27,8 @@ MAX_BLOCK_ROWS = 512
 # contract: the GELU's multiply-adds as FMAs (~1.6x faster)
 @numba.njit(parallel=True, fastmath={"contract"}, cache=True)
 def _linear_blocks(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, then_gelu: bool, residual: np.ndarray,
-                   norm_weight: np.ndarray, norm_bias: np.ndarray, eps: float, block_rows: int, out: np.ndarray) -> None:
+                   norm_weight: np.ndarray, norm_bias: np.ndarray, eps: float, block_rows: int,
+                   out: np.ndarray) -> None:
     n, k = x.shape
     then_norm = residual.shape[0] == n
     m = weight.shape[0]
