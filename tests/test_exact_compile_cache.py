@@ -53,7 +53,7 @@ def test_read_only_install_compiles_once_into_rocmforge_home(smollm2_path, tmp_p
     second = _run(smollm2_path, tmp_path)
     assert "compiled" not in second.stderr, second.stderr  # nothing compiled: loaded from the cache
     assert second.stdout.splitlines()[-2] == text
-    if compile_cache.release_compiler_pages():  # Linux: LLVM's code went back at the end of the load
+    if Path("/proc/self/smaps").exists():  # Linux: LLVM's code went back at the end of the load
         assert int(second.stdout.splitlines()[-1]) < 8 * 1024  # (a kernel loaded later brings some back)
 
 
