@@ -22,14 +22,9 @@ real_access = os.access
 os.access = lambda path, mode, *a, **k: False if "rocmforge/exact" in str(path) else real_access(path, mode, *a, **k)
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 import numba, rocmforge
+from rocmforge.exact.compile_cache import compiler_resident_kib
 model = rocmforge.load(sys.argv[1], device="cpu-exact")
-llvm_kib = 0
-for line in open("/proc/self/smaps"):
-    fields = line.split()
-    if not fields[0].endswith(":"):
-        library = fields[-1] if len(fields) > 5 else ""
-    elif fields[0] == "Rss:" and library.endswith("libllvmlite.so"):
-        llvm_kib += int(fields[1])
+llvm_kib = compiler_resident_kib()
 print(numba.config.CACHE_DIR)
 print(repr(model.generate("The capital of France is", max_new_tokens=4, temperature=0)))
 print(llvm_kib)  # right after the load
@@ -57,28 +52,16 @@ def test_read_only_install_compiles_once_into_rocmforge_home(smollm2_path, tmp_p
         assert int(second.stdout.splitlines()[-1]) < 8 * 1024  # (a kernel loaded later brings some back)
 
 
-def _llvm_resident_kib() -> int:
-    total, library = 0, ""
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            fields = line.split()
-            if not fields[0].endswith(":"):
-                library = fields[-1] if len(fields) > 5 else ""
-            elif fields[0] == "Rss:" and library.endswith("libllvmlite.so"):
-                total += int(fields[1])
-    return total
-
-
 def test_compiler_pages_go_back_and_numba_still_compiles():
     """``release_compiler_pages`` drops LLVM's resident code; the next compile faults back what it needs."""
     if not Path("/proc/self/smaps").exists():
         pytest.skip("no /proc/self/smaps (not Linux): nothing to release")
     numba.njit(lambda x: x + 1)(1)
-    before = _llvm_resident_kib()
+    before = compile_cache.compiler_resident_kib()
     assert compile_cache.release_compiler_pages() > 0
-    assert before > 16 * 1024 and _llvm_resident_kib() < before // 4
+    assert before > 16 * 1024 and compile_cache.compiler_resident_kib() < before // 4
     assert numba.njit(lambda x: x * 3)(7) == 21
-    assert _llvm_resident_kib() > 1024
+    assert compile_cache.compiler_resident_kib() > 1024
 
 
 def test_compile_message_on_a_terminal(tmp_path, monkeypatch, capsys):

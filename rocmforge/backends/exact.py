@@ -18,7 +18,6 @@ exact in numpy). A weight type without an exact kernel in ``rocmforge.exact.dot.
 """
 from __future__ import annotations
 
-import ctypes
 import mmap
 import weakref
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from rocmforge.backends.cpu import CpuBackend
 from rocmforge.backends.exact_decode import DecodeBlocks
 from rocmforge.errors import UnsupportedError
 from rocmforge.exact import attention as exact_attention
-from rocmforge.exact.compile_cache import compile_once, release_compiler_pages
+from rocmforge.exact.compile_cache import compile_once, drop_file_pages, release_compiler_pages
 from rocmforge.exact.dot import MATMULS, unsupported_types
 from rocmforge.exact.geglu import geglu
 from rocmforge.exact.rms_norm import rms_norm
@@ -240,9 +239,6 @@ class ExactCpuBackend(CpuBackend):
         return exact_attention.attention_mix(pattern, cache.v[layer][segment.key_slots], batch_rows=pattern.shape[1])
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
-
-
 def release_pages(raw: np.ndarray) -> None:
     """Drop the memory-mapped file pages under ``raw`` from this process (``madvise(MADV_DONTNEED)``: a read-only
     file mapping just forgets them; a later read faults them back in). Called once a weight is prepared, so the
@@ -258,7 +254,7 @@ def release_pages(raw: np.ndarray) -> None:
     start = -(-raw.ctypes.data // page) * page
     stop = (raw.ctypes.data + raw.nbytes) // page * page
     if stop > start:
-        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), 4)  # 4: MADV_DONTNEED (Linux)
+        drop_file_pages(start, stop)
 
 
 def coverage(gguf: Any) -> tuple[bool, str]:

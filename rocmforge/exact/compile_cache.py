@@ -22,6 +22,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import numba
 from numba.core import event
@@ -130,6 +131,56 @@ def compile_once(key: Iterable[str], run: Callable[[], object], show: bool | Non
 
 
 _MADV_DONTNEED = 4  # Linux: a private file mapping forgets its pages, and reads them again on the next touch
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def drop_file_pages(start: int, stop: int) -> bool:
+    """Make this process forget the resident pages of ``[start, stop)`` (page-aligned addresses) of a read-only
+    file mapping (``madvise(MADV_DONTNEED)``; a later read faults them back in). Never call it on memory the
+    process wrote: those pages would be zeroed or revert to the file. Returns whether the kernel took it."""
+    return _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_DONTNEED) == 0
+
+
+class _Mapping(NamedTuple):
+    start: int
+    stop: int
+    writable: bool
+    resident_kib: int
+    anonymous_kib: int  # pages the process wrote (copied on write): not the file's
+
+
+def _compiler_mappings() -> list[_Mapping]:
+    """The mappings of llvmlite's library (LLVM) in this process, from ``/proc/self/smaps`` (none without it)."""
+    from llvmlite.binding import ffi
+
+    library = os.path.realpath(Path(ffi.__file__).with_name(ffi.get_library_name()))
+    try:
+        with open("/proc/self/smaps") as smaps:
+            lines = smaps.read().splitlines()
+    except OSError:
+        return []
+    mappings, current = [], None
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if not fields[0].endswith(":"):  # a mapping's first line: address range, permissions, ..., path
+            current = None
+            if len(fields) > 5 and os.path.realpath(fields[5].strip()) == library:
+                start, stop = (int(address, 16) for address in fields[0].split("-"))
+                current = {"start": start, "stop": stop, "writable": "w" in fields[1]}
+        elif current is not None and fields[0] == "Rss:":
+            current["resident_kib"] = int(fields[1])
+        elif current is not None and fields[0] == "Anonymous:":  # after Rss: in each mapping's lines
+            mappings.append(_Mapping(**current, anonymous_kib=int(fields[1])))
+    return mappings
+
+
+def compiler_resident_kib() -> int:
+    """KiB of llvmlite's library (LLVM) resident in this process (0 without ``/proc``).
+
+    >>> compiler_resident_kib() >= 0
+    True
+    """
+    return sum(m.resident_kib for m in _compiler_mappings())
 
 
 def release_compiler_pages() -> int:
@@ -142,22 +193,5 @@ def release_compiler_pages() -> int:
     >>> release_compiler_pages() >= 0
     True
     """
-    from llvmlite.binding import ffi
-
-    library = os.path.realpath(Path(ffi.__file__).with_name(ffi.get_library_name()))
-    try:
-        with open("/proc/self/smaps") as smaps:
-            lines = smaps.read().splitlines()
-    except OSError:
-        return 0
-    regions, current = [], None  # (start, stop) of each read-only, never-written mapping of the library
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if not fields[0].endswith(":"):  # a mapping's first line: address range, permissions, ..., path
-            ours = len(fields) > 5 and "w" not in fields[1] and os.path.realpath(fields[5].strip()) == library
-            current = tuple(int(address, 16) for address in fields[0].split("-")) if ours else None
-        elif fields[0] == "Anonymous:" and current is not None and fields[1] == "0":
-            regions.append(current)
-    libc = ctypes.CDLL(None, use_errno=True)
-    return sum(stop - start for start, stop in regions
-               if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_DONTNEED) == 0)
+    return sum(m.stop - m.start for m in _compiler_mappings()
+               if not m.writable and m.anonymous_kib == 0 and drop_file_pages(m.start, m.stop))
